@@ -1,0 +1,112 @@
+"""Data commands: backup and restore."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInput, ExitCode
+from ..ingest.extents import load_changed_extents
+from ..ingest.pipeline import DiskJob, run_backup
+from ..ingest.sources import open_image
+from ..restore import RESTORE_FORMATS, pick_disk, restore_disk
+from .common import open_repo
+from .output import emit_json, human_bytes, progress, stdout
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("backup", parents=[common], help="back up disk images as one restore point of a VM")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="raw, qcow2, vmdk, vhd or vhdx")
+    p.add_argument("--vm", required=True, help="VM name")
+    p.add_argument(
+        "--disk-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="name of each disk in order (default: the image file name without extension)",
+    )
+    p.add_argument(
+        "--changed-extents",
+        type=Path,
+        metavar="FILE",
+        help="JSON [[offset, length], ...] changed since the VM's latest point "
+        "(or {disk: [...]} for several disks); only those ranges are read",
+    )
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser(
+        "restore", parents=[common], help="write a disk of a restore point to a file or device"
+    )
+    p.add_argument(
+        "target", metavar="VM[@POINT]", help="POINT: latest (default), a point id, or a time prefix"
+    )
+    p.add_argument("--disk", help="disk name (needed when the point has several disks)")
+    p.add_argument("--to", required=True, type=Path, metavar="PATH")
+    p.add_argument("--format", default="raw", choices=list(RESTORE_FORMATS))
+    p.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
+    p.set_defaults(func=cmd_restore)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    if args.disk_name and len(args.disk_name) != len(args.images):
+        raise BadInput(f"{len(args.images)} images but {len(args.disk_name)} --disk-name options")
+    names = args.disk_name or [img.name.split(".")[0] or img.name for img in args.images]
+    with open_repo(args) as repo, repo.writer("backup"), contextlib.ExitStack() as stack:
+        changed = load_changed_extents(args.changed_extents, names) if args.changed_extents else {}
+        jobs = []
+        for name, img in zip(names, args.images, strict=True):
+            src = open_image(img)
+            stack.callback(src.close)
+            for off, length in changed.get(name, []):
+                if off + length > src.size:
+                    raise BadInput(
+                        f"changed extent [{off}, {length}] of disk {name!r} ends past the disk's "
+                        f"size {src.size}"
+                    )
+            jobs.append(DiskJob(name, src, changed.get(name) if args.changed_extents else None))
+        with progress(f"backup {args.vm}", enabled=not args.json) as (total, advance):
+            point, stats = run_backup(repo, args.vm, jobs, progress=advance, progress_total=total)
+    doc = {
+        "vm": point.vm,
+        "point": point.id,
+        "created": point.created,
+        "kind": point.kind,
+        "parent": point.parent,
+        **point.stats,
+        "disks": [s.__dict__ for s in stats],
+    }
+    if args.json:
+        emit_json(doc)
+    else:
+        stdout.print(
+            f"{point.vm}@{point.id}: {point.kind} backup of {len(stats)} disk(s) in {doc['duration_s']} s; "
+            f"read {human_bytes(doc['bytes_read'])}, new {human_bytes(doc['new_bytes'])}, "
+            f"stored {human_bytes(doc['stored_bytes'])}",
+            markup=False,
+        )
+    return ExitCode.OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo, repo.reader("restore"):
+        point = repo.catalog.resolve(args.target)
+        disk = pick_disk(repo, point, args.disk)
+        with progress(f"restore {point.vm}@{point.id} {disk.name}", enabled=not args.json) as (
+            total,
+            advance,
+        ):
+            total(disk.size)
+            res = restore_disk(
+                repo, point, disk, args.to, fmt=args.format, overwrite=args.overwrite, progress=advance
+            )
+    if args.json:
+        emit_json(res.__dict__)
+    else:
+        stdout.print(
+            f"restored {res.vm}@{res.point} disk {res.disk} ({human_bytes(res.size)}, "
+            f"{human_bytes(res.data_bytes)} data) to {res.path} as {res.format}",
+            markup=False,
+        )
+    return ExitCode.OK

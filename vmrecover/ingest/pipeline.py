@@ -1,0 +1,232 @@
+"""The backup pipeline: read chunks, hash, deduplicate, compress/encrypt and store them; then commit.
+
+Threads: the calling thread reads the source sequentially (one reader keeps disks and qemu-nbd
+streaming) and hands each chunk to a pool of ``workers`` threads that hash, look up and store it.
+hashlib, zstd, AES-GCM and file writes release the GIL, so the pool uses every core.  At most
+``2 * workers + 2`` chunks are in flight, which bounds memory whatever the disk size.
+
+Commit protocol (crash-safe at any instant; see developer-notes/repository.md):
+ 1. chunks are written (temp + rename, no fsync each);
+ 2. indexes are written durably into ``indexes/<point>.tmp-…``;
+ 3. ``syncfs`` makes every chunk durable;
+ 4. the index directory is renamed to ``indexes/<point>`` and ``indexes/`` fsynced;
+ 5. the catalog rows are committed in one transaction: only now does the point exist.
+A crash before 5 leaves only garbage that ``gc`` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInput
+from ..fsutil import TMP_MARK, fsync_dir, syncfs
+from ..repo.blob import ZERO_DIGEST
+from ..repo.catalog import Disk, Point, check_name, now_iso
+from ..repo.index import FixedIndex
+from ..repo.repository import Repository
+from .extents import Extents, chunks_touching
+from .sources import DiskSource
+
+log = logging.getLogger("vmrecover.backup")
+Progress = Callable[[int], None]
+
+
+@dataclass
+class DiskStats:
+    name: str
+    size: int
+    mode: str  # 'full' or 'incremental'
+    bytes_read: int = 0
+    zero_chunks: int = 0
+    new_chunks: int = 0
+    new_bytes: int = 0  # plaintext bytes of chunks that were not yet in the repository
+    stored_bytes: int = 0  # bytes those chunks take on disk (compressed, with envelope)
+    dedup_chunks: int = 0
+
+
+@dataclass
+class DiskJob:
+    name: str
+    source: DiskSource
+    changed: Extents | None = None  # None: read every allocated extent
+
+
+@dataclass
+class _Shared:
+    repo: Repository
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    claimed: set[bytes] = field(default_factory=set)  # digests stored (or being stored) by this run
+
+
+def plan_chunks(
+    job: DiskJob, parent: FixedIndex | None, chunk_size: int
+) -> tuple[FixedIndex, list[int], str]:
+    """The new index (pre-filled from the parent where inherited) and the chunk numbers to read."""
+    size = job.source.size
+    if parent is not None and job.changed is not None and parent.chunk_size == chunk_size:
+        index = parent.resized(size)
+        todo = set(chunks_touching(job.changed, chunk_size, index.count))
+        # chunks beyond the parent's end, and its last (possibly partial) chunk if the disk grew
+        if size != parent.disk_size:
+            todo.update(range(max(0, min(parent.count, index.count) - 1), index.count))
+        return index, sorted(todo), "incremental"
+    index = FixedIndex.empty(size, chunk_size)
+    return index, chunks_touching(job.source.data_extents(), chunk_size, index.count), "full"
+
+
+def _store(shared: _Shared, stats: DiskStats, data: bytes | bytearray) -> bytes:
+    repo = shared.repo
+    digest = repo.codec.digest(data)
+    with shared.lock:
+        fresh = digest not in shared.claimed
+        shared.claimed.add(digest)
+    stored = 0
+    if fresh and not repo.chunks.has(digest):
+        try:
+            stored = repo.chunks.put(digest, bytes(data))
+        except BaseException:
+            with shared.lock:
+                shared.claimed.discard(digest)
+            raise
+    with shared.lock:
+        if stored:
+            stats.new_chunks += 1
+            stats.new_bytes += len(data)
+            stats.stored_bytes += stored
+        else:
+            stats.dedup_chunks += 1
+    return digest
+
+
+def backup_disk(
+    shared: _Shared,
+    pool: ThreadPoolExecutor,
+    workers: int,
+    job: DiskJob,
+    plan: tuple[FixedIndex, list[int], str],
+    progress: Progress,
+) -> tuple[FixedIndex, DiskStats]:
+    cs = shared.repo.config.chunk_size
+    index, todo, mode = plan
+    stats = DiskStats(job.name, job.source.size, mode)
+    zero = bytes(cs)
+    pending: deque[tuple[int, Future[bytes]]] = deque()
+    limit = 2 * workers + 2
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            i, fut = pending.popleft()
+            index.set(i, fut.result())
+
+    try:
+        for i in todo:
+            off, length = index.extent(i)
+            data = job.source.read(off, length)
+            stats.bytes_read += length
+            if data == (zero if length == cs else bytes(length)):
+                index.set(i, ZERO_DIGEST)
+                stats.zero_chunks += 1
+            else:
+                pending.append((i, pool.submit(_store, shared, stats, data)))
+                drain(limit)
+            progress(length)
+        drain(0)
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        for _, fut in pending:
+            with contextlib.suppress(BaseException):
+                fut.result()
+    return index, stats
+
+
+def run_backup(
+    repo: Repository,
+    vm: str,
+    jobs: list[DiskJob],
+    *,
+    progress: Progress = lambda n: None,
+    progress_total: Progress = lambda n: None,
+    workers: int | None = None,
+) -> tuple[Point, list[DiskStats]]:
+    """Back up *jobs* as one new restore point of *vm*.  Caller holds the writer lock."""
+    check_name("VM", vm)
+    names = [check_name("disk", j.name) for j in jobs]
+    if len(set(names)) != len(names):
+        raise BadInput(f"two disks of this backup have the same name: {names}", hint="use --disk-name")
+    workers = workers or max(2, os.cpu_count() or 2)
+    parent_point = repo.catalog.latest_point(vm)
+    parent_disks = {d.name: d for d in repo.catalog.disks(parent_point.id)} if parent_point else {}
+    point_id = secrets.token_hex(6)
+    tmpdir = repo.root / "indexes" / f"{point_id}{TMP_MARK}{os.getpid()}"
+    final = repo.index_dir(point_id)
+    started = time.monotonic()
+    tmpdir.mkdir()
+    committed = False
+    try:
+        shared = _Shared(repo)
+        all_stats: list[DiskStats] = []
+        disks: list[Disk] = []
+        plans = []
+        for job in jobs:
+            parent = None
+            if job.changed is not None and job.name in parent_disks:
+                parent = repo.read_index(parent_point.id, job.name)  # type: ignore[union-attr]
+            elif job.changed is not None:
+                log.warning("disk %s of VM %s has no parent point: reading it whole", job.name, vm)
+            plans.append(plan_chunks(job, parent, repo.config.chunk_size))
+        progress_total(sum(index.extent(i)[1] for index, todo, _ in plans for i in todo))
+        with ThreadPoolExecutor(workers, thread_name_prefix="backup") as pool:
+            for pos, (job, plan) in enumerate(zip(jobs, plans, strict=True)):
+                index, stats = backup_disk(shared, pool, workers, job, plan, progress)
+                sha = index.write(tmpdir / f"{job.name}.fidx")
+                all_stats.append(stats)
+                disks.append(
+                    Disk(
+                        point_id,
+                        job.name,
+                        pos,
+                        job.source.size,
+                        index.chunk_size,
+                        job.source.path,
+                        job.source.format,
+                        sha,
+                    )
+                )
+        syncfs(repo.root)
+        os.rename(tmpdir, final)
+        fsync_dir(final.parent)
+        kind = "incremental" if all(s.mode == "incremental" for s in all_stats) else "full"
+        stats_doc: dict[str, Any] = {
+            "duration_s": round(time.monotonic() - started, 3),
+            "bytes_read": sum(s.bytes_read for s in all_stats),
+            "new_bytes": sum(s.new_bytes for s in all_stats),
+            "stored_bytes": sum(s.stored_bytes for s in all_stats),
+            "new_chunks": sum(s.new_chunks for s in all_stats),
+        }
+        point = Point(point_id, vm, now_iso(), parent_point.id if parent_point else None, kind, stats_doc)
+        repo.catalog.add_point(point, disks)
+        committed = True
+        log.info("backup committed vm=%s point=%s kind=%s %s", vm, point_id, kind, stats_doc)
+        return point, all_stats
+    finally:
+        if not committed:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            if final.exists():
+                shutil.rmtree(final, ignore_errors=True)
+
+
+def index_dir_is_temp(path: Path) -> bool:
+    return TMP_MARK in path.name

@@ -1,0 +1,1 @@
+"""The chunk repository: chunk store, fixed indexes, catalog, locking, verify, prune and gc."""

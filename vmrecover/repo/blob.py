@@ -1,0 +1,121 @@
+"""Chunk digests and the chunk envelope: the one place that knows how chunk bytes are stored.
+
+Envelope v1 (every stored chunk file is exactly this, little endian)::
+
+    offset size  field
+    0      4     magic  b"VMRC"
+    4      1     version = 1
+    5      1     flags: bit 0 = payload zstd-compressed, bit 1 = payload AES-256-GCM encrypted
+    6      2     reserved, 0
+    8      4     raw_len: length of the plaintext chunk
+    12     4     crc32 of bytes 16.. (detects bit rot without the key; cheap)
+    16     ...   payload; if encrypted: 12-byte nonce + ciphertext with 16-byte tag,
+                 associated data = the chunk's digest (a chunk file renamed to another digest fails)
+
+The digest is SHA-256 of the plaintext, or HMAC-SHA256(id_key, plaintext) in an encrypted repository.
+Payloads that zstd does not shrink (random data) are stored uncompressed: restoring them costs nothing.
+The all-zero digest is reserved for "hole": all-zero chunks are never stored.
+
+Thread safety: zstd (de)compressor objects are not thread-safe, so each thread gets its own
+(``threading.local``); hashlib, hmac, zlib and AES-GCM release the GIL on large buffers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+import threading
+import zlib
+
+import zstandard
+
+from ..errors import CorruptChunk
+from .keys import Keys
+
+MAGIC = b"VMRC"
+VERSION = 1
+FLAG_ZSTD = 1
+FLAG_AESGCM = 2
+HEADER = struct.Struct("<4sBBHII")
+DIGEST_SIZE = 32
+ZERO_DIGEST = bytes(DIGEST_SIZE)
+
+
+class ChunkCodec:
+    def __init__(self, *, keys: Keys | None, level: int = 3) -> None:
+        self._keys = keys
+        self._level = level
+        self._local = threading.local()
+        self._aes = None
+        if keys is not None:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+            self._aes = AESGCM(keys.enc_key)
+
+    @property
+    def encrypted(self) -> bool:
+        return self._keys is not None
+
+    def digest(self, data: bytes | memoryview) -> bytes:
+        if self._keys is None:
+            return hashlib.sha256(data).digest()
+        return hmac.digest(self._keys.id_key, data, "sha256")
+
+    def _ctx(self) -> threading.local:
+        local = self._local
+        if not hasattr(local, "c"):
+            local.c = zstandard.ZstdCompressor(level=self._level)
+            local.d = zstandard.ZstdDecompressor()
+        return local
+
+    def encode(self, digest: bytes, data: bytes) -> bytes:
+        flags = 0
+        payload = self._ctx().c.compress(data)
+        if len(payload) < len(data):
+            flags |= FLAG_ZSTD
+        else:
+            payload = data
+        if self._aes is not None:
+            nonce = os.urandom(12)
+            payload = nonce + self._aes.encrypt(nonce, payload, digest)
+            flags |= FLAG_AESGCM
+        return HEADER.pack(MAGIC, VERSION, flags, 0, len(data), zlib.crc32(payload)) + payload
+
+    def decode(self, digest: bytes, blob: bytes) -> bytes:
+        """Return the chunk's plaintext, or raise CorruptChunk saying what is wrong."""
+        if len(blob) < HEADER.size:
+            raise CorruptChunk(digest, f"file is {len(blob)} bytes, shorter than the envelope header")
+        magic, version, flags, _, raw_len, crc = HEADER.unpack_from(blob)
+        if magic != MAGIC:
+            raise CorruptChunk(digest, "bad magic")
+        if version != VERSION:
+            raise CorruptChunk(digest, f"envelope version {version} is unknown")
+        payload = memoryview(blob)[HEADER.size :]
+        if zlib.crc32(payload) != crc:
+            raise CorruptChunk(digest, "crc32 mismatch (bit rot or truncation)")
+        if flags & FLAG_AESGCM:
+            if self._aes is None:
+                raise CorruptChunk(digest, "chunk is encrypted but the repository has no key")
+            from cryptography.exceptions import InvalidTag
+
+            try:
+                payload = memoryview(self._aes.decrypt(payload[:12], payload[12:], digest))
+            except InvalidTag:
+                reason = "authentication failed (tampered, or stored under another name)"
+                raise CorruptChunk(digest, reason) from None
+        elif self._aes is not None:
+            raise CorruptChunk(digest, "chunk is not encrypted in an encrypted repository")
+        if flags & FLAG_ZSTD:
+            try:
+                data = self._ctx().d.decompress(payload, max_output_size=raw_len)
+            except zstandard.ZstdError as exc:
+                raise CorruptChunk(digest, f"zstd: {exc}") from None
+        else:
+            data = bytes(payload)
+        if len(data) != raw_len:
+            raise CorruptChunk(digest, f"decoded {len(data)} bytes, envelope says {raw_len}")
+        if self.digest(data) != digest:
+            raise CorruptChunk(digest, "content does not match its digest")
+        return data

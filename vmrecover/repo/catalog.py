@@ -1,0 +1,280 @@
+"""The catalog (``catalog.sqlite``): VMs, restore points and their disks.  Schema in one place.
+
+The catalog is the only thing that makes a restore point exist: a point is visible exactly when its
+``points`` row and all its ``disks`` rows are committed, which happens in one transaction after its
+index files are durable.  Anything on disk the catalog does not name (an index directory of a killed
+backup, an unreferenced chunk) is garbage for ``gc``.
+
+SQLite runs in WAL mode with synchronous=FULL: a committed point survives power loss, and readers
+(list, restore, verify) are never blocked by the writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from ..errors import BadInput, NotFound
+from ..fsutil import raise_if_no_space
+
+SCHEMA_VERSION = 1
+
+# Table -> (columns, primary key, not-null columns, foreign keys).  Every column is described here.
+SCHEMA: dict[str, dict[str, Any]] = {
+    "meta": {
+        # key/value facts about the catalog itself: 'schema_version'
+        "columns": {"key": str, "value": str},
+        "pk": "key",
+    },
+    "vms": {
+        # name: the VM's name as given to `backup --vm`; safe as a file name (see check_name)
+        # created: ISO 8601 UTC time of the VM's first restore point
+        "columns": {"name": str, "created": str},
+        "pk": "name",
+    },
+    "points": {
+        # id: 12 lowercase hex digits, random; also the directory name under indexes/
+        # vm: owning VM
+        # created: ISO 8601 UTC with microseconds ("2026-11-23T09:30:00.123456Z"); sorts by time
+        # parent: id of the point this one was derived from, NULL for the first; informational only
+        #         (every point has complete indexes), so pruning a parent never breaks a child
+        # kind: 'full' (everything allocated was read) or 'incremental' (changed extents only)
+        # stats: JSON: bytes read, new chunks, stored bytes, duration ...
+        "columns": {"id": str, "vm": str, "created": str, "parent": str, "kind": str, "stats": str},
+        "pk": "id",
+        "foreign_keys": [("vm", "vms", "name")],
+    },
+    "disks": {
+        # point, name: the disk `name` of restore point `point`; file is indexes/<point>/<name>.fidx
+        # position: order of the disk in the VM (0 = first image given to backup)
+        # size: virtual disk size in bytes; chunk_size: the index's chunk size
+        # source: path the disk was read from; source_format: raw, qcow2, vmdk, vpc (vhd), vhdx
+        # index_sha256: sha256 of the whole index file, checked by verify
+        "columns": {
+            "point": str,
+            "name": str,
+            "position": int,
+            "size": int,
+            "chunk_size": int,
+            "source": str,
+            "source_format": str,
+            "index_sha256": str,
+        },
+        "pk": ("point", "name"),
+        "foreign_keys": [("point", "points", "id")],
+    },
+}
+
+
+@dataclass(frozen=True)
+class Disk:
+    point: str
+    name: str
+    position: int
+    size: int
+    chunk_size: int
+    source: str
+    source_format: str
+    index_sha256: str
+
+
+@dataclass(frozen=True)
+class Point:
+    id: str
+    vm: str
+    created: str
+    parent: str | None
+    kind: str
+    stats: dict[str, Any]
+
+    @property
+    def created_dt(self) -> datetime:
+        return datetime.strptime(self.created, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def check_name(kind: str, name: str) -> str:
+    """VM and disk names become file and directory names (FUSE, NFS): keep them safe and plain."""
+    bad = (
+        not name
+        or len(name) > 200
+        or name in {".", ".."}
+        or name.startswith((".", "-"))
+        or any(c in name for c in "/\\@\0\n\r\t")
+        or not name.isprintable()
+    )
+    if bad:
+        raise BadInput(
+            f"invalid {kind} name {name!r}",
+            hint="use up to 200 printable characters without '/', '\\' or '@', not starting with '.' or '-'",
+        )
+    return name
+
+
+class Catalog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        self.db = sqlite_utils.Database(conn)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def create_schema(self) -> None:
+        """Create the tables (at init, before repo.toml exists, so atomicity is not needed here)."""
+        for name, spec in SCHEMA.items():
+            self.db[name].create(  # type: ignore[union-attr]
+                spec["columns"],
+                pk=spec["pk"],
+                foreign_keys=spec.get("foreign_keys"),
+                not_null=set(spec["columns"]) - {"parent"},
+            )
+        self.db["points"].create_index(["vm", "created"])  # type: ignore[union-attr]
+        self.db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def schema_version(self) -> int:
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.DatabaseError:
+            return 0
+        return int(row[0]) if row else 0
+
+    def transaction(self):
+        return _Transaction(self)
+
+    # --- queries -------------------------------------------------------------------------------
+    def vms(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            """SELECT v.name, v.created, COUNT(p.id), MAX(p.created)
+               FROM vms v LEFT JOIN points p ON p.vm = v.name GROUP BY v.name ORDER BY v.name"""
+        ).fetchall()
+        return [{"name": r[0], "created": r[1], "points": r[2], "latest": r[3]} for r in rows]
+
+    def points(self, vm: str | None = None) -> list[Point]:
+        sql = "SELECT id, vm, created, parent, kind, stats FROM points"
+        args: tuple[Any, ...] = ()
+        if vm is not None:
+            sql += " WHERE vm = ?"
+            args = (vm,)
+        rows = self.db.execute(sql + " ORDER BY created", args).fetchall()
+        return [Point(r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}")) for r in rows]
+
+    def disks(self, point: str) -> list[Disk]:
+        rows = self.db.execute(
+            "SELECT point, name, position, size, chunk_size, source, source_format, index_sha256 "
+            "FROM disks WHERE point = ? ORDER BY position",
+            (point,),
+        ).fetchall()
+        return [Disk(*r) for r in rows]
+
+    def has_vm(self, vm: str) -> bool:
+        return self.db.execute("SELECT 1 FROM vms WHERE name = ?", (vm,)).fetchone() is not None
+
+    def latest_point(self, vm: str) -> Point | None:
+        pts = self.points(vm)
+        return pts[-1] if pts else None
+
+    def resolve(self, spec: str) -> Point:
+        """``VM``, ``VM@latest``, ``VM@<id or id prefix>`` or ``VM@<timestamp prefix>`` -> Point."""
+        vm, _, sel = spec.partition("@")
+        sel = sel or "latest"
+        if not self.has_vm(vm):
+            known = ", ".join(v["name"] for v in self.vms()) or "none"
+            raise NotFound(f"no VM named {vm!r} in the repository", hint=f"known VMs: {known}")
+        pts = self.points(vm)
+        if not pts:
+            raise NotFound(f"VM {vm!r} has no restore points")
+        if sel == "latest":
+            return pts[-1]
+        matches = [p for p in pts if p.id == sel]
+        if not matches:
+            matches = [p for p in pts if p.id.startswith(sel) or p.created.startswith(sel)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise NotFound(
+                f"VM {vm!r} has no restore point matching {sel!r}",
+                hint="use 'latest', a point id, or a prefix of its time (vmrecover list " + vm + ")",
+            )
+        listing = ", ".join(f"{p.id} ({p.created})" for p in matches[:10])
+        raise BadInput(f"{spec!r} matches {len(matches)} restore points: {listing}", hint="be more specific")
+
+    # --- changes -------------------------------------------------------------------------------
+    # Writes use plain SQL inside BEGIN IMMEDIATE ... COMMIT: sqlite-utils' insert helpers wrap
+    # themselves in ``with conn:``, which would commit our transaction half-way.
+    def add_point(self, point: Point, disks: Iterable[Disk]) -> None:
+        with self.transaction():
+            ex = self.db.execute
+            ex("INSERT OR IGNORE INTO vms (name, created) VALUES (?, ?)", (point.vm, point.created))
+            ex(
+                "INSERT INTO points (id, vm, created, parent, kind, stats) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    point.id,
+                    point.vm,
+                    point.created,
+                    point.parent,
+                    point.kind,
+                    json.dumps(point.stats, sort_keys=True),
+                ),
+            )
+            for d in disks:
+                ex(
+                    "INSERT INTO disks (point, name, position, size, chunk_size, source, source_format, "
+                    "index_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        d.point,
+                        d.name,
+                        d.position,
+                        d.size,
+                        d.chunk_size,
+                        d.source,
+                        d.source_format,
+                        d.index_sha256,
+                    ),
+                )
+
+    def delete_points(self, ids: list[str]) -> None:
+        with self.transaction():
+            for pid in ids:
+                self.db.execute("DELETE FROM disks WHERE point = ?", (pid,))
+                self.db.execute("DELETE FROM points WHERE id = ?", (pid,))
+            self.db.execute("DELETE FROM vms WHERE name NOT IN (SELECT vm FROM points)")
+
+
+class _Transaction:
+    def __init__(self, cat: Catalog) -> None:
+        self.cat = cat
+
+    def __enter__(self) -> Catalog:
+        self.cat.db.execute("BEGIN IMMEDIATE")
+        return self.cat
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        conn = self.cat.db.conn
+        if exc_type is None:
+            try:
+                conn.execute("COMMIT")
+                return
+            except sqlite3.OperationalError as err:
+                exc = err
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            raise_if_no_space(OSError(errno.ENOSPC, str(exc)), self.cat.path, "the catalog")
+        if exc_type is None:
+            raise exc

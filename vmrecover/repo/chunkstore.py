@@ -1,0 +1,88 @@
+"""Content-addressed chunk store: ``chunks/<first 2 hex digits>/<64 hex digits>``.
+
+Knows digests and files only: nothing about disks, offsets or restore points (PBS ``chunk_store``).
+``put`` writes a temp file and renames it (no fsync: the caller makes a whole backup's chunks durable
+with one syncfs before committing anything that references them).  Two writers storing the same
+digest at once are harmless: both renames install identical bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import MissingChunk
+from ..fsutil import TMP_MARK, raise_if_no_space, tmp_name
+from .blob import ChunkCodec
+
+
+class ChunkStore:
+    def __init__(self, root: Path, codec: ChunkCodec) -> None:
+        self.root = root
+        self.codec = codec
+
+    @staticmethod
+    def create_layout(root: Path) -> None:
+        for i in range(256):
+            (root / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: bytes) -> Path:
+        h = digest.hex()
+        return self.root / h[:2] / h
+
+    def has(self, digest: bytes) -> bool:
+        return os.path.exists(self.path(digest))
+
+    def put(self, digest: bytes, data: bytes) -> int:
+        """Store *data* under *digest*; return the stored (envelope) size."""
+        blob = self.codec.encode(digest, data)
+        path = self.path(digest)
+        tmp = tmp_name(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise_if_no_space(exc, path, f"chunk {digest.hex()}")
+            raise
+        return len(blob)
+
+    def read_raw(self, digest: bytes) -> bytes:
+        try:
+            with open(self.path(digest), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise MissingChunk(digest) from None
+
+    def get(self, digest: bytes) -> bytes:
+        """The chunk's plaintext, verified against its digest (CorruptChunk/MissingChunk otherwise)."""
+        return self.codec.decode(digest, self.read_raw(digest))
+
+    def walk(self) -> Iterator[tuple[str, Path, int]]:
+        """Every file under chunks/: (name, path, size); temp files included (name contains TMP_MARK)."""
+        for sub in sorted(self.root.iterdir()):
+            if not sub.is_dir():
+                continue
+            with os.scandir(sub) as it:
+                for entry in it:
+                    try:
+                        size = entry.stat().st_size
+                    except OSError as exc:
+                        if exc.errno == errno.ENOENT:
+                            continue
+                        raise
+                    yield entry.name, Path(entry.path), size
+
+    @staticmethod
+    def is_temp(name: str) -> bool:
+        return TMP_MARK in name

@@ -1,0 +1,40 @@
+"""Reading a restore point's disk in order, chunk by chunk, with parallel fetch and verification.
+
+``read_disk`` yields ``(chunk number, offset, data or None for holes)`` in disk order while a thread
+pool fetches, decrypts, decompresses and re-hashes the next chunks (at most ``window`` in flight, so
+memory is bounded).  Every chunk's plaintext is checked against its digest before it is yielded:
+a corrupt chunk raises CorruptChunk and no wrong byte ever reaches the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from .blob import ZERO_DIGEST
+from .chunkstore import ChunkStore
+from .index import FixedIndex
+
+
+def read_disk(
+    store: ChunkStore, index: FixedIndex, pool: ThreadPoolExecutor, *, window: int = 8
+) -> Iterator[tuple[int, int, bytes | None]]:
+    pending: deque[tuple[int, Future[bytes] | None]] = deque()
+    try:
+        for i in range(index.count):
+            d = index.digest(i)
+            pending.append((i, None if d == ZERO_DIGEST else pool.submit(store.get, d)))
+            while len(pending) > window or (pending and pending[0][1] is None):
+                j, fut = pending.popleft()
+                yield j, j * index.chunk_size, None if fut is None else fut.result()
+        while pending:
+            j, fut = pending.popleft()
+            yield j, j * index.chunk_size, None if fut is None else fut.result()
+    finally:
+        for _, fut in pending:
+            if fut is not None:
+                fut.cancel()
+                with contextlib.suppress(BaseException):
+                    fut.result()

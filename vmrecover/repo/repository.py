@@ -1,0 +1,205 @@
+"""Open, create and lay out a repository (format v1, described in developer-notes/repository.md)::
+
+REPO/
+  repo.toml                 format version, id, chunk size, compression, wrapped keys
+  catalog.sqlite            VMs, restore points, disks (see catalog.py)
+  chunks/ab/<digest-hex>    chunk envelopes (see blob.py)
+  indexes/<point>/<disk>.fidx  fixed indexes (see index.py)
+  locks/writer, locks/readers  (see lock.py)
+  sessions/                 recovery overlays (later), never inside chunks/ or indexes/
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tomllib
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from ..errors import BadInput, Incompatible, NotFound
+from ..fsutil import write_file
+from . import lock
+from .blob import ChunkCodec
+from .catalog import SCHEMA_VERSION, Catalog, now_iso
+from .chunkstore import ChunkStore
+from .index import FixedIndex
+from .keys import Keys, new_keys, unwrap_keys
+
+FORMAT_VERSION = 1
+REPO_ENV = "VMRECOVER_REPO"
+ENCRYPTION_MODES = ("none", "aes-256-gcm")
+
+
+def default_repo_path() -> Path:
+    """``$VMRECOVER_REPO``, else ``$XDG_DATA_HOME/vmrecover/repo`` (``~/.local/share/vmrecover/repo``)."""
+    env = os.environ.get(REPO_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "vmrecover" / "repo"
+
+
+def parse_size(text: str) -> int:
+    """'1M', '4MiB', '512K', '1048576' -> bytes (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in "KMGT" else t
+    try:
+        value = int(float(num) * mult)
+    except ValueError:
+        raise BadInput(f"cannot read size {text!r}", hint="write it like 1M, 512K or 4MiB") from None
+    return value
+
+
+@dataclass
+class Config:
+    id: str
+    format: int
+    chunk_size: int
+    compression: str
+    compression_level: int
+    created: str
+    encryption: dict[str, Any]
+
+    def to_toml(self) -> bytes:
+        return tomli_w.dumps(
+            {
+                "repository": {
+                    "format": self.format,
+                    "id": self.id,
+                    "created": self.created,
+                    "chunk_size": self.chunk_size,
+                    "compression": self.compression,
+                    "compression_level": self.compression_level,
+                },
+                "encryption": self.encryption,
+            }
+        ).encode()
+
+
+class Repository:
+    def __init__(self, root: Path, config: Config, keys: Keys | None) -> None:
+        self.root = root
+        self.config = config
+        self.codec = ChunkCodec(keys=keys, level=config.compression_level)
+        self.chunks = ChunkStore(root / "chunks", self.codec)
+        self.catalog = Catalog(root / "catalog.sqlite")
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        root: Path,
+        *,
+        chunk_size: int = 2**20,
+        encryption: str = "none",
+        passphrase: Callable[[], str] | None = None,
+        compression_level: int = 3,
+    ) -> Repository:
+        if encryption not in ENCRYPTION_MODES:
+            raise BadInput(
+                f"unknown encryption {encryption!r}", hint=f"choose one of {', '.join(ENCRYPTION_MODES)}"
+            )
+        if chunk_size < 64 * 1024 or chunk_size > 64 * 2**20 or chunk_size & (chunk_size - 1):
+            raise BadInput(f"chunk size {chunk_size} is not a power of two between 64K and 64M")
+        if (root / "repo.toml").exists():
+            raise Incompatible(f"a repository already exists at {root}")
+        if root.exists() and any(root.iterdir()):
+            raise Incompatible(f"{root} exists and is not empty", hint="choose a new or empty directory")
+        rid = uuid.uuid4().hex
+        keys, enc = None, {"mode": "none"}
+        if encryption != "none":
+            assert passphrase is not None
+            keys, enc = new_keys(passphrase(), rid)
+        config = Config(rid, FORMAT_VERSION, chunk_size, "zstd", compression_level, now_iso(), enc)
+        root.mkdir(parents=True, exist_ok=True)
+        for sub in ("indexes", "locks", "sessions"):
+            (root / sub).mkdir(exist_ok=True)
+        ChunkStore.create_layout(root / "chunks")
+        cat = Catalog(root / "catalog.sqlite")
+        cat.create_schema()
+        cat.close()
+        write_file(root / "repo.toml", config.to_toml(), what="repo.toml")  # last: marks the repo valid
+        return cls(root, config, keys)
+
+    @classmethod
+    def open(cls, root: Path, *, passphrase: Callable[[], str] | None = None) -> Repository:
+        cfg_path = root / "repo.toml"
+        if not root.exists():
+            raise NotFound(f"no repository at {root}", hint=f"create one with: vmrecover init --repo {root}")
+        try:
+            raw = tomllib.loads(cfg_path.read_text())
+            r = raw["repository"]
+            fmt = int(r["format"])
+        except FileNotFoundError:
+            raise Incompatible(f"{root} is not a vmrecover repository (no repo.toml)") from None
+        except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError) as exc:
+            raise Incompatible(f"{cfg_path} is damaged: {exc}") from None
+        if fmt != FORMAT_VERSION:
+            raise Incompatible(
+                f"repository {root} has format version {fmt}; this vmrecover reads version {FORMAT_VERSION}",
+                hint="use a vmrecover release that supports that format",
+            )
+        config = Config(
+            r["id"],
+            fmt,
+            int(r["chunk_size"]),
+            r["compression"],
+            int(r["compression_level"]),
+            r["created"],
+            raw.get("encryption", {"mode": "none"}),
+        )
+        keys = None
+        if config.encryption.get("mode", "none") != "none":
+            if passphrase is None:
+                raise Incompatible(f"repository {root} is encrypted")
+            keys = unwrap_keys(config.encryption, passphrase(), config.id, str(root))
+        repo = cls(root, config, keys)
+        if repo.catalog.schema_version() != SCHEMA_VERSION:
+            raise Incompatible(f"catalog of {root} has schema version {repo.catalog.schema_version()}")
+        return repo
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- layout --------------------------------------------------------------------------------
+    @property
+    def encrypted(self) -> bool:
+        return self.codec.encrypted
+
+    def index_dir(self, point: str) -> Path:
+        return self.root / "indexes" / point
+
+    def index_path(self, point: str, disk: str) -> Path:
+        return self.index_dir(point) / f"{disk}.fidx"
+
+    def read_index(self, point: str, disk: str) -> FixedIndex:
+        return FixedIndex.read(self.index_path(point, disk))
+
+    # --- locks ---------------------------------------------------------------------------------
+    def writer(self, op: str) -> contextlib.AbstractContextManager[None]:
+        return lock.hold(self.root / "locks" / "writer", exclusive=True, op=op, repo=self.root)
+
+    def reader(self, op: str) -> contextlib.AbstractContextManager[None]:
+        return lock.hold(self.root / "locks" / "readers", exclusive=False, op=op, repo=self.root)
+
+    @contextlib.contextmanager
+    def exclusive(self, op: str) -> Iterator[None]:
+        """Writer lock plus no readers: for gc, which deletes chunks."""
+        with (
+            self.writer(op),
+            lock.hold(self.root / "locks" / "readers", exclusive=True, op=op, repo=self.root),
+        ):
+            yield

@@ -1,0 +1,19 @@
+# The two commands of the README: `make demo` (the main job) and `make test`.  Both run `make setup`
+# first, which installs what is missing (apt packages, .venv/) and is a no-op when all is there.
+.PHONY: setup demo test lint bench
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	@scripts/demo.sh
+
+lint: setup
+	.venv/bin/ruff check vmrecover nfs_export tests bench
+
+test: setup lint
+	.venv/bin/python -m pytest -q
+
+bench: setup
+	@scripts/setup.sh borgbackup
+	.venv/bin/python bench/backup_bench.py

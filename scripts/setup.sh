@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a Debian 12 machine: apt packages, then .venv/ with vmrecover in it.
+# Re-running it does nothing that is already done.  Extra apt packages can be passed as arguments.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  python3-venv python3-dev   # Debian's Python 3.11: its dist-packages hold the libnbd (and later libguestfs) bindings
+  qemu-utils                 # qemu-img, qemu-nbd: read and write qcow2/vmdk/vhd/vhdx images
+  python3-libnbd             # libnbd's Python binding, talks to qemu-nbd
+  e2fsprogs                  # mkfs.ext4 -d: the demo and tests build real filesystems without mounting
+  "$@"
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "setup: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The venv sees Debian's dist-packages (nbd, guestfs); packages installed in it take precedence.
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  touch "$stamp"
+fi

@@ -101,7 +101,8 @@ class ChunkCodec:
             from cryptography.exceptions import InvalidTag
 
             try:
-                payload = memoryview(self._aes.decrypt(payload[:12], payload[12:], digest))
+                # bytes(): cryptography < 40 (Debian 12 ships 38) accepts no memoryview here
+                payload = memoryview(self._aes.decrypt(bytes(payload[:12]), bytes(payload[12:]), digest))
             except InvalidTag:
                 reason = "authentication failed (tampered, or stored under another name)"
                 raise CorruptChunk(digest, reason) from None

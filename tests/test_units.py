@@ -1,0 +1,153 @@
+"""Unit tests of the on-disk formats and pure logic (no subprocesses)."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmrecover.errors import BadInput, CorruptChunk, IntegrityError, UsageError
+from vmrecover.ingest.extents import chunks_touching, load_changed_extents
+from vmrecover.repo.blob import HEADER, ChunkCodec
+from vmrecover.repo.catalog import Point, check_name
+from vmrecover.repo.index import FixedIndex
+from vmrecover.repo.keys import Keys
+from vmrecover.repo.prune import Policy, select
+from vmrecover.repo.repository import parse_size
+
+CODECS = [ChunkCodec(keys=None), ChunkCodec(keys=Keys(os.urandom(32), os.urandom(32)))]
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=["plain", "aes-gcm"])
+@given(data=st.binary(min_size=1, max_size=70_000))
+@settings(max_examples=60, deadline=None)
+def test_envelope_round_trip(codec: ChunkCodec, data: bytes) -> None:
+    d = codec.digest(data)
+    assert codec.decode(d, codec.encode(d, data)) == data
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=["plain", "aes-gcm"])
+def test_envelope_detects_every_single_bit_flip_in_a_sample(codec: ChunkCodec) -> None:
+    data = (b"some text " * 5000) + os.urandom(1000)
+    d = codec.digest(data)
+    blob = codec.encode(d, data)
+    for pos in range(0, len(blob), max(1, len(blob) // 97)):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x10
+        with pytest.raises(CorruptChunk):
+            codec.decode(d, bytes(bad))
+    with pytest.raises(CorruptChunk, match="shorter"):
+        codec.decode(d, blob[: HEADER.size - 1])
+    with pytest.raises(CorruptChunk):
+        codec.decode(d, blob[:-1])
+
+
+def test_encrypted_digest_is_keyed_and_payload_hides_plaintext() -> None:
+    plain, enc = CODECS
+    data = b"secret payload " * 1000
+    assert plain.digest(data) != enc.digest(data)
+    assert b"secret payload" not in enc.encode(enc.digest(data), data)
+    # a chunk stored under another name fails authentication
+    other = enc.digest(b"x")
+    with pytest.raises(CorruptChunk, match="authentication"):
+        enc.decode(other, enc.encode(enc.digest(data), data))
+
+
+def test_incompressible_chunks_are_stored_raw() -> None:
+    codec = CODECS[0]
+    data = os.urandom(65536)
+    blob = codec.encode(codec.digest(data), data)
+    assert blob[5] & 1 == 0 and len(blob) == HEADER.size + len(data)
+
+
+def test_index_round_trip_and_damage(tmp_path: Path) -> None:
+    idx = FixedIndex.empty(10 * 65536 + 5, 65536)
+    assert idx.count == 11 and idx.extent(10) == (10 * 65536, 5)
+    idx.set(3, b"\x11" * 32)
+    idx.set(7, b"\x11" * 32)
+    p = tmp_path / "d.fidx"
+    idx.write(p)
+    back = FixedIndex.read(p)
+    assert back.table == idx.table and back.disk_size == idx.disk_size
+    assert back.digests() == {b"\x11" * 32} and back.positions(b"\x11" * 32) == [3, 7]
+    raw = bytearray(p.read_bytes())
+    raw[100] ^= 1
+    p.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="damaged"):
+        FixedIndex.read(p)
+    p.write_bytes(bytes(raw[:30]))
+    with pytest.raises(IntegrityError, match="truncated"):
+        FixedIndex.read(p)
+
+
+def test_index_resize_keeps_prefix() -> None:
+    idx = FixedIndex.empty(4 * 1024, 1024)
+    idx.set(1, b"\x01" * 32)
+    grown = idx.resized(6 * 1024)
+    assert grown.count == 6 and grown.digest(1) == b"\x01" * 32 and grown.digest(5) == bytes(32)
+    assert idx.resized(1024).count == 1
+
+
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 3000)), max_size=20))
+def test_chunks_touching_matches_brute_force(extents: list[tuple[int, int]]) -> None:
+    cs, count = 512, 20
+    expected = sorted({b // cs for off, n in extents for b in range(off, off + n) if b // cs < count})
+    assert chunks_touching(extents, cs, count) == expected
+
+
+def test_changed_extents_file_validation(tmp_path: Path) -> None:
+    f = tmp_path / "ce.json"
+    f.write_text("[[0, 10], [100, 0]]")
+    assert load_changed_extents(f, ["a"]) == {"a": [(0, 10)]}
+    f.write_text('{"a": [[5, 5]]}')
+    assert load_changed_extents(f, ["a", "b"]) == {"a": [(5, 5)], "b": []}
+    for bad in ("[[0, -1]]", "[[0]]", '[["0", 1]]', "{", "[[true, 1]]", '{"zzz": []}'):
+        f.write_text(bad)
+        with pytest.raises(BadInput):
+            load_changed_extents(f, ["a"])
+    f.write_text("[[0, 1]]")
+    with pytest.raises(BadInput, match="2 disks"):
+        load_changed_extents(f, ["a", "b"])
+
+
+def _pt(i: int, when: datetime) -> Point:
+    return Point(f"p{i:03d}", "vm", when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), None, "full", {})
+
+
+def test_prune_policy_like_borg() -> None:
+    start = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    # two points a day for 70 days
+    pts = [_pt(i, start + timedelta(hours=12 * i)) for i in range(140)]
+    keep, drop = select(pts, Policy(last=3))
+    assert [p.id for p in keep] == ["p139", "p138", "p137"] and len(drop) == 137
+    keep, _ = select(pts, Policy(daily=7))
+    assert len(keep) == 7 and len({p.created_dt.astimezone().date() for p in keep}) == 7
+    keep, _ = select(pts, Policy(weekly=4, monthly=3))
+    weeks = {p.created_dt.astimezone().isocalendar()[:2] for p in keep}
+    assert len(keep) <= 7 and len(weeks) >= 4
+    keep, _ = select(pts, Policy(last=1, daily=1))
+    assert [p.id for p in keep] == ["p139"]  # both rules keep the newest point
+    with pytest.raises(UsageError):
+        select(pts, Policy())
+
+
+@pytest.mark.parametrize("name", ["web-01", "db.example.com", "VM with spaces", "x" * 200])
+def test_good_names(name: str) -> None:
+    assert check_name("VM", name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "-opt", "a/b", "a@b", "a\\b", "a\nb", "x" * 201])
+def test_bad_names(name: str) -> None:
+    with pytest.raises(BadInput):
+        check_name("VM", name)
+
+
+def test_parse_size() -> None:
+    assert parse_size("1M") == 2**20 and parse_size("64K") == 65536 and parse_size("4MiB") == 4 * 2**20
+    assert parse_size("1048576") == 2**20
+    with pytest.raises(BadInput):
+        parse_size("lots")

@@ -8,14 +8,13 @@ digest at once are harmless: both renames install identical bytes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import MissingChunk
-from ..fsutil import TMP_MARK, raise_if_no_space, tmp_name
+from ..fsutil import TMP_MARK, write_file
 from .blob import ChunkCodec
 
 
@@ -39,22 +38,7 @@ class ChunkStore:
     def put(self, digest: bytes, data: bytes) -> int:
         """Store *data* under *digest*; return the stored (envelope) size."""
         blob = self.codec.encode(digest, data)
-        path = self.path(digest)
-        tmp = tmp_name(path)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                view = memoryview(blob)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise_if_no_space(exc, path, f"chunk {digest.hex()}")
-            raise
+        write_file(self.path(digest), blob, durable=False, what=f"chunk {digest.hex()}")
         return len(blob)
 
     def read_raw(self, digest: bytes) -> bytes:

@@ -239,3 +239,17 @@ def test_list_and_human_output(cli: Cli, tmp_path: Path) -> None:
     assert "alpha" in text and "beta" in text
     text = cli.run("verify").stdout
     assert "OK" in text
+
+
+def test_explicit_format_beats_probing(cli: Cli, tmp_path: Path) -> None:
+    """A raw disk whose guest wrote a qcow2 image at sector 0 is backed up as raw with --format raw."""
+    inner = tmp_path / "inner.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", inner, "1M"], check=True)
+    img = make_sparse_image(tmp_path / "guest.raw", 4 * MiB, [(0, inner.read_bytes())])
+    probed = cli.json("backup", img, "--vm", "probe")
+    assert probed["disks"][0]["size"] == 1 * MiB  # qemu-img took it for the qcow2 it contains
+    res = cli.json("backup", img, "--vm", "raw", "--format", "raw")
+    assert res["disks"][0]["size"] == 4 * MiB
+    out = tmp_path / "out.raw"
+    cli.run("restore", "raw", "--to", out)
+    assert sha256_file(out) == sha256_file(img)

@@ -34,6 +34,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="JSON [[offset, length], ...] changed since the VM's latest point "
         "(or {disk: [...]} for several disks); only those ranges are read",
     )
+    p.add_argument(
+        "--format",
+        choices=["raw", "qcow2", "vmdk", "vhd", "vhdx"],
+        help="format of every IMAGE (default: detected by qemu-img). Give --format raw for raw "
+        "disks of untrusted guests: a guest can write a qcow2 header at the start of its disk",
+    )
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser(
@@ -57,7 +63,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         changed = load_changed_extents(args.changed_extents, names) if args.changed_extents else {}
         jobs = []
         for name, img in zip(names, args.images, strict=True):
-            src = open_image(img)
+            src = open_image(img, args.format)
             stack.callback(src.close)
             for off, length in changed.get(name, []):
                 if off + length > src.size:

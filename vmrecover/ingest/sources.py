@@ -111,7 +111,7 @@ def open_image(path: Path, fmt: str | None = None) -> DiskSource:
     except OSError as exc:
         raise _bad(path, exc.strerror or str(exc)) from None
     try:
-        head = os.pread(fd, 512, 0)
+        os.pread(fd, 512, 0)  # an unreadable device or file fails here, with its own error
     except OSError as exc:
         os.close(fd)
         raise _bad(path, exc.strerror or str(exc)) from None
@@ -130,7 +130,6 @@ def open_image(path: Path, fmt: str | None = None) -> DiskSource:
             f"image {path} has format {fmt!r}, which vmrecover does not back up",
             hint="supported: raw, qcow2, vmdk, vhd, vhdx; convert it with 'qemu-img convert -O qcow2'",
         )
-    del head
     if fmt == "raw":
         return RawSource(str(path), fd, st.st_size, seekable_holes=True)
     os.close(fd)

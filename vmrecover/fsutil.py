@@ -34,6 +34,11 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}-{next(_counter)}")
 
 
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Start writing dirty pages of *fd* to disk without waiting (a no-op where unsupported)."""
+    _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -54,8 +59,8 @@ def write_file(path: Path, data: bytes | memoryview, *, durable: bool = True, wh
                 view = view[n:]
             if durable:
                 os.fsync(fd)
-            else:  # start writeback now, without waiting for it (ignored where unsupported)
-                _libc.sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+            else:
+                start_writeback(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from . import qemu
 from .errors import BadInput, CorruptChunk, IntegrityError, NotFound, VmrecoverError
-from .fsutil import fsync_dir, raise_if_no_space
+from .fsutil import fsync_dir, raise_if_no_space, start_writeback
 from .repo.catalog import Disk, Point
 from .repo.reader import read_disk
 from .repo.repository import Repository
@@ -55,9 +55,11 @@ class _FileWriter:
 
     def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
+        start = offset
         while view:
             n = os.pwrite(self.fd, view, offset)
             view, offset = view[n:], offset + n
+        start_writeback(self.fd, start, len(data))  # so that finish()'s fsync waits only for the tail
 
     def zero(self, offset: int, length: int) -> None:
         if self.block:  # a file's holes read as zeros already; a device's old contents do not

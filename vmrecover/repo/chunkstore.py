@@ -48,9 +48,9 @@ class ChunkStore:
         except FileNotFoundError:
             raise MissingChunk(digest) from None
 
-    def get(self, digest: bytes) -> bytes:
+    def get(self, digest: bytes, *, check_crc: bool = False) -> bytes:
         """The chunk's plaintext, verified against its digest (CorruptChunk/MissingChunk otherwise)."""
-        return self.codec.decode(digest, self.read_raw(digest))
+        return self.codec.decode(digest, self.read_raw(digest), check_crc=check_crc)
 
     def walk(self) -> Iterator[tuple[str, Path, int]]:
         """Every file under chunks/: (name, path, size); temp files included (name contains TMP_MARK)."""

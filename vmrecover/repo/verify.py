@@ -68,7 +68,7 @@ def verify(
 
     def check(d: bytes) -> tuple[bytes, int, str | None]:
         try:
-            return d, len(repo.chunks.get(d)), None
+            return d, len(repo.chunks.get(d, check_crc=True)), None
         except CorruptChunk as exc:
             return d, 0, exc.reason
 

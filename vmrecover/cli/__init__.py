@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stderr.print(f"  hint: {exc.hint}", markup=False)
         return exc.exit_code
     except (KeyboardInterrupt, Interrupted):
-        stderr.print("interrupted; nothing partial was kept", markup=False)
+        stderr.print("interrupted: nothing that was not yet committed was kept", markup=False)
         return ExitCode.INTERRUPTED
 
 

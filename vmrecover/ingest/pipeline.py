@@ -68,6 +68,7 @@ class _Shared:
     repo: Repository
     lock: threading.Lock = field(default_factory=threading.Lock)
     claimed: set[bytes] = field(default_factory=set)  # digests stored (or being stored) by this run
+    created: set[bytes] = field(default_factory=set)  # chunk files this run wrote: removed if it fails
 
 
 def plan_chunks(
@@ -102,6 +103,7 @@ def _store(shared: _Shared, stats: DiskStats, data: bytes | bytearray) -> bytes:
             raise
     with shared.lock:
         if stored:
+            shared.created.add(digest)
             stats.new_chunks += 1
             stats.new_bytes += len(data)
             stats.stored_bytes += stored
@@ -175,8 +177,8 @@ def run_backup(
     started = time.monotonic()
     tmpdir.mkdir()
     committed = False
+    shared = _Shared(repo)
     try:
-        shared = _Shared(repo)
         all_stats: list[DiskStats] = []
         disks: list[Disk] = []
         plans = []
@@ -223,9 +225,14 @@ def run_backup(
         return point, all_stats
     finally:
         if not committed:
+            # Safe under the writer lock: no committed point can reference a chunk this run created.
+            # (A SIGKILL skips this; gc removes those.)  Frees the space a full disk needs back.
             shutil.rmtree(tmpdir, ignore_errors=True)
             if final.exists():
                 shutil.rmtree(final, ignore_errors=True)
+            for digest in shared.created:
+                with contextlib.suppress(OSError):
+                    os.unlink(repo.chunks.path(digest))
 
 
 def index_dir_is_temp(path: Path) -> bool:

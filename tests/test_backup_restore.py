@@ -54,7 +54,9 @@ def test_backup_from_image_formats(cli: Cli, tmp_path: Path, fmt: str) -> None:
     """qcow2/vmdk/vhd/vhdx are read as the guest sees them; unallocated clusters are not read."""
     rng = random.Random(2)
     # data in the first 4 MiB and at 12 MiB: every format (vhd allocates 2 MiB blocks) has holes
-    raw = make_sparse_image(tmp_path / "src.raw", 16 * MiB, [(0, rng.randbytes(4 * MiB)), (12 * MiB, b"x" * 5000)])
+    raw = make_sparse_image(
+        tmp_path / "src.raw", 16 * MiB, [(0, rng.randbytes(4 * MiB)), (12 * MiB, b"x" * 5000)]
+    )
     img = convert(raw, tmp_path / f"disk0.{fmt}", fmt)
     res = cli.json("backup", img, "--vm", f"vm-{fmt}")
     assert res["disks"][0]["name"] == "disk0"

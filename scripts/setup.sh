@@ -9,6 +9,14 @@ APT_PACKAGES=(
   qemu-utils                 # qemu-img, qemu-nbd: read and write qcow2/vmdk/vhd/vhdx images
   python3-libnbd             # libnbd's Python binding, talks to qemu-nbd
   e2fsprogs                  # mkfs.ext4 -d: the demo and tests build real filesystems without mounting
+  qemu-system-x86            # qemu-system-x86_64 (TCG): boots the test guest from a disk image or backup
+  linux-image-amd64          # the guest's kernel and initrd (/boot/vmlinuz-*, /boot/initrd.img-*)
+  busybox-static             # the guest's whole userland: a static busybox as /bin/sh and the init script
+  syslinux                   # syslinux --install onto the guest's FAT boot partition (via mtools, no mount)
+  syslinux-common            # mbr.bin (MBR boot code) and ldlinux.c32 for the guest disk
+  mtools                     # mcopy/mmd: write the FAT boot partition without mounting it
+  dosfstools                 # mkfs.fat for the guest's boot partition
+  fdisk                      # sfdisk: the guest disk's MBR partition table
   "$@"
 )
 

@@ -156,3 +156,17 @@ def test_parse_size() -> None:
     assert parse_size("1048576") == 2**20
     with pytest.raises(BadInput):
         parse_size("lots")
+
+
+def test_empty_chunk_file_is_not_trusted_for_dedup(tmp_path: Path) -> None:
+    """A chunk file left empty (power loss after a killed backup) is written again, not deduplicated onto."""
+    from vmrecover.repo.chunkstore import ChunkStore
+
+    ChunkStore.create_layout(tmp_path)
+    store = ChunkStore(tmp_path, CODECS[0])
+    data = b"payload" * 1000
+    d = store.codec.digest(data)
+    store.path(d).write_bytes(b"")
+    assert not store.has(d)
+    store.put(d, data)
+    assert store.has(d) and store.get(d) == data

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import MissingChunk
 from ..fsutil import TMP_MARK, write_file
-from .blob import ChunkCodec
+from .blob import HEADER, ChunkCodec
 
 
 class ChunkStore:
@@ -33,7 +33,12 @@ class ChunkStore:
         return self.root / h[:2] / h
 
     def has(self, digest: bytes) -> bool:
-        return os.path.exists(self.path(digest))
+        """Is the chunk stored?  A file shorter than an envelope header (left empty by a power loss
+        after a killed, never-synced backup) does not count, so the next backup writes it again."""
+        try:
+            return os.stat(self.path(digest)).st_size >= HEADER.size
+        except FileNotFoundError:
+            return False
 
     def put(self, digest: bytes, data: bytes) -> int:
         """Store *data* under *digest*; return the stored (envelope) size."""

@@ -39,6 +39,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vmrecover.cli.output import human_bytes
+from vmrecover.errors import VmrecoverError
+from vmrecover.repo.repository import parse_size as vmrecover_parse_size
+
 MiB = 2**20
 REGION = MiB
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,14 +103,11 @@ class BenchError(Exception):
 
 
 def parse_size(text: str) -> int:
-    """'2G', '256M', '1.5GiB', '1048576' -> bytes (binary units), rounded down to whole MiB."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
-    num = t[:-1] if t[-1:] in "KMGT" else t
+    """'2G', '256M', '1048576' -> bytes (vmrecover's own parser), rounded down to whole MiB."""
     try:
-        value = int(float(num) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"cannot read size {text!r} (write it like 256M or 2G)") from None
+        value = vmrecover_parse_size(text)
+    except VmrecoverError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
     value -= value % MiB
     if value < 16 * MiB:
         raise argparse.ArgumentTypeError(f"size {text!r} is too small: use at least 16M")
@@ -118,11 +119,7 @@ def mb(n: float) -> float:
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    return human_bytes(n)
 
 
 # --- running commands ------------------------------------------------------------------------------

@@ -47,18 +47,19 @@ class ChunkCache:
 
     def lookup(self, digest: bytes) -> bytes | None:
         with self._lock:
-            data = self._lru.get(digest)
-            if data is not None:
-                self._lru.move_to_end(digest)
-                self.hits += 1
-            return data
+            return self._lookup_locked(digest)
+
+    def _lookup_locked(self, digest: bytes) -> bytes | None:
+        data = self._lru.get(digest)
+        if data is not None:
+            self._lru.move_to_end(digest)
+            self.hits += 1
+        return data
 
     def get(self, digest: bytes) -> bytes:
         with self._lock:
-            data = self._lru.get(digest)
+            data = self._lookup_locked(digest)
             if data is not None:
-                self._lru.move_to_end(digest)
-                self.hits += 1
                 return data
             pending = self._pending.get(digest)
             fetcher = pending is None

@@ -1,0 +1,92 @@
+"""The shared chunk cache: hits, LRU eviction, one fetch for concurrent readers, errors never cached."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vmrecover.errors import CorruptChunk
+from vmrecover.repo.blob import ChunkCodec
+from vmrecover.repo.chunkstore import ChunkStore
+from vmrecover.vfs.cache import ChunkCache
+
+
+class CountingStore(ChunkStore):
+    def __init__(self, root: Path) -> None:
+        ChunkStore.create_layout(root)
+        super().__init__(root, ChunkCodec(keys=None))
+        self.reads = 0
+        self.lock = threading.Lock()
+
+    def read_raw(self, digest: bytes) -> bytes:
+        with self.lock:
+            self.reads += 1
+        time.sleep(0.05)  # a slow disk, so that concurrent readers overlap
+        return super().read_raw(digest)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CountingStore:
+    return CountingStore(tmp_path)
+
+
+def _put(store: ChunkStore, data: bytes) -> bytes:
+    d = store.codec.digest(data)
+    store.put(d, data)
+    return d
+
+
+def test_concurrent_readers_share_one_fetch_and_hits_are_cached(store: CountingStore) -> None:
+    d = _put(store, b"a" * 5000)
+    cache = ChunkCache(store, 1 << 20)
+    results: list[bytes] = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get(d))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [b"a" * 5000] * 8 and store.reads == 1
+    assert cache.lookup(d) == b"a" * 5000 and store.reads == 1
+    cache.close()
+
+
+def test_lru_eviction_by_bytes(store: CountingStore) -> None:
+    ds = [_put(store, bytes([i]) * 4000) for i in range(1, 5)]
+    cache = ChunkCache(store, 10_000)
+    for d in ds[:2]:
+        cache.get(d)
+    cache.get(ds[0])  # touch: ds[1] is now least recently used
+    cache.get(ds[2])
+    assert cache.size <= 10_000
+    assert cache.lookup(ds[1]) is None and cache.lookup(ds[0]) is not None
+    cache.close()
+
+
+def test_corrupt_chunk_raises_for_every_waiter_and_is_not_cached(store: CountingStore) -> None:
+    d = _put(store, b"z" * 3000)
+    path = store.path(d)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    cache = ChunkCache(store, 1 << 20)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            cache.get(d)
+        except CorruptChunk as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 4 and cache.lookup(d) is None
+    cache.prefetch([d])  # swallowed in the background; the next reader still sees the error
+    with pytest.raises(CorruptChunk):
+        cache.get(d)
+    cache.close()

@@ -65,12 +65,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
         for name, img in zip(names, args.images, strict=True):
             src = open_image(img, args.format)
             stack.callback(src.close)
-            for off, length in changed.get(name, []):
-                if off + length > src.size:
-                    raise BadInput(
-                        f"changed extent [{off}, {length}] of disk {name!r} ends past the disk's "
-                        f"size {src.size}"
-                    )
             jobs.append(DiskJob(name, src, changed.get(name) if args.changed_extents else None))
         with progress(f"backup {args.vm}", enabled=not args.json) as (total, advance):
             point, stats = run_backup(repo, args.vm, jobs, progress=advance, progress_total=total)

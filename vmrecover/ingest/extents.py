@@ -49,6 +49,15 @@ def load_changed_extents(path: Path, disk_names: list[str]) -> dict[str, Extents
     return {disk_names[0]: _parse_list(raw, str(path))}
 
 
+def check_within(disk: str, extents: Extents, size: int) -> None:
+    """Refuse a changed extent that ends past the disk (a CBT list for another disk, or garbage)."""
+    for off, length in extents:
+        if off + length > size:
+            raise BadInput(
+                f"changed extent [{off}, {length}] of disk {disk!r} ends past the disk's size {size}"
+            )
+
+
 def chunks_touching(extents: Iterable[tuple[int, int]], chunk_size: int, count: int) -> list[int]:
     """Sorted chunk numbers that overlap any of *extents* (clipped to *count* chunks)."""
     out: set[int] = set()

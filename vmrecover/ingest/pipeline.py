@@ -27,7 +27,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput
@@ -36,7 +35,7 @@ from ..repo.blob import ZERO_DIGEST
 from ..repo.catalog import Disk, Point, check_name, now_iso
 from ..repo.index import FixedIndex
 from ..repo.repository import Repository
-from .extents import Extents, chunks_touching
+from .extents import Extents, check_within, chunks_touching
 from .sources import DiskSource
 
 log = logging.getLogger("vmrecover.backup")
@@ -76,6 +75,8 @@ def plan_chunks(
 ) -> tuple[FixedIndex, list[int], str]:
     """The new index (pre-filled from the parent where inherited) and the chunk numbers to read."""
     size = job.source.size
+    if job.changed is not None:
+        check_within(job.name, job.changed, size)
     if parent is not None and job.changed is not None and parent.chunk_size == chunk_size:
         index = parent.resized(size)
         todo = set(chunks_touching(job.changed, chunk_size, index.count))
@@ -233,7 +234,3 @@ def run_backup(
             for digest in shared.created:
                 with contextlib.suppress(OSError):
                     os.unlink(repo.chunks.path(digest))
-
-
-def index_dir_is_temp(path: Path) -> bool:
-    return TMP_MARK in path.name

@@ -120,6 +120,7 @@ def open_image(path: Path, fmt: str | None = None) -> DiskSource:
     if st.st_size == 0:
         os.close(fd)
         raise _bad(path, "it is empty")
+    info = None
     if fmt is None:
         info = qemu.image_info(path)
         fmt = info["format"]
@@ -134,8 +135,7 @@ def open_image(path: Path, fmt: str | None = None) -> DiskSource:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger kernel readahead
         return RawSource(str(path), fd, st.st_size, seekable_holes=True)
     os.close(fd)
-    info = qemu.image_info(path)
-    size = int(info["virtual-size"])
+    size = int((info or qemu.image_info(path))["virtual-size"])
     extents = []
     for e in qemu.image_map(path, fmt):
         if (

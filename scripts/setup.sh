@@ -17,6 +17,9 @@ APT_PACKAGES=(
   mtools                     # mcopy/mmd: write the FAT boot partition without mounting it
   dosfstools                 # mkfs.fat for the guest's boot partition
   fdisk                      # sfdisk: the guest disk's MBR partition table
+  fuse3                      # fusermount3 and /etc/fuse.conf for the FUSE datastore
+  python3-pyfuse3 python3-trio  # the FUSE binding (built against Debian's libfuse3) and its event loop
+  fio                        # tests: randrw with verify=crc32c on recovery-session disks
   "$@"
 )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from . import qemu
 from .errors import BadInput, CorruptChunk, IntegrityError, NotFound, VmrecoverError
 from .fsutil import fsync_dir, raise_if_no_space, start_writeback
 from .repo.catalog import Disk, Point
+from .repo.index import FixedIndex
 from .repo.reader import read_disk
 from .repo.repository import Repository
 
@@ -133,9 +134,30 @@ def restore_disk(
     progress: Callable[[int], None] = lambda n: None,
     workers: int | None = None,
 ) -> RestoreResult:
+    index = repo.read_index(point.id, disk.name)
+    what = f"{point.vm}@{point.id} disk {disk.name}"
+    with ThreadPoolExecutor(workers or max(2, os.cpu_count() or 2), thread_name_prefix="restore") as pool:
+        data_bytes = write_image(
+            read_disk(repo.chunks, index, pool), index, dest, fmt=fmt, overwrite=overwrite, what=what,
+            progress=progress,
+        )  # fmt: skip
+    return RestoreResult(point.vm, point.id, disk.name, str(dest), fmt, index.disk_size, data_bytes)
+
+
+def write_image(
+    chunks: Iterator[tuple[int, int, bytes | None]],
+    index: FixedIndex,
+    dest: Path,
+    *,
+    fmt: str,
+    overwrite: bool,
+    what: str,
+    progress: Callable[[int], None] = lambda n: None,
+) -> int:
+    """Write *chunks* ((number, offset, bytes or None for zeros), in order, laid out like *index*)
+    as an image at *dest*; return the bytes of data written.  All or nothing (see the module doc)."""
     if fmt not in RESTORE_FORMATS:
         raise BadInput(f"unknown output format {fmt!r}", hint=f"choose one of {', '.join(RESTORE_FORMATS)}")
-    index = repo.read_index(point.id, disk.name)
     is_block = dest.exists() and stat.S_ISBLK(dest.stat().st_mode)
     if is_block and fmt != "raw":
         raise BadInput(f"{dest} is a block device: only --format raw can be written to it")
@@ -144,7 +166,6 @@ def restore_disk(
     if not dest.parent.is_dir():
         raise NotFound(f"directory {dest.parent} does not exist")
     target = dest if is_block else dest.with_name(dest.name + PARTIAL_SUFFIX)
-    what = f"{point.vm}@{point.id} disk {disk.name}"
     writer: _Writer
     try:
         if fmt == "raw":
@@ -156,18 +177,17 @@ def restore_disk(
         raise VmrecoverError(f"cannot write {target}: {exc.strerror}") from None
     data_bytes = 0
     try:
-        with ThreadPoolExecutor(workers or max(2, os.cpu_count() or 2), thread_name_prefix="restore") as pool:
-            for i, off, data in read_disk(repo.chunks, index, pool):
-                try:
-                    if data is None:
-                        writer.zero(off, index.extent(i)[1])
-                    else:
-                        writer.write(off, data)
-                        data_bytes += len(data)
-                except OSError as exc:
-                    raise_if_no_space(exc, target, f"the restore of {what}")
-                    raise
-                progress(index.extent(i)[1])
+        for i, off, data in chunks:
+            try:
+                if data is None:
+                    writer.zero(off, index.extent(i)[1])
+                else:
+                    writer.write(off, data)
+                    data_bytes += len(data)
+            except OSError as exc:
+                raise_if_no_space(exc, target, f"the restore of {what}")
+                raise
+            progress(index.extent(i)[1])
         writer.finish()
     except CorruptChunk as exc:
         writer.abort()
@@ -188,7 +208,7 @@ def restore_disk(
     if not is_block:
         os.rename(target, dest)
         fsync_dir(dest.parent)
-    return RestoreResult(point.vm, point.id, disk.name, str(dest), fmt, index.disk_size, data_bytes)
+    return data_bytes
 
 
 def _discard(target: Path, is_block: bool) -> None:

@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import ExitCode, VmrecoverError
-from . import backup_cmds, repo_cmds
+from . import backup_cmds, mount_cmds, recover_cmds, repo_cmds
 from .common import common_options
 from .output import emit_json, setup_logging, stderr
 
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = common_options()
     repo_cmds.register(sub, common)
     backup_cmds.register(sub, common)
+    mount_cmds.register(sub, common)
+    recover_cmds.register(sub, common)
     return parser
 
 

@@ -26,7 +26,7 @@ import sqlite_utils
 from ..errors import BadInput, NotFound
 from ..fsutil import raise_if_no_space
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added `sessions`; a v1 catalog is upgraded in place when opened
 
 # Table -> (columns, primary key, not-null columns, foreign keys).  Every column is described here.
 SCHEMA: dict[str, dict[str, Any]] = {
@@ -72,7 +72,30 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "pk": ("point", "name"),
         "foreign_keys": [("point", "points", "id")],
     },
+    "sessions": {
+        # name: the recovery session's name (`recover start --name`), shown as recover/<name>/;
+        #       safe as a file name (see check_name)
+        # id: 12 lowercase hex digits, random; its overlay lives in sessions/<id>/ (disks/<disk>.delta,
+        #     upper/ for files the hypervisor creates).  The foreign key keeps prune from deleting a
+        #     point a session still reads.
+        # point: the restore point the session boots from; created: ISO 8601 UTC
+        "columns": {"name": str, "id": str, "point": str, "created": str},
+        "pk": "name",
+        "foreign_keys": [("point", "points", "id")],
+    },
 }
+
+
+@dataclass(frozen=True)
+class Session:
+    name: str
+    id: str
+    point: str
+    created: str
+
+    @property
+    def created_dt(self) -> datetime:
+        return parse_iso(self.created)
 
 
 @dataclass(frozen=True)
@@ -98,7 +121,11 @@ class Point:
 
     @property
     def created_dt(self) -> datetime:
-        return datetime.strptime(self.created, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        return parse_iso(self.created)
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
 def now_iso() -> str:
@@ -137,15 +164,26 @@ class Catalog:
 
     def create_schema(self) -> None:
         """Create the tables (at init, before repo.toml exists, so atomicity is not needed here)."""
-        for name, spec in SCHEMA.items():
-            self.db[name].create(  # type: ignore[union-attr]
-                spec["columns"],
-                pk=spec["pk"],
-                foreign_keys=spec.get("foreign_keys"),
-                not_null=set(spec["columns"]) - {"parent"},
-            )
+        for name in SCHEMA:
+            self._create_table(name)
         self.db["points"].create_index(["vm", "created"])  # type: ignore[union-attr]
         self.db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _create_table(self, name: str) -> None:
+        spec = SCHEMA[name]
+        self.db[name].create(  # type: ignore[union-attr]
+            spec["columns"],
+            pk=spec["pk"],
+            foreign_keys=spec.get("foreign_keys"),
+            not_null=set(spec["columns"]) - {"parent"},
+        )
+
+    def upgrade(self) -> None:
+        """Bring an older catalog to SCHEMA_VERSION (additions only, in one transaction)."""
+        with self.transaction():
+            if self.schema_version() == 1:
+                self._create_table("sessions")
+                self.db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
 
     def schema_version(self) -> int:
         try:
@@ -214,6 +252,29 @@ class Catalog:
         listing = ", ".join(f"{p.id} ({p.created})" for p in matches[:10])
         raise BadInput(f"{spec!r} matches {len(matches)} restore points: {listing}", hint="be more specific")
 
+    def sessions(self) -> list[Session]:
+        rows = self.db.execute("SELECT name, id, point, created FROM sessions ORDER BY created").fetchall()
+        return [Session(*r) for r in rows]
+
+    def session(self, name: str) -> Session:
+        row = self.db.execute(
+            "SELECT name, id, point, created FROM sessions WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            known = ", ".join(s.name for s in self.sessions()) or "none"
+            raise NotFound(f"no recovery session named {name!r}", hint=f"sessions: {known}")
+        return Session(*row)
+
+    def point(self, point_id: str) -> Point | None:
+        r = self.db.execute(
+            "SELECT id, vm, created, parent, kind, stats FROM points WHERE id = ?", (point_id,)
+        ).fetchone()
+        return None if r is None else Point(r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}"))
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits: a cheap "has anything changed?"."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
     # --- changes -------------------------------------------------------------------------------
     # Writes use plain SQL inside BEGIN IMMEDIATE ... COMMIT: sqlite-utils' insert helpers wrap
     # themselves in ``with conn:``, which would commit our transaction half-way.
@@ -247,6 +308,21 @@ class Catalog:
                         d.index_sha256,
                     ),
                 )
+
+    def add_session(self, session: Session) -> None:
+        with self.transaction():
+            if self.db.execute("SELECT 1 FROM sessions WHERE name = ?", (session.name,)).fetchone():
+                raise BadInput(
+                    f"a recovery session named {session.name!r} exists", hint="choose another --name"
+                )
+            self.db.execute(
+                "INSERT INTO sessions (name, id, point, created) VALUES (?, ?, ?, ?)",
+                (session.name, session.id, session.point, session.created),
+            )
+
+    def delete_session(self, name: str) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM sessions WHERE name = ?", (name,))
 
     def delete_points(self, ids: list[str]) -> None:
         with self.transaction():

@@ -161,6 +161,8 @@ class Repository:
                 raise Incompatible(f"repository {root} is encrypted")
             keys = unwrap_keys(config.encryption, passphrase(), config.id, str(root))
         repo = cls(root, config, keys)
+        if repo.catalog.schema_version() < SCHEMA_VERSION:
+            repo.catalog.upgrade()
         if repo.catalog.schema_version() != SCHEMA_VERSION:
             raise Incompatible(f"catalog of {root} has schema version {repo.catalog.schema_version()}")
         return repo
@@ -184,6 +186,9 @@ class Repository:
 
     def index_path(self, point: str, disk: str) -> Path:
         return self.index_dir(point) / f"{disk}.fidx"
+
+    def session_dir(self, session_id: str) -> Path:
+        return self.root / "sessions" / session_id
 
     def read_index(self, point: str, disk: str) -> FixedIndex:
         return FixedIndex.read(self.index_path(point, disk))

@@ -1,0 +1,140 @@
+"""Instant recovery: recover start | list | boot | migrate | stop."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ..errors import ExitCode, NotFound
+from ..recovery import qemu_boot, sessions
+from ..repo.repository import parse_size
+from ..restore import RESTORE_FORMATS
+from .common import open_repo
+from .output import emit_json, human_bytes, progress, stdout, table
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    rp = sub.add_parser("recover", help="instant recovery: run a VM from its backup, then migrate it")
+    rsub = rp.add_subparsers(dest="recover_command", required=True, metavar="ACTION")
+
+    p = rsub.add_parser(
+        "start", parents=[common], help="create a writable recovery session of a restore point"
+    )
+    p.add_argument("target", metavar="VM[@POINT]")
+    p.add_argument("--name", help="session name (default: <vm>-<6 hex>); shown as recover/<name>/")
+    p.set_defaults(func=cmd_start)
+
+    p = rsub.add_parser("list", parents=[common], help="list recovery sessions")
+    p.set_defaults(func=cmd_list)
+
+    p = rsub.add_parser("stop", parents=[common], help="end a session and discard everything it wrote")
+    p.add_argument("session")
+    p.set_defaults(func=cmd_stop)
+
+    p = rsub.add_parser(
+        "boot", parents=[common], help="boot a session's disks with qemu from the mounted datastore"
+    )
+    p.add_argument("session")
+    p.add_argument("--memory", default="512M")
+    p.add_argument("--cpus", type=int, default=1)
+    p.add_argument(
+        "--serial", type=Path, metavar="FILE", help="write the serial console here (default: stdout)"
+    )
+    p.add_argument("--accel", default="tcg", help="qemu accelerator (tcg; kvm where it works)")
+    p.add_argument("--timeout", type=float, help="kill the VM after this many seconds")
+    p.set_defaults(func=cmd_boot)
+
+    p = rsub.add_parser(
+        "migrate", parents=[common], help="write a session's current disk as a standalone image"
+    )
+    p.add_argument("session")
+    p.add_argument("--to", required=True, type=Path, metavar="PATH")
+    p.add_argument("--disk", help="disk name (needed when the VM has several disks)")
+    p.add_argument("--format", default="qcow2", choices=list(RESTORE_FORMATS))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--cache-size", default="256M")
+    p.set_defaults(func=cmd_migrate)
+
+
+def _print_info(args: argparse.Namespace, info: sessions.SessionInfo, verb: str) -> None:
+    if args.json:
+        emit_json(info.__dict__)
+    else:
+        stdout.print(f"{verb} session {info.name} of {info.vm}@{info.point} ({info.path})", markup=False)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        point = repo.catalog.resolve(args.target)
+        session = sessions.start(repo, point, args.name)
+        _print_info(args, sessions.info(repo, session), "started")
+    return ExitCode.OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        infos = [sessions.info(repo, s) for s in repo.catalog.sessions()]
+    if args.json:
+        emit_json([i.__dict__ for i in infos])
+    else:
+        rows = [[i.name, f"{i.vm}@{i.point}", i.created, human_bytes(sum(i.written.values()))] for i in infos]
+        table("recovery sessions", ["name", "restore point", "created", "written"], rows)
+    return ExitCode.OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        s = sessions.stop(repo, args.session)
+    if args.json:
+        emit_json({"name": s.name, "id": s.id, "stopped": True})
+    else:
+        stdout.print(f"stopped session {s.name}; its writes are discarded", markup=False)
+    return ExitCode.OK
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    from ..fuse.mount import active_mounts
+
+    with open_repo(args) as repo:
+        session = repo.catalog.session(args.session)
+        disks = repo.catalog.disks(session.point)
+        mounts = active_mounts(repo.root)
+    if not mounts:
+        raise NotFound(
+            f"the repository is not mounted, so session {session.name} has no disk files to boot from",
+            hint="mount it first: vmrecover mount /mnt/vmrecover",
+        )
+    folder = Path(mounts[0].mountpoint) / "recover" / session.name
+    argv = qemu_boot.argv(
+        [folder / f"{d.name}.raw" for d in disks], memory=args.memory, cpus=args.cpus, serial=args.serial,
+        accel=args.accel,
+    )  # fmt: skip
+    try:
+        proc = subprocess.run(argv, check=False, timeout=args.timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        code = ExitCode.INTERRUPTED
+    if args.json:
+        emit_json({"session": session.name, "qemu_exit": code, "argv": argv})
+    return ExitCode.OK if code == 0 else code
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo, repo.reader("migrate"):
+        session = repo.catalog.session(args.session)
+        with progress(f"migrate {session.name}", enabled=not args.json) as (total, advance):
+            res = sessions.migrate(
+                repo, session, args.disk, args.to, fmt=args.format, overwrite=args.overwrite,
+                cache_size=parse_size(args.cache_size), progress=advance, total=total,
+            )  # fmt: skip
+    if args.json:
+        emit_json(res.__dict__)
+    else:
+        stdout.print(
+            f"migrated session {session.name} disk {res.disk} ({human_bytes(res.size)}, "
+            f"{human_bytes(res.data_bytes)} data) to {res.path} as {res.format}",
+            markup=False,
+        )
+    return ExitCode.OK

@@ -1,0 +1,1 @@
+"""The FUSE datastore: the only place pyfuse3 is imported."""

@@ -1,0 +1,207 @@
+"""Mount lifecycle: prepare the mount point, serve until unmounted or signalled, clean up.
+
+- A mount point left behind by a killed daemon ("Transport endpoint is not connected") is unmounted
+  lazily by the next ``mount``; a missing one or one already in use is a clear error.
+- The daemon holds the repository's *readers* lock for its whole life (gc waits; backups go on) and
+  writes ``run/mount-<hash>.json`` in the repository so that ``recover boot`` can find the mount.
+- SIGTERM/SIGINT unmount cleanly; ``vmrecover umount`` (``fusermount3 -u``) ends the daemon too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BadInput, LockedError, NotFound, VmrecoverError
+from ..fsutil import write_file
+from ..repo.repository import Repository
+
+log = logging.getLogger("vmrecover.mount")
+
+
+@dataclass
+class MountRecord:
+    mountpoint: str
+    pid: int
+    started: str
+    log: str
+
+    @property
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return os.path.ismount(self.mountpoint)
+
+
+def record_path(repo_root: Path, mountpoint: Path) -> Path:
+    key = hashlib.sha256(str(mountpoint.resolve()).encode()).hexdigest()[:16]
+    return repo_root / "run" / f"mount-{key}.json"
+
+
+def log_path(repo_root: Path, mountpoint: Path) -> Path:
+    return record_path(repo_root, mountpoint).with_suffix(".log")
+
+
+def active_mounts(repo_root: Path) -> list[MountRecord]:
+    out = []
+    for p in sorted((repo_root / "run").glob("mount-*.json")):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            rec = MountRecord(**json.loads(p.read_text()))
+            if rec.alive:
+                out.append(rec)
+    return out
+
+
+def _is_stale(mountpoint: Path) -> bool:
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def _fusermount(mountpoint: Path, *, lazy: bool) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is None:
+        raise NotFound("fusermount3 is not installed", hint="apt-get install fuse3")
+    argv = [tool, "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+def prepare_mountpoint(mountpoint: Path) -> None:
+    if _is_stale(mountpoint):
+        proc = _fusermount(mountpoint, lazy=True)
+        if proc.returncode != 0:
+            raise LockedError(f"cannot clean up the dead mount at {mountpoint}: {proc.stderr.strip()}")
+        log.warning("cleaned up the mount a killed daemon left at %s", mountpoint)
+    if not mountpoint.exists():
+        raise NotFound(f"mount point {mountpoint} does not exist", hint=f"create it: mkdir -p {mountpoint}")
+    if not mountpoint.is_dir():
+        raise BadInput(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise LockedError(
+            f"{mountpoint} is already a mount point",
+            hint=f"unmount it first (vmrecover umount {mountpoint}) or choose another directory",
+        )
+
+
+def _mounted_repo(mountpoint: Path) -> Path | None:
+    """The repository a vmrecover mount serves, from its source name in /proc/self/mounts."""
+    target = str(mountpoint.resolve()) if not _is_stale(mountpoint) else os.path.abspath(mountpoint)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            source, where, fstype, *_ = line.split()
+            if where == target and fstype == "fuse.vmrecover" and source.startswith("vmrecover:"):
+                return Path(source.removeprefix("vmrecover:").replace("\\040", " "))
+    return None
+
+
+def unmount(mountpoint: Path, *, lazy: bool = False, wait: float = 30) -> None:
+    """Unmount; unless *lazy*, wait until the daemon has closed everything and exited."""
+    if not _is_stale(mountpoint) and not os.path.ismount(mountpoint):
+        raise NotFound(f"nothing is mounted at {mountpoint}")
+    repo_root = _mounted_repo(mountpoint)
+    proc = _fusermount(mountpoint, lazy=lazy)
+    if proc.returncode != 0:
+        if "busy" in proc.stderr.lower():
+            raise LockedError(
+                f"{mountpoint} is busy: a process has files open there",
+                hint=f"close them (fuser -vm {mountpoint}), or detach now with: vmrecover umount --lazy "
+                f"{mountpoint} (the daemon stops when the last file is closed)",
+            )
+        raise VmrecoverError(f"cannot unmount {mountpoint}: {proc.stderr.strip()}")
+    if lazy or repo_root is None:
+        return
+    rec = record_path(repo_root, mountpoint)
+    deadline = time.monotonic() + wait
+    while rec.exists() and time.monotonic() < deadline:  # the daemon removes it as it exits
+        time.sleep(0.05)
+
+
+def serve(
+    repo: Repository,
+    mountpoint: Path,
+    *,
+    cache_size: int,
+    allow_other: bool = False,
+    ready: Callable[[], None] = lambda: None,
+    threads: int = 8,
+) -> None:
+    """Mount and serve in this process until unmounted or SIGTERM/SIGINT."""
+    import signal
+
+    import pyfuse3
+    import trio
+
+    from ..vfs.cache import ChunkCache
+    from ..vfs.tree import Vfs
+    from .ops import Operations
+
+    prepare_mountpoint(mountpoint)
+    with repo.reader("mount"):
+        cache = ChunkCache(repo.chunks, cache_size)
+        vfs = Vfs(repo, cache)
+        ops = Operations(vfs, limiter=trio.CapacityLimiter(threads))
+        options = set(pyfuse3.default_options) | {
+            f"fsname=vmrecover:{repo.root.resolve()}",
+            "subtype=vmrecover",
+        }
+        if allow_other:
+            options.add("allow_other")
+        rec_path = record_path(repo.root, mountpoint)
+        rec_path.parent.mkdir(exist_ok=True)
+        # Everything that looks at the mount point happens before mounting: afterwards it would
+        # be a request to this very process, which is not serving yet.
+        where, logfile = str(mountpoint.resolve()), str(log_path(repo.root, mountpoint))
+        pyfuse3.init(ops, str(mountpoint), options)
+        unmount_at_exit = True  # unless the kernel already unmounted us (fusermount3 -u)
+        try:
+            record = MountRecord(
+                where, os.getpid(), time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                logfile,
+            )  # fmt: skip
+            write_file(rec_path, json.dumps(record.__dict__).encode(), what="mount record")
+
+            signalled = False
+
+            async def main() -> None:
+                nonlocal unmount_at_exit
+                async with trio.open_nursery() as nursery:
+
+                    async def on_signals() -> None:
+                        nonlocal signalled
+                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                            async for sig in signals:
+                                log.info("signal %s: unmounting %s", sig, mountpoint)
+                                signalled = True
+                                pyfuse3.terminate()
+                                return
+
+                    nursery.start_soon(on_signals)
+                    ready()
+                    await pyfuse3.main(min_tasks=2, max_tasks=threads * 2)
+                    unmount_at_exit = signalled
+                    nursery.cancel_scope.cancel()
+
+            log.info("serving %s at %s", repo.root, mountpoint)
+            trio.run(main)
+        finally:
+            pyfuse3.close(unmount=unmount_at_exit)
+            with contextlib.suppress(FileNotFoundError):
+                rec_path.unlink()
+            vfs.close()
+            cache.close()

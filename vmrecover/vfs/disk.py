@@ -1,0 +1,272 @@
+"""Disk images as byte ranges: a backup disk (read-only), a session disk (backup + delta), and the
+file views (raw, vmdk, flat vmdk, vhd) of either.
+
+All methods are synchronous and thread-safe; front ends call them from worker threads, except
+:meth:`BackupDisk.read_cached`, the hit path, which never blocks and may run on an event loop.
+
+**Session deltas.**  A session disk's writes go to a sparse file of the disk's size,
+``sessions/<id>/disks/<disk>.delta``.  The delta's own allocation (``SEEK_DATA``/``SEEK_HOLE``) is the
+map of what the session wrote: no second structure can disagree with the data after a crash, and a
+killed daemon loses nothing the kernel already has.  For that to hold, every write covers whole
+allocation blocks (``max(4 KiB, st_blksize)`` of the delta's filesystem): an unaligned write first
+reads the merged head and tail blocks (read-modify-write, serialized per disk).  Filesystems that do
+not report holes are refused when the session is opened.  Trimming is not passed to the delta
+(punching a hole would make the backup's old bytes reappear).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from datetime import datetime
+from enum import IntEnum
+from pathlib import Path
+
+from ..repo.blob import ZERO_DIGEST
+from ..repo.index import FixedIndex
+from .cache import ChunkCache
+from .formats import flat_vmdk_name, vhd_footer, vmdk_descriptor
+
+READAHEAD_CHUNKS = 8
+
+
+class BackupDisk:
+    """One disk of one restore point, read through the shared chunk cache with sequential readahead."""
+
+    def __init__(self, index: FixedIndex, cache: ChunkCache) -> None:
+        self.index = index
+        self.cache = cache
+        self.size = index.disk_size
+        self.chunk_size = index.chunk_size
+        self._last_chunk = -1  # the last chunk a read reached: readahead starts when reads move on
+
+    def _pieces(self, off: int, size: int) -> list[tuple[bytes, int, int]]:
+        """(digest, start, end within the chunk) for each chunk the range touches."""
+        end = min(off + size, self.size)
+        cs = self.chunk_size
+        out = []
+        for i in range(off // cs, (end - 1) // cs + 1 if end > off else off // cs):
+            base = i * cs
+            out.append((self.index.digest(i), max(off, base) - base, min(end, base + cs) - base))
+        return out
+
+    def read_cached(self, off: int, size: int) -> bytes | None:
+        """The bytes if every chunk they need is cached (or a hole), else None.  Never blocks."""
+        parts = []
+        for digest, a, b in self._pieces(off, size):
+            if digest == ZERO_DIGEST:
+                parts.append(bytes(b - a))
+                continue
+            data = self.cache.lookup(digest)
+            if data is None:
+                return None
+            parts.append(data[a:b])
+        self._readahead(off, size)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read(self, off: int, size: int) -> bytes:
+        """The bytes, fetching chunks as needed (worker threads).  CorruptChunk if one cannot be read."""
+        parts = []
+        for digest, a, b in self._pieces(off, size):
+            if digest == ZERO_DIGEST:
+                parts.append(bytes(b - a))
+            else:
+                parts.append(self.cache.get(digest)[a:b])
+        self._readahead(off, size)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _readahead(self, off: int, size: int) -> None:
+        last = (min(off + size, self.size) - 1) // self.chunk_size
+        prev, self._last_chunk = self._last_chunk, last
+        first = off // self.chunk_size
+        if last == prev or first not in (prev, prev + 1):
+            return  # same chunk as before, or not sequential
+        stop = min(last + 1 + READAHEAD_CHUNKS, self.index.count)
+        digests = (self.index.digest(i) for i in range(last + 1, stop))
+        self.cache.prefetch(d for d in digests if d != ZERO_DIGEST)
+
+
+class SessionDisk:
+    """A backup disk made writable: reads merge the delta file over the backup, writes go to the delta."""
+
+    def __init__(self, base: BackupDisk, delta: Path) -> None:
+        self.base = base
+        self.size = base.size
+        self.path = delta
+        self.fd = os.open(delta, os.O_RDWR | os.O_CLOEXEC)
+        st = os.fstat(self.fd)
+        if st.st_size != self.size:
+            os.close(self.fd)
+            raise OSError(
+                errno.EIO, f"{delta} holds {st.st_size} bytes, its disk {self.size}: damaged overlay"
+            )
+        self.block = max(4096, st.st_blksize)
+        self._rmw = threading.Lock()
+
+    @staticmethod
+    def written_in(delta: Path) -> int:
+        """Bytes a session wrote to the disk whose delta is *delta*."""
+        fd = os.open(delta, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return sum(b - a for a, b in _data_ranges(fd, 0, os.fstat(fd).st_size))
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def _data_ranges(self, off: int, end: int) -> list[tuple[int, int]]:
+        return _data_ranges(self.fd, off, end)
+
+    def read(self, off: int, size: int) -> bytes:
+        end = min(off + size, self.size)
+        if off >= end:
+            return b""
+        ranges = self._data_ranges(off, end)
+        if not ranges:
+            return self.base.read(off, end - off)
+        if ranges == [(off, end)]:
+            return os.pread(self.fd, end - off, off)
+        buf = bytearray(self.base.read(off, end - off))
+        for a, b in ranges:
+            buf[a - off : b - off] = os.pread(self.fd, b - a, a)
+        return bytes(buf)
+
+    def write(self, off: int, data: bytes | memoryview) -> int:
+        n = len(data)
+        if off < 0 or off + n > self.size:
+            raise OSError(errno.EFBIG, f"write of {n} bytes at {off} is past the disk's end ({self.size})")
+        if n == 0:
+            return 0
+        g = self.block
+        a, b = off // g * g, min(-(-(off + n) // g) * g, self.size)
+        if a == off and b == off + n:
+            self._pwrite(data, off)
+            return n
+        with self._rmw:  # concurrent partial writes of one block must not undo each other
+            buf = bytearray(b - a)
+            if off > a:
+                head_end = min(a + g, b)
+                buf[: head_end - a] = self.read(a, head_end - a)
+            if off + n < b:
+                tail = (off + n) // g * g
+                buf[tail - a :] = self.read(tail, b - tail)
+            buf[off - a : off - a + n] = data
+            self._pwrite(buf, a)
+        return n
+
+    def _pwrite(self, data: bytes | bytearray | memoryview, off: int) -> None:
+        view = memoryview(data)
+        while view:
+            k = os.pwrite(self.fd, view, off)
+            view, off = view[k:], off + k
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+
+Disk = BackupDisk | SessionDisk
+
+
+def _data_ranges(fd: int, off: int, end: int) -> list[tuple[int, int]]:
+    """The allocated ranges of [off, end) in a sparse file: what a session has written."""
+    out = []
+    pos = off
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            raise
+        if start >= end:
+            break
+        stop = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append((max(start, off), min(stop, end)))
+        pos = stop
+    return out
+
+
+def create_delta(path: Path, size: int) -> None:
+    """A new, empty (all hole) delta for a disk of *size* bytes; refuses filesystems without holes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        if _data_ranges(fd, 0, size):
+            raise OSError(
+                errno.EOPNOTSUPP,
+                f"the filesystem of {path.parent} does not report holes (SEEK_DATA); recovery sessions "
+                "need ext4, xfs, btrfs or tmpfs there",
+            )
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink()
+        raise
+    os.close(fd)
+
+
+class ViewKind(IntEnum):
+    RAW = 0
+    VMDK = 1
+    FLAT = 2
+    VHD = 3
+
+
+def view_name(disk: str, kind: ViewKind) -> str:
+    return {
+        ViewKind.RAW: f"{disk}.raw",
+        ViewKind.VMDK: f"{disk}.vmdk",
+        ViewKind.FLAT: flat_vmdk_name(disk),
+        ViewKind.VHD: f"{disk}.vhd",
+    }[kind]
+
+
+class View:
+    """One file showing a disk: its size, and reads/writes translated to the disk's bytes."""
+
+    def __init__(self, kind: ViewKind, disk_name: str, disk: Disk, identity: str, created: datetime) -> None:
+        self.kind = kind
+        self.disk = disk
+        self.trailer = b""  # bytes after the disk's (vhd footer), or the whole file (vmdk descriptor)
+        if kind is ViewKind.VMDK:
+            self.trailer = vmdk_descriptor(disk_name, disk.size, identity)
+        elif kind is ViewKind.VHD:
+            self.trailer = vhd_footer(disk.size, identity, created)
+        self.data_size = 0 if kind is ViewKind.VMDK else disk.size
+        self.size = self.data_size + len(self.trailer)
+
+    def _trailer(self, off: int, size: int) -> bytes:
+        a = max(off - self.data_size, 0)
+        return self.trailer[a : max(off + size - self.data_size, 0)]
+
+    def read_cached(self, off: int, size: int) -> bytes | None:
+        if off >= self.data_size:
+            return self._trailer(off, size)
+        if isinstance(self.disk, BackupDisk) and off + size <= self.data_size:
+            return self.disk.read_cached(off, size)
+        return None
+
+    def read(self, off: int, size: int) -> bytes:
+        if off >= self.size:
+            return b""
+        head = self.disk.read(off, min(size, self.data_size - off)) if off < self.data_size else b""
+        return head + self._trailer(off, size) if off + size > self.data_size else head
+
+    def write(self, off: int, data: bytes | memoryview) -> int:
+        if not isinstance(self.disk, SessionDisk):
+            raise OSError(errno.EROFS, "backup views are read-only")
+        n = len(data)
+        if off + n > self.data_size:
+            beyond = max(self.data_size - off, 0)
+            if bytes(data[beyond:]) != self._trailer(off + beyond, n - beyond):
+                raise OSError(errno.EPERM, "the descriptor or footer of a session's disk view cannot change")
+            data = data[:beyond]
+        if data:
+            self.disk.write(off, data)
+        return n
+
+    def flush(self) -> None:
+        if isinstance(self.disk, SessionDisk):
+            self.disk.flush()

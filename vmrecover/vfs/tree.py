@@ -1,0 +1,571 @@
+"""The datastore's namespace: the one model the FUSE adapter and the NFS export both serve.
+
+::
+
+    /                               root (inode 1)
+    vms/<vm>/                       one folder per VM
+    vms/<vm>/latest -> <point>      symlink to the newest restore point
+    vms/<vm>/<point>/               one folder per restore point, named by its 12-hex id; never changes
+        <disk>.raw  <disk>.vmdk  <disk>-flat.vmdk  <disk>.vhd      read-only views of each disk
+        vm.json                     the point's metadata
+    recover/<session>/              a recovery session: the same disk views, writable (copy-on-write
+                                    over the backup), plus any file or folder a hypervisor creates
+
+**Inode numbers are structural**, so they are the same in every daemon run without any table:
+the top 4 bits give the kind, the rest the object (a point's 48-bit id, a disk's position, a view
+kind; a session's 48-bit id; for a file a hypervisor created, 20 bits of its session's id and the
+40-bit inode number of the real file under ``sessions/<id>/upper/``).  NFS file handles (inode +
+generation) therefore survive a restart, and a pruned point's numbers are never reused because point
+ids are random.
+
+Every method is synchronous and may block (catalog, index, chunk and delta I/O): front ends call them
+from worker threads; only :meth:`read_cached` is safe on an event loop.  Failures are ``OSError`` with
+an errno the front end passes on; corrupt or missing chunks raise ``CorruptChunk``, which front ends
+answer with EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from enum import IntEnum
+from pathlib import Path
+
+from ..repo.catalog import Disk, Point, Session
+from ..repo.repository import Repository
+from .cache import ChunkCache
+from .disk import BackupDisk, SessionDisk, View, ViewKind, view_name
+
+ROOT_INO = 1
+VMS_INO = 2
+RECOVER_INO = 3
+KIND_SHIFT = 60
+SESSION_REFRESH_SECONDS = 0.5
+
+
+class Kind(IntEnum):
+    FIXED = 0  # root, vms/, recover/
+    VM = 1  # payload: 48-bit hash of the VM name
+    POINT = 2  # point id
+    LATEST = 3  # 48-bit hash of the VM name
+    VMJSON = 4  # point id
+    BVIEW = 5  # point id << 12 | disk position << 4 | view kind
+    SESSION = 6  # session id
+    SVIEW = 7  # session id << 12 | disk position << 4 | view kind
+    UPPER = 8  # 20 bits of the session id << 40 | inode of the real file
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    ino: int
+    mode: int  # st_mode: type and permission bits
+    size: int
+    mtime_ns: int
+    nlink: int = 1
+    ctime_ns: int = 0
+    atime_ns: int = 0
+    uid: int = 0
+    gid: int = 0
+    generation: int = 1
+    immutable: bool = False  # never changes while it exists: front ends may cache it for long
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+def _ino(kind: Kind, payload: int) -> int:
+    return (int(kind) << KIND_SHIFT) | payload
+
+
+def _hash48(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=6).digest(), "big")
+
+
+def _ns(dt: datetime) -> int:
+    return int(dt.timestamp() * 1e9)
+
+
+def _err(code: int, what: str) -> OSError:
+    return OSError(code, f"{os.strerror(code)}: {what}")
+
+
+class Vfs:
+    def __init__(self, repo: Repository, cache: ChunkCache) -> None:
+        self.repo = repo
+        self.cache = cache
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self._lock = threading.RLock()  # guards the memo dicts and the catalog connection
+        self._points: dict[str, tuple[Point, list[Disk]]] = {}
+        self._backup_disks: dict[tuple[str, str], BackupDisk] = {}
+        self._views: dict[int, View] = {}
+        self._sessions: dict[str, Session] = {}  # by name
+        self._session_disks: dict[tuple[str, str], SessionDisk] = {}
+        self._sessions_seen = (-1, 0.0)  # (catalog data_version, monotonic time) of the last refresh
+        self._upper: dict[int, tuple[str, str]] = {}  # inode -> (session id, path relative to upper/)
+        self.started_ns = time.time_ns()
+
+    def close(self) -> None:
+        with self._lock:
+            for d in self._session_disks.values():
+                d.close()
+            self._session_disks.clear()
+            self._views.clear()
+
+    # ------------------------------------------------------------------ catalog (memoized)
+    def _point(self, point_id: str) -> tuple[Point, list[Disk]]:
+        with self._lock:
+            got = self._points.get(point_id)
+            if got is None:
+                p = self.repo.catalog.point(point_id)
+                if p is None:
+                    raise _err(errno.ENOENT, f"restore point {point_id}")
+                got = self._points[point_id] = (p, self.repo.catalog.disks(point_id))
+            return got
+
+    def _vm_points(self, vm: str) -> list[Point]:
+        with self._lock:
+            return self.repo.catalog.points(vm)
+
+    def _vm_names(self) -> list[str]:
+        with self._lock:
+            return [v["name"] for v in self.repo.catalog.vms()]
+
+    def _vm_by_hash(self, h: int) -> str:
+        for name in self._vm_names():
+            if _hash48(name) == h:
+                return name
+        raise _err(errno.ENOENT, "VM")
+
+    def sessions(self, *, force: bool = False) -> dict[str, Session]:
+        """Live sessions by name; re-read from the catalog when another process changed it."""
+        with self._lock:
+            version, when = self._sessions_seen
+            now = time.monotonic()
+            if force or now - when > SESSION_REFRESH_SECONDS:
+                dv = self.repo.catalog.data_version()
+                if force or dv != version:
+                    self._sessions = {s.name: s for s in self.repo.catalog.sessions()}
+                    self._drop_stopped()
+                self._sessions_seen = (dv, now)
+            return self._sessions
+
+    def _drop_stopped(self) -> None:
+        live = {s.id for s in self._sessions.values()}
+        for key in [k for k in self._session_disks if k[0] not in live]:
+            self._session_disks.pop(key).close()
+        for ino in list(self._views):
+            if ino >> KIND_SHIFT == Kind.SVIEW and f"{(ino >> 12) & (2**48 - 1):012x}" not in live:
+                del self._views[ino]
+
+    def _session_by_id(self, sid: str) -> Session:
+        for s in self.sessions().values():
+            if s.id == sid:
+                return s
+        for s in self.sessions(force=True).values():
+            if s.id == sid:
+                return s
+        raise _err(errno.ENOENT, f"recovery session {sid}")
+
+    # ------------------------------------------------------------------ disks and views
+    def backup_disk(self, point_id: str, disk: str) -> BackupDisk:
+        with self._lock:
+            key = (point_id, disk)
+            d = self._backup_disks.get(key)
+            if d is None:
+                d = self._backup_disks[key] = BackupDisk(self.repo.read_index(point_id, disk), self.cache)
+            return d
+
+    def session_disk(self, session: Session, disk: str) -> SessionDisk:
+        with self._lock:
+            key = (session.id, disk)
+            d = self._session_disks.get(key)
+            if d is None:
+                delta = self.repo.session_dir(session.id) / "disks" / f"{disk}.delta"
+                if not delta.parent.is_dir():
+                    raise _err(errno.ENOENT, f"overlay of recovery session {session.name}")
+                d = self._session_disks[key] = SessionDisk(self.backup_disk(session.point, disk), delta)
+            return d
+
+    def _view(self, ino: int) -> View:
+        v = self._views.get(ino)
+        if v is not None:
+            return v
+        kind, payload = Kind(ino >> KIND_SHIFT), ino & (2**KIND_SHIFT - 1)
+        owner, pos, vk = f"{payload >> 12:012x}", (payload >> 4) & 0xFF, ViewKind(payload & 0xF)
+        if kind is Kind.BVIEW:
+            point, disks = self._point(owner)
+            disk = self._disk_at(disks, pos)
+            v = View(
+                vk,
+                disk.name,
+                self.backup_disk(point.id, disk.name),
+                f"{point.id}/{disk.name}",
+                point.created_dt,
+            )
+        else:
+            session = self._session_by_id(owner)
+            point, disks = self._point(session.point)
+            disk = self._disk_at(disks, pos)
+            v = View(
+                vk,
+                disk.name,
+                self.session_disk(session, disk.name),
+                f"{session.id}/{disk.name}",
+                session.created_dt,
+            )
+        with self._lock:
+            self._views[ino] = v
+        return v
+
+    @staticmethod
+    def _disk_at(disks: list[Disk], pos: int) -> Disk:
+        for d in disks:
+            if d.position == pos:
+                return d
+        raise _err(errno.ENOENT, f"disk {pos}")
+
+    def _view_entries(self, kind: Kind, owner: str, disks: list[Disk]) -> list[tuple[str, int]]:
+        return [
+            (view_name(d.name, vk), _ino(kind, int(owner, 16) << 12 | d.position << 4 | vk))
+            for d in disks
+            for vk in ViewKind
+        ]
+
+    # ------------------------------------------------------------------ attributes
+    def _dir(self, ino: int, mtime_ns: int, *, writable: bool = False, immutable: bool = False) -> Attr:
+        mode = stat.S_IFDIR | (0o755 if writable else 0o555)
+        return Attr(ino, mode, 0, mtime_ns, 2, mtime_ns, mtime_ns, self.uid, self.gid, immutable=immutable)
+
+    def _file(self, ino: int, size: int, mtime_ns: int, *, writable: bool, immutable: bool) -> Attr:
+        mode = stat.S_IFREG | (0o644 if writable else 0o444)
+        return Attr(ino, mode, size, mtime_ns, 1, mtime_ns, mtime_ns, self.uid, self.gid, immutable=immutable)
+
+    def getattr(self, ino: int) -> Attr:
+        kind, payload = Kind(ino >> KIND_SHIFT), ino & (2**KIND_SHIFT - 1)
+        if kind is Kind.FIXED:
+            if ino not in (ROOT_INO, VMS_INO, RECOVER_INO):
+                raise _err(errno.ENOENT, f"inode {ino}")
+            return self._dir(ino, self.started_ns, writable=ino == RECOVER_INO)
+        if kind in (Kind.VM, Kind.LATEST):
+            vm = self._vm_by_hash(payload)
+            points = self._vm_points(vm)
+            mtime = _ns(points[-1].created_dt) if points else self.started_ns
+            if kind is Kind.VM:
+                return self._dir(ino, mtime)
+            target = points[-1].id if points else ""
+            return Attr(ino, stat.S_IFLNK | 0o777, len(target), mtime, 1, mtime, mtime, self.uid, self.gid)
+        if kind is Kind.POINT:
+            point, _ = self._point(f"{payload:012x}")
+            return self._dir(ino, _ns(point.created_dt), immutable=True)
+        if kind is Kind.VMJSON:
+            point, disks = self._point(f"{payload:012x}")
+            size = len(self._vm_json(point, disks))
+            return self._file(ino, size, _ns(point.created_dt), writable=False, immutable=True)
+        if kind is Kind.BVIEW:
+            v = self._view(ino)
+            point, _ = self._point(f"{payload >> 12:012x}")
+            return self._file(ino, v.size, _ns(point.created_dt), writable=False, immutable=True)
+        if kind is Kind.SESSION:
+            session = self._session_by_id(f"{payload:012x}")
+            st = os.stat(self._upper_root(session.id))
+            return self._dir(ino, st.st_mtime_ns, writable=True)
+        if kind is Kind.SVIEW:
+            v = self._view(ino)
+            assert isinstance(v.disk, SessionDisk)
+            st = os.fstat(v.disk.fd)
+            return Attr(
+                ino,
+                stat.S_IFREG | 0o644,
+                v.size,
+                st.st_mtime_ns,
+                1,
+                st.st_ctime_ns,
+                st.st_atime_ns,
+                self.uid,
+                self.gid,
+            )
+        sid, rel = self._upper_path(ino)
+        return self._upper_attr(sid, rel)
+
+    def _vm_json(self, point: Point, disks: list[Disk]) -> bytes:
+        doc = {
+            "vm": point.vm,
+            "point": point.id,
+            "created": point.created,
+            "kind": point.kind,
+            "parent": point.parent,
+            "disks": [
+                {"name": d.name, "position": d.position, "size": d.size, "source_format": d.source_format,
+                 "files": {vk.name.lower(): view_name(d.name, vk) for vk in ViewKind}}
+                for d in disks
+            ],
+        }  # fmt: skip
+        return (json.dumps(doc, indent=2) + "\n").encode()
+
+    # ------------------------------------------------------------------ names
+    def readdir(self, ino: int) -> list[tuple[str, int]]:
+        """(name, inode) of every entry but '.' and '..', in a stable order."""
+        kind, payload = Kind(ino >> KIND_SHIFT), ino & (2**KIND_SHIFT - 1)
+        if ino == ROOT_INO:
+            return [("vms", VMS_INO), ("recover", RECOVER_INO)]
+        if ino == VMS_INO:
+            return [(vm, _ino(Kind.VM, _hash48(vm))) for vm in self._vm_names()]
+        if ino == RECOVER_INO:
+            return [(s.name, _ino(Kind.SESSION, int(s.id, 16))) for s in self.sessions().values()]
+        if kind is Kind.VM:
+            vm = self._vm_by_hash(payload)
+            points = self._vm_points(vm)
+            out = [(p.id, _ino(Kind.POINT, int(p.id, 16))) for p in points]
+            return out + ([("latest", _ino(Kind.LATEST, payload))] if points else [])
+        if kind is Kind.POINT:
+            point, disks = self._point(f"{payload:012x}")
+            return [*self._view_entries(Kind.BVIEW, point.id, disks), ("vm.json", _ino(Kind.VMJSON, payload))]
+        if kind is Kind.SESSION:
+            session = self._session_by_id(f"{payload:012x}")
+            _, disks = self._point(session.point)
+            return self._view_entries(Kind.SVIEW, session.id, disks) + self._upper_list(session.id, "")
+        if kind is Kind.UPPER:
+            sid, rel = self._upper_path(ino)
+            return self._upper_list(sid, rel)
+        raise _err(errno.ENOTDIR, f"inode {ino}")
+
+    def lookup(self, parent: int, name: str) -> Attr:
+        if name in (".", ".."):
+            raise _err(errno.EINVAL, "'.' and '..' are resolved by the front end")
+        kind = Kind(parent >> KIND_SHIFT)
+        if kind in (Kind.SESSION, Kind.UPPER):
+            sid, rel = self._dir_of(parent)
+            for n, ino in self.readdir(parent) if kind is Kind.SESSION else []:
+                if n == name and ino >> KIND_SHIFT == Kind.SVIEW:
+                    return self.getattr(ino)
+            return self._upper_attr(sid, os.path.join(rel, name))
+        for n, ino in self.readdir(parent):
+            if n == name:
+                return self.getattr(ino)
+        raise _err(errno.ENOENT, name)
+
+    def readlink(self, ino: int) -> str:
+        kind, payload = Kind(ino >> KIND_SHIFT), ino & (2**KIND_SHIFT - 1)
+        if kind is Kind.LATEST:
+            points = self._vm_points(self._vm_by_hash(payload))
+            if points:
+                return points[-1].id
+            raise _err(errno.ENOENT, "latest")
+        if kind is Kind.UPPER:
+            sid, rel = self._upper_path(ino)
+            return os.readlink(self._upper_root(sid) / rel)
+        raise _err(errno.EINVAL, f"inode {ino} is not a symlink")
+
+    # ------------------------------------------------------------------ data
+    def read_cached(self, ino: int, off: int, size: int) -> bytes | None:
+        v = self._views.get(ino)
+        return None if v is None else v.read_cached(off, size)
+
+    def read(self, ino: int, off: int, size: int) -> bytes:
+        kind = Kind(ino >> KIND_SHIFT)
+        if kind in (Kind.BVIEW, Kind.SVIEW):
+            return self._view(ino).read(off, size)
+        if kind is Kind.VMJSON:
+            point, disks = self._point(f"{ino & (2**KIND_SHIFT - 1):012x}")
+            return self._vm_json(point, disks)[off : off + size]
+        if kind is Kind.UPPER:
+            fd = self._upper_open(ino, os.O_RDONLY)
+            try:
+                return os.pread(fd, size, off)
+            finally:
+                os.close(fd)
+        raise _err(errno.EISDIR if self.getattr(ino).is_dir else errno.EINVAL, f"inode {ino}")
+
+    def check_writable(self, ino: int) -> None:
+        """EROFS for anything under vms/ (what opening it for writing must answer)."""
+        if Kind(ino >> KIND_SHIFT) not in (Kind.SVIEW, Kind.UPPER, Kind.SESSION) and ino != RECOVER_INO:
+            raise _err(errno.EROFS, "restore points are read-only; start a recovery session to write")
+
+    def write(self, ino: int, off: int, data: bytes | memoryview) -> int:
+        self.check_writable(ino)
+        if Kind(ino >> KIND_SHIFT) is Kind.SVIEW:
+            return self._view(ino).write(off, data)
+        fd = self._upper_open(ino, os.O_WRONLY)
+        try:
+            return os.pwrite(fd, data, off)
+        finally:
+            os.close(fd)
+
+    def flush(self, ino: int) -> None:
+        kind = Kind(ino >> KIND_SHIFT)
+        if kind is Kind.SVIEW:
+            self._view(ino).flush()
+        elif kind is Kind.UPPER and not self.getattr(ino).is_dir:
+            fd = self._upper_open(ino, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def setattr(
+        self, ino: int, *, size: int | None = None, mode: int | None = None,
+        atime_ns: int | None = None, mtime_ns: int | None = None,
+    ) -> Attr:  # fmt: skip
+        self.check_writable(ino)
+        kind = Kind(ino >> KIND_SHIFT)
+        if kind is Kind.SVIEW:
+            if size is not None and size != self._view(ino).size:
+                raise _err(errno.EPERM, "a recovery session's disk keeps the size of its backup")
+            v = self._view(ino)
+            assert isinstance(v.disk, SessionDisk)
+            if atime_ns is not None or mtime_ns is not None:
+                st = os.fstat(v.disk.fd)
+                os.utime(v.disk.fd, ns=(atime_ns or st.st_atime_ns, mtime_ns or st.st_mtime_ns))
+            return self.getattr(ino)
+        if kind is not Kind.UPPER:
+            if size is None and mode is None:
+                return self.getattr(ino)  # touch on a session folder: nothing to keep
+            raise _err(errno.EPERM, f"inode {ino}")
+        sid, rel = self._upper_path(ino)
+        path = self._upper_root(sid) / rel
+        if size is not None:
+            os.truncate(path, size)
+        if mode is not None:
+            os.chmod(path, stat.S_IMODE(mode), follow_symlinks=False)
+        if atime_ns is not None or mtime_ns is not None:
+            st = os.lstat(path)
+            os.utime(path, ns=(atime_ns or st.st_atime_ns, mtime_ns or st.st_mtime_ns), follow_symlinks=False)
+        return self._upper_attr(sid, rel)
+
+    # ------------------------------------------------------------------ files a hypervisor creates
+    def _upper_root(self, sid: str) -> Path:
+        return self.repo.session_dir(sid) / "upper"
+
+    def _dir_of(self, parent: int) -> tuple[str, str]:
+        """(session id, relative path) of a writable directory; EROFS for anything else."""
+        kind, payload = Kind(parent >> KIND_SHIFT), parent & (2**KIND_SHIFT - 1)
+        if kind is Kind.SESSION:
+            return self._session_by_id(f"{payload:012x}").id, ""
+        if kind is Kind.UPPER:
+            sid, rel = self._upper_path(parent)
+            if not stat.S_ISDIR(os.lstat(self._upper_root(sid) / rel).st_mode):
+                raise _err(errno.ENOTDIR, rel)
+            return sid, rel
+        if parent == RECOVER_INO:
+            raise _err(errno.EPERM, "sessions are created with 'vmrecover recover start'")
+        raise _err(errno.EROFS, "restore points are read-only; start a recovery session to write")
+
+    def _upper_ino(self, sid: str, st_ino: int) -> int:
+        if st_ino >= 2**40:
+            raise _err(errno.EOVERFLOW, f"inode {st_ino} of the session's filesystem is too large")
+        return _ino(Kind.UPPER, (int(sid, 16) & 0xFFFFF) << 40 | st_ino)
+
+    def _upper_attr(self, sid: str, rel: str) -> Attr:
+        st = os.lstat(self._upper_root(sid) / rel)
+        ino = self._upper_ino(sid, st.st_ino)
+        with self._lock:
+            self._upper[ino] = (sid, rel)
+        return Attr(
+            ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_nlink, st.st_ctime_ns, st.st_atime_ns,
+            st.st_uid, st.st_gid,
+        )  # fmt: skip
+
+    def _upper_path(self, ino: int) -> tuple[str, str]:
+        got = self._upper.get(ino)
+        if got is not None:
+            sid, rel = got
+            try:
+                if self._upper_ino(sid, os.lstat(self._upper_root(sid) / rel).st_ino) == ino:
+                    return got
+            except FileNotFoundError:
+                pass
+        # Not seen in this run (an NFS handle from before a restart) or moved: search its session.
+        tag = (ino >> 40) & 0xFFFFF
+        for s in self.sessions().values():
+            if int(s.id, 16) & 0xFFFFF != tag:
+                continue
+            root = self._upper_root(s.id)
+            for dirpath, dirnames, filenames in os.walk(root):
+                for name in dirnames + filenames:
+                    p = os.path.join(dirpath, name)
+                    if self._upper_ino(s.id, os.lstat(p).st_ino) == ino:
+                        rel = os.path.relpath(p, root)
+                        with self._lock:
+                            self._upper[ino] = (s.id, rel)
+                        return s.id, rel
+        raise _err(errno.ENOENT, f"inode {ino}")
+
+    def _upper_list(self, sid: str, rel: str) -> list[tuple[str, int]]:
+        out = []
+        with os.scandir(self._upper_root(sid) / rel) as it:
+            for e in it:
+                out.append((e.name, self._upper_attr(sid, os.path.join(rel, e.name)).ino))
+        return sorted(out)
+
+    def _upper_open(self, ino: int, flags: int) -> int:
+        sid, rel = self._upper_path(ino)
+        return os.open(self._upper_root(sid) / rel, flags | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+    def _new_name(self, parent: int, name: str) -> tuple[str, str, Path]:
+        sid, rel = self._dir_of(parent)
+        if "/" in name or name in (".", "..", "") or "\0" in name:
+            raise _err(errno.EINVAL, f"name {name!r}")
+        if not rel and any(n == name for n, _ in self._reserved(sid)):
+            raise _err(errno.EEXIST, f"{name} is a disk of the session")
+        return sid, os.path.join(rel, name), self._upper_root(sid) / rel / name
+
+    def _reserved(self, sid: str) -> list[tuple[str, int]]:
+        session = self._session_by_id(sid)
+        _, disks = self._point(session.point)
+        return self._view_entries(Kind.SVIEW, sid, disks)
+
+    def create(self, parent: int, name: str, mode: int) -> Attr:
+        sid, rel, path = self._new_name(parent, name)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, stat.S_IMODE(mode))
+        os.close(fd)
+        return self._upper_attr(sid, rel)
+
+    def mkdir(self, parent: int, name: str, mode: int) -> Attr:
+        sid, rel, path = self._new_name(parent, name)
+        os.mkdir(path, stat.S_IMODE(mode))
+        return self._upper_attr(sid, rel)
+
+    def symlink(self, parent: int, name: str, target: str) -> Attr:
+        sid, rel, path = self._new_name(parent, name)
+        os.symlink(target, path)  # stored as text; the server never follows it
+        return self._upper_attr(sid, rel)
+
+    def _existing(self, parent: int, name: str) -> tuple[str, str, Path]:
+        sid, rel = self._dir_of(parent)
+        if not rel and any(n == name for n, _ in self._reserved(sid)):
+            raise _err(errno.EPERM, f"{name} is a disk of the session; stop the session to discard it")
+        return sid, os.path.join(rel, name), self._upper_root(sid) / rel / name
+
+    def unlink(self, parent: int, name: str) -> None:
+        _, _, path = self._existing(parent, name)
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            raise _err(errno.EISDIR, name)
+        os.unlink(path)
+
+    def rmdir(self, parent: int, name: str) -> None:
+        _, _, path = self._existing(parent, name)
+        os.rmdir(path)
+
+    def rename(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
+        sid, rel, src = self._existing(parent, name)
+        sid2, _, dst = self._existing(new_parent, new_name)
+        if sid != sid2:
+            raise _err(errno.EXDEV, "rename between recovery sessions")
+        os.rename(src, dst)
+        with self._lock:  # paths below a moved folder changed: forget them, _upper_path finds them again
+            moved = [
+                i for i, (s, r) in self._upper.items() if s == sid and (r == rel or r.startswith(rel + "/"))
+            ]
+            for i in moved:
+                del self._upper[i]
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.repo.root / "sessions")

@@ -125,3 +125,49 @@ def guest_sha256(path: Path) -> str:
         return sha256_file(raw)
     finally:
         raw.unlink()
+
+
+# --------------------------------------------------------------------------- FUSE datastore
+needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+
+@dataclass
+class Mounted:
+    """A datastore mounted with ``vmrecover mount`` (a background daemon) at ``path``."""
+
+    cli: Cli
+    path: Path
+
+    def point_dir(self, vm: str, point: str = "latest") -> Path:
+        return self.path / "vms" / vm / point
+
+    def session_dir(self, name: str) -> Path:
+        return self.path / "recover" / name
+
+    def daemon_pid(self) -> int:
+        recs = [json.loads(p.read_text()) for p in (self.cli.repo / "run").glob("mount-*.json")]
+        return next(r["pid"] for r in recs if r["mountpoint"] == str(self.path.resolve()))
+
+    def unmount(self) -> None:
+        self.cli.run("umount", self.path)
+
+
+def force_unmount(path: Path) -> None:
+    """Whatever state the mount is in (busy, dead daemon): detach it so the next test starts clean."""
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def mounted(cli: Cli, tmp_path: Path):
+    """The ``cli`` repository mounted at tmp_path/mnt (64 MiB cache); always unmounted afterwards."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("needs /dev/fuse")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    cli.run("mount", mp, "--cache-size", "64M")
+    try:
+        yield Mounted(cli, mp)
+    finally:
+        if os.path.ismount(mp):
+            cli.run("umount", mp, check=False)
+        force_unmount(mp)

@@ -198,7 +198,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         verb = "would free" if args.dry_run else "freed"
         stdout.print(
             f"{verb} {human_bytes(rep.removed_bytes)} in {rep.removed_chunks} chunks "
-            f"({rep.removed_temp_files} temp files, {rep.removed_index_dirs} orphan index dirs); "
+            f"({rep.removed_temp_files} temp files, {rep.removed_index_dirs} orphan index dirs, "
+            f"{rep.removed_session_dirs} orphan session dirs); "
             f"{rep.referenced_chunks} chunks ({human_bytes(rep.kept_bytes)}) in use",
             markup=False,
         )

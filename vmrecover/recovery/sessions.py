@@ -87,13 +87,6 @@ def info(repo: Repository, session: Session) -> SessionInfo:
     )
 
 
-def orphan_dirs(repo: Repository) -> list[Path]:
-    """Session directories no catalog row names (a crash during start or stop)."""
-    live = {s.id for s in repo.catalog.sessions()}
-    base = repo.root / "sessions"
-    return sorted(p for p in base.iterdir() if p.is_dir() and p.name not in live) if base.is_dir() else []
-
-
 def _merged_chunks(disk: SessionDisk) -> Iterator[tuple[int, int, bytes | None]]:
     index = disk.base.index
     for i in range(index.count):

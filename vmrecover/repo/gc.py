@@ -22,6 +22,7 @@ class GcReport:
     removed_bytes: int = 0
     removed_temp_files: int = 0
     removed_index_dirs: int = 0
+    removed_session_dirs: int = 0
     kept_bytes: int = 0
 
 
@@ -37,6 +38,12 @@ def gc(repo: Repository, *, dry_run: bool = False) -> GcReport:
     for entry in (repo.root / "indexes").iterdir():
         if entry.name not in known:
             rep.removed_index_dirs += 1
+            if not dry_run:
+                shutil.rmtree(entry, ignore_errors=True)
+    live_sessions = {s.id for s in repo.catalog.sessions()}
+    for entry in (repo.root / "sessions").iterdir():  # left by a crash in recover start/stop
+        if entry.is_dir() and entry.name not in live_sessions:
+            rep.removed_session_dirs += 1
             if not dry_run:
                 shutil.rmtree(entry, ignore_errors=True)
     for name, path, size in repo.chunks.walk():

@@ -58,11 +58,15 @@ def select(points: list[Point], policy: Policy) -> tuple[list[Point], list[Point
 def prune(
     repo: Repository, policy: Policy, *, vm: str | None = None, dry_run: bool = False
 ) -> dict[str, list[Point]]:
-    """Apply *policy* to every VM (or one); returns {vm: removed points}.  Caller holds the writer lock."""
+    """Apply *policy* to every VM (or one); returns {vm: removed points}.  Caller holds the writer lock.
+
+    Points that a recovery session uses are kept until the session stops."""
     vms = [vm] if vm else [v["name"] for v in repo.catalog.vms()]
     removed: dict[str, list[Point]] = {}
+    in_use = {s.point for s in repo.catalog.sessions()}  # a recovery session still reads these
     for name in vms:
         _, drop = select(repo.catalog.points(name), policy)
+        drop = [p for p in drop if p.id not in in_use]
         removed[name] = drop
         if drop and not dry_run:
             repo.catalog.delete_points([p.id for p in drop])

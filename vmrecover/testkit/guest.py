@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, NotFound, VmrecoverError
+from ..recovery import qemu_boot
 
 MiB = 1 << 20
 SECTOR = 512
@@ -237,11 +238,6 @@ def _mbr_code() -> bytes:
             return code
     hint = "run 'make setup' (Debian package syslinux-common)"
     raise GuestError("syslinux's mbr.bin is missing", hint=hint)
-
-
-def _esc(value: str | Path) -> str:
-    """A value for a qemu ``key=value,...`` option: commas are doubled."""
-    return str(value).replace(",", ",,")
 
 
 def parse_size(text: str) -> int:
@@ -530,25 +526,17 @@ def boot(
     guest that has not powered off after *timeout* seconds is killed and :class:`GuestBootTimeout`
     raised (with the partial :class:`BootResult` as ``.result``).
     """
-    qemu = _require("qemu-system-x86_64", "qemu-system-x86")
+    _require("qemu-system-x86_64", "qemu-system-x86")
     if drive_args is None:
         if disk is None:
             raise BadInput("boot() needs a disk or drive_args")
-        drive = f"file={_esc(disk)},format=raw,if={bus}"
-        if snapshot:
-            drive += ",snapshot=on"
-    else:
-        drive = drive_args
+        drive_args = qemu_boot.drive(disk, bus=bus, extra="snapshot=on" if snapshot else "")
     serial_log = Path(serial_log)
     serial_log.parent.mkdir(parents=True, exist_ok=True)
     serial_log.write_bytes(b"")
-    argv = [
-        qemu, "-accel", accel, "-m", memory, "-smp", "1",
-        "-nographic", "-no-reboot", "-nic", "none", "-monitor", "none",
-        "-chardev", f"file,id=serial0,path={_esc(serial_log)}", "-serial", "chardev:serial0",
-        "-drive", drive,
-        *extra_args,
-    ]  # fmt: skip
+    argv = qemu_boot.argv(
+        [], memory=memory, serial=serial_log, accel=accel, drives=[drive_args], extra=extra_args
+    )
     timed_out = False
     with tempfile.TemporaryFile() as out:
         start = time.monotonic()

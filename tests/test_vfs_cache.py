@@ -90,3 +90,53 @@ def test_corrupt_chunk_raises_for_every_waiter_and_is_not_cached(store: Counting
     with pytest.raises(CorruptChunk):
         cache.get(d)
     cache.close()
+
+
+def _wait_cached(cache: ChunkCache, d: bytes) -> bytes | None:
+    deadline = time.monotonic() + 5
+    while cache.lookup(d) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cache.lookup(d)
+
+
+def test_partial_read_returns_the_range_then_caches_the_verified_chunk(store: CountingStore) -> None:
+    import os
+
+    data = b"".join(b"line %d %s\n" % (i, os.urandom(8).hex().encode()) for i in range(30000))
+    d = _put(store, data)
+    cache = ChunkCache(store, 8 << 20)
+    assert cache.read(d, 1000, 5096) == data[1000:5096]
+    assert _wait_cached(cache, d) == data  # finished in the background, digest checked
+    assert cache.read(d, 10, 20) == data[10:20] and store.reads == 1
+    cache.close()
+
+
+def test_partial_read_of_a_damaged_chunk_is_an_error_and_nothing_is_cached(store: CountingStore) -> None:
+    data = b"abcdefgh" * 20000
+    d = _put(store, data)
+    path = store.path(d)
+    blob = bytearray(path.read_bytes())
+    blob[-20] ^= 0x40  # bit rot in the payload: the crc32 catches it before any byte is returned
+    path.write_bytes(bytes(blob))
+    cache = ChunkCache(store, 8 << 20)
+    for _ in range(2):
+        with pytest.raises(CorruptChunk):
+            cache.read(d, 0, 100)
+    assert cache.lookup(d) is None
+    cache.close()
+
+
+def test_partial_read_of_a_chunk_stored_under_a_wrong_name_is_never_cached(store: CountingStore) -> None:
+    """A well-formed envelope with another chunk's bytes (crc fine, digest wrong): the first small read
+    sees the envelope's bytes, but the digest check that follows keeps them out of the cache, so every
+    later read fails instead of serving them."""
+    good, other = b"g" * 50000, b"o" * 50000
+    d = _put(store, good)
+    store.path(d).write_bytes(store.codec.encode(d, other))
+    cache = ChunkCache(store, 8 << 20)
+    cache.read(d, 0, 10)
+    time.sleep(0.3)
+    assert cache.lookup(d) is None
+    with pytest.raises(CorruptChunk, match="digest"):
+        cache.get(d)
+    cache.close()

@@ -12,7 +12,8 @@ Envelope v1 (every stored chunk file is exactly this, little endian)::
     16     ...   payload; if encrypted: 12-byte nonce + ciphertext with 16-byte tag,
                  associated data = the chunk's digest (a chunk file renamed to another digest fails)
 
-Reads check the plaintext against the digest (always) and the crc32 (verify only).
+Reads check the plaintext against the digest (always) and the crc32 (verify, and the datastore's
+small random reads, which see a chunk's first bytes before its digest is checked: PartialDecode).
 The digest is SHA-256 of the plaintext, or HMAC-SHA256(id_key, plaintext) in an encrypted repository.
 Payloads that zstd does not shrink (random data) are stored uncompressed: restoring them costs nothing.
 The all-zero digest is reserved for "hole": all-zero chunks are never stored.
@@ -84,12 +85,8 @@ class ChunkCodec:
             flags |= FLAG_AESGCM
         return HEADER.pack(MAGIC, VERSION, flags, 0, len(data), zlib.crc32(payload)) + payload
 
-    def decode(self, digest: bytes, blob: bytes, *, check_crc: bool = False) -> bytes:
-        """Return the chunk's plaintext, or raise CorruptChunk saying what is wrong.
-
-        The plaintext is always checked against its digest, which catches every corruption; the crc32
-        (40% more CPU on the read path) is checked only when asked, to tell bit rot apart in reports.
-        """
+    def _open(self, digest: bytes, blob: bytes, *, check_crc: bool) -> tuple[int, int, memoryview]:
+        """Check the envelope (and the crc32 if asked), decrypt; return (flags, raw_len, payload)."""
         if len(blob) < HEADER.size:
             raise CorruptChunk(digest, f"file is {len(blob)} bytes, shorter than the envelope header")
         magic, version, flags, reserved, raw_len, crc = HEADER.unpack_from(blob)
@@ -115,6 +112,15 @@ class ChunkCodec:
                 raise CorruptChunk(digest, reason) from None
         elif self._aes is not None:
             raise CorruptChunk(digest, "chunk is not encrypted in an encrypted repository")
+        return flags, raw_len, payload
+
+    def decode(self, digest: bytes, blob: bytes, *, check_crc: bool = False) -> bytes:
+        """Return the chunk's plaintext, or raise CorruptChunk saying what is wrong.
+
+        The plaintext is always checked against its digest, which catches every corruption; the crc32
+        (40% more CPU on the read path) is checked only when asked, to tell bit rot apart in reports.
+        """
+        flags, raw_len, payload = self._open(digest, blob, check_crc=check_crc)
         if flags & FLAG_ZSTD:
             try:
                 data = self._ctx().d.decompress(payload, max_output_size=raw_len)
@@ -122,8 +128,57 @@ class ChunkCodec:
                 raise CorruptChunk(digest, f"zstd: {exc}") from None
         else:
             data = bytes(payload)
+        return self._checked(digest, data, raw_len)
+
+    def _checked(self, digest: bytes, data: bytes, raw_len: int) -> bytes:
         if len(data) != raw_len:
             raise CorruptChunk(digest, f"decoded {len(data)} bytes, envelope says {raw_len}")
         if self.digest(data) != digest:
             raise CorruptChunk(digest, "content does not match its digest")
         return data
+
+    def decode_partial(self, digest: bytes, blob: bytes) -> PartialDecode:
+        """Start decoding a chunk for a reader that needs only its beginning (see PartialDecode)."""
+        flags, raw_len, payload = self._open(digest, blob, check_crc=True)
+        return PartialDecode(self, digest, flags, raw_len, payload)
+
+
+class PartialDecode:
+    """A chunk decoded only as far as a reader needs, for the latency of small random reads.
+
+    The bytes a reader gets from :meth:`upto` have passed the envelope's crc32 (or, encrypted, the
+    AES-GCM tag, which also binds them to their digest), not yet the digest itself: :meth:`finish`
+    decodes the rest and checks the digest, and only a finished chunk may be cached.  So a damaged
+    chunk file gives CorruptChunk, never wrong bytes, short of a crc32 collision (about 2**-32).
+    """
+
+    def __init__(
+        self, codec: ChunkCodec, digest: bytes, flags: int, raw_len: int, payload: memoryview
+    ) -> None:
+        self.codec = codec
+        self.digest = digest
+        self.raw_len = raw_len
+        self._buf = bytearray()
+        self._reader = None
+        if flags & FLAG_ZSTD:
+            self._reader = zstandard.ZstdDecompressor().stream_reader(payload)
+        else:
+            self._buf[:] = payload
+
+    def upto(self, end: int) -> bytes | bytearray:
+        """At least the first *end* bytes of the plaintext (fewer only at its end)."""
+        try:
+            while self._reader is not None and len(self._buf) < end:
+                more = self._reader.read(end - len(self._buf))
+                if not more:
+                    self._reader = None
+                    break
+                self._buf += more
+        except zstandard.ZstdError as exc:
+            raise CorruptChunk(self.digest, f"zstd: {exc}") from None
+        return self._buf
+
+    def finish(self) -> bytes:
+        """The whole plaintext, checked against the digest (CorruptChunk otherwise)."""
+        self.upto(self.raw_len + 1)
+        return self.codec._checked(self.digest, bytes(self._buf), self.raw_len)

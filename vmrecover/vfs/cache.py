@@ -6,6 +6,11 @@ Concurrency protocol (every reader, FUSE or NFS, goes through here):
 - ``get(digest)`` runs in worker threads.  On a miss the first caller becomes the fetcher (read,
   decrypt, decompress, verify, outside the lock); callers wanting the same chunk meanwhile wait on its
   event instead of reading it again.  A failed fetch is not cached: every waiter gets the error.
+- ``read(digest, start, end)`` is ``get`` for a small random read: on a miss the fetcher decodes the
+  chunk only up to *end*, returns those bytes (crc32/GCM-checked, see blob.PartialDecode) and hands
+  the rest of the decoding and the digest check to the pool; the chunk is cached, and waiters are
+  woken, only once its digest matched.  Cold random reads then cost about half a chunk's
+  decompression and no hashing on the reader's path.
 - ``prefetch(digests)`` hands fetches to a small pool of its own and returns at once.
 - Capacity is in bytes of plaintext; eviction drops the least recently used chunks.
 """
@@ -13,13 +18,17 @@ Concurrency protocol (every reader, FUSE or NFS, goes through here):
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import CorruptChunk
+from ..repo.blob import PartialDecode
 from ..repo.chunkstore import ChunkStore
+
+log = logging.getLogger("vmrecover.cache")
 
 
 class _Pending:
@@ -29,6 +38,16 @@ class _Pending:
         self.event = threading.Event()
         self.data: bytes | None = None
         self.error: BaseException | None = None
+
+
+_NO_PENDING = _Pending()
+
+
+def _raiser(exc: BaseException) -> Callable[[], bytes]:
+    def fetch() -> bytes:
+        raise exc
+
+    return fetch
 
 
 class ChunkCache:
@@ -56,25 +75,31 @@ class ChunkCache:
             self.hits += 1
         return data
 
-    def get(self, digest: bytes) -> bytes:
+    def _claim(self, digest: bytes) -> tuple[bytes | None, _Pending, bool]:
+        """(cached data, or the pending fetch and whether this caller must do it)."""
         with self._lock:
             data = self._lookup_locked(digest)
             if data is not None:
-                return data
+                return data, _NO_PENDING, False
             pending = self._pending.get(digest)
-            fetcher = pending is None
-            if fetcher:
-                pending = self._pending[digest] = _Pending()
-                self.misses += 1
-        assert pending is not None
-        if not fetcher:
-            pending.event.wait()
-            if pending.error is not None:
-                raise pending.error
-            assert pending.data is not None
-            return pending.data
+            if pending is not None:
+                return None, pending, False
+            pending = self._pending[digest] = _Pending()
+            self.misses += 1
+            return None, pending, True
+
+    @staticmethod
+    def _wait(pending: _Pending) -> bytes:
+        pending.event.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.data is not None
+        return pending.data
+
+    def _settle(self, digest: bytes, pending: _Pending, fetch: Callable[[], bytes]) -> bytes:
+        """Run the fetch, cache its result (never an error) and wake the waiters."""
         try:
-            data = self.store.get(digest)
+            data = fetch()
         except BaseException as exc:
             pending.error = exc
             with self._lock:
@@ -87,6 +112,35 @@ class ChunkCache:
             self._insert(digest, data)
         pending.event.set()
         return data
+
+    def get(self, digest: bytes) -> bytes:
+        data, pending, fetcher = self._claim(digest)
+        if data is not None:
+            return data
+        if not fetcher:
+            return self._wait(pending)
+        return self._settle(digest, pending, lambda: self.store.get(digest))
+
+    def read(self, digest: bytes, start: int, end: int) -> bytes:
+        data, pending, fetcher = self._claim(digest)
+        if data is not None:
+            return data[start:end]
+        if not fetcher:
+            return self._wait(pending)[start:end]
+        try:
+            partial = self.store.codec.decode_partial(digest, self.store.read_raw(digest))
+            head = bytes(partial.upto(end)[start:end])
+        except BaseException as exc:
+            self._settle(digest, pending, _raiser(exc))  # wakes the waiters with the error, raises it
+            raise
+        self._pool.submit(self._finish, digest, pending, partial)
+        return head
+
+    def _finish(self, digest: bytes, pending: _Pending, partial: PartialDecode) -> None:
+        try:
+            self._settle(digest, pending, partial.finish)
+        except CorruptChunk as exc:
+            log.error("chunk %s failed its digest check after a partial read: %s", digest.hex(), exc.reason)
 
     def _insert(self, digest: bytes, data: bytes) -> None:
         if digest in self._lru or len(data) > self.capacity:

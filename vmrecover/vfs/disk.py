@@ -66,25 +66,33 @@ class BackupDisk:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def read(self, off: int, size: int) -> bytes:
-        """The bytes, fetching chunks as needed (worker threads).  CorruptChunk if one cannot be read."""
+        """The bytes, fetching chunks as needed (worker threads).  CorruptChunk if one cannot be read.
+
+        Sequential reads fetch whole chunks and read ahead; a random read decodes only what it needs
+        first (ChunkCache.read)."""
+        sequential = self._readahead(off, size)
         parts = []
         for digest, a, b in self._pieces(off, size):
             if digest == ZERO_DIGEST:
                 parts.append(bytes(b - a))
-            else:
+            elif sequential:
                 parts.append(self.cache.get(digest)[a:b])
-        self._readahead(off, size)
+            else:
+                parts.append(self.cache.read(digest, a, b))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _readahead(self, off: int, size: int) -> None:
+    def _readahead(self, off: int, size: int) -> bool:
+        """Note where reads are; when they move on sequentially, prefetch the next chunks.  Returns
+        whether this read continues the previous one."""
         last = (min(off + size, self.size) - 1) // self.chunk_size
         prev, self._last_chunk = self._last_chunk, last
         first = off // self.chunk_size
-        if last == prev or first not in (prev, prev + 1):
-            return  # same chunk as before, or not sequential
-        stop = min(last + 1 + READAHEAD_CHUNKS, self.index.count)
-        digests = (self.index.digest(i) for i in range(last + 1, stop))
-        self.cache.prefetch(d for d in digests if d != ZERO_DIGEST)
+        sequential = first in (prev, prev + 1)
+        if last != prev and sequential:
+            stop = min(last + 1 + READAHEAD_CHUNKS, self.index.count)
+            digests = (self.index.digest(i) for i in range(last + 1, stop))
+            self.cache.prefetch(d for d in digests if d != ZERO_DIGEST)
+        return sequential
 
 
 class SessionDisk:

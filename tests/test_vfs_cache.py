@@ -140,3 +140,18 @@ def test_partial_read_of_a_chunk_stored_under_a_wrong_name_is_never_cached(store
     with pytest.raises(CorruptChunk, match="digest"):
         cache.get(d)
     cache.close()
+
+
+def test_prefetch_queued_before_a_partial_read_does_not_deadlock_the_pool(store: CountingStore) -> None:
+    """Readahead of a chunk that a random read then claims: the pool task must not wait for the
+    partial read's completion, which is queued behind it in the same (one-worker) pool."""
+    slow, d = _put(store, b"s" * 70000), _put(store, b"d" * 70000)
+    cache = ChunkCache(store, 8 << 20, readahead_workers=1)
+    cache.prefetch([slow, d])  # the worker is busy with `slow`; d's prefetch waits in the queue
+    assert cache.read(d, 5, 10) == b"d" * 5  # claims d, queues its completion behind the prefetch
+    got: list[bytes] = []
+    t = threading.Thread(target=lambda: got.append(cache.get(d)), daemon=True)
+    t.start()
+    t.join(timeout=5)
+    assert got == [b"d" * 70000], "a reader waiting for the chunk hung"
+    cache.close()

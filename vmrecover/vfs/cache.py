@@ -11,7 +11,8 @@ Concurrency protocol (every reader, FUSE or NFS, goes through here):
   the rest of the decoding and the digest check to the pool; the chunk is cached, and waiters are
   woken, only once its digest matched.  Cold random reads then cost about half a chunk's
   decompression and no hashing on the reader's path.
-- ``prefetch(digests)`` hands fetches to a small pool of its own and returns at once.
+- ``prefetch(digests)`` hands fetches to a small pool of its own and returns at once.  Pool tasks
+  never wait for another fetch (that fetch's completion may be queued behind them).
 - Capacity is in bytes of plaintext; eviction drops the least recently used chunks.
 """
 
@@ -156,11 +157,15 @@ class ChunkCache:
             with self._lock:
                 if d in self._lru or d in self._pending:
                     continue
-            self._pool.submit(self._quiet_get, d)
+            self._pool.submit(self._prefetch_one, d)
 
-    def _quiet_get(self, digest: bytes) -> None:
-        with contextlib.suppress(CorruptChunk):  # the reader that needs it gets the error itself
-            self.get(digest)
+    def _prefetch_one(self, digest: bytes) -> None:
+        # Never wait in the pool: a fetch pending elsewhere may be a partial read whose _finish is
+        # queued behind this very task, so waiting here could deadlock the pool.
+        _, pending, fetcher = self._claim(digest)
+        if fetcher:
+            with contextlib.suppress(CorruptChunk):  # the reader that needs it gets the error itself
+                self._settle(digest, pending, lambda: self.store.get(digest))
 
     @property
     def size(self) -> int:

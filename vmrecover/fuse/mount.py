@@ -38,13 +38,7 @@ class MountRecord:
 
     @property
     def alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return os.path.ismount(self.mountpoint)
+        return _process_alive(self.pid) and os.path.ismount(self.mountpoint)
 
 
 def record_path(repo_root: Path, mountpoint: Path) -> Path:
@@ -67,8 +61,10 @@ def active_mounts(repo_root: Path) -> list[MountRecord]:
 
 
 def _is_stale(mountpoint: Path) -> bool:
+    """A FUSE mount whose daemon died.  statvfs always asks the filesystem (stat may be answered from
+    the kernel's attribute cache for a second after the daemon died)."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
@@ -129,7 +125,22 @@ def unmount(mountpoint: Path, *, lazy: bool = False, wait: float = 30) -> None:
     rec = record_path(repo_root, mountpoint)
     deadline = time.monotonic() + wait
     while rec.exists() and time.monotonic() < deadline:  # the daemon removes it as it exits
+        try:
+            pid = json.loads(rec.read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            return
+        if not _process_alive(pid):  # killed: nobody will remove its record
+            rec.unlink(missing_ok=True)
+            return
         time.sleep(0.05)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead too
+    except (OSError, IndexError):
+        return False
 
 
 def serve(

@@ -124,6 +124,8 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if flags & _WRITE_FLAGS:
             await self._run(self.vfs.check_writable, inode)
+        if flags & os.O_TRUNC:  # libfuse passes O_TRUNC here instead of a setattr (atomic_o_trunc)
+            await self._run(lambda: self.vfs.setattr(inode, size=0))
         kind = inode >> KIND_SHIFT
         return pyfuse3.FileInfo(fh=inode, keep_cache=kind == Kind.BVIEW, direct_io=kind == Kind.SVIEW)
 

@@ -13,7 +13,8 @@ Envelope v1 (every stored chunk file is exactly this, little endian)::
                  associated data = the chunk's digest (a chunk file renamed to another digest fails)
 
 Reads check the plaintext against the digest (always) and the crc32 (verify, and the datastore's
-small random reads, which see a chunk's first bytes before its digest is checked: PartialDecode).
+small random reads in encrypted repositories, which see a chunk's first bytes before its digest is
+checked: PartialDecode).
 The digest is SHA-256 of the plaintext, or HMAC-SHA256(id_key, plaintext) in an encrypted repository.
 Payloads that zstd does not shrink (random data) are stored uncompressed: restoring them costs nothing.
 The all-zero digest is reserved for "hole": all-zero chunks are never stored.
@@ -146,10 +147,11 @@ class ChunkCodec:
 class PartialDecode:
     """A chunk decoded only as far as a reader needs, for the latency of small random reads.
 
-    The bytes a reader gets from :meth:`upto` have passed the envelope's crc32 (or, encrypted, the
-    AES-GCM tag, which also binds them to their digest), not yet the digest itself: :meth:`finish`
-    decodes the rest and checks the digest, and only a finished chunk may be cached.  So a damaged
-    chunk file gives CorruptChunk, never wrong bytes, short of a crc32 collision (about 2**-32).
+    The bytes a reader gets from :meth:`upto` have passed the envelope's crc32 and, in an encrypted
+    repository, the AES-GCM tag, which binds them to their digest: only then may they be served before
+    :meth:`finish` decodes the rest and checks the digest (only a finished chunk may be cached).
+    Without encryption the crc32 catches bit rot but not a whole chunk stored under the wrong name,
+    so unencrypted readers (see ChunkCache.read) do not serve partial bytes.
     """
 
     def __init__(

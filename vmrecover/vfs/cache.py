@@ -6,11 +6,13 @@ Concurrency protocol (every reader, FUSE or NFS, goes through here):
 - ``get(digest)`` runs in worker threads.  On a miss the first caller becomes the fetcher (read,
   decrypt, decompress, verify, outside the lock); callers wanting the same chunk meanwhile wait on its
   event instead of reading it again.  A failed fetch is not cached: every waiter gets the error.
-- ``read(digest, start, end)`` is ``get`` for a small random read: on a miss the fetcher decodes the
-  chunk only up to *end*, returns those bytes (crc32/GCM-checked, see blob.PartialDecode) and hands
-  the rest of the decoding and the digest check to the pool; the chunk is cached, and waiters are
-  woken, only once its digest matched.  Cold random reads then cost about half a chunk's
-  decompression and no hashing on the reader's path.
+- ``read(digest, start, end)`` is ``get`` for a small random read.  In an encrypted repository, on
+  a miss, the fetcher decodes the chunk only up to *end* and returns those bytes (AES-GCM has
+  authenticated them *and* bound them to the digest, see blob.PartialDecode), handing the rest of the
+  decoding and the digest check to the pool; the chunk is cached, and waiters are woken, only once its
+  digest matched.  Cold random reads then cost about half a chunk's decompression and no hashing on
+  the reader's path.  Unencrypted chunks are bound to their name by the digest alone, so there the
+  whole chunk is decoded and checked first (a chunk file holding another chunk's bytes passes a crc).
 - ``prefetch(digests)`` hands fetches to a small pool of its own and returns at once.  Pool tasks
   never wait for another fetch (that fetch's completion may be queued behind them).
 - Capacity is in bytes of plaintext; eviction drops the least recently used chunks.
@@ -128,6 +130,10 @@ class ChunkCache:
             return data[start:end]
         if not fetcher:
             return self._wait(pending)[start:end]
+        if not self.store.codec.encrypted:
+            # Without encryption only the digest ties a chunk file's bytes to its name (a file holding
+            # another chunk passes the crc32), so nothing is returned before the digest is checked.
+            return self._settle(digest, pending, lambda: self.store.get(digest))[start:end]
         try:
             partial = self.store.codec.decode_partial(digest, self.store.read_raw(digest))
             head = bytes(partial.upto(end)[start:end])

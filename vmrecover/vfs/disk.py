@@ -136,10 +136,15 @@ class SessionDisk:
             return self.base.read(off, end - off)
         if ranges == [(off, end)]:
             return os.pread(self.fd, end - off, off)
-        buf = bytearray(self.base.read(off, end - off))
-        for a, b in ranges:
-            buf[a - off : b - off] = os.pread(self.fd, b - a, a)
-        return bytes(buf)
+        parts, pos = [], off  # the backup only for the gaps: a chunk the session overwrote whole is
+        for a, b in ranges:  # never read (nor its damage, if the session replaced a corrupt chunk)
+            if a > pos:
+                parts.append(self.base.read(pos, a - pos))
+            parts.append(os.pread(self.fd, b - a, a))
+            pos = b
+        if pos < end:
+            parts.append(self.base.read(pos, end - pos))
+        return b"".join(parts)
 
     def write(self, off: int, data: bytes | memoryview) -> int:
         n = len(data)
@@ -149,10 +154,10 @@ class SessionDisk:
             return 0
         g = self.block
         a, b = off // g * g, min(-(-(off + n) // g) * g, self.size)
-        if a == off and b == off + n:
-            self._pwrite(data, off)
-            return n
-        with self._rmw:  # concurrent partial writes of one block must not undo each other
+        with self._rmw:  # a read-modify-write must not undo a concurrent write to the same block
+            if a == off and b == off + n:
+                self._pwrite(data, off)
+                return n
             buf = bytearray(b - a)
             if off > a:
                 head_end = min(a + g, b)
@@ -162,7 +167,7 @@ class SessionDisk:
                 buf[tail - a :] = self.read(tail, b - tail)
             buf[off - a : off - a + n] = data
             self._pwrite(buf, a)
-        return n
+            return n
 
     def _pwrite(self, data: bytes | bytearray | memoryview, off: int) -> None:
         view = memoryview(data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -67,6 +68,20 @@ class Cli:
             stdin=subprocess.DEVNULL,
             text=True,
         )
+
+
+def message(res: Result) -> str:
+    """stderr + stdout with rich's line folding undone (it wraps at 80 columns when not on a terminal)."""
+    return " ".join((res.stderr + " " + res.stdout).split())
+
+
+def assert_clean_error(res: Result, code: int, *patterns: str) -> None:
+    """*res* failed with exit *code*, no traceback, and its message matches every regex in *patterns*."""
+    text = message(res)
+    assert res.returncode == code, f"expected exit {code}, got {res.returncode}: {text}"
+    assert "Traceback" not in res.stderr, res.stderr
+    for pat in patterns:
+        assert re.search(pat, text, re.IGNORECASE), f"{pat!r} not in error message: {text}"
 
 
 @pytest.fixture

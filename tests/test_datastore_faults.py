@@ -28,7 +28,15 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Cli, MiB, Mounted, Result, force_unmount, random_image, sha256_file
+from .conftest import (
+    Cli,
+    MiB,
+    Mounted,
+    assert_clean_error,
+    force_unmount,
+    random_image,
+    sha256_file,
+)
 
 CHUNK = 64 * 1024  # the `cli` fixture's repository chunk size
 HEADER = 16  # size of a chunk file's envelope header (vmrecover/repo/blob.py); the payload follows
@@ -65,20 +73,6 @@ def watchdog(cli: Cli) -> Iterator[None]:
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-
-
-def message(res: Result) -> str:
-    """stderr + stdout with rich's line folding undone (it wraps at 80 columns when not on a terminal)."""
-    return " ".join((res.stderr + " " + res.stdout).split())
-
-
-def assert_clean_error(res: Result, code: int, *patterns: str) -> None:
-    """*res* failed with exit *code*, no traceback, and its message matches every regex in *patterns*."""
-    text = message(res)
-    assert res.returncode == code, f"expected exit {code}, got {res.returncode}: {text}"
-    assert "Traceback" not in res.stderr, res.stderr
-    for pat in patterns:
-        assert re.search(pat, text, re.IGNORECASE), f"{pat!r} not in error message: {text}"
 
 
 def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10) -> None:

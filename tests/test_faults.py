@@ -26,7 +26,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Cli, MiB, Result, make_sparse_image, random_image, sha256_file
+from .conftest import (
+    Cli,
+    MiB,
+    assert_clean_error,
+    make_sparse_image,
+    random_image,
+    sha256_file,
+)
 
 CHUNK = 64 * 1024
 TMP_MARK = ".tmp-"  # temp files and index dirs of a running (or killed) writer carry this in their name
@@ -37,20 +44,6 @@ INTEGRITY, LOCKED, NOT_FOUND, BAD_INPUT, INCOMPATIBLE, AUTH, NO_SPACE, INTERRUPT
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def message(res: Result) -> str:
-    """stderr + stdout with rich's line folding undone (it wraps at 80 columns when not on a terminal)."""
-    return " ".join((res.stderr + " " + res.stdout).split())
-
-
-def assert_clean_error(res: Result, code: int, *patterns: str) -> None:
-    """*res* failed with exit *code*, no traceback, and its message matches every regex in *patterns*."""
-    text = message(res)
-    assert res.returncode == code, f"expected exit {code}, got {res.returncode}: {text}"
-    assert "Traceback" not in res.stderr, res.stderr
-    for pat in patterns:
-        assert re.search(pat, text, re.IGNORECASE), f"{pat!r} not in error message: {text}"
 
 
 def random_raw(path: Path, size: int, *, seed: int) -> Path:

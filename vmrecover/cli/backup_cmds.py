@@ -69,11 +69,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         with progress(f"backup {args.vm}", enabled=not args.json) as (total, advance):
             point, stats = run_backup(repo, args.vm, jobs, progress=advance, progress_total=total)
     doc = {
-        "vm": point.vm,
-        "point": point.id,
-        "created": point.created,
-        "kind": point.kind,
-        "parent": point.parent,
+        **point.summary(),
         **point.stats,
         "disks": [s.__dict__ for s in stats],
     }

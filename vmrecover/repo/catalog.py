@@ -123,6 +123,16 @@ class Point:
     def created_dt(self) -> datetime:
         return parse_iso(self.created)
 
+    def summary(self) -> dict[str, Any]:
+        """What commands and vm.json show of a point."""
+        return {
+            "vm": self.vm,
+            "point": self.id,
+            "created": self.created,
+            "kind": self.kind,
+            "parent": self.parent,
+        }
+
 
 def parse_iso(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)

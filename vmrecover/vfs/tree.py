@@ -297,11 +297,7 @@ class Vfs:
 
     def _vm_json(self, point: Point, disks: list[Disk]) -> bytes:
         doc = {
-            "vm": point.vm,
-            "point": point.id,
-            "created": point.created,
-            "kind": point.kind,
-            "parent": point.parent,
+            **point.summary(),
             "disks": [
                 {"name": d.name, "position": d.position, "size": d.size, "source_format": d.source_format,
                  "files": {vk.name.lower(): view_name(d.name, vk) for vk in ViewKind}}

@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.  Both run `make setup`
 # first, which installs what is missing (apt packages, .venv/) and is a no-op when all is there.
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench bench-fuse
 
 setup:
 	@scripts/setup.sh
@@ -17,3 +17,7 @@ test: setup lint
 bench: setup
 	@scripts/setup.sh borgbackup
 	.venv/bin/python bench/backup_bench.py
+
+bench-fuse: setup
+	@scripts/setup.sh borgbackup
+	.venv/bin/python bench/fuse_bench.py

@@ -143,6 +143,29 @@ def _process_alive(pid: int) -> bool:
         return False
 
 
+READAHEAD_KB = 1024
+
+
+def _tune_readahead(mountpoint: Path) -> None:
+    """Let the kernel read ahead 1 MiB (one chunk) per request instead of FUSE's 128 KiB: sequential
+    reads of a 2 GiB view went from ~560 to ~820 MB/s here.  Runs in a thread once serving started
+    (stat of the mount point is a request to this process)."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+        Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").write_text(str(READAHEAD_KB))
+    except OSError as exc:  # not root, or no sysfs: only slower
+        log.info("cannot raise the mount's readahead: %s", exc)
+
+
+def _limit_malloc_arenas() -> None:
+    """glibc gives each thread its own malloc arena; chunk-sized buffers freed in other threads then
+    fragment them (peak RSS 1 GB with a 512 MB cache).  Two arenas keep RSS near the cache size."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+
+
 def serve(
     repo: Repository,
     mountpoint: Path,
@@ -163,6 +186,7 @@ def serve(
     from .ops import Operations
 
     prepare_mountpoint(mountpoint)
+    _limit_malloc_arenas()
     with repo.reader("mount"):
         cache = ChunkCache(repo.chunks, cache_size)
         vfs = Vfs(repo, cache)
@@ -203,6 +227,7 @@ def serve(
                                 return
 
                     nursery.start_soon(on_signals)
+                    nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint)
                     ready()
                     await pyfuse3.main(min_tasks=2, max_tasks=threads * 2)
                     unmount_at_exit = signalled

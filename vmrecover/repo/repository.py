@@ -85,7 +85,7 @@ class Config:
 
 class Repository:
     def __init__(self, root: Path, config: Config, keys: Keys | None) -> None:
-        self.root = root
+        self.root = Path(os.path.abspath(root))  # daemons and records outlive the caller's cwd
         self.config = config
         self.codec = ChunkCodec(keys=keys, level=config.compression_level)
         self.chunks = ChunkStore(root / "chunks", self.codec)

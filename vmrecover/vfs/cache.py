@@ -65,7 +65,8 @@ class ChunkCache:
         self.hits = self.misses = 0
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        # Queued tasks still run: a cancelled _finish would leave its waiters waiting forever.
+        self._pool.shutdown(wait=True)
 
     def lookup(self, digest: bytes) -> bytes | None:
         with self._lock:

@@ -50,14 +50,16 @@ def log_path(repo_root: Path, mountpoint: Path) -> Path:
     return record_path(repo_root, mountpoint).with_suffix(".log")
 
 
-def active_mounts(repo_root: Path) -> list[MountRecord]:
+def _records(repo_root: Path) -> list[MountRecord]:
     out = []
     for p in sorted((repo_root / "run").glob("mount-*.json")):
         with contextlib.suppress(OSError, ValueError, TypeError):
-            rec = MountRecord(**json.loads(p.read_text()))
-            if rec.alive:
-                out.append(rec)
+            out.append(MountRecord(**json.loads(p.read_text())))
     return out
+
+
+def active_mounts(repo_root: Path) -> list[MountRecord]:
+    return [rec for rec in _records(repo_root) if rec.alive]
 
 
 def _is_stale(mountpoint: Path) -> bool:
@@ -78,8 +80,17 @@ def _fusermount(mountpoint: Path, *, lazy: bool) -> subprocess.CompletedProcess[
     return subprocess.run(argv, capture_output=True, text=True, check=False)
 
 
+def _daemon_gone(mountpoint: Path) -> bool:
+    """A vmrecover mount whose daemon is dead (or dying: its connection may not be aborted yet)."""
+    repo_root = _mounted_repo(mountpoint)
+    if repo_root is None:
+        return False
+    where = _mount_target(mountpoint)
+    return not any(rec.mountpoint == where and _process_alive(rec.pid) for rec in _records(repo_root))
+
+
 def prepare_mountpoint(mountpoint: Path) -> None:
-    if _is_stale(mountpoint):
+    if _is_stale(mountpoint) or (os.path.ismount(mountpoint) and _daemon_gone(mountpoint)):
         proc = _fusermount(mountpoint, lazy=True)
         if proc.returncode != 0:
             raise LockedError(f"cannot clean up the dead mount at {mountpoint}: {proc.stderr.strip()}")
@@ -95,9 +106,14 @@ def prepare_mountpoint(mountpoint: Path) -> None:
         )
 
 
+def _mount_target(mountpoint: Path) -> str:
+    """The mount point as /proc/self/mounts (and the mount record) spell it."""
+    return str(mountpoint.resolve()) if not _is_stale(mountpoint) else os.path.abspath(mountpoint)
+
+
 def _mounted_repo(mountpoint: Path) -> Path | None:
     """The repository a vmrecover mount serves, from its source name in /proc/self/mounts."""
-    target = str(mountpoint.resolve()) if not _is_stale(mountpoint) else os.path.abspath(mountpoint)
+    target = _mount_target(mountpoint)
     with open("/proc/self/mounts") as f:
         for line in f:
             source, where, fstype, *_ = line.split()

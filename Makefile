@@ -19,5 +19,5 @@ bench: setup
 	.venv/bin/python bench/backup_bench.py
 
 bench-fuse: setup
-	@scripts/setup.sh borgbackup
+	@scripts/setup.sh borgbackup python3-llfuse  # borg mount's FUSE binding, as measured
 	.venv/bin/python bench/fuse_bench.py

@@ -880,13 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     free = shutil.disk_usage(workdir).free
     if free < 4 * args.size:
         log(f"warning: {human(free)} free under {workdir}; the benchmark needs up to ~4x the image size")
-    env = dict(os.environ)
-    env.pop("VMRECOVER_REPO", None)
-    env.update(
-        BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
-        BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
-        BORG_BASE_DIR=str(workdir / "borg-base"),  # borg's cache, config and security dirs
-    )
+    env = bench_env(workdir)
     ctx = Context(workdir, env, can_drop_caches(), args.vmrecover, borg, args.keep)
     if not ctx.can_drop_caches:
         log("cannot write /proc/sys/vm/drop_caches (not root?): runs will not start cold")
@@ -905,11 +899,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
+    emit(doc, args.json, print_report)
+    return 0
+
+
+def bench_env(workdir: Path) -> dict[str, str]:
+    """The environment for the tools under test: no inherited repository, borg kept inside *workdir*."""
+    env = dict(os.environ)
+    env.pop("VMRECOVER_REPO", None)
+    env.update(
+        BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+        BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
+        BORG_BASE_DIR=str(workdir / "borg-base"),  # borg's cache, config and security dirs
+    )
+    return env
+
+
+def emit(doc: dict[str, Any], as_json: bool, printer: Callable[[dict[str, Any]], None]) -> None:
+    if as_json:
         print(json.dumps(doc, indent=2, default=str))
     else:
-        print_report(doc)
-    return 0
+        printer(doc)
 
 
 if __name__ == "__main__":

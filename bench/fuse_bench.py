@@ -65,8 +65,10 @@ from backup_bench import (
     DROP_CACHES,
     SEED,
     BenchError,
+    bench_env,
     can_drop_caches,
     data_bytes,
+    emit,
     fmt,
     human,
     log,
@@ -1008,13 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    env = dict(os.environ)
-    env.pop("VMRECOVER_REPO", None)
-    env.update(
-        BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
-        BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
-        BORG_BASE_DIR=str(workdir / "borg-base"),  # borg's cache, config and security dirs
-    )
+    env = bench_env(workdir)
     cache_bytes = vmrecover_parse_size(args.cache_size)
     ctx = Context(args, workdir, env, can_drop_caches(), borg, cache_bytes)
     if not ctx.can_drop_caches:
@@ -1045,10 +1041,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
-        print(json.dumps(doc, indent=2, default=str))
-    else:
-        print_report(doc)
+    emit(doc, args.json, print_report)
     return 0
 
 

@@ -339,8 +339,8 @@ class Vfs:
         kind = Kind(parent >> KIND_SHIFT)
         if kind in (Kind.SESSION, Kind.UPPER):
             sid, rel = self._dir_of(parent)
-            for n, ino in self.readdir(parent) if kind is Kind.SESSION else []:
-                if n == name and ino >> KIND_SHIFT == Kind.SVIEW:
+            for n, ino in self._reserved(sid) if kind is Kind.SESSION else []:
+                if n == name:
                     return self.getattr(ino)
             return self._upper_attr(sid, os.path.join(rel, name))
         for n, ino in self.readdir(parent):

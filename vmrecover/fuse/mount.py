@@ -173,15 +173,6 @@ def _tune_readahead(mountpoint: Path) -> None:
         log.info("cannot raise the mount's readahead: %s", exc)
 
 
-def _limit_malloc_arenas() -> None:
-    """glibc gives each thread its own malloc arena; chunk-sized buffers freed in other threads then
-    fragment them (peak RSS 1 GB with a 512 MB cache).  Two arenas keep RSS near the cache size."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
-
-
 def serve(
     repo: Repository,
     mountpoint: Path,
@@ -197,12 +188,12 @@ def serve(
     import pyfuse3
     import trio
 
-    from ..vfs.cache import ChunkCache
+    from ..vfs.cache import ChunkCache, limit_malloc_arenas
     from ..vfs.tree import Vfs
     from .ops import Operations
 
     prepare_mountpoint(mountpoint)
-    _limit_malloc_arenas()
+    limit_malloc_arenas()
     with repo.reader("mount"):
         cache = ChunkCache(repo.chunks, cache_size)
         vfs = Vfs(repo, cache)

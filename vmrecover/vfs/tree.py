@@ -27,10 +27,12 @@ answer with EIO.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import stat
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -85,12 +87,48 @@ def _ino(kind: Kind, payload: int) -> int:
     return (int(kind) << KIND_SHIFT) | payload
 
 
+def _split(ino: int) -> tuple[Kind, int]:
+    """(kind, payload) of an inode number; ENOENT for a number no object can have (a forged handle)."""
+    try:
+        return Kind(ino >> KIND_SHIFT), ino & (2**KIND_SHIFT - 1)
+    except ValueError:
+        raise _err(errno.ENOENT, f"inode {ino}") from None
+
+
+FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long): the inode's generation (ext4, xfs, btrfs)
+
+
+def _generation(path: Path) -> int:
+    """The host filesystem's generation of a file a hypervisor created, so that an NFS handle of a
+    deleted file never reaches a new file that reuses its inode number.  1 where the filesystem has
+    none (tmpfs) or the object cannot be opened without following it (a symlink)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError:
+        return 1
+    try:
+        buf = fcntl.ioctl(fd, FS_IOC_GETVERSION, b"\0" * 8)
+        return struct.unpack("=q", buf)[0] & 0xFFFFFFFF or 1
+    except OSError:
+        return 1
+    finally:
+        os.close(fd)
+
+
 def _hash48(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=6).digest(), "big")
 
 
 def _ns(dt: datetime) -> int:
     return int(dt.timestamp() * 1e9)
+
+
+def _times(st: os.stat_result, atime_ns: int | None, mtime_ns: int | None) -> tuple[int, int]:
+    """The (atime, mtime) to set: the given ones, the current ones where None."""
+    return (
+        st.st_atime_ns if atime_ns is None else atime_ns,
+        st.st_mtime_ns if mtime_ns is None else mtime_ns,
+    )
 
 
 def _err(code: int, what: str) -> OSError:
@@ -111,6 +149,8 @@ class Vfs:
         self._sessions_seen = (-1, 0.0)  # (catalog data_version, monotonic time) of the last refresh
         self._upper: dict[int, tuple[str, str]] = {}  # inode -> (session id, path relative to upper/)
         self.started_ns = time.time_ns()
+        self.root_ino = ROOT_INO
+        self.fsid = int.from_bytes(hashlib.blake2b(repo.config.id.encode(), digest_size=8).digest(), "big")
 
     def close(self) -> None:
         with self._lock:
@@ -198,7 +238,9 @@ class Vfs:
         v = self._views.get(ino)
         if v is not None:
             return v
-        kind, payload = Kind(ino >> KIND_SHIFT), ino & (2**KIND_SHIFT - 1)
+        kind, payload = _split(ino)
+        if kind not in (Kind.BVIEW, Kind.SVIEW) or payload & 0xF >= len(ViewKind):
+            raise _err(errno.ENOENT, f"inode {ino}")
         owner, pos, vk = f"{payload >> 12:012x}", (payload >> 4) & 0xFF, ViewKind(payload & 0xF)
         if kind is Kind.BVIEW:
             point, disks = self._point(owner)
@@ -249,7 +291,7 @@ class Vfs:
         return Attr(ino, mode, size, mtime_ns, 1, mtime_ns, mtime_ns, self.uid, self.gid, immutable=immutable)
 
     def getattr(self, ino: int) -> Attr:
-        kind, payload = Kind(ino >> KIND_SHIFT), ino & (2**KIND_SHIFT - 1)
+        kind, payload = _split(ino)
         if kind is Kind.FIXED:
             if ino not in (ROOT_INO, VMS_INO, RECOVER_INO):
                 raise _err(errno.ENOENT, f"inode {ino}")
@@ -309,7 +351,7 @@ class Vfs:
     # ------------------------------------------------------------------ names
     def readdir(self, ino: int) -> list[tuple[str, int]]:
         """(name, inode) of every entry but '.' and '..', in a stable order."""
-        kind, payload = Kind(ino >> KIND_SHIFT), ino & (2**KIND_SHIFT - 1)
+        kind, payload = _split(ino)
         if ino == ROOT_INO:
             return [("vms", VMS_INO), ("recover", RECOVER_INO)]
         if ino == VMS_INO:
@@ -334,9 +376,9 @@ class Vfs:
         raise _err(errno.ENOTDIR, f"inode {ino}")
 
     def lookup(self, parent: int, name: str) -> Attr:
-        if name in (".", ".."):
-            raise _err(errno.EINVAL, "'.' and '..' are resolved by the front end")
-        kind = Kind(parent >> KIND_SHIFT)
+        if name in (".", "..", "") or "/" in name or "\0" in name:
+            raise _err(errno.EINVAL, f"{name!r} is not a name in a folder ('.' and '..' are the front end's)")
+        kind, _ = _split(parent)
         if kind in (Kind.SESSION, Kind.UPPER):
             sid, rel = self._dir_of(parent)
             for n, ino in self._reserved(sid) if kind is Kind.SESSION else []:
@@ -348,8 +390,31 @@ class Vfs:
                 return self.getattr(ino)
         raise _err(errno.ENOENT, name)
 
+    def parent(self, ino: int) -> int:
+        """The folder holding *ino* (the root for the root): how NFS answers '..'."""
+        kind, payload = _split(ino)
+        if kind is Kind.FIXED:
+            self.getattr(ino)
+            return ROOT_INO
+        if kind is Kind.VM:
+            return VMS_INO
+        if kind is Kind.LATEST:
+            return _ino(Kind.VM, payload)
+        if kind is Kind.POINT:
+            point, _ = self._point(f"{payload:012x}")
+            return _ino(Kind.VM, _hash48(point.vm))
+        if kind in (Kind.VMJSON, Kind.BVIEW):
+            return _ino(Kind.POINT, payload if kind is Kind.VMJSON else payload >> 12)
+        if kind is Kind.SESSION:
+            return RECOVER_INO
+        if kind is Kind.SVIEW:
+            return _ino(Kind.SESSION, payload >> 12)
+        sid, rel = self._upper_path(ino)
+        up = os.path.dirname(rel)
+        return _ino(Kind.SESSION, int(sid, 16)) if not up else self._upper_attr(sid, up).ino
+
     def readlink(self, ino: int) -> str:
-        kind, payload = Kind(ino >> KIND_SHIFT), ino & (2**KIND_SHIFT - 1)
+        kind, payload = _split(ino)
         if kind is Kind.LATEST:
             points = self._vm_points(self._vm_by_hash(payload))
             if points:
@@ -366,7 +431,7 @@ class Vfs:
         return None if v is None else v.read_cached(off, size)
 
     def read(self, ino: int, off: int, size: int) -> bytes:
-        kind = Kind(ino >> KIND_SHIFT)
+        kind, _ = _split(ino)
         if kind in (Kind.BVIEW, Kind.SVIEW):
             return self._view(ino).read(off, size)
         if kind is Kind.VMJSON:
@@ -382,12 +447,12 @@ class Vfs:
 
     def check_writable(self, ino: int) -> None:
         """EROFS for anything under vms/ (what opening it for writing must answer)."""
-        if Kind(ino >> KIND_SHIFT) not in (Kind.SVIEW, Kind.UPPER, Kind.SESSION) and ino != RECOVER_INO:
+        if _split(ino)[0] not in (Kind.SVIEW, Kind.UPPER, Kind.SESSION) and ino != RECOVER_INO:
             raise _err(errno.EROFS, "restore points are read-only; start a recovery session to write")
 
     def write(self, ino: int, off: int, data: bytes | memoryview) -> int:
         self.check_writable(ino)
-        if Kind(ino >> KIND_SHIFT) is Kind.SVIEW:
+        if _split(ino)[0] is Kind.SVIEW:
             return self._view(ino).write(off, data)
         fd = self._upper_open(ino, os.O_WRONLY)
         try:
@@ -396,7 +461,7 @@ class Vfs:
             os.close(fd)
 
     def flush(self, ino: int) -> None:
-        kind = Kind(ino >> KIND_SHIFT)
+        kind, _ = _split(ino)
         if kind is Kind.SVIEW:
             self._view(ino).flush()
         elif kind is Kind.UPPER and not self.getattr(ino).is_dir:
@@ -407,22 +472,23 @@ class Vfs:
                 os.close(fd)
 
     def setattr(
-        self, ino: int, *, size: int | None = None, mode: int | None = None,
-        atime_ns: int | None = None, mtime_ns: int | None = None,
+        self, ino: int, *, size: int | None = None, mode: int | None = None, uid: int | None = None,
+        gid: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
     ) -> Attr:  # fmt: skip
         self.check_writable(ino)
-        kind = Kind(ino >> KIND_SHIFT)
+        kind, _ = _split(ino)
         if kind is Kind.SVIEW:
             if size is not None and size != self._view(ino).size:
                 raise _err(errno.EPERM, "a recovery session's disk keeps the size of its backup")
+            if (uid is not None and uid != self.uid) or (gid is not None and gid != self.gid):
+                raise _err(errno.EPERM, "a recovery session's disk keeps its owner")
             v = self._view(ino)
             assert isinstance(v.disk, SessionDisk)
             if atime_ns is not None or mtime_ns is not None:
-                st = os.fstat(v.disk.fd)
-                os.utime(v.disk.fd, ns=(atime_ns or st.st_atime_ns, mtime_ns or st.st_mtime_ns))
+                os.utime(v.disk.fd, ns=_times(os.fstat(v.disk.fd), atime_ns, mtime_ns))
             return self.getattr(ino)
         if kind is not Kind.UPPER:
-            if size is None and mode is None:
+            if size is None and mode is None and uid is None and gid is None:
                 return self.getattr(ino)  # touch on a session folder: nothing to keep
             raise _err(errno.EPERM, f"inode {ino}")
         sid, rel = self._upper_path(ino)
@@ -431,9 +497,10 @@ class Vfs:
             os.truncate(path, size)
         if mode is not None:
             os.chmod(path, stat.S_IMODE(mode), follow_symlinks=False)
+        if uid is not None or gid is not None:
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
         if atime_ns is not None or mtime_ns is not None:
-            st = os.lstat(path)
-            os.utime(path, ns=(atime_ns or st.st_atime_ns, mtime_ns or st.st_mtime_ns), follow_symlinks=False)
+            os.utime(path, ns=_times(os.lstat(path), atime_ns, mtime_ns), follow_symlinks=False)
         return self._upper_attr(sid, rel)
 
     # ------------------------------------------------------------------ files a hypervisor creates
@@ -442,7 +509,7 @@ class Vfs:
 
     def _dir_of(self, parent: int) -> tuple[str, str]:
         """(session id, relative path) of a writable directory; EROFS for anything else."""
-        kind, payload = Kind(parent >> KIND_SHIFT), parent & (2**KIND_SHIFT - 1)
+        kind, payload = _split(parent)
         if kind is Kind.SESSION:
             return self._session_by_id(f"{payload:012x}").id, ""
         if kind is Kind.UPPER:
@@ -460,13 +527,14 @@ class Vfs:
         return _ino(Kind.UPPER, (int(sid, 16) & 0xFFFFF) << 40 | st_ino)
 
     def _upper_attr(self, sid: str, rel: str) -> Attr:
-        st = os.lstat(self._upper_root(sid) / rel)
+        path = self._upper_root(sid) / rel
+        st = os.lstat(path)
         ino = self._upper_ino(sid, st.st_ino)
         with self._lock:
             self._upper[ino] = (sid, rel)
         return Attr(
             ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_nlink, st.st_ctime_ns, st.st_atime_ns,
-            st.st_uid, st.st_gid,
+            st.st_uid, st.st_gid, _generation(path) if not stat.S_ISLNK(st.st_mode) else 1,
         )  # fmt: skip
 
     def _upper_path(self, ino: int) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.  Both run `make setup`
 # first, which installs what is missing (apt packages, .venv/) and is a no-op when all is there.
-.PHONY: setup demo test lint bench bench-fuse
+.PHONY: setup demo test lint bench bench-fuse bench-nfs
 
 setup:
 	@scripts/setup.sh
@@ -21,3 +21,8 @@ bench: setup
 bench-fuse: setup
 	@scripts/setup.sh borgbackup python3-llfuse  # borg mount's FUSE binding, as measured
 	.venv/bin/python bench/fuse_bench.py
+
+bench-nfs: setup
+	@scripts/setup.sh nfs-ganesha nfs-ganesha-vfs rpcbind  # the NFS server measured against
+	.venv/bin/python bench/nfs_bench.py
+	.venv/bin/python bench/nfs_fuzz.py

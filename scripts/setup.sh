@@ -20,6 +20,8 @@ APT_PACKAGES=(
   fuse3                      # fusermount3 and /etc/fuse.conf for the FUSE datastore
   python3-pyfuse3 python3-trio  # the FUSE binding (built against Debian's libfuse3) and its event loop
   fio                        # tests: randrw with verify=crc32c on recovery-session disks
+  libnfs-utils               # nfs-ls, nfs-cat, nfs-cp: real NFSv3 clients for the NFS datastore's tests
+  qemu-block-extra           # qemu's nfs:// block driver (libnfs): qemu-img and qemu boot from the NFS export
   "$@"
 )
 

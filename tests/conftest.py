@@ -186,3 +186,67 @@ def mounted(cli: Cli, tmp_path: Path):
         if os.path.ismount(mp):
             cli.run("umount", mp, check=False)
         force_unmount(mp)
+
+
+# --------------------------------------------------------------------------- NFS datastore
+PORTMAP_LOCK = Path("/run/lock/vmrecover-port111.lock")
+
+
+class NfsServer:
+    """``vmrecover nfs serve`` in a subprocess, on free ports (and port 111 with ``portmapper``).
+
+    Port 111 is one per machine: holding PORTMAP_LOCK while it is ours makes a second test run or
+    a benchmark wait instead of failing on 'address in use'."""
+
+    def __init__(self, cli: Cli, *args: str, portmapper: bool = False) -> None:
+        self.cli = cli
+        self.lock_fd: int | None = None
+        if portmapper:
+            import fcntl
+
+            self.lock_fd = os.open(PORTMAP_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+        argv = ["nfs", "serve", "--port", "0", "--json", "--cache-size", "64M", *args]
+        self.proc = cli.popen(*argv, *(["--portmapper"] if portmapper else []))
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            self.stop()
+            raise AssertionError(f"nfs serve did not start (exit {self.proc.wait()}): {err}")
+        self.info = json.loads(line)
+        self.port = int(self.info["nfs_port"])
+        self.mount_port = int(self.info["mount_port"])
+
+    def url(self, path: str = "", host: str = "127.0.0.1") -> str:
+        """A libnfs URL naming the ports (no portmapper needed)."""
+        return f"nfs://{host}/vmrecover/{path.lstrip('/')}?version=3&nfsport={self.port}&mountport={self.mount_port}"
+
+    def stop(self) -> str:
+        """SIGTERM, wait, and return what it logged (stderr)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+        return err or ""
+
+
+@pytest.fixture
+def nfs_server(cli: Cli):
+    """Start servers of the ``cli`` repository: ``nfs_server(*args, portmapper=False)``; all stopped after."""
+    servers: list[NfsServer] = []
+
+    def start(*args: str, portmapper: bool = False) -> NfsServer:
+        s = NfsServer(cli, *args, portmapper=portmapper)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()

@@ -54,8 +54,9 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
-def emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+def emit_json(doc: Any, *, indent: int | None = 2) -> None:
+    """One JSON document on stdout; ``indent=None`` puts it on one line (a line-oriented event)."""
+    sys.stdout.write(json.dumps(doc, indent=indent, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
 
 

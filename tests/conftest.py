@@ -142,6 +142,14 @@ def guest_sha256(path: Path) -> str:
         raw.unlink()
 
 
+@pytest.fixture(scope="session")
+def guest_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bootable test guest (256 MiB raw, ext4 root on MBR), built once per test run; read-only."""
+    from vmrecover.testkit.guest import build_guest_disk
+
+    return build_guest_disk(tmp_path_factory.mktemp("guest") / "guest.raw", size=256 * MiB)
+
+
 # --------------------------------------------------------------------------- FUSE datastore
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
@@ -210,10 +218,10 @@ class NfsServer:
         self.proc = cli.popen(*argv, *(["--portmapper"] if portmapper else []))
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            self.stop()
-            raise AssertionError(f"nfs serve did not start (exit {self.proc.wait()}): {err}")
+        if not line.startswith('{"'):  # the ready line, or an error document and exit
+            out = line + self.proc.stdout.read()
+            err = self.stop()
+            raise AssertionError(f"nfs serve did not start (exit {self.proc.returncode}): {out} {err}")
         self.info = json.loads(line)
         self.port = int(self.info["nfs_port"])
         self.mount_port = int(self.info["mount_port"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vmrecover.testkit.guest import MiB, boot, build_guest_disk, read_boot_log
+from vmrecover.testkit.guest import MiB, boot, read_boot_log
 from vmrecover.vfs.formats import vhd_footer, vhd_geometry
 
 from .conftest import Cli, Mounted, needs_fuse, random_image, sha256_file
@@ -112,11 +112,6 @@ def test_new_points_appear_and_inodes_are_stable(cli: Cli, mounted: Mounted, tmp
 
 
 # --------------------------------------------------------------------------- instant recovery
-
-
-@pytest.fixture(scope="module")
-def guest_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_guest_disk(tmp_path_factory.mktemp("guest") / "guest.raw", size=256 * MiB)
 
 
 @needs_fuse

@@ -235,6 +235,8 @@ class Vfs:
             return d
 
     def _view(self, ino: int) -> View:
+        if ino >> KIND_SHIFT == Kind.SVIEW:  # a stopped session's disk is gone (its delta may be open still)
+            self._session_by_id(f"{(ino >> 12) & (2**48 - 1):012x}")
         v = self._views.get(ino)
         if v is not None:
             return v

@@ -72,7 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 info = await nursery.start(serve, vfs, config)
                 if args.json:
-                    emit_json({"serving": True, **dataclasses.asdict(info), "allow": list(config.allow)}, indent=None)
+                    ready = {"serving": True, **dataclasses.asdict(info), "allow": list(config.allow)}
+                    emit_json(ready, indent=None)
                 else:
                     pmap = ", portmapper 111" if info.portmap_port else ""
                     stdout.print(

@@ -6,9 +6,8 @@ rules that keep a hostile or broken client from hurting anyone else:
 - A record (all fragments of one call) may not exceed ``max_record`` bytes: a larger length closes
   that connection before anything is allocated for it.
 - At most ``max_inflight`` calls are being served at once across all connections; a connection
-  reads its next record only when a slot is free, so memory is bounded by about
-  ``max_inflight * max_record`` plus one partial record per connection, and connections are capped
-  by ``max_connections``.
+  reads its next record only once its last one got a slot, so memory is bounded by about
+  ``(max_inflight + max_connections) * max_record``, and connections are capped by ``max_connections``.
 - A call whose header cannot be read, or a message that is not a CALL, closes the connection (there
   is no xid to answer).  Everything else gets the RFC's reply: RPC_MISMATCH, AUTH_ERROR, PROG_UNAVAIL,
   PROG_MISMATCH, PROC_UNAVAIL, GARBAGE_ARGS or SYSTEM_ERR; the connection stays up.
@@ -298,15 +297,12 @@ class RpcServer:
         try:
             async with trio.open_nursery() as nursery:
                 while True:
-                    await self._slots.acquire()
-                    try:
-                        record = await reader.read()
-                    except BaseException:
-                        self._slots.release()
-                        raise
+                    # A slot is taken only once a whole record is here (a client dribbling a record
+                    # holds none), and the next record is read only once this one has a slot.
+                    record = await reader.read()
                     if record is None:
-                        self._slots.release()
                         break
+                    await self._slots.acquire()
                     nursery.start_soon(serve_one, record)
         except ProtocolViolation as exc:
             log.warning("closing connection from %s: %s", peer, exc)

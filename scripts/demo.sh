@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on real images: make a VM disk with a real ext4 filesystem, back it up,
 # change it, back up only the changed blocks, list, restore both points and check every byte; then
-# back up a bootable guest, boot it from the backup (instant recovery), read a file from it, migrate it.
+# back up a bootable guest, boot it from the backup (instant recovery) via FUSE and via NFS, read a file from
+# it, migrate it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -64,6 +65,18 @@ step "the guest wrote to its disk; the backup did not change"
 vmrecover recover list
 qemu-img compare -q "$work/guest.raw" "$work/mnt/vms/web01/latest/guest.raw" && echo "backup: unchanged"
 step "a file from the running session's disk: the guest's own boot log"
+python -m vmrecover.testkit.guest log "$work/mnt/recover/web01-rescue/guest.raw"
+step "the same session over NFS, as a hypervisor's datastore mounts it: boot it again over nfs://"
+vmrecover nfs serve --port 0 --portmapper --json > "$work/nfs.json" 2> "$work/nfs.log" &
+nfs_pid=$!
+trap 'kill $nfs_pid 2>/dev/null || true; vmrecover umount "$work/mnt" 2>/dev/null || true' EXIT
+for _ in $(seq 100); do [ -s "$work/nfs.json" ] && break; sleep 0.1; done
+cat "$work/nfs.json"
+nfs-ls nfs://127.0.0.1/vmrecover/recover/web01-rescue
+python -m vmrecover.testkit.guest boot --timeout 300 --serial-log "$work/serial-nfs.log" \
+  --drive "file=nfs://127.0.0.1/vmrecover/recover/web01-rescue/guest.raw,format=raw,if=virtio,cache=none"
+kill $nfs_pid && wait $nfs_pid || true
+echo "the boot log now, through FUSE (the NFS boot wrote its line into the same session):"
 python -m vmrecover.testkit.guest log "$work/mnt/recover/web01-rescue/guest.raw"
 step "migrate the session to a standalone qcow2 for production, then discard the session"
 vmrecover recover migrate web01-rescue --to "$work/web01-production.qcow2"

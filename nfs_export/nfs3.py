@@ -419,31 +419,23 @@ class Nfs3:
         def work(p: Packer) -> None:
             d = self._dir(fh)
             valid_name(name)
-            mode = new.mode if new.mode is not None else 0o644
             try:
-                a = self.fs.create(d.ino, name, mode)
+                a = self.fs.create(d.ino, name, new.mode if new.mode is not None else 0o644)
+                created = True
             except FileExistsError:
                 if how == GUARDED:
                     raise
-                a = self.fs.lookup(d.ino, name)
+                a, created = self.fs.lookup(d.ino, name), False
                 if how == EXCLUSIVE:  # a retransmission finds its own verifier in the times
                     if (a.mtime_ns // 1_000_000_000, a.atime_ns // 1_000_000_000, a.size) != (*vtimes, 0):
                         raise
                 elif not stat.S_ISREG(a.mode):
-                    raise NfsError(EXIST if not stat.S_ISDIR(a.mode) else ISDIR) from None
-                else:
-                    changes = new.changes()
-                    changes.pop("mode", None)
-                    if changes:
-                        a = self.fs.setattr(a.ino, **changes)
-            else:
-                if how == EXCLUSIVE:  # keep the verifier where a retransmission finds it (RFC 1813 3.3.8)
+                    raise NfsError(ISDIR if stat.S_ISDIR(a.mode) else EXIST) from None
+            if how == EXCLUSIVE:
+                if created:  # keep the verifier where a retransmission finds it (RFC 1813 3.3.8)
                     a = self.fs.setattr(a.ino, mtime_ns=vtimes[0] * 10**9, atime_ns=vtimes[1] * 10**9)
-                else:
-                    changes = new.changes()
-                    changes.pop("mode", None)
-                    if changes:
-                        a = self.fs.setattr(a.ino, **changes)
+            elif changes := {k: v for k, v in new.changes().items() if k != "mode"}:  # mode: at creation
+                a = self.fs.setattr(a.ino, **changes)
             self._new_object(p, a, d, self.fs.getattr(d.ino))
 
         return await self._run(2, work)

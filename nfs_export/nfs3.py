@@ -240,11 +240,7 @@ class Nfs3:
             known = hasattr(exc, "exit_code")  # an error the filesystem describes itself (a corrupt chunk)
             log.error("filesystem error, answered NFS3ERR_IO: %s", exc, exc_info=not known)
             status = IO
-        p = Packer()
-        p.u32(status)
-        for _ in range(fail_words):
-            p.u32(0)
-        return p
+        return self._status(status, fail_words)
 
     def _dir(self, raw: bytes) -> FileAttributes:
         a = self.resolve(raw)

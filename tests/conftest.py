@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -140,6 +141,43 @@ def guest_sha256(path: Path) -> str:
         return sha256_file(raw)
     finally:
         raw.unlink()
+
+
+# --------------------------------------------------------------------------- damaged repositories
+CHUNK = 64 * 1024  # the `cli` fixture's repository chunk size
+HEADER = 16  # size of a chunk file's envelope header (vmrecover/repo/blob.py); the payload follows
+FLAG_ZSTD = 1
+
+
+def chunky_image(path: Path, nchunks: int) -> bytes:
+    """Chunk i is text (compressible, stored zstd) if i % 4 == 0, a hole if i % 4 == 1, else random
+    bytes (stored as is).  Every non-hole chunk is unique, so it has a chunk file of its own."""
+    rng = random.Random(11)
+    parts = []
+    for i in range(nchunks):
+        if i % 4 == 0:
+            parts.append((f"chunk {i} says hello. " * CHUNK).encode()[:CHUNK])
+        elif i % 4 == 1:
+            parts.append(bytes(CHUNK))
+        else:
+            parts.append(rng.randbytes(CHUNK))
+    data = b"".join(parts)
+    path.write_bytes(data)
+    return data
+
+
+def corrupt_chunk(repo: Path, plain: bytes) -> tuple[str, int]:
+    """Flip bytes in the payload of the chunk file holding *plain*; return (digest hex, envelope flags)."""
+    digest = hashlib.sha256(plain).hexdigest()
+    path = repo / "chunks" / digest[:2] / digest
+    blob = bytearray(path.read_bytes())
+    payload = len(blob) - HEADER
+    assert payload > 8, f"chunk {digest} has a payload of {payload} bytes"
+    for pos in (HEADER + 3, HEADER + payload // 2, len(blob) - 5):
+        blob[pos] ^= 0xA5
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(blob))
+    return digest, blob[5]
 
 
 @pytest.fixture(scope="session")

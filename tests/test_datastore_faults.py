@@ -29,18 +29,18 @@ from pathlib import Path
 import pytest
 
 from .conftest import (
+    CHUNK,
+    FLAG_ZSTD,
     Cli,
     MiB,
     Mounted,
     assert_clean_error,
+    chunky_image,
+    corrupt_chunk,
     force_unmount,
     random_image,
     sha256_file,
 )
-
-CHUNK = 64 * 1024  # the `cli` fixture's repository chunk size
-HEADER = 16  # size of a chunk file's envelope header (vmrecover/repo/blob.py); the payload follows
-FLAG_ZSTD = 1
 
 # exit codes (vmrecover/errors.py ExitCode; part of the interface, so spelled out here)
 INTEGRITY, LOCKED, NOT_FOUND, BAD_INPUT = 3, 4, 5, 6
@@ -164,37 +164,6 @@ def session_image(tmp_path: Path, size: int, seed: int) -> tuple[Path, bytes]:
 # --- 1. corrupt chunk ----------------------------------------------------------------------------------
 
 
-def _chunky_image(path: Path, nchunks: int) -> bytes:
-    """Chunk i is text (compressible, stored zstd) if i % 4 == 0, a hole if i % 4 == 1, else random
-    bytes (stored as is).  Every non-hole chunk is unique, so it has a chunk file of its own."""
-    rng = random.Random(11)
-    parts = []
-    for i in range(nchunks):
-        if i % 4 == 0:
-            parts.append((f"chunk {i} says hello. " * CHUNK).encode()[:CHUNK])
-        elif i % 4 == 1:
-            parts.append(bytes(CHUNK))
-        else:
-            parts.append(rng.randbytes(CHUNK))
-    data = b"".join(parts)
-    path.write_bytes(data)
-    return data
-
-
-def _corrupt(repo: Path, plain: bytes) -> tuple[str, int]:
-    """Flip bytes in the payload of the chunk file holding *plain*; return (digest hex, envelope flags)."""
-    digest = hashlib.sha256(plain).hexdigest()
-    path = repo / "chunks" / digest[:2] / digest
-    blob = bytearray(path.read_bytes())
-    payload = len(blob) - HEADER
-    assert payload > 8, f"chunk {digest} has a payload of {payload} bytes"
-    for pos in (HEADER + 3, HEADER + payload // 2, len(blob) - 5):
-        blob[pos] ^= 0xA5
-    os.chmod(path, 0o644)
-    path.write_bytes(bytes(blob))
-    return digest, blob[5]
-
-
 def _check_reads(fd: int, data: bytes, bad: set[int]) -> None:
     """Every chunk-sized read of the file: the exact bytes for a good chunk, EIO for a corrupt one.
     Reads crossing into a corrupt chunk return a correct prefix (a short read) or EIO."""
@@ -223,10 +192,10 @@ def test_corrupt_chunk_reads_eio_never_wrong_bytes(cli: Cli, mounted: Mounted, t
     and further reads work) and logs the chunk.  A session write that would need the corrupt bytes
     (read-modify-write) fails EIO and writes nothing; overwriting a corrupt chunk whole repairs that
     range in the session, and migrate (exit 3 while damage remains) then writes the exact disk."""
-    data = _chunky_image(tmp_path / "disk0.raw", 256)  # 16 MiB
+    data = chunky_image(tmp_path / "disk0.raw", 256)  # 16 MiB
     point = backup(cli, tmp_path / "disk0.raw", "v")
     bad = {100, 150}
-    corrupted = [_corrupt(cli.repo, data[i * CHUNK : (i + 1) * CHUNK]) for i in sorted(bad)]
+    corrupted = [corrupt_chunk(cli.repo, data[i * CHUNK : (i + 1) * CHUNK]) for i in sorted(bad)]
     assert [flags & FLAG_ZSTD for _, flags in corrupted] == [FLAG_ZSTD, 0], "want both decode paths"
     pid = mounted.daemon_pid()
 
@@ -300,9 +269,9 @@ def test_session_reads_across_an_overwritten_corrupt_chunk(
     """A session that overwrote a corrupt chunk whole no longer needs its backup bytes: reads that
     span the chunk and its neighbours (a guest reading 192 KiB, or the whole disk) return the merged
     bytes."""
-    data = _chunky_image(tmp_path / "disk0.raw", 64)
+    data = chunky_image(tmp_path / "disk0.raw", 64)
     point = backup(cli, tmp_path / "disk0.raw", "o")
-    _corrupt(cli.repo, data[10 * CHUNK : 11 * CHUNK])
+    corrupt_chunk(cli.repo, data[10 * CHUNK : 11 * CHUNK])
     start_session(cli, f"o@{point}", "s")
     disk = mounted.session_dir("s") / "disk0.raw"
     wait_for(disk.exists, "the session to appear in the mount")
@@ -336,7 +305,7 @@ def test_chunk_file_holding_another_chunk_never_serves_its_bytes(
     matches.  Small random reads of that range (the first reads of a fresh daemon: no readahead)
     through a session and through the backup view give EIO, never the other chunk's bytes, also
     when the file is opened again."""
-    data = _chunky_image(tmp_path / "disk0.raw", 256)
+    data = chunky_image(tmp_path / "disk0.raw", 256)
     point = backup(cli, tmp_path / "disk0.raw", "w")
     bad, donor = 150, 130  # both random chunks, stored as is: same envelope size
     digest = {i: hashlib.sha256(data[i * CHUNK : (i + 1) * CHUNK]).hexdigest() for i in (bad, donor)}

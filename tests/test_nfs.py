@@ -20,7 +20,18 @@ import pytest
 from vmrecover.testkit.guest import MiB, boot, read_boot_log
 
 from . import nfsclient as nc
-from .conftest import Cli, Mounted, NfsServer, assert_clean_error, needs_fuse, random_image, sha256_file
+from .conftest import (
+    CHUNK,
+    Cli,
+    Mounted,
+    NfsServer,
+    assert_clean_error,
+    chunky_image,
+    corrupt_chunk,
+    needs_fuse,
+    random_image,
+    sha256_file,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("nfs-cat") is None, reason="needs libnfs-utils (make setup)")
 BOOT_TIMEOUT = 180
@@ -277,6 +288,30 @@ def test_handles_survive_a_restart_and_go_stale(cli: Cli, nfs_server, tmp_path: 
         assert c.getattr(sview)[0] == nc.STALE
         assert c.read(sview, 0, 10)[0] == nc.STALE
         assert c.getattr(bview)[0] == nc.OK
+
+
+def test_corrupt_chunk_is_an_io_error_never_wrong_bytes(cli: Cli, nfs_server, tmp_path: Path) -> None:
+    """A damaged chunk reads NFS3ERR_IO in the backup and session views (twice: the error is not
+    cached as data), nfs-cat fails instead of copying wrong bytes, every other range reads exactly,
+    the server keeps serving and its log names the chunk."""
+    data = chunky_image(tmp_path / "disk.raw", 64)
+    point = cli.json("backup", "--vm", "vm1", tmp_path / "disk.raw", "--format", "raw")["point"]
+    cli.run("recover", "start", "vm1", "--name", "s1")
+    digest, _ = corrupt_chunk(cli.repo, data[40 * CHUNK : 41 * CHUNK])
+    srv: NfsServer = nfs_server()
+    with nc.NfsClient(srv.port) as c:
+        for path in (f"vms/vm1/{point}/disk.raw", "recover/s1/disk.raw"):
+            fh = c.walk(c.root(), path)
+            for _ in range(2):
+                assert c.read(fh, 40 * CHUNK + 100, 1000)[0] == 5  # NFS3ERR_IO
+            for i in (0, 2, 39, 41, 63):
+                assert c.read(fh, i * CHUNK, CHUNK)[1] == data[i * CHUNK : (i + 1) * CHUNK], (path, i)
+    res = _tool("nfs-cat", srv.url(f"vms/vm1/{point}/disk.raw"), check=False)
+    assert res.returncode != 0 and len(res.stdout) <= 40 * CHUNK
+    assert res.stdout == data[: len(res.stdout)]
+    assert _tool("nfs-ls", srv.url()).returncode == 0  # still serving
+    log = srv.stop()
+    assert digest in log and "Traceback" not in log
 
 
 def test_serve_errors(cli: Cli, nfs_server) -> None:

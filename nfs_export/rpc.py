@@ -3,11 +3,14 @@
 One :class:`RpcServer` serves any number of :class:`Program` objects on any number of listeners.  The
 rules that keep a hostile or broken client from hurting anyone else:
 
-- A record (all fragments of one call) may not exceed ``max_record`` bytes: a larger length closes
-  that connection before anything is allocated for it.
-- At most ``max_inflight`` calls are being served at once across all connections; a connection
-  reads its next record only once its last one got a slot, so memory is bounded by about
-  ``(max_inflight + max_connections) * max_record``, and connections are capped by ``max_connections``.
+- A record (all fragments of one call, with their headers) may not exceed ``max_record`` bytes: a
+  larger length closes that connection before anything is allocated for it.
+- A connection has at most ``max_pending`` calls read and not yet answered: it is read again only
+  when one of its replies went out, so a client that does not read its replies stops being read
+  (and one whose replies make no progress for ``send_timeout`` seconds is closed).  At most
+  ``max_inflight`` calls are being worked on across all connections (the slot is not held while a
+  reply waits for its client).  Memory is bounded by about
+  ``max_connections * max_pending * max_record``, and connections are capped by ``max_connections``.
 - A call whose header cannot be read, or a message that is not a CALL, closes the connection (there
   is no xid to answer).  Everything else gets the RFC's reply: RPC_MISMATCH, AUTH_ERROR, PROG_UNAVAIL,
   PROG_MISMATCH, PROC_UNAVAIL, GARBAGE_ARGS or SYSTEM_ERR; the connection stays up.
@@ -108,23 +111,30 @@ class RecordReader:
         return out
 
     async def read(self) -> bytes | None:
-        """The next whole record, or None at a clean end of stream."""
-        parts: list[bytes] = []
+        """The next whole record, or None at a clean end of stream.
+
+        The fragment headers count towards ``max_record`` too: a stream of empty (or one-byte)
+        fragments is a record that grows with every header, not an endless one, and the fragments
+        are joined as they come rather than kept as a list of tiny objects."""
+        joined: bytearray | None = None  # the fragments so far, once there is more than one
         total = 0
         while True:
-            head = await self._exactly(4, at_boundary=not parts)
+            head = await self._exactly(4, at_boundary=total == 0)
             if head is None:
                 return None
             (word,) = struct.unpack(">I", head)
             n = word & ~LAST_FRAGMENT
-            total += n
+            total += 4 + n
             if total > self.max_record:
                 raise ProtocolViolation(f"record of at least {total} bytes exceeds {self.max_record}")
             frag = await self._exactly(n)
             assert frag is not None
-            parts.append(frag)
+            if word & LAST_FRAGMENT and joined is None:
+                return frag
+            joined = bytearray() if joined is None else joined
+            joined += frag
             if word & LAST_FRAGMENT:
-                return parts[0] if len(parts) == 1 else b"".join(parts)
+                return bytes(joined)
 
 
 def _reply_head(xid: int) -> Packer:
@@ -198,11 +208,15 @@ class RpcServer:
         max_record: int,
         max_inflight: int = 64,
         max_connections: int = 64,
+        max_pending: int = 8,
+        send_timeout: float = 120.0,
     ) -> None:
         self.programs = {p.number: p for p in programs}
         self.allow = list(allow)
         self.max_record = max_record
         self.max_connections = max_connections
+        self.max_pending = max_pending
+        self.send_timeout = send_timeout
         self._slots = trio.Semaphore(max_inflight)
         self.connections = 0
 
@@ -262,7 +276,11 @@ class RpcServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one connection until the client closes it or breaks the protocol."""
-        peer = stream.socket.getpeername()[0]
+        try:
+            peer = stream.socket.getpeername()[0]
+        except OSError:  # reset by the client before it was served: there is no one to answer
+            await stream.aclose()
+            return
         if self.connections >= self.max_connections:
             log.warning("too many connections; refusing %s", peer)
             await stream.aclose()
@@ -273,41 +291,50 @@ class RpcServer:
         self.connections += 1
         reader = RecordReader(stream, self.max_record)
         send_lock = trio.Lock()
+        pending = trio.Semaphore(self.max_pending)  # calls of this connection read but not yet answered
 
         async def serve_one(record: bytes) -> None:
             try:
-                buffers = await self.dispatch(record, peer, allowed)
+                async with self._slots:  # the global slot covers the work, not the wait for the client
+                    buffers = await self.dispatch(record, peer, allowed)
                 size = sum(len(b) for b in buffers)
                 mark = struct.pack(">I", LAST_FRAGMENT | size)
                 async with send_lock:
-                    if size <= 65536:
-                        await stream.send_all(b"".join([mark, *buffers]))
-                    else:
-                        await stream.send_all(mark + buffers[0])
-                        for b in buffers[1:]:
-                            await stream.send_all(b)
+                    with trio.move_on_after(self.send_timeout) as waited:
+                        if size <= 65536:
+                            await stream.send_all(b"".join([mark, *buffers]))
+                        else:
+                            await stream.send_all(mark + buffers[0])
+                            for b in buffers[1:]:
+                                await stream.send_all(b)
+                    if waited.cancelled_caught:
+                        raise ProtocolViolation(f"the client read no reply for {self.send_timeout:.0f} s")
             except ProtocolViolation as exc:
                 log.warning("closing connection from %s: %s", peer, exc)
                 nursery.cancel_scope.cancel()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                nursery.cancel_scope.cancel()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                nursery.cancel_scope.cancel()  # the client went away
             finally:
-                self._slots.release()
+                pending.release()
 
+        # Everything is caught inside the nursery, so no exception group (trio >= 0.25) can escape.
         try:
             async with trio.open_nursery() as nursery:
                 while True:
-                    # A slot is taken only once a whole record is here (a client dribbling a record
-                    # holds none), and the next record is read only once this one has a slot.
-                    record = await reader.read()
+                    # Read the next record only once this connection has room for another call: a
+                    # client that does not read its replies stops being read, holding no global slot.
+                    await pending.acquire()
+                    try:
+                        record = await reader.read()
+                    except ProtocolViolation as exc:
+                        log.warning("closing connection from %s: %s", peer, exc)
+                        record = None
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        record = None  # the client went away
                     if record is None:
+                        pending.release()
                         break
-                    await self._slots.acquire()
                     nursery.start_soon(serve_one, record)
-        except ProtocolViolation as exc:
-            log.warning("closing connection from %s: %s", peer, exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass  # the client went away
         finally:
             self.connections -= 1
             await stream.aclose()

@@ -33,7 +33,7 @@ class Mount3:
         """The names below the export's root, or None if *path* is not inside the export."""
         parts = [c for c in path.split("/") if c]
         root = [c for c in self.export_path.split("/") if c]
-        if parts[: len(root)] != root or any(c in (".", "..") for c in parts):
+        if parts[: len(root)] != root or any(c in (".", "..") or "\0" in c for c in parts):
             return None
         return parts[len(root) :]
 

@@ -232,6 +232,8 @@ class Nfs3:
             return await trio.to_thread.run_sync(body, limiter=self.limiter)
         except NfsError as exc:
             status = exc.status
+        except OverflowError:  # an offset or size past what the host takes (2**63)
+            status = FBIG
         except OSError as exc:
             status = _ERRNO.get(exc.errno or errno.EIO, IO)
             if status == IO:
@@ -353,7 +355,7 @@ class Nfs3:
             a = self.resolve(fh)
             if not stat.S_ISREG(a.mode):
                 raise NfsError(ISDIR if stat.S_ISDIR(a.mode) else INVAL)
-            data = self.fs.read(a.ino, off, count)
+            data = self.fs.read(a.ino, off, count) if off < a.size else b""  # (offsets up to 2**64)
             if not a.immutable:
                 a = self.fs.getattr(a.ino)
             got.append(self._read_reply(a, off, data))
@@ -455,6 +457,8 @@ class Nfs3:
         def work(p: Packer) -> None:
             d = self._dir(fh)
             valid_name(name)
+            if not target or "\0" in target:
+                raise NfsError(INVAL, "symlink target")
             a = self.fs.symlink(d.ino, name, target)
             self._new_object(p, a, d, self.fs.getattr(d.ino))
 

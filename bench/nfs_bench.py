@@ -1,0 +1,847 @@
+#!/usr/bin/env python3
+"""NFS datastore benchmark: ``vmrecover nfs serve`` against NFS-Ganesha (FSAL_VFS) serving a plain copy.
+
+Steps (every work file lives under ``--workdir``, a fresh directory under /var/tmp by default, and is
+removed at the end unless ``--keep``):
+
+1. build backup_bench.py's sparse raw image (1 MiB regions: ~35% holes, ~35% text, ~30% random bytes,
+   shuffled with a fixed seed) and back it up with ``vmrecover init --chunk-size 1M`` + ``vmrecover
+   backup --vm bench --format raw``; the image itself is the plain copy Ganesha exports;
+2. build the bootable test guest (vmrecover.testkit.guest) and back it up into the same repository;
+3. **sequential read**, ``--runs`` rounds (default 3), Ganesha and vmrecover alternating (the first of a round
+   changes every round): a freshly started server (rpcbind + ``ganesha.nfsd -F`` with a config written
+   into the work directory, or ``vmrecover nfs serve --port 0``), ``sync; echo 3 >
+   /proc/sys/vm/drop_caches``, then ``nfs-cat`` (libnfs) of the image, ``vms/bench/<point>/disk.raw``
+   for vmrecover, piped into sha256 in this process; MB/s over the disk size, median of the rounds.
+   Then the same ``nfs-cat`` again on the same server without dropping anything ("warm"), for
+   information: it tells the server's CPU cost from its disk I/O;
+4. **boot**: the test guest booted with qemu (TCG, ``testkit.guest.boot``) from a fresh local raw copy,
+   and from a fresh recovery session (``vmrecover recover start``) over ``nfs://127.0.0.1/vmrecover/
+   recover/<session>/guest.raw`` (qemu's libnfs driver, which asks the portmapper: the server runs with
+   ``--portmapper``); same qemu command line, caches dropped and a fresh server before every boot;
+5. **server peak RSS**: VmHWM (/proc/PID/status) of every ``nfs serve`` process just before it is
+   stopped; the largest is reported (Ganesha's for comparison).
+
+Targets (from the issue): vmrecover's nfs-cat rate >= 50% of Ganesha's, boot over nfs:// <= 1.3x the
+local boot.  Port 111 belongs to the whole machine: while rpcbind or a ``--portmapper`` server of ours
+runs, this script holds an exclusive flock on /run/lock/vmrecover-port111.lock (as the test suite does)
+and waits for the port to be free.  Every server is stopped at the end, also on errors, Ctrl-C or
+SIGTERM.  MB means 10^6 bytes.  This is a measurement, not a test: the exit code is 0 whether or not the
+targets are met (1 only when the set-up fails).  Run it as root::
+
+    .venv/bin/python bench/nfs_bench.py                    # 2 GiB image, 3 rounds of everything
+    .venv/bin/python bench/nfs_bench.py --size 256M --runs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backup_bench import (
+    SEED,
+    BenchError,
+    bench_env,
+    can_drop_caches,
+    data_bytes,
+    emit,
+    fmt,
+    human,
+    log,
+    make_image,
+    mb,
+    parse_size,
+    prepare_workdir,
+    ratio,
+    sha256_file,
+    tool_version,
+    verdict,
+)
+from fuse_bench import (
+    BUSY_WARNING,
+    DEFAULT_WORKDIR_PARENT,
+    MEMORY_FILESYSTEMS,
+    MIN_PHASE_S,
+    VMRECOVER,
+    Context,
+    _on_sigterm,
+    boot_checked,
+    cleanup,
+    environment,
+    fs_type,
+    proc_cpu_s,
+    proc_status,
+    summary,
+)
+
+from vmrecover.errors import VmrecoverError
+from vmrecover.recovery import qemu_boot
+from vmrecover.repo.repository import parse_size as vmrecover_parse_size
+from vmrecover.testkit.guest import build_guest_disk
+
+MiB = 2**20
+
+# Acceptance targets.
+SEQ_RATIO_MIN = 0.5  # vmrecover nfs-cat rate / Ganesha's
+BOOT_RATIO_MAX = 1.3  # boot over nfs:// from a recovery session / boot from a local raw copy
+
+EXPORT = "/vmrecover"  # what nfs serve exports
+PORT111_LOCK = Path("/run/lock/vmrecover-port111.lock")  # the test suite's (tests/conftest.py)
+PORT111_WAIT_S = 900.0  # how long to wait for port 111 before giving up
+START_TIMEOUT_S = 60.0  # a server not ready after this long has failed
+HANG_TIMEOUT_S = 300.0
+RPCBIND_STATE = (Path("/run/rpcbind/rpcbind.xdr"), Path("/run/rpcbind/portmap.xdr"))  # written on exit
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+GANESHA_CONF = """\
+# Written by bench/nfs_bench.py: NFSv3 over TCP only, on loopback, one read-only VFS export.
+NFS_CORE_PARAM {{
+    Bind_addr = 127.0.0.1;
+    NFS_Port = {nfs_port};
+    MNT_Port = {mount_port};
+    Protocols = 3;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+    Enable_UDP = false;
+}}
+NFS_KRB5 {{
+    Active_krb5 = false;
+}}
+NFSV4 {{
+    Graceless = true;
+    RecoveryRoot = {workdir}/ganesha-recovery;
+}}
+LOG {{
+    Default_Log_Level = EVENT;
+}}
+EXPORT {{
+    Export_Id = 1;
+    Path = {path};
+    Pseudo = /ganesha;
+    Protocols = 3;
+    Transports = TCP;
+    Access_Type = RO;
+    Squash = No_Root_Squash;
+    FSAL {{
+        Name = VFS;
+    }}
+}}
+"""
+
+
+# --- results ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One timed run (an nfs-cat or a boot) of one tool."""
+
+    kind: str  # "read", "warm read" or "boot"
+    tool: str
+    round: int
+    seconds: float | None = None
+    bytes: int = 0
+    server_cpu_s: float | None = None  # the NFS server's CPU time during the run
+    client_cpu_s: float | None = None  # nfs-cat's (reads only)
+    sha_ok: bool | None = None
+    server_hwm: int | None = None  # VmHWM of the server just before it was stopped (bytes)
+    error: str | None = None
+
+
+@dataclass
+class Row:
+    metric: str
+    vmrecover: str
+    other: str = "-"  # Ganesha for the read rows, the local raw copy for the boot rows
+    ratio: str = "-"
+    target: str = "-"
+    result: str = "info"
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+HEADER = ["metric", "vmrecover", "ganesha/local", "ratio", "target", "result"]
+
+
+def print_table(rows: list[Row]) -> None:
+    cells = [HEADER] + [[r.metric, r.vmrecover, r.other, r.ratio, r.target, r.result] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
+    for i, c in enumerate(cells):
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# --- servers ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    tool: str  # "vmrecover" or "ganesha"
+    proc: subprocess.Popen[bytes]
+    nfs_port: int
+    mount_port: int
+    export: str  # the path a client mounts
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def url(self, path: str) -> str:
+        """A libnfs URL of *path* inside the export that names the ports (no portmapper needed)."""
+        return (
+            f"nfs://127.0.0.1{self.export}/{path.lstrip('/')}"
+            f"?version=3&nfsport={self.nfs_port}&mountport={self.mount_port}"
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_free(port: int) -> bool:
+    """Whether a listener could bind *port* on every address now (as rpcbind and trio do)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def port_holder(port: int) -> str:
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=False)
+    return out.stdout.strip() or "unknown"
+
+
+@contextlib.contextmanager
+def port111(ctx: Context) -> Iterator[None]:
+    """Hold the machine's port-111 lock, and wait until nobody listens on port 111."""
+    fd = os.open(PORT111_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + PORT111_WAIT_S
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    log(f"  waiting for {PORT111_LOCK} (another test run or benchmark uses port 111)")
+                    told = True
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{PORT111_LOCK} still locked after {PORT111_WAIT_S:g} s") from None
+                time.sleep(0.5)
+        told = False
+        while not port_free(111):
+            if not told:
+                log(f"  port 111 is in use (not by a lock holder): waiting; {port_holder(111)}")
+                ctx.notes.append(f"port 111 was taken by a process that does not hold {PORT111_LOCK}")
+                told = True
+            if time.monotonic() > deadline:
+                raise BenchError(f"port 111 still in use after {PORT111_WAIT_S:g} s: {port_holder(111)}")
+            time.sleep(0.5)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def stop_process(ctx: Context, proc: subprocess.Popen[bytes], what: str, seconds: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it is still there after *seconds* (a note in the report)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            ctx.notes.append(f"{what} (pid {proc.pid}) did not stop within {seconds:g} s of SIGTERM: killed")
+            proc.kill()
+            proc.wait()
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str, log_file: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with {proc.returncode}: {tail(log_file)}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} is not listening on port {port} after {START_TIMEOUT_S:g} s")
+        time.sleep(0.1)
+
+
+def tail(path: Path, n: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def vmrecover_server(ctx: Context, *, portmapper: bool = False) -> Iterator[Server]:
+    """A fresh ``vmrecover nfs serve`` (an empty chunk cache), stopped with SIGTERM afterwards."""
+    with contextlib.ExitStack() as stack:
+        if portmapper:
+            stack.enter_context(port111(ctx))
+        base = ctx.log_base("nfs-serve")
+        err = Path(f"{base}.err")
+        argv = [
+            str(ctx.args.vmrecover), "nfs", "serve", "--listen", "127.0.0.1", "--port", "0", "--json",
+            "--cache-size", ctx.args.cache_size, "--repo", str(ctx.repo),
+            *(["--portmapper"] if portmapper else []),
+        ]  # fmt: skip
+        with open(err, "wb") as errf:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf, env=ctx.env,
+                start_new_session=True,
+            )  # fmt: skip
+        stack.callback(stop_process, ctx, proc, "vmrecover nfs serve")
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
+        line = proc.stdout.readline() if ready else b""
+        if not line:
+            stop_process(ctx, proc, "vmrecover nfs serve")
+            raise BenchError(f"vmrecover nfs serve did not start (exit {proc.returncode}): {tail(err)}")
+        try:
+            info = json_line(line)
+            server = Server("vmrecover", proc, int(info["nfs_port"]), int(info["mount_port"]), EXPORT, err)
+        except (ValueError, KeyError, TypeError):
+            raise BenchError(f"nfs serve printed {line[:500]!r} instead of its ready line") from None
+        if portmapper and info.get("portmap_port") != 111:
+            raise BenchError(f"nfs serve --portmapper does not answer on port 111: {info}")
+        yield server
+
+
+def json_line(line: bytes) -> dict[str, Any]:
+    doc = json.loads(line)
+    if not isinstance(doc, dict):
+        raise ValueError(line)
+    return doc
+
+
+@contextlib.contextmanager
+def ganesha_server(ctx: Context, export_dir: Path) -> Iterator[Server]:
+    """rpcbind and a fresh ``ganesha.nfsd -F`` exporting *export_dir*; both stopped afterwards."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(port111(ctx))
+        base = ctx.log_base("ganesha")
+        state_before = {p for p in RPCBIND_STATE if p.exists()}
+
+        def forget_rpcbind_state() -> None:  # rpcbind writes its registrations there when it stops
+            for p in RPCBIND_STATE:
+                if p not in state_before:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+
+        stack.callback(forget_rpcbind_state)
+        rpc_log = Path(f"{base}-rpcbind.log")
+        with open(rpc_log, "wb") as f:
+            rpcbind = subprocess.Popen(
+                ["rpcbind", "-f"], stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        stack.callback(stop_process, ctx, rpcbind, "rpcbind")
+        wait_listening(rpcbind, 111, "rpcbind", rpc_log)
+
+        nfs_port, mount_port = free_port(), free_port()
+        while mount_port == nfs_port:
+            mount_port = free_port()
+        conf = ctx.workdir / "ganesha.conf"
+        conf.write_text(
+            GANESHA_CONF.format(
+                nfs_port=nfs_port, mount_port=mount_port, workdir=ctx.workdir, path=export_dir
+            )
+        )
+        glog = Path(f"{base}.log")
+        with open(Path(f"{base}.out"), "wb") as f:
+            proc = subprocess.Popen(
+                ["ganesha.nfsd", "-F", "-f", conf, "-L", glog, "-p", ctx.workdir / "ganesha.pid"],
+                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        stack.callback(stop_process, ctx, proc, "ganesha.nfsd")
+        wait_listening(proc, nfs_port, "ganesha.nfsd", glog)
+        wait_listening(proc, mount_port, "ganesha.nfsd", glog)
+        yield Server("ganesha", proc, nfs_port, mount_port, str(export_dir), glog)
+
+
+# --- measurements ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    image: Path
+    export_dir: Path  # holds the image: what Ganesha exports
+    image_sha256: str
+    image_data_bytes: int
+    point: str
+    disk: str
+    guest_point: str
+    guest_disk: str
+    vm_backup: dict[str, Any]
+    build_s: float
+
+
+def prepare(ctx: Context) -> Setup:
+    wd, size = ctx.workdir, ctx.args.size
+    export_dir = wd / "plain"
+    export_dir.mkdir()
+    image = export_dir / "disk.raw"
+    log(f"building a {human(size)} sparse image at {image}")
+    info = make_image(image, size, SEED)
+    log(f"  {info.holes} hole, {info.text} text, {info.random} random regions in {info.build_s:.1f} s")
+    image_sha = sha256_file(image)
+    log(f"  sha256 {image_sha}")
+
+    ctx.vmr(["init", "--chunk-size", "1M"], "init")
+    log("vmrecover backup of the image")
+    doc = ctx.vmr(["backup", "--vm", "bench", image, "--format", "raw"], "backup")
+    point, disk = doc["point"], doc["disks"][0]["name"]
+    log(f"  point {point}, {doc['duration_s']} s")
+
+    gdoc: dict[str, Any] = {"point": "", "disks": [{"name": ""}]}
+    if not ctx.args.no_boot:
+        guest = build_guest_disk(wd / "guest.raw", cache_dir=wd / "guest-cache")
+        gdoc = ctx.vmr(["backup", "--vm", "guest", guest, "--format", "raw"], "backup-guest")
+        log(f"test guest {guest} backed up as guest@{gdoc['point']}")
+    return Setup(
+        image, export_dir, image_sha, data_bytes(image), point, disk, gdoc["point"],
+        gdoc["disks"][0]["name"], doc, info.build_s,
+    )  # fmt: skip
+
+
+def nfs_cat(url: str, timeout: float) -> tuple[float, int, str, float]:
+    """``nfs-cat URL`` piped into sha256 here: (seconds, bytes, hex digest, nfs-cat's CPU seconds).
+
+    The time runs from the start of nfs-cat to its exit (mount, reads, unmount).  A run still going
+    after *timeout* seconds is killed (nfs-cat is ours) and reported as hung."""
+    h = hashlib.sha256()
+    view = memoryview(bytearray(MiB))
+    total = 0
+    hung = threading.Event()
+    with tempfile.TemporaryFile() as errf:
+        start = time.perf_counter()
+        proc = subprocess.Popen(["nfs-cat", url], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=errf, bufsize=0)  # fmt: skip
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        with contextlib.suppress(OSError):  # fewer, larger reads from the pipe (up to pipe-max-size)
+            fcntl.fcntl(fd, F_SETPIPE_SZ, MiB)
+
+        def kill() -> None:
+            hung.set()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+        timer = threading.Timer(timeout, kill)
+        timer.daemon = True
+        timer.start()
+        try:
+            while n := os.readv(fd, [view]):
+                h.update(view[:n])
+                total += n
+            _, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - start
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            timer.cancel()
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        errf.seek(0)
+        err = errf.read().decode(errors="replace")
+    if hung.is_set():
+        raise BenchError(f"nfs-cat {url} hung: killed after {timeout:g} s ({total} bytes read)")
+    if proc.returncode != 0:
+        raise BenchError(f"nfs-cat {url} exited with {proc.returncode}: {err.strip()[-1000:]}")
+    return seconds, total, h.hexdigest(), usage.ru_utime + usage.ru_stime
+
+
+def attempt(ctx: Context, run: Run, fn: Callable[[], None]) -> Run:
+    """Run *fn*; a failure is recorded in *run* (and fails its target), not raised."""
+    try:
+        fn()
+    except (BenchError, OSError, VmrecoverError, subprocess.SubprocessError) as exc:
+        msg = exc.message if isinstance(exc, VmrecoverError) else str(exc)
+        run.error = msg.splitlines()[0] if msg else type(exc).__name__
+        log(f"  {run.tool} {run.kind} {run.round} failed: {msg}")
+        ctx.notes.append(f"{run.tool} {run.kind} {run.round} failed: {msg[:1000]}")
+    return run
+
+
+def measure_read(ctx: Context, s: Setup, tool: str, rnd: int, runs: list[Run]) -> None:
+    size = ctx.args.size
+    timeout = max(HANG_TIMEOUT_S, size / 5e6)  # 5 MB/s at least
+    cold, warm = Run("read", tool, rnd), Run("warm read", tool, rnd)
+    runs += [cold, warm]
+
+    def timed(server: Server, r: Run, path: str) -> None:
+        name = f"{tool} {r.kind} {rnd}"
+        with ctx.phase(name, server.pid):
+            cpu0 = proc_cpu_s(server.pid)
+            seconds, n, digest, client_cpu = nfs_cat(server.url(path), timeout)
+            r.server_cpu_s = proc_cpu_s(server.pid) - cpu0
+        r.seconds, r.bytes, r.client_cpu_s = seconds, n, client_cpu
+        r.sha_ok = digest == s.image_sha256 and n == size
+        log(
+            f"  {name}: {mb(n) / seconds:.0f} MB/s ({seconds:.2f} s; server CPU {r.server_cpu_s:.2f} s, "
+            f"nfs-cat CPU {client_cpu:.2f} s){'' if r.sha_ok else f', WRONG DATA: {n} bytes, {digest}'}"
+        )
+
+    def one() -> None:
+        if tool == "vmrecover":
+            server_cm = vmrecover_server(ctx)
+            path = f"vms/bench/{s.point}/{s.disk}.raw"
+        else:
+            server_cm = ganesha_server(ctx, s.export_dir)
+            path = s.image.name
+        with server_cm as server:
+            ctx.run(["nfs-ls", server.url(str(Path(path).parent))], f"{tool}-nfs-ls", timeout=120)
+            ctx.cold()
+            timed(server, cold, path)
+            attempt(ctx, warm, lambda: timed(server, warm, path))  # no cache dropped: for information
+            cold.server_hwm = proc_status(server.pid, "VmHWM")
+
+    attempt(ctx, cold, one)
+
+
+def measure_boot(ctx: Context, s: Setup, tool: str, rnd: int, runs: list[Run]) -> None:
+    wd, timeout = ctx.workdir, ctx.args.boot_timeout
+    run = Run("boot", tool, rnd)
+    runs.append(run)
+
+    def local() -> None:
+        disk = build_guest_disk(wd / f"guest-local-{rnd}.raw", cache_dir=wd / "guest-cache")  # fresh copy
+        try:
+            ctx.cold()
+            with ctx.phase(f"local boot {rnd}"):
+                res = boot_checked(
+                    "boot from the local copy", disk=disk, serial_log=ctx.logs / f"boot-local-{rnd}.serial",
+                    timeout=timeout,
+                )  # fmt: skip
+            run.seconds = res.seconds
+            log(f"  local raw copy: {res.seconds:.2f} s")
+        finally:
+            if not ctx.args.keep:
+                disk.unlink()
+
+    def over_nfs() -> None:
+        name = f"nfs-bench-{rnd}"
+        ctx.vmr(["recover", "start", f"guest@{s.guest_point}", "--name", name], "recover-start")
+        ctx.sessions.append(name)
+        try:
+            with vmrecover_server(ctx, portmapper=True) as server:
+                url = f"nfs://127.0.0.1{EXPORT}/recover/{name}/{s.guest_disk}.raw"
+                ctx.cold()
+                with ctx.phase(f"vmrecover boot {rnd}", server.pid):
+                    cpu0 = proc_cpu_s(server.pid)
+                    res = boot_checked(
+                        "boot over nfs://", disk=None, drive_args=qemu_boot.drive(url),
+                        serial_log=ctx.logs / f"boot-nfs-{rnd}.serial", timeout=timeout,
+                    )  # fmt: skip
+                    run.server_cpu_s = proc_cpu_s(server.pid) - cpu0
+                run.seconds = res.seconds
+                run.server_hwm = proc_status(server.pid, "VmHWM")
+                log(f"  session over {url}: {res.seconds:.2f} s (server CPU {run.server_cpu_s:.2f} s)")
+        finally:
+            ctx.vmr(["recover", "stop", name], "recover-stop")
+            ctx.sessions.remove(name)
+
+    attempt(ctx, run, local if tool == "local" else over_nfs)
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def make_rows(ctx: Context, s: Setup, runs: list[Run]) -> list[Row]:
+    size = ctx.args.size
+    n = ctx.args.runs
+    of = f"median of {n}" if n > 1 else "1 run"
+    rows: list[Row] = []
+
+    def of_kind(kind: str, tool: str) -> list[Run]:
+        return [r for r in runs if r.kind == kind and r.tool == tool]
+
+    def failed(kind: str, tool: str) -> bool:
+        return any(r.error for r in of_kind(kind, tool))
+
+    def values(kind: str, tool: str, get: Callable[[Run], float | None]) -> float | None:
+        return median([v for r in of_kind(kind, tool) if r.seconds is not None and (v := get(r)) is not None])
+
+    def row(
+        metric: str, vm: float | None, other: float | None, spec: str = ".2f", *, show_ratio: bool = True,
+        target: str = "-", ok: Callable[[float], bool] | None = None, fail: bool = False,
+    ) -> None:  # fmt: skip
+        q = ratio(vm, other) if show_ratio else None
+        result = "info"
+        if ok is not None:
+            result = "FAIL" if fail else verdict(None if q is None else ok(q))
+        shown = fmt(q, ".2f", "x") if show_ratio else "-"
+        vals = {"vmrecover": vm, "other": other, "ratio": q}
+        rows.append(Row(metric, fmt(vm, spec), fmt(other, spec), shown, target, result, vals))
+
+    def rate(r: Run) -> float | None:
+        return ratio(mb(r.bytes), r.seconds)
+
+    other = "ganesha"
+    row(
+        f"nfs-cat of the disk, cold (MB/s over {human(size)}; {of})",
+        values("read", "vmrecover", rate), values("read", other, rate), ".0f",
+        target=f">= {SEQ_RATIO_MIN:g}x", ok=lambda q: q >= SEQ_RATIO_MIN,
+        fail=failed("read", "vmrecover"),
+    )  # fmt: skip
+    row("nfs-cat time, cold (s)", values("read", "vmrecover", lambda r: r.seconds),
+        values("read", other, lambda r: r.seconds))  # fmt: skip
+    row("server CPU during the cold nfs-cat (s)", values("read", "vmrecover", lambda r: r.server_cpu_s),
+        values("read", other, lambda r: r.server_cpu_s))  # fmt: skip
+    row("nfs-cat's own CPU, cold (s)", values("read", "vmrecover", lambda r: r.client_cpu_s),
+        values("read", other, lambda r: r.client_cpu_s), show_ratio=False)  # fmt: skip
+    row(
+        "nfs-cat again on the same server, caches warm (MB/s)",
+        values("warm read", "vmrecover", rate), values("warm read", other, rate), ".0f",
+    )  # fmt: skip
+    row("server CPU during the warm nfs-cat (s)", values("warm read", "vmrecover", lambda r: r.server_cpu_s),
+        values("warm read", other, lambda r: r.server_cpu_s))  # fmt: skip
+
+    def sha(tool: str) -> tuple[str, bool | None]:
+        done = [r for r in runs if r.kind != "boot" and r.tool == tool and r.sha_ok is not None]
+        if not done:
+            return "n/a", None
+        ok = all(r.sha_ok for r in done)
+        return f"{'yes' if ok else 'NO'} ({sum(bool(r.sha_ok) for r in done)}/{len(done)})", ok
+
+    (vt, vok), (gt, gok) = sha("vmrecover"), sha(other)
+    rows.append(
+        Row(
+            "nfs-cat output sha256 == image sha256 (runs equal/all)", vt, gt, "-", "equal",
+            "FAIL" if failed("read", "vmrecover") else verdict(vok),
+            {"vmrecover": vok, "other": gok, "image_sha256": s.image_sha256},
+        )
+    )  # fmt: skip
+
+    if not ctx.args.no_boot:
+        secs: Callable[[Run], float | None] = lambda r: r.seconds  # noqa: E731
+        row(
+            f"guest boot to power-off, cold, nfs:// vs local raw ({of}, s)",
+            values("boot", "vmrecover", secs), values("boot", "local", secs),
+            target=f"<= {BOOT_RATIO_MAX:g}x", ok=lambda q: q <= BOOT_RATIO_MAX,
+            fail=failed("boot", "vmrecover"),
+        )  # fmt: skip
+        cpu = values("boot", "vmrecover", lambda r: r.server_cpu_s)
+        rows.append(Row("server CPU during the boot over nfs:// (s)", fmt(cpu), values={"vmrecover": cpu}))
+
+    def hwm(tool: str) -> tuple[float | None, int]:
+        seen = [r.server_hwm for r in runs if r.tool == tool and r.server_hwm is not None]
+        return (mb(max(seen)) if seen else None), len(seen)
+
+    (vh, vn), (gh, _) = hwm("vmrecover"), hwm(other)
+    row(
+        f"server peak RSS, VmHWM (MB; max of {vn} servers; --cache-size {ctx.args.cache_size})", vh, gh,
+        ".0f", show_ratio=False,
+    )  # fmt: skip
+    return rows
+
+
+def report(ctx: Context, s: Setup, runs: list[Run]) -> dict[str, Any]:
+    rows = make_rows(ctx, s, runs)
+    env = environment(ctx)
+    for key in ("borg", "borg_create"):
+        env.pop(key, None)
+    env.update(
+        ganesha=tool_version(["ganesha.nfsd", "-v"]),
+        libnfs=dpkg_version("libnfs-utils"),
+        nfs_ganesha_package=dpkg_version("nfs-ganesha"),
+        rpcbind=dpkg_version("rpcbind"),
+        no_boot=ctx.args.no_boot,
+    )
+    return {
+        "environment": env,
+        "image": {
+            "size": ctx.args.size,
+            "data_bytes": s.image_data_bytes,
+            "sha256": s.image_sha256,
+            "build_s": s.build_s,
+            "vmrecover_point": s.point,
+            "vmrecover_backup": s.vm_backup,
+        },
+        "runs": [asdict(r) for r in runs],
+        "phases": [asdict(p) for p in ctx.phases],
+        "notes": ctx.notes,
+        "rows": [asdict(r) for r in rows],
+        "summary": summary(rows),  # type: ignore[arg-type]  # needs .metric and .result only
+    }
+
+
+def dpkg_version(package: str) -> str:
+    out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True,
+                         check=False)  # fmt: skip
+    return out.stdout.strip() or "n/a"
+
+
+def print_report(doc: dict[str, Any]) -> None:
+    env, img = doc["environment"], doc["image"]
+    load = ", ".join(f"{v:.2f}" for v in env["load_average_at_start"])
+    print(f"vmrecover NFS datastore benchmark  ({env['vmrecover']}; {env['ganesha']})")
+    print(
+        f"host: {env['cpus']} CPUs, {human(env['memory_bytes'])} RAM, kernel {env['kernel']}, "
+        f"load average at start {load}; workdir {env['workdir']} ({env['workdir_fs']})"
+    )
+    print(
+        f"image: {human(img['size'])} raw sparse ({human(img['data_bytes'])} data), sha256 {img['sha256']}; "
+        f"vmrecover 1 MiB chunks; Ganesha FSAL_VFS exports the plain image"
+    )
+    cold = "yes" if env["page_cache_dropped"] else "NO (not root: runs are not cold, numbers are optimistic)"
+    print(
+        f"page cache dropped and servers restarted before each timed run: {cold}; "
+        f"nfs serve --cache-size {env['cache_size']}; client nfs-cat (libnfs {env['libnfs']}), NFSv3/TCP"
+    )
+    print(f"qemu: {env['qemu']} (TCG); MB = 10^6 bytes")
+    for note in doc["notes"]:
+        print(f"note: {note}")
+    phases = [p for p in doc["phases"] if p["wall_s"] >= MIN_PHASE_S]
+    others = [(p["other_cpu_s"] / p["wall_s"], p["name"]) for p in phases]
+    if others:
+        worst, name = max(others)
+        print(
+            f"CPU used by other processes during timed phases of >= {MIN_PHASE_S:g} s: "
+            f"up to {worst:.2f} CPUs ({name})"
+        )
+        if worst > BUSY_WARNING:
+            busy = ", ".join(f"{n} {c:.2f}" for c, n in others if c > BUSY_WARNING)
+            print(f"WARNING: other work used CPUs during: {busy}; the times of those phases are unreliable")
+    print()
+    print_table([Row(**r) for r in doc["rows"]])
+    print()
+    s = doc["summary"]
+    status = "all targets met" if not s["failed"] else "FAILED: " + "; ".join(s["failed"])
+    print(f"summary: {s['passed']}/{s['targets']} targets met -- {status}")
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--size", type=parse_size, default=parse_size("2G"), help="disk image size (default 2G)")
+    p.add_argument(
+        "--workdir", type=Path, help="work files go here (default: a new directory under /var/tmp)"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work files (image, repository, logs)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--runs", type=int, default=3, metavar="N", help="rounds of each measurement (default 3)")
+    p.add_argument("--cache-size", default="512M", help="vmrecover nfs serve --cache-size (default 512M)")
+    p.add_argument("--boot-timeout", type=float, default=300, help="seconds per guest boot (default 300)")
+    p.add_argument("--no-boot", action="store_true", help="skip the boot measurement")
+    p.add_argument(
+        "--vmrecover", type=Path, default=VMRECOVER, help="vmrecover command (default: the venv's)"
+    )
+    args = p.parse_args(argv)
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    try:
+        vmrecover_parse_size(args.cache_size)
+    except VmrecoverError as exc:
+        p.error(f"--cache-size: {exc.message}")
+    args.no_borg = True  # for fuse_bench's Context and environment()
+    return args
+
+
+def make_workdir(args: argparse.Namespace) -> Path:
+    """The work directory: --workdir (emptied if a previous run made it) or a new one under /var/tmp."""
+    path = DEFAULT_WORKDIR_PARENT if args.workdir is None else args.workdir.resolve()
+    kind = fs_type(next(p for p in (path, *path.parents) if p.exists()))
+    if kind in MEMORY_FILESYSTEMS:
+        raise BenchError(f"{path} is on {kind}, in memory: choose a --workdir on a disk")
+    if args.workdir is None:
+        path = Path(tempfile.mkdtemp(prefix="vmrecover-nfs-bench-", dir=DEFAULT_WORKDIR_PARENT))
+    prepare_workdir(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not os.access(args.vmrecover, os.X_OK):
+        print(f"error: {args.vmrecover} is missing; run scripts/setup.sh", file=sys.stderr)
+        return 1
+    missing = [t for t in ("nfs-cat", "nfs-ls", "ganesha.nfsd", "rpcbind", "ss") if shutil.which(t) is None]
+    if missing:
+        print(
+            f"error: {', '.join(missing)} missing: scripts/setup.sh libnfs-utils nfs-ganesha nfs-ganesha-vfs "
+            "rpcbind",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        workdir = make_workdir(args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    cache_bytes = vmrecover_parse_size(args.cache_size)
+    ctx = Context(args, workdir, bench_env(workdir), can_drop_caches(), None, cache_bytes)
+    if not ctx.can_drop_caches:
+        log("cannot write /proc/sys/vm/drop_caches (not root?): runs will not start cold")
+    free = shutil.disk_usage(workdir).free
+    if free < 2 * args.size:
+        log(f"warning: {human(free)} free under {workdir}; the benchmark needs up to ~2x the image size")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    runs: list[Run] = []
+    keep = args.keep
+    try:
+        try:
+            setup = prepare(ctx)
+            for rnd in range(1, args.runs + 1):  # alternate which tool goes first
+                order = ("ganesha", "vmrecover") if rnd % 2 else ("vmrecover", "ganesha")
+                log(f"nfs-cat, cold then warm (round {rnd})")
+                for tool in order:
+                    measure_read(ctx, setup, tool, rnd, runs)
+            if not args.no_boot:
+                for rnd in range(1, args.runs + 1):
+                    log(f"boot of the test guest, cold (round {rnd})")
+                    for tool in ("local", "vmrecover") if rnd % 2 else ("vmrecover", "local"):
+                        measure_boot(ctx, setup, tool, rnd, runs)
+        finally:
+            cleanup(ctx)
+        doc = report(ctx, setup, runs)
+    except (BenchError, VmrecoverError, OSError, subprocess.SubprocessError) as exc:
+        msg = exc.message if isinstance(exc, VmrecoverError) else str(exc)
+        print(f"error: {msg}\n(work files and logs kept under {workdir})", file=sys.stderr)
+        keep = True
+        return 1
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    emit(doc, args.json, print_report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -935,6 +935,15 @@ def print_report(doc: dict[str, Any]) -> None:
             print(f"{tool} failed: {error}")
     for note in doc["notes"]:
         print(f"note: {note}")
+    print_load(doc)
+    print()
+    print_table([Row(**r) for r in doc["rows"]])
+    print()
+    print_summary(doc)
+
+
+def print_load(doc: dict[str, Any]) -> None:
+    """How busy the machine was during the timed phases, and a warning when that distorts them."""
     phases = [p for p in doc["phases"] if p["wall_s"] >= MIN_PHASE_S]
     others = [(p["other_cpu_s"] / p["wall_s"], p["name"]) for p in phases]
     if others:
@@ -946,9 +955,9 @@ def print_report(doc: dict[str, Any]) -> None:
         if worst > BUSY_WARNING:
             busy = ", ".join(f"{n} {c:.2f}" for c, n in others if c > BUSY_WARNING)
             print(f"WARNING: other work used CPUs during: {busy}; the times of those phases are unreliable")
-    print()
-    print_table([Row(**r) for r in doc["rows"]])
-    print()
+
+
+def print_summary(doc: dict[str, Any]) -> None:
     s = doc["summary"]
     status = "all targets met" if not s["failed"] else "FAILED: " + "; ".join(s["failed"])
     print(f"summary: {s['passed']}/{s['targets']} targets met -- {status}")

@@ -77,10 +77,8 @@ from backup_bench import (
     verdict,
 )
 from fuse_bench import (
-    BUSY_WARNING,
     DEFAULT_WORKDIR_PARENT,
     MEMORY_FILESYSTEMS,
-    MIN_PHASE_S,
     VMRECOVER,
     Context,
     _on_sigterm,
@@ -88,6 +86,8 @@ from fuse_bench import (
     cleanup,
     environment,
     fs_type,
+    print_load,
+    print_summary,
     proc_cpu_s,
     proc_status,
     summary,
@@ -727,23 +727,11 @@ def print_report(doc: dict[str, Any]) -> None:
     print(f"qemu: {env['qemu']} (TCG); MB = 10^6 bytes")
     for note in doc["notes"]:
         print(f"note: {note}")
-    phases = [p for p in doc["phases"] if p["wall_s"] >= MIN_PHASE_S]
-    others = [(p["other_cpu_s"] / p["wall_s"], p["name"]) for p in phases]
-    if others:
-        worst, name = max(others)
-        print(
-            f"CPU used by other processes during timed phases of >= {MIN_PHASE_S:g} s: "
-            f"up to {worst:.2f} CPUs ({name})"
-        )
-        if worst > BUSY_WARNING:
-            busy = ", ".join(f"{n} {c:.2f}" for c, n in others if c > BUSY_WARNING)
-            print(f"WARNING: other work used CPUs during: {busy}; the times of those phases are unreliable")
+    print_load(doc)
     print()
     print_table([Row(**r) for r in doc["rows"]])
     print()
-    s = doc["summary"]
-    status = "all targets met" if not s["failed"] else "FAILED: " + "; ".join(s["failed"])
-    print(f"summary: {s['passed']}/{s['targets']} targets met -- {status}")
+    print_summary(doc)
 
 
 # --- main ------------------------------------------------------------------------------------------

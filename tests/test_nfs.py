@@ -53,14 +53,23 @@ def _backup(cli: Cli, tmp_path: Path, size: int = 6 * MiB, seed: int = 1) -> tup
     return img, cli.json("backup", "--vm", "vm1", img)["point"]
 
 
+Served = tuple[Path, str, NfsServer]  # (image, point id, server)
+
+
+@pytest.fixture
+def served(cli: Cli, nfs_server, tmp_path: Path) -> Served:
+    """vm1's 6 MiB random disk backed up, a recovery session s1 of it, and a server of the repository."""
+    img, point = _backup(cli, tmp_path)
+    cli.run("recover", "start", "vm1", "--name", "s1")
+    return img, point, nfs_server()
+
+
 # --------------------------------------------------------------------------- libnfs tools
 
 
-def test_tree_and_views_read_with_libnfs(cli: Cli, nfs_server, tmp_path: Path) -> None:
+def test_tree_and_views_read_with_libnfs(cli: Cli, nfs_server, served: Served, tmp_path: Path) -> None:
     """nfs-ls shows the FUSE tree; nfs-cat of every view gives the backup's exact bytes."""
-    img, point = _backup(cli, tmp_path)
-    cli.run("recover", "start", "vm1", "--name", "s1")
-    srv: NfsServer = nfs_server()
+    img, point, srv = served
     listing = _tool("nfs-ls", "-R", srv.url()).stdout.decode()
     names = {line.split()[-1] for line in listing.splitlines()}
     base = f"vms/vm1/{point}"
@@ -141,12 +150,12 @@ def test_session_writes_land_in_the_delta(cli: Cli, nfs_server, tmp_path: Path) 
     assert cli.json("recover", "list")[0]["written"]["disk"] >= MiB
 
 
-def test_write_verifier_is_stable_across_a_restart(cli: Cli, nfs_server, tmp_path: Path) -> None:
+def test_write_verifier_is_stable_across_a_restart(
+    cli: Cli, nfs_server, served: Served, tmp_path: Path
+) -> None:
     """Unstable writes are in the page cache once answered: a server restart loses none, so the write
     verifier stays the same and clients need not resend (it changes only with the machine's boot)."""
-    _backup(cli, tmp_path)
-    cli.run("recover", "start", "vm1", "--name", "s1")
-    srv: NfsServer = nfs_server()
+    _, _, srv = served
     with nc.NfsClient(srv.port) as c:
         disk = c.walk(c.root(), "recover/s1/disk.raw")
         _, _, _, verf = c.write(disk, 0, b"\x11" * 4096)
@@ -160,11 +169,9 @@ def test_write_verifier_is_stable_across_a_restart(cli: Cli, nfs_server, tmp_pat
 # --------------------------------------------------------------------------- namespace operations
 
 
-def test_session_folder_operations(cli: Cli, nfs_server, tmp_path: Path) -> None:
+def test_session_folder_operations(cli: Cli, nfs_server, served: Served, tmp_path: Path) -> None:
     """CREATE's three modes, MKDIR, SYMLINK, READLINK, RENAME, REMOVE, RMDIR as RFC 1813 says."""
-    _backup(cli, tmp_path)
-    cli.run("recover", "start", "vm1", "--name", "s1")
-    srv: NfsServer = nfs_server()
+    _, _, srv = served
     with nc.NfsClient(srv.port) as c:
         sdir = c.walk(c.root(), "recover/s1")
         status, a = c.create(sdir, "a.vmx", nc.UNCHECKED)
@@ -213,11 +220,9 @@ def test_session_folder_operations(cli: Cli, nfs_server, tmp_path: Path) -> None
         assert c.mnt("/vmrecover/nothing")[0] == 2
 
 
-def test_readdir_pages_and_cookie_verifier(cli: Cli, nfs_server, tmp_path: Path) -> None:
+def test_readdir_pages_and_cookie_verifier(cli: Cli, nfs_server, served: Served, tmp_path: Path) -> None:
     """Large folders come in pages; a cookie from before a change is NFS3ERR_BAD_COOKIE, not a wrong page."""
-    _backup(cli, tmp_path)
-    cli.run("recover", "start", "vm1", "--name", "s1")
-    srv: NfsServer = nfs_server()
+    _, _, srv = served
     with nc.NfsClient(srv.port) as c:
         sdir = c.walk(c.root(), "recover/s1")
         for i in range(300):
@@ -241,12 +246,10 @@ def test_readdir_pages_and_cookie_verifier(cli: Cli, nfs_server, tmp_path: Path)
     assert sum("file-" in line for line in listing) == 300
 
 
-def test_handles_survive_a_restart_and_go_stale(cli: Cli, nfs_server, tmp_path: Path) -> None:
+def test_handles_survive_a_restart_and_go_stale(cli: Cli, nfs_server, served: Served, tmp_path: Path) -> None:
     """Handles are inode + generation: valid after a restart, STALE once their object is gone, even
     when the host filesystem reuses the inode number; forged ones are BADHANDLE or STALE."""
-    img, point = _backup(cli, tmp_path)
-    cli.run("recover", "start", "vm1", "--name", "s1")
-    srv: NfsServer = nfs_server()
+    img, point, srv = served
     with nc.NfsClient(srv.port) as c:
         root = c.root()
         bview = c.walk(root, f"vms/vm1/{point}/disk.raw")

@@ -991,14 +991,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_workdir(args: argparse.Namespace) -> Path:
+def make_workdir(args: argparse.Namespace, prefix: str = "vmrecover-fuse-bench-") -> Path:
     """The work directory: --workdir (emptied if a previous run made it) or a new one under /var/tmp."""
     path = DEFAULT_WORKDIR_PARENT if args.workdir is None else args.workdir.resolve()
     kind = fs_type(next(p for p in (path, *path.parents) if p.exists()))
     if kind in MEMORY_FILESYSTEMS:
         raise BenchError(f"{path} is on {kind}, in memory: choose a --workdir on a disk")
     if args.workdir is None:
-        path = Path(tempfile.mkdtemp(prefix="vmrecover-fuse-bench-", dir=DEFAULT_WORKDIR_PARENT))
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=DEFAULT_WORKDIR_PARENT))
     prepare_workdir(path)
     return path
 

@@ -70,22 +70,19 @@ from backup_bench import (
     make_image,
     mb,
     parse_size,
-    prepare_workdir,
     ratio,
     sha256_file,
     tool_version,
     verdict,
 )
 from fuse_bench import (
-    DEFAULT_WORKDIR_PARENT,
-    MEMORY_FILESYSTEMS,
     VMRECOVER,
     Context,
     _on_sigterm,
     boot_checked,
     cleanup,
     environment,
-    fs_type,
+    make_workdir,
     print_load,
     print_summary,
     proc_cpu_s,
@@ -763,18 +760,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_workdir(args: argparse.Namespace) -> Path:
-    """The work directory: --workdir (emptied if a previous run made it) or a new one under /var/tmp."""
-    path = DEFAULT_WORKDIR_PARENT if args.workdir is None else args.workdir.resolve()
-    kind = fs_type(next(p for p in (path, *path.parents) if p.exists()))
-    if kind in MEMORY_FILESYSTEMS:
-        raise BenchError(f"{path} is on {kind}, in memory: choose a --workdir on a disk")
-    if args.workdir is None:
-        path = Path(tempfile.mkdtemp(prefix="vmrecover-nfs-bench-", dir=DEFAULT_WORKDIR_PARENT))
-    prepare_workdir(path)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not os.access(args.vmrecover, os.X_OK):
@@ -789,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     try:
-        workdir = make_workdir(args)
+        workdir = make_workdir(args, "vmrecover-nfs-bench-")
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ APT_PACKAGES=(
   fio                        # tests: randrw with verify=crc32c on recovery-session disks
   libnfs-utils               # nfs-ls, nfs-cat, nfs-cp: real NFSv3 clients for the NFS datastore's tests
   qemu-block-extra           # qemu's nfs:// block driver (libnfs): qemu-img and qemu boot from the NFS export
+  libguestfs-tools python3-guestfs libguestfs-xfs  # single-file restore: guest filesystems (NTFS via ntfs-3g)
   "$@"
 )
 

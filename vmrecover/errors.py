@@ -50,6 +50,18 @@ class VmrecoverError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
+    @staticmethod
+    def from_json(doc: dict[str, Any]) -> VmrecoverError:
+        """The error another vmrecover process reported with :meth:`to_json`, as its own class and
+        exit code (a plain VmrecoverError for classes with other constructors)."""
+        cls = globals().get(doc.get("error", ""))
+        if not (isinstance(cls, type) and issubclass(cls, VmrecoverError)) or issubclass(cls, CorruptChunk):
+            cls = VmrecoverError
+        err = cls.__new__(cls)
+        VmrecoverError.__init__(err, doc.get("message", "unknown error"), hint=doc.get("hint"))
+        err.exit_code = doc.get("exit_code", ExitCode.INTERNAL)
+        return err
+
 
 class UsageError(VmrecoverError):
     exit_code = ExitCode.USAGE

@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import ExitCode, VmrecoverError
-from . import backup_cmds, mount_cmds, nfs_cmds, recover_cmds, repo_cmds
+from . import backup_cmds, files_cmds, mount_cmds, nfs_cmds, recover_cmds, repo_cmds
 from .common import common_options
 from .output import emit_json, setup_logging, stderr
 
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount_cmds.register(sub, common)
     recover_cmds.register(sub, common)
     nfs_cmds.register(sub, common)
+    files_cmds.register(sub, common)
     return parser
 
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import errors
 from ..errors import ExitCode, VmrecoverError
 from ..repo.keys import PASSPHRASE_ENV, ask_passphrase
 from ..repo.repository import parse_size
@@ -90,13 +89,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not doc.get("ready"):
         proc.wait()
         if doc.get("message"):  # the daemon's own error, as the same class
-            cls = getattr(errors, doc.get("error", ""), None)
-            if not (isinstance(cls, type) and issubclass(cls, VmrecoverError)) or cls is errors.CorruptChunk:
-                cls = VmrecoverError
-            err = cls.__new__(cls)
-            VmrecoverError.__init__(err, doc["message"], hint=doc.get("hint"))
-            err.exit_code = doc.get("exit_code", ExitCode.INTERNAL)
-            raise err
+            raise VmrecoverError.from_json(doc)
         raise VmrecoverError(f"the mount daemon exited with status {proc.returncode}", hint=f"see {logfile}")
     out = {"mountpoint": str(args.mountpoint), "pid": doc["pid"], "repo": str(root), "log": str(logfile)}
     if args.json:

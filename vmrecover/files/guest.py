@@ -1,0 +1,323 @@
+"""One restore point's disks opened read-only in a libguestfs appliance, its guest filesystems mounted
+where the guest mounts them.
+
+- **Layout.**  If libguestfs' inspection recognises an operating system, its filesystems are mounted
+  at the guest's own mount points (``/etc/hosts`` comes from the right filesystem on a multi-disk,
+  multi-filesystem guest).  Otherwise a single filesystem is mounted at ``/`` and several at
+  ``/<device>`` (``/sda1``, ``/vg0-root``).  Swap, unknown and encrypted filesystems are reported,
+  never mounted; a point with nothing mountable is :class:`NotFound` naming what was found.
+- **Paths** are guest paths: ``/etc/hosts``, ``/Windows/System32`` or ``C:\\Users\\Bob``.  ``..``
+  never climbs above the guest's root, and on NTFS the case of each component is found as Windows
+  would (``case_sensitive_path``).  Nothing is ever written to the disks (``readonly``, ``mount_ro``).
+- **Big folders** are listed in batches (``ls0`` to a host file, then ``lstatnslist`` per
+  :data:`BATCH` names), never all entries' attributes in one message.
+
+All methods are synchronous and serialised by a lock (a guestfs handle is not thread-safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import re
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInput, NotFound, VmrecoverError
+
+BATCH = 1000
+SKIP_TYPES = {"swap", "unknown", ""}
+ENCRYPTED_TYPES = {"crypto_LUKS", "BitLocker"}
+
+
+class GuestfsError(VmrecoverError):
+    """libguestfs failed (the appliance could not start, or an operation failed unexpectedly)."""
+
+
+def _environment() -> None:
+    # qemu 7.2 with KVM aborts on some hosts; TCG always works.  Direct backend: no libvirtd needed.
+    os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
+    os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+
+
+def _load() -> Any:
+    try:
+        import guestfs
+    except ImportError:
+        raise GuestfsError(
+            "the libguestfs Python binding is not installed",
+            hint="run 'make setup' (Debian packages libguestfs-tools python3-guestfs libguestfs-xfs)",
+        ) from None
+    return guestfs
+
+
+@dataclass
+class FsInfo:
+    device: str
+    type: str
+    label: str = ""
+    uuid: str = ""
+    mountpoint: str | None = None  # the guest path it is mounted at, None if not mounted
+    note: str = ""  # why it is not mounted
+
+
+@dataclass
+class OsInfo:
+    root: str
+    type: str
+    distro: str
+    product: str
+    version: str
+    hostname: str
+    mountpoints: dict[str, str] = field(default_factory=dict)  # guest path -> device
+    drives: dict[str, str] = field(default_factory=dict)  # Windows drive letter -> device
+
+
+@dataclass
+class Entry:
+    path: str
+    kind: str  # file, dir, symlink, other
+    mode: int
+    size: int
+    mtime_ns: int
+    uid: int = 0
+    gid: int = 0
+    target: str | None = None  # of a symlink
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path) or "/"
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["mode"] = f"{stat.S_IMODE(self.mode):04o}"
+        out["mtime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.mtime_ns / 1e9))
+        del out["mtime_ns"]
+        return out
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "symlink" if stat.S_ISLNK(mode) else "other"
+
+
+def _entry(path: str, st: dict[str, int], target: str | None = None) -> Entry:
+    mode = st["st_mode"]
+    mtime = st["st_mtime_sec"] * 1_000_000_000 + st["st_mtime_nsec"]
+    return Entry(path, _kind(mode), mode, st["st_size"], mtime, st["st_uid"], st["st_gid"], target)
+
+
+def _dev_name(device: str) -> str:
+    return device.removeprefix("/dev/").replace("/", "-")
+
+
+class GuestImage:
+    """A read-only appliance over *disks* (raw files, e.g. the datastore's ``.raw`` views)."""
+
+    def __init__(self, disks: Sequence[Path], *, what: str, progress: Callable[[str], None] = lambda m: None):
+        _environment()
+        guestfs = _load()
+        self.what = what
+        self._lock = threading.Lock()
+        self.g = guestfs.GuestFS(python_return_dict=True)
+        try:
+            for d in disks:
+                self.g.add_drive_opts(str(d), readonly=True, format="raw")
+            progress(f"starting a libguestfs appliance for {what} (about 20 s under TCG)")
+            started = time.monotonic()
+            self.g.launch()
+            self.launch_seconds = time.monotonic() - started
+            progress(f"inspecting {what}")
+            self.os, self.filesystems = self._mount()
+        except RuntimeError as exc:
+            self.g.close()
+            hint = "run 'libguestfs-test-tool' to see why the appliance fails here"
+            raise GuestfsError(f"cannot open {what} with libguestfs: {exc}", hint=hint) from None
+        except BaseException:
+            self.g.close()
+            raise
+        self.ntfs = any(f.type == "ntfs" and f.mountpoint for f in self.filesystems)
+        self.last_used = time.monotonic()
+
+    def close(self) -> None:
+        with self._lock:
+            with contextlib.suppress(RuntimeError):
+                self.g.umount_all()
+            self.g.close()
+
+    # ----------------------------------------------------------------------------- layout
+    def _mount(self) -> tuple[list[OsInfo], list[FsInfo]]:
+        g = self.g
+        fss = []
+        for dev, fstype in sorted(g.list_filesystems().items()):
+            info = FsInfo(dev, fstype)
+            with contextlib.suppress(RuntimeError):
+                info.label = g.vfs_label(dev)
+            with contextlib.suppress(RuntimeError):
+                info.uuid = g.vfs_uuid(dev)
+            if fstype in ENCRYPTED_TYPES:
+                info.note = "encrypted: not opened (no key)"
+            elif fstype in SKIP_TYPES:
+                info.note = "no filesystem libguestfs recognises" if fstype != "swap" else "swap"
+            fss.append(info)
+        by_dev = {f.device: f for f in fss}
+        systems = []
+        for root in g.inspect_os():
+            mps = g.inspect_get_mountpoints(root)
+            drives = {}
+            if g.inspect_get_type(root) == "windows":
+                with contextlib.suppress(RuntimeError):
+                    drives = g.inspect_get_drive_mappings(root)
+            systems.append(OsInfo(
+                root, g.inspect_get_type(root), g.inspect_get_distro(root), g.inspect_get_product_name(root),
+                f"{g.inspect_get_major_version(root)}.{g.inspect_get_minor_version(root)}",
+                g.inspect_get_hostname(root), mps, drives,
+            ))  # fmt: skip
+        if systems:
+            # The first operating system's layout; a second one (dual boot) is reported by inspect.
+            for mp, dev in sorted(systems[0].mountpoints.items(), key=lambda kv: len(kv[0])):
+                self._mount_one(by_dev.get(dev) or FsInfo(dev, "?"), mp)
+        else:
+            usable = [f for f in fss if not f.note]
+            for f in usable:
+                if len(usable) == 1:
+                    self._mount_one(f, "/")
+                else:
+                    g.mkmountpoint("/" + _dev_name(f.device))
+                    self._mount_one(f, "/" + _dev_name(f.device))
+        if not any(f.mountpoint for f in fss):
+            found = ", ".join(f"{f.device}: {f.type or 'nothing'}" for f in fss) or "no partitions"
+            raise NotFound(
+                f"{self.what} has no filesystem that can be opened ({found})",
+                hint="supported: ext2/3/4, xfs, btrfs, vfat, NTFS, on partitions or LVM; encrypted "
+                "volumes are not opened",
+            )
+        return systems, fss
+
+    def _mount_one(self, f: FsInfo, where: str) -> None:
+        try:
+            self.g.mount_ro(f.device, where)
+            f.mountpoint = where
+        except RuntimeError as exc:
+            f.note = f"cannot be mounted: {exc}"
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "operating_systems": [asdict(o) for o in self.os],
+            "filesystems": [asdict(f) for f in self.filesystems],
+        }
+
+    # ----------------------------------------------------------------------------- paths
+    def resolve(self, guest_path: str) -> str:
+        """The appliance path of a guest path (``/etc/hosts``, ``C:\\Users\\Bob``)."""
+        text = guest_path.strip()
+        m = re.fullmatch(r"([A-Za-z]):(.*)", text, re.S)
+        if m:
+            text = self._drive_root(m.group(1).upper()) + "/" + m.group(2).replace("\\", "/")
+        elif self.ntfs and "\\" in text:
+            text = text.replace("\\", "/")
+        path = posixpath.normpath("/" + text.lstrip("/"))  # '..' stops at the guest's root
+        path = "/" if path == "//" else path
+        if self.ntfs:
+            with self._lock, contextlib.suppress(RuntimeError):
+                path = self.g.case_sensitive_path(path)
+        return path
+
+    def _drive_root(self, letter: str) -> str:
+        for o in self.os:
+            dev = o.drives.get(letter)
+            if dev is not None:
+                for f in self.filesystems:
+                    if f.device == dev and f.mountpoint:
+                        return f.mountpoint.rstrip("/")
+        ntfs = [f for f in self.filesystems if f.type == "ntfs" and f.mountpoint]
+        if letter == "C" and len(ntfs) == 1:
+            return ntfs[0].mountpoint.rstrip("/")  # type: ignore[union-attr]
+        raise NotFound(f"{self.what} has no drive {letter}:", hint="see 'vmrecover files inspect'")
+
+    # ----------------------------------------------------------------------------- reading
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._lock:
+            self.last_used = time.monotonic()
+            return fn(*args)
+
+    def stat(self, path: str) -> Entry:
+        try:
+            st = self._call(self.g.lstatns, path)
+        except RuntimeError as exc:
+            if "No such file" in str(exc) or "ENOENT" in str(exc):
+                raise NotFound(f"{path} does not exist in {self.what}",
+                               hint="list the folder with 'vmrecover files ls'") from None  # fmt: skip
+            raise GuestfsError(f"cannot read {path} in {self.what}: {exc}") from None
+        target = self._call(self.g.readlink, path) if stat.S_ISLNK(st["st_mode"]) else None
+        return _entry(path, st, target)
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.stat(path)
+        except NotFound:
+            return False
+        return True
+
+    def _names(self, fn: Callable[[str, str], None], path: str) -> Iterator[str]:
+        """Names a *fn* (ls0, find0) writes NUL-separated to a host file, read back lazily."""
+        with tempfile.NamedTemporaryFile(prefix="vmrecover-names-") as tmp:
+            self._call(fn, path, tmp.name)
+            with open(tmp.name, "rb") as f:
+                rest = b""
+                while block := f.read(1 << 20):
+                    parts = (rest + block).split(b"\0")
+                    rest = parts.pop()
+                    for p in parts:
+                        if p:
+                            yield os.fsdecode(p)
+                if rest:
+                    yield os.fsdecode(rest)
+
+    def listdir(self, path: str) -> Iterator[Entry]:
+        """The entries of a folder, in batches of :data:`BATCH` (sorted by name within the folder)."""
+        top = self.stat(path)
+        if top.kind != "dir":
+            yield top
+            return
+        batch: list[str] = []
+        names = sorted(self._names(self.g.ls0, path))
+        for i in range(0, len(names), BATCH):
+            batch = names[i : i + BATCH]
+            stats = self._call(self.g.lstatnslist, path, batch)
+            links = [n for n, st in zip(batch, stats, strict=True) if stat.S_ISLNK(st["st_mode"])]
+            targets = {}
+            if links:
+                targets = dict(zip(links, self._call(self.g.readlinklist, path, links), strict=True))
+            for name, st in zip(batch, stats, strict=True):
+                yield _entry(posixpath.join(path, name), st, targets.get(name))
+
+    def find(self, top: str = "/") -> Iterator[str]:
+        """Every path below *top* (not crossing into unmounted space), lazily."""
+        for rel in self._names(self.g.find0, top):
+            yield posixpath.join(top, rel)
+
+    def sha256(self, path: str) -> str:
+        return str(self._call(self.g.checksum, "sha256", path))
+
+    def download(self, path: str, dest: Path) -> None:
+        self._call(self.g.download, path, str(dest))
+
+    def tar_out(self, path: str, dest: Path) -> None:
+        self._call(lambda: self.g.tar_out(path, str(dest), numericowner=True))
+
+
+def guest_path_arg(text: str) -> str:
+    if not text or "\0" in text:
+        raise BadInput(f"{text!r} is not a guest path", hint="give e.g. /etc/hosts or C:\\Users")
+    return text

@@ -1,0 +1,393 @@
+"""The single-file-restore service: keeps libguestfs appliances open between commands.
+
+An appliance costs about 20 s to start under TCG, so ``vmrecover files ...`` commands do not start
+their own: they ask this service (one per repository, started by the first command, listening on
+``REPO/run/files/files.sock``), which
+
+- reads disks through its own datastore mount (``REPO/run/files/mnt``, the FUSE views, so restore
+  points are read exactly as the datastore serves them, and sessions running meanwhile don't matter);
+- keeps **one appliance per open restore point**, at most ``max_open`` at once (the least recently
+  used idle one is closed to make room; a request that finds every appliance busy waits, and says so);
+- closes an appliance idle for ``idle`` seconds, and exits (unmounting) once none is left open and no
+  request came for that long;
+- answers one JSON request per connection with JSON lines: ``{"progress": text}`` while it works,
+  ``{"entries": [...]}`` batches for listings, then ``{"ok": result}`` or ``{"error": {...}}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import logging
+import os
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInput, NotFound, VmrecoverError
+from ..repo.catalog import Point
+from ..repo.repository import Repository
+from .copyout import copy_out
+from .guest import GuestImage
+
+log = logging.getLogger("vmrecover.files")
+Progress = Callable[[str], None]
+MAX_OPEN = 2
+IDLE_SECONDS = 300.0
+LIST_BATCH = 500
+
+
+def run_dir(repo_root: Path) -> Path:
+    return repo_root / "run" / "files"
+
+
+def socket_path(repo_root: Path) -> Path:
+    return run_dir(repo_root) / "files.sock"
+
+
+class _Slot:
+    def __init__(self) -> None:
+        self.image: GuestImage | None = None
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+        self.users = 0
+
+
+class Service:
+    def __init__(self, repo: Repository, *, max_open: int = MAX_OPEN, idle: float = IDLE_SECONDS) -> None:
+        self.repo = repo
+        self.max_open = max_open
+        self.idle = idle
+        self.mnt = run_dir(repo.root) / "mnt"
+        self._lock = threading.Condition()
+        self._slots: dict[str, _Slot] = {}
+        self.local_mounts: dict[str, GuestImage] = {}  # 'files mount': mount point -> its own appliance
+        self.last_request = time.monotonic()
+
+    # ---------------------------------------------------------------------------- datastore
+    def _ensure_mount(self) -> None:
+        from ..fuse.mount import _mounted_repo
+
+        if _mounted_repo(self.mnt) is not None:
+            return
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "vmrecover", "mount", str(self.mnt), "--repo", str(self.repo.root),
+               "--cache-size", "256M", "--json"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+        if proc.returncode != 0:
+            raise VmrecoverError(f"cannot mount the datastore for libguestfs: {proc.stdout}{proc.stderr}")
+
+    def _unmount(self) -> None:
+        subprocess.run([sys.executable, "-m", "vmrecover", "umount", "--lazy", str(self.mnt), "--repo",
+                        str(self.repo.root)], capture_output=True, check=False)  # fmt: skip
+
+    # ---------------------------------------------------------------------------- appliances
+    @contextlib.contextmanager
+    def image(self, point: Point, progress: Progress) -> Iterator[GuestImage]:
+        """The appliance of *point*, opened if needed; held (not evictable) while in the block."""
+        with self._lock:
+            slot = self._slots.get(point.id)
+            opener = slot is None
+            while opener and self._open_count() >= self.max_open and not self._evict_one():
+                progress(f"waiting: all {self.max_open} libguestfs appliances are busy")
+                self._lock.wait(5)
+            if opener:
+                slot = self._slots[point.id] = _Slot()
+            assert slot is not None
+            slot.users += 1
+        try:
+            if opener:
+                try:
+                    self._ensure_mount()
+                    what = f"{point.vm}@{point.id}"
+                    slot.image = GuestImage(self._disk_paths(point), what=what, progress=progress)
+                except BaseException as exc:
+                    slot.error = exc
+                    with self._lock:
+                        self._slots.pop(point.id, None)
+                        self._lock.notify_all()
+                    raise
+                finally:
+                    slot.ready.set()
+            else:
+                if not slot.ready.is_set():
+                    progress(f"waiting for the appliance of {point.vm}@{point.id} to start")
+                slot.ready.wait()
+                if slot.error is not None:
+                    raise slot.error
+            assert slot.image is not None
+            yield slot.image
+        finally:
+            with self._lock:
+                slot.users -= 1
+                self._lock.notify_all()
+
+    def _open_count(self) -> int:
+        return len(self._slots)
+
+    def _evict_one(self) -> bool:
+        idle = [(s.image.last_used, pid) for pid, s in self._slots.items() if s.users == 0 and s.image]
+        if not idle:
+            return False
+        _, pid = min(idle)
+        self._close(pid)
+        return True
+
+    def _close(self, point_id: str) -> None:
+        slot = self._slots.pop(point_id)
+        if slot.image is not None:
+            log.info("closing the appliance of %s", slot.image.what)
+            slot.image.close()
+
+    def reap(self) -> bool:
+        """Close appliances idle too long; True when the service itself should exit."""
+        now = time.monotonic()
+        with self._lock:
+            for pid, s in list(self._slots.items()):
+                if s.users == 0 and s.image is not None and now - s.image.last_used > self.idle:
+                    self._close(pid)
+            return not self._slots and not self.local_mounts and now - self.last_request > self.idle
+
+    def close(self) -> None:
+        with self._lock:
+            for pid in list(self._slots):
+                self._close(pid)
+            mounts = list(self.local_mounts)
+        for mp in mounts:
+            subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True, check=False)
+        self._unmount()
+
+    # ---------------------------------------------------------------------------- operations
+    def handle(self, req: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> Any:
+        self.last_request = time.monotonic()
+
+        def progress(text: str) -> None:
+            send({"progress": text})
+
+        op = req.get("op")
+        if op == "inspect":
+            point = self.repo.catalog.resolve(req["target"])
+            with self.image(point, progress) as img:
+                return {"vm": point.vm, "point": point.id, "created": point.created, **img.info()}
+        if op == "ls":
+            point = self.repo.catalog.resolve(req["target"])
+            with self.image(point, progress) as img:
+                path = img.resolve(req.get("path") or "/")
+                batch, count = [], 0
+                for e in img.listdir(path):
+                    batch.append(e.to_json())
+                    if len(batch) >= LIST_BATCH:
+                        send({"entries": batch})
+                        count, batch = count + len(batch), []
+                send({"entries": batch})
+                return {"vm": point.vm, "point": point.id, "path": path, "count": count + len(batch)}
+        if op == "get":
+            point = self.repo.catalog.resolve(req["target"])
+            with self.image(point, progress) as img:
+                as_tar = f"{point.vm}-{point.id}.tar" if req.get("tar") else None
+                written = copy_out(img, req["paths"], Path(req["to"]), as_tar=as_tar,
+                                   overwrite=bool(req.get("overwrite")), progress=progress)  # fmt: skip
+                return {"vm": point.vm, "point": point.id, "written": written}
+        if op == "find":
+            return self._find(req["vm"], req["pattern"], req.get("points", "all"), progress, send)
+        if op == "history":
+            return self._history(req["vm"], req["path"], progress)
+        if op == "mount":
+            return self._mount_local(self.repo.catalog.resolve(req["target"]), req["mountpoint"], progress)
+        if op == "ping":
+            return {"pid": os.getpid()}
+        raise BadInput(f"unknown request {op!r}")
+
+    def _mount_local(self, point: Point, mountpoint: str, progress: Progress) -> Any:
+        """A separate appliance serving the guest's filesystems at *mountpoint* through FUSE until
+        it is unmounted; the service stays up meanwhile."""
+        self._ensure_mount()
+        img = GuestImage(self._disk_paths(point), what=f"{point.vm}@{point.id}", progress=progress)
+        try:
+            img.g.mount_local(mountpoint, readonly=True, options="allow_other")
+        except RuntimeError as exc:
+            img.close()
+            raise BadInput(f"cannot mount at {mountpoint}: {exc}", hint="an empty folder is needed") from None
+        with self._lock:
+            self.local_mounts[mountpoint] = img
+
+        def run() -> None:
+            try:
+                img.g.mount_local_run()  # returns when unmounted
+            finally:
+                img.close()
+                with self._lock:
+                    self.local_mounts.pop(mountpoint, None)
+                    self.last_request = time.monotonic()
+
+        threading.Thread(target=run, name=f"mount-local {mountpoint}", daemon=True).start()
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return {"vm": point.vm, "point": point.id, "mountpoint": mountpoint, **img.info()}
+
+    def _disk_paths(self, point: Point) -> list[Path]:
+        disks = self.repo.catalog.disks(point.id)
+        return [self.mnt / "vms" / point.vm / point.id / f"{d.name}.raw" for d in disks]
+
+    def _points(self, vm: str, which: str = "all") -> list[Point]:
+        self.repo.catalog.resolve(vm)  # NotFound for an unknown VM, with the known ones
+        points = self.repo.catalog.points(vm)
+        return points if which == "all" else [self.repo.catalog.resolve(f"{vm}@{which}")]
+
+    def _find(self, vm: str, pattern: str, which: str, progress: Progress,
+              send: Callable[[dict[str, Any]], None]) -> Any:  # fmt: skip
+        def match(path: str) -> bool:
+            return fnmatch.fnmatchcase(path if "/" in pattern else path.rsplit("/", 1)[-1], pattern)
+
+        total = 0
+        points = self._points(vm, which)
+        for i, point in enumerate(points, 1):
+            progress(f"searching {vm}@{point.id} ({i} of {len(points)})")
+            with self.image(point, progress) as img:
+                hits = [p for p in img.find("/") if match(p)]
+            total += len(hits)
+            send({"entries": [{"point": point.id, "created": point.created, "path": p} for p in hits]})
+        return {"vm": vm, "pattern": pattern, "points": len(points), "matches": total}
+
+    def _history(self, vm: str, guest_path: str, progress: Progress) -> Any:
+        rows: list[dict[str, Any]] = []
+        before: dict[str, Any] | None = None
+        points = self._points(vm)
+        for i, point in enumerate(points, 1):
+            progress(f"looking at {vm}@{point.id} ({i} of {len(points)})")
+            with self.image(point, progress) as img:
+                path = img.resolve(guest_path)
+                try:
+                    e = img.stat(path)
+                except NotFound:
+                    now = None
+                else:
+                    doc = e.to_json()
+                    now = {k: doc[k] for k in ("kind", "size", "mode", "mtime")}
+                    now["sha256"] = img.sha256(path) if e.kind == "file" else None
+            if now is None:
+                change = "deleted" if before is not None else "absent"
+            elif before is None:
+                change = "added" if rows else "present"
+            else:
+                changed = [k for k in ("kind", "size", "mode", "mtime", "sha256") if now[k] != before[k]]
+                change = "changed: " + ", ".join(changed) if changed else "unchanged"
+            rows.append({"point": point.id, "created": point.created, "change": change, **(now or {})})
+            before = now
+        return {"vm": vm, "path": guest_path, "points": rows}
+
+
+# ------------------------------------------------------------------------------------ the daemon
+def serve(repo: Repository, *, ready: Callable[[], None], idle: float = IDLE_SECONDS) -> None:
+    """Listen on the repository's files socket until idle; one thread per connection."""
+    service = Service(repo, idle=idle)
+    sock = socket_path(repo.root)
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            lock = threading.Lock()
+
+            def send(doc: dict[str, Any]) -> None:
+                with lock:
+                    self.wfile.write(json.dumps(doc, default=str).encode() + b"\n")
+                    self.wfile.flush()
+
+            try:
+                req = json.loads(self.rfile.readline() or b"{}")
+                send({"ok": service.handle(req, send)})
+            except VmrecoverError as exc:
+                send({"error": exc.to_json() | {"hint": exc.hint}})
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away (^C): the appliance stays for the next command
+            except Exception as exc:
+                log.exception("files request failed")
+                with contextlib.suppress(OSError):
+                    send({"error": {"error": "VmrecoverError", "message": f"internal error: {exc}",
+                                    "exit_code": 1}})  # fmt: skip
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+    server = Server(str(sock), Handler)
+    os.chmod(sock, 0o600)
+
+    def reaper() -> None:
+        while True:
+            time.sleep(min(5.0, idle / 4))
+            if service.reap():
+                server.shutdown()
+                return
+
+    threading.Thread(target=reaper, daemon=True).start()
+    ready()
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        service.close()
+
+
+# ------------------------------------------------------------------------------------ the client
+def _connect(repo_root: Path) -> socket.socket | None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(socket_path(repo_root)))
+    except (FileNotFoundError, ConnectionRefusedError):
+        s.close()
+        return None
+    return s
+
+
+def _start_service(repo_root: Path, env: dict[str, str]) -> None:
+    logfile = run_dir(repo_root) / "files.log"
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "ab") as logf:
+        subprocess.Popen(
+            [sys.executable, "-m", "vmrecover", "files", "serve", "--repo", str(repo_root)],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+            env=dict(env, VMRECOVER_LOG_FORMAT="json"),
+        )  # fmt: skip
+
+
+def request(repo_root: Path, req: dict[str, Any], *, progress: Progress,
+            on_entries: Callable[[list[dict[str, Any]]], None], env: dict[str, str]) -> Any:  # fmt: skip
+    """Send *req* to the repository's files service (starting it if needed) and return its result."""
+    s = _connect(repo_root)
+    if s is None:
+        progress("starting the file-restore service")
+        _start_service(repo_root, env)
+        deadline = time.monotonic() + 60
+        while s is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            s = _connect(repo_root)
+        if s is None:
+            raise VmrecoverError("the file-restore service did not start",
+                                 hint=f"see {run_dir(repo_root) / 'files.log'}")  # fmt: skip
+    with s, s.makefile("rwb") as f:
+        f.write(json.dumps(req).encode() + b"\n")
+        f.flush()
+        for line in f:
+            doc = json.loads(line)
+            if "progress" in doc:
+                progress(doc["progress"])
+            elif "entries" in doc:
+                on_entries(doc["entries"])
+            elif "ok" in doc:
+                return doc["ok"]
+            elif "error" in doc:
+                raise VmrecoverError.from_json(doc["error"])
+    raise VmrecoverError("the file-restore service closed the connection",
+                         hint=f"see {run_dir(repo_root) / 'files.log'}")  # fmt: skip

@@ -1,0 +1,158 @@
+"""Single-file restore end to end: ``vmrecover files ...`` against real guest disks in libguestfs.
+
+One repository per module and one file-restore service for it (appliances take ~20 s to start under
+TCG; the service keeps them between commands, which is itself under test here).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Cli, assert_clean_error, random_image, sha256_file
+
+try:
+    import guestfs  # noqa: F401
+
+    HAVE_GUESTFS = True
+except ImportError:
+    HAVE_GUESTFS = False
+pytestmark = pytest.mark.skipif(not HAVE_GUESTFS, reason="needs libguestfs (make setup)")
+
+
+@pytest.fixture(scope="module")
+def frepo(tmp_path_factory: pytest.TempPathFactory, guest_image: Path) -> Iterator[Cli]:
+    """A repository holding the bootable test guest as VM 'web01' and a disk of random bytes as
+    'junk'; the file-restore service is stopped (and its datastore unmounted) at the end."""
+    root = tmp_path_factory.mktemp("files")
+    c = Cli(root / "repo", env={"VMRECOVER_FILES_IDLE": "600"})
+    c.run("init", "--chunk-size", "1M")
+    c.run("backup", "--vm", "web01", guest_image, "--format", "raw")
+    c.run("backup", "--vm", "junk", random_image(root / "junk.raw", 8 << 20, seed=5), "--format", "raw")
+    yield c
+    stop_service(c)
+
+
+def stop_service(c: Cli) -> None:
+    import signal
+
+    pidfile_dir = c.repo / "run" / "files"
+    found = subprocess.run(["pgrep", "-f", f"vmrecover files serve --repo {c.repo}"],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    for pid in found.stdout.split():
+        os.kill(int(pid), signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while (pidfile_dir / "files.sock").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    mnt = pidfile_dir / "mnt"
+    if os.path.ismount(mnt):
+        c.run("umount", "--lazy", mnt, check=False)
+
+
+def test_inspect_ls_and_reuse(frepo: Cli) -> None:
+    """inspect names the filesystems; the second command reuses the appliance (no 20 s start)."""
+    doc = frepo.json("files", "inspect", "web01")
+    fss = {f["device"]: f for f in doc["filesystems"]}
+    assert fss["/dev/sda1"]["type"] == "vfat" and fss["/dev/sda2"]["type"] == "ext4"
+    assert fss["/dev/sda2"]["mountpoint"] == "/sda2"  # no OS recognised: mounted by device
+    started = time.monotonic()
+    listing = frepo.json("files", "ls", "web01", "/sda2/etc")
+    assert time.monotonic() - started < 5, "the second command started a new appliance"
+    names = {e["path"]: e for e in listing["entries"]}
+    assert names["/sda2/etc/hostname"]["kind"] == "file" and listing["count"] == len(names)
+    # '..' cannot climb out of the guest's root
+    assert frepo.json("files", "ls", "web01", "/sda2/../../../sda2/etc")["path"] == "/sda2/etc"
+
+
+def test_get_files_and_folders_keep_content_mode_mtime(frepo: Cli, tmp_path: Path, guest_image: Path) -> None:
+    """Files and whole folders come out with their bytes, modes and mtimes; nothing is overwritten
+    without --overwrite, and a missing path writes nothing at all."""
+    out = tmp_path / "out"
+    out.mkdir()
+    doc = frepo.json("files", "get", "web01", "/sda2/etc/hostname", "/sda2/sbin", "--to", out)
+    assert [w["kind"] for w in doc["written"]] == ["file", "dir"]
+    ls = {e["path"]: e for e in frepo.json("files", "ls", "web01", "/sda2/etc")["entries"]}
+    hostname = out / "hostname"
+    assert f"{stat.S_IMODE(hostname.stat().st_mode):04o}" == ls["/sda2/etc/hostname"]["mode"]
+    assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(hostname.stat().st_mtime)) == ls[
+        "/sda2/etc/hostname"]["mtime"]  # fmt: skip
+    assert hostname.read_bytes().strip() != b""
+    assert (out / "sbin" / "init").is_file() and os.access(out / "sbin" / "init", os.X_OK)
+
+    before = hostname.read_bytes()
+    hostname.write_bytes(b"mine")
+    res = frepo.run("files", "get", "web01", "/sda2/etc/hostname", "--to", out, check=False)
+    assert_clean_error(res, 6, "exists", "--overwrite")
+    assert hostname.read_bytes() == b"mine"
+    frepo.run("files", "get", "web01", "/sda2/etc/hostname", "--to", out, "--overwrite")
+    assert hostname.read_bytes() == before
+
+    res = frepo.run("files", "get", "web01", "/sda2/etc/hostname", "/nope/missing", "--to", out / "new",
+                    check=False)  # fmt: skip
+    assert_clean_error(res, 5, "destination")
+    (out / "new").mkdir()
+    two = ["/sda2/etc/vmrecover-guest", "/nope/missing"]
+    res = frepo.run("files", "get", "web01", *two, "--to", out / "new", check=False)
+    assert_clean_error(res, 5, "/nope/missing", "does not exist")
+    assert os.listdir(out / "new") == []  # all or nothing: the first path was not written either
+
+
+def test_get_as_tar(frepo: Cli, tmp_path: Path) -> None:
+    doc = frepo.json("files", "get", "web01", "/sda2/etc", "/sda2/sbin/init", "--to", tmp_path, "--tar")
+    archive = Path(doc["written"][0]["to"])
+    with tarfile.open(archive) as tf:
+        names = tf.getnames()
+    assert "etc/hostname" in names and "init" in names and "etc" in names
+
+
+def test_a_disk_without_filesystems_is_a_clear_error(frepo: Cli) -> None:
+    res = frepo.run("files", "ls", "junk", check=False, timeout=300)
+    assert_clean_error(res, 5, "junk@", "no filesystem")
+
+
+def test_unknown_vm_and_point(frepo: Cli) -> None:
+    assert_clean_error(frepo.run("files", "inspect", "nosuchvm", check=False), 5, "no VM named")
+    assert_clean_error(frepo.run("files", "ls", "web01@ffffffff", check=False), 5, "no restore point")
+
+
+def test_works_while_a_session_of_the_point_runs(frepo: Cli, tmp_path: Path, guest_image: Path) -> None:
+    """A recovery session writing to the same point's disk changes nothing the file restore sees."""
+    session = frepo.json("recover", "start", "web01", "--name", "busy")
+    try:
+        delta = Path(session["path"]) / "disks" / "guest.delta"
+        with open(delta, "r+b") as f:  # the session's disk is overwritten at the start
+            f.write(b"\xff" * (4 << 20))
+        out = tmp_path / "o"
+        out.mkdir()
+        frepo.run("files", "get", "web01", "/sda2/etc/hostname", "--to", out)
+        assert (out / "hostname").stat().st_size > 0
+    finally:
+        frepo.run("recover", "stop", "busy")
+    assert sha256_file(guest_image)  # the image the point came from is untouched by all this
+
+
+def test_service_closes_idle_appliances_and_exits(tmp_path: Path, guest_image: Path) -> None:
+    """With a short idle time the service closes its appliance, unmounts its datastore and exits."""
+    c = Cli(tmp_path / "repo", env={"VMRECOVER_FILES_IDLE": "3"})
+    c.run("init", "--chunk-size", "1M")
+    c.run("backup", "--vm", "web01", guest_image, "--format", "raw")
+    try:
+        c.json("files", "inspect", "web01")
+        sock = c.repo / "run" / "files" / "files.sock"
+        assert sock.exists()
+        deadline = time.monotonic() + 60
+        while sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not sock.exists(), "the service did not exit when idle"
+        assert not os.path.ismount(c.repo / "run" / "files" / "mnt")
+    finally:
+        stop_service(c)
+        shutil.rmtree(c.repo / "run" / "files" / "mnt", ignore_errors=True)

@@ -335,9 +335,9 @@ def serve(repo: Repository, *, ready: Callable[[], None], idle: float = IDLE_SEC
         server.serve_forever(poll_interval=0.5)
     finally:
         server.server_close()
+        service.close()  # appliances, then the datastore mount; the socket goes last
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
-        service.close()
 
 
 # ------------------------------------------------------------------------------------ the client

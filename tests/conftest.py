@@ -296,3 +296,34 @@ def nfs_server(cli: Cli):
     yield start
     for s in servers:
         s.stop()
+
+
+# --------------------------------------------------------------------------- guest filesystem images
+def _fsimage(tmp_path_factory: pytest.TempPathFactory, kind: str, n: int = 1) -> Any:
+    """An image built by vmrecover.testkit.fsimages (libguestfs), once per test run; read-only."""
+    pytest.importorskip("guestfs", reason="needs libguestfs (make setup)")
+    from vmrecover.testkit import fsimages
+
+    d = tmp_path_factory.mktemp(kind)
+    return fsimages.build(kind, [d / f"disk{i}.raw" for i in range(n)])
+
+
+@pytest.fixture(scope="session")
+def lvm_image(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Debian-like guest: /boot ext4 + LVM vg0/root xfs (fsimages.linux_lvm_xfs)."""
+    return _fsimage(tmp_path_factory, "linux_lvm_xfs")
+
+
+@pytest.fixture(scope="session")
+def ntfs_image(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return _fsimage(tmp_path_factory, "ntfs_disk")
+
+
+@pytest.fixture(scope="session")
+def two_disk_image(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return _fsimage(tmp_path_factory, "two_disk_linux", 2)
+
+
+@pytest.fixture(scope="session")
+def bare_image(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return _fsimage(tmp_path_factory, "bare_ext4")

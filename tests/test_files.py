@@ -6,7 +6,9 @@ TCG; the service keeps them between commands, which is itself under test here).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import posixpath
 import shutil
 import stat
 import subprocess
@@ -14,6 +16,7 @@ import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,3 +159,119 @@ def test_service_closes_idle_appliances_and_exits(tmp_path: Path, guest_image: P
     finally:
         stop_service(c)
         shutil.rmtree(c.repo / "run" / "files" / "mnt", ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- real guest layouts
+def _backup_image(c: Cli, vm: str, info: Any) -> str:
+    return c.json("backup", "--vm", vm, *info.paths, "--format", "raw")["point"]
+
+
+def _check_copied(out: Path, guest_root: str, info: Any) -> int:
+    """Every file, mode, mtime and symlink *info* says is under *guest_root* is at *out* the same."""
+    checked = 0
+    for gp, data in info.files.items():
+        if gp.startswith(guest_root + "/"):
+            host = out / gp[len(guest_root) + 1 :]
+            assert host.read_bytes() == data, gp
+            checked += 1
+    for gp, target in info.symlinks.items():
+        if gp.startswith(guest_root + "/"):
+            assert os.readlink(out / gp[len(guest_root) + 1 :]) == target, gp  # copied as a link
+            checked += 1
+    for gp, mode in info.modes.items():
+        if gp.startswith(guest_root + "/") and gp not in info.symlinks:
+            assert stat.S_IMODE((out / gp[len(guest_root) + 1 :]).lstat().st_mode) == mode, gp
+    for gp, mtime in info.mtimes.items():
+        if gp.startswith(guest_root + "/") and gp not in info.symlinks:
+            assert int((out / gp[len(guest_root) + 1 :]).lstat().st_mtime) == mtime, gp
+    return checked
+
+
+def test_lvm_xfs_guest_paths_as_the_guest_sees_them(frepo: Cli, lvm_image: Any, tmp_path: Path) -> None:
+    """An LVM + xfs Linux guest: inspection finds the OS and mounts /boot and / where the guest does;
+    a folder comes out recursively with modes, mtimes and symlinks (also ones pointing outside the
+    guest's filesystem, as links); a 10 000-entry folder is listed completely."""
+    _backup_image(frepo, "lin", lvm_image)
+    doc = frepo.json("files", "inspect", "lin")
+    (os_,) = doc["operating_systems"]
+    assert (os_["type"], os_["distro"]) == ("linux", "debian")
+    assert set(os_["mountpoints"]) == set(lvm_image.mountpoints)
+    mounted = {f["mountpoint"] for f in doc["filesystems"] if f["mountpoint"]}
+    assert {"/", "/boot"} <= mounted
+    out = tmp_path / "out"
+    out.mkdir()
+    frepo.run("files", "get", "lin", "/etc/hosts", "/boot", "/home/alice", "--to", out)
+    assert (out / "hosts").read_bytes() == lvm_image.files["/etc/hosts"]
+    assert _check_copied(out / "alice", "/home/alice", lvm_image) >= 4
+    assert _check_copied(out / "boot", "/boot", lvm_image) >= 1
+    for many, n in lvm_image.bulk.items():
+        listing = frepo.json("files", "ls", "lin", many)
+        assert listing["count"] == n == len({e["path"] for e in listing["entries"]})
+
+
+def test_ntfs_windows_paths(frepo: Cli, ntfs_image: Any, tmp_path: Path) -> None:
+    """NTFS: C:\\ paths with backslashes and in any case reach the file, as on Windows."""
+    _backup_image(frepo, "win", ntfs_image)
+    gp = next(p for p in ntfs_image.files if p.lower().endswith("report.txt"))
+    for spelling in ("C:" + gp.replace("/", "\\"), "c:" + gp.upper().replace("/", "\\"), gp.lower()):
+        out = tmp_path / str(abs(hash(spelling)))
+        out.mkdir()
+        doc = frepo.json("files", "get", "win", spelling, "--to", out)
+        assert doc["written"][0]["guest_path"] == gp
+        assert (out / posixpath.basename(gp)).read_bytes() == ntfs_image.files[gp]
+
+
+def test_two_disk_vm(frepo: Cli, two_disk_image: Any, tmp_path: Path) -> None:
+    """A VM whose /data is on its second disk: both disks of the point are opened together."""
+    _backup_image(frepo, "pair", two_disk_image)
+    data_paths = [p for p in two_disk_image.files if p.startswith("/data/")]
+    assert data_paths
+    frepo.run("files", "get", "pair", data_paths[0], "/etc/hosts", "--to", tmp_path)
+    assert (tmp_path / posixpath.basename(data_paths[0])).read_bytes() == two_disk_image.files[data_paths[0]]
+
+
+def test_disk_without_partition_table(frepo: Cli, bare_image: Any, tmp_path: Path) -> None:
+    _backup_image(frepo, "bare", bare_image)
+    gp, data = next(iter(bare_image.files.items()))
+    frepo.run("files", "get", "bare", gp, "--to", tmp_path)
+    assert (tmp_path / posixpath.basename(gp)).read_bytes() == data
+
+
+def test_history_and_find_across_points(frepo: Cli, lvm_image: Any, tmp_path: Path) -> None:
+    """A file present, then changed, then deleted over three points: history says so with sizes and
+    sha256; find lists the points that hold it."""
+    from vmrecover.testkit.fsimages import change_file
+
+    disk = tmp_path / "lvm.raw"
+    subprocess.run(["cp", "--sparse=always", str(lvm_image.paths[0]), str(disk)], check=True)
+    gp = "/home/alice/notes.txt"
+    p1 = frepo.json("backup", "--vm", "hist", disk, "--format", "raw")["point"]
+    change_file(disk, gp, b"changed notes\n", mtime=1_700_000_000)
+    p2 = frepo.json("backup", "--vm", "hist", disk, "--format", "raw")["point"]
+    change_file(disk, gp, None)
+    p3 = frepo.json("backup", "--vm", "hist", disk, "--format", "raw")["point"]
+    rows = frepo.json("files", "history", "hist", gp)["points"]
+    assert [r["point"] for r in rows] == [p1, p2, p3]
+    assert rows[0]["change"] == "present" and rows[0]["size"] == len(lvm_image.files[gp])
+    assert rows[0]["sha256"] == hashlib.sha256(lvm_image.files[gp]).hexdigest()
+    assert rows[1]["change"].startswith("changed") and "sha256" in rows[1]["change"]
+    assert rows[1]["sha256"] == hashlib.sha256(b"changed notes\n").hexdigest()
+    assert rows[2]["change"] == "deleted"
+    found = frepo.json("files", "find", "hist", "notes.txt")
+    assert sorted(e["point"] for e in found["entries"]) == sorted([p1, p2])
+    assert {e["path"] for e in found["entries"]} == {gp}
+
+
+def test_files_mount(frepo: Cli, lvm_image: Any, tmp_path: Path) -> None:
+    """The guest's filesystems, read-only, at a host mount point, until 'files umount'."""
+    _backup_image(frepo, "linm", lvm_image)
+    mp = tmp_path / "guest"
+    mp.mkdir()
+    frepo.run("files", "mount", "linm", mp)
+    try:
+        assert (mp / "etc" / "hosts").read_bytes() == lvm_image.files["/etc/hosts"]
+        with pytest.raises(OSError):
+            (mp / "etc" / "new").write_text("x")
+    finally:
+        frepo.run("files", "umount", mp)
+    assert not os.path.ismount(mp)

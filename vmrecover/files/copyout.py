@@ -26,7 +26,7 @@ from .guest import Entry, GuestImage
 def _place_entry(img: GuestImage, e: Entry, out: Path, work: Path) -> None:
     """Write guest object *e* at host path *out* (which does not exist)."""
     if e.kind == "file":
-        img.download(e.path, out)
+        img.copy_file(e, out)
         os.chmod(out, stat.S_IMODE(e.mode))
         os.utime(out, ns=(e.mtime_ns, e.mtime_ns))
     elif e.kind == "symlink":
@@ -148,7 +148,7 @@ def _write_tar(
             info.mode, info.mtime = stat.S_IMODE(e.mode), e.mtime_ns // 1_000_000_000
             if e.kind == "file":
                 tmp = work / "file"
-                img.download(e.path, tmp)
+                img.copy_file(e, tmp)
                 info.size = tmp.stat().st_size
                 with open(tmp, "rb") as f:
                     tar.addfile(info, f)

@@ -21,6 +21,7 @@ import contextlib
 import os
 import posixpath
 import re
+import shlex
 import stat
 import tempfile
 import threading
@@ -35,6 +36,7 @@ from ..errors import BadInput, NotFound, VmrecoverError
 BATCH = 1000
 SKIP_TYPES = {"swap", "unknown", ""}
 ENCRYPTED_TYPES = {"crypto_LUKS", "BitLocker"}
+Extents = tuple[Path, list[tuple[int, int, int]]]  # a disk image, and (file offset, disk offset, length)
 
 
 class GuestfsError(VmrecoverError):
@@ -128,6 +130,7 @@ class GuestImage:
         _environment()
         guestfs = _load()
         self.what = what
+        self.disks = [Path(d) for d in disks]
         self._lock = threading.Lock()
         self.g = guestfs.GuestFS(python_return_dict=True)
         try:
@@ -313,8 +316,90 @@ class GuestImage:
     def download(self, path: str, dest: Path) -> None:
         self._call(self.g.download, path, str(dest))
 
+    def copy_file(self, e: Entry, dest: Path) -> None:
+        """Write regular file *e* to host path *dest*.  Where the file's filesystem sits directly on a
+        partition or whole disk (ext2/3/4, xfs), its extents are mapped in the appliance (FIEMAP) and
+        the bytes read straight from the disk image on the host: under TCG the appliance moves about
+        40 MB/s, the host read several hundred.  Anything else goes through the appliance."""
+        extents = self._extents(e)
+        if extents is None:
+            self.download(e.path, dest)
+            return
+        disk, pieces = extents
+        with open(disk, "rb") as src, open(dest, "xb") as out:
+            for logical, physical, length in pieces:
+                done = 0
+                while done < length:
+                    n = min(length - done, 4 << 20)
+                    data = os.pread(src.fileno(), n, physical + done)
+                    if len(data) != n:
+                        raise GuestfsError(
+                            f"{e.path} in {self.what}: short read of its disk at {physical + done}"
+                        )
+                    os.pwrite(out.fileno(), data, logical + done)
+                    done += n
+            out.truncate(e.size)  # holes between extents and after the last stay holes (zeros)
+
+    def _filesystem_of(self, path: str) -> FsInfo | None:
+        """The mounted filesystem holding guest *path* (the longest mount point above it)."""
+        best = None
+        for f in self.filesystems:
+            mp = f.mountpoint
+            inside = mp is not None and (path == mp or path.startswith(mp.rstrip("/") + "/"))
+            if inside and (best is None or len(mp or "") > len(best.mountpoint or "")):
+                best = f
+        return best
+
+    def _extents(self, e: Entry) -> Extents | None:
+        fs = self._filesystem_of(e.path)
+        m = re.fullmatch(r"/dev/sd([a-z])(\d*)", fs.device) if fs is not None else None
+        if fs is None or m is None or fs.type not in FIEMAP_TYPES or e.kind != "file" or e.size == 0:
+            return None
+        disk_index = ord(m.group(1)) - ord("a")
+        start = 0
+        try:
+            if m.group(2):
+                parts = self._call(self.g.part_list, f"/dev/sd{m.group(1)}")
+                start = next(p["part_start"] for p in parts if p["part_num"] == int(m.group(2)))
+            report = self._call(self.g.debug, "sh", [f"filefrag -e {shlex.quote('/sysroot' + e.path)}"])
+        except (RuntimeError, StopIteration):
+            return None
+        return _parse_filefrag(report, start, e.size, self.disks[disk_index])
+
     def tar_out(self, path: str, dest: Path) -> None:
         self._call(lambda: self.g.tar_out(path, str(dest), numericowner=True))
+
+
+FIEMAP_TYPES = {"ext2", "ext3", "ext4", "xfs"}  # physical offsets are offsets on the device
+_PLAIN_FLAGS = {"", "last", "eof", "merged", "shared"}
+
+
+def _parse_filefrag(
+    report: str, start: int, size: int, disk: Path
+) -> tuple[Path, list[tuple[int, int, int]]] | None:
+    """``filefrag -e`` output -> (disk, [(file offset, disk offset, length)]) in bytes, or None when
+    any extent is not plainly on disk (inline, delayed, encoded, unwritten) or the report is odd."""
+    bm = re.search(r"blocks of (\d+) bytes", report)
+    if bm is None:
+        return None
+    bs = int(bm.group(1))
+    pieces, covered = [], 0
+    for line in report.splitlines():
+        em = re.match(r"\s*\d+:\s*(\d+)\.\.\s*(\d+):\s*(\d+)\.\.\s*(\d+):\s*(\d+):\s*(\d*):?\s*(.*)$", line)
+        if em is None:
+            continue
+        flags = {f for f in em.group(7).strip().split(",") if f}
+        if not flags <= _PLAIN_FLAGS:
+            return None
+        logical, physical, n = int(em.group(1)) * bs, int(em.group(3)) * bs, int(em.group(5)) * bs
+        n = min(n, size - logical)
+        if n <= 0:
+            continue
+        pieces.append((logical, start + physical, n))
+        covered += n
+    if not pieces or covered > size:
+        return None
+    return disk, pieces
 
 
 def guest_path_arg(text: str) -> str:

@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 work=${DEMO_DIR:-$PWD/work/demo}
+# a previous run that was interrupted may have left its mounts (datastore, file-restore service)
+if [ -d "$work/repo" ]; then VMRECOVER_REPO="$work/repo" vmrecover files stop >/dev/null 2>&1 || true; fi
+awk -v w="$work/" 'index($2, w) == 1 {print $2}' /proc/mounts | xargs -r -n1 fusermount3 -u -z 2>/dev/null || true
 rm -rf "$work" && mkdir -p "$work/files"
 export VMRECOVER_REPO="$work/repo"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -69,7 +72,7 @@ python -m vmrecover.testkit.guest log "$work/mnt/recover/web01-rescue/guest.raw"
 step "the same session over NFS, as a hypervisor's datastore mounts it: boot it again over nfs://"
 vmrecover nfs serve --port 0 --portmapper --json > "$work/nfs.json" 2> "$work/nfs.log" &
 nfs_pid=$!
-trap 'kill $nfs_pid 2>/dev/null || true; vmrecover umount "$work/mnt" 2>/dev/null || true' EXIT
+trap 'kill $nfs_pid 2>/dev/null || true; vmrecover files stop >/dev/null 2>&1 || true; vmrecover umount "$work/mnt" 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [ -s "$work/nfs.json" ] && break; sleep 0.1; done
 cat "$work/nfs.json"
 nfs-ls nfs://127.0.0.1/vmrecover/recover/web01-rescue
@@ -78,6 +81,13 @@ python -m vmrecover.testkit.guest boot --timeout 300 --serial-log "$work/serial-
 kill $nfs_pid && wait $nfs_pid || true
 echo "the boot log now, through FUSE (the NFS boot wrote its line into the same session):"
 python -m vmrecover.testkit.guest log "$work/mnt/recover/web01-rescue/guest.raw"
+step "single-file restore: libguestfs opens the backup's disk; copy a file out of it"
+vmrecover files inspect web01
+vmrecover files ls web01 /sda2/etc
+mkdir -p "$work/restored-files"
+vmrecover files get web01 /sda2/etc/hostname /sda2/etc/vmrecover-guest --to "$work/restored-files"
+echo "restored /etc/hostname: $(cat "$work/restored-files/hostname")"
+vmrecover files stop
 step "migrate the session to a standalone qcow2 for production, then discard the session"
 vmrecover recover migrate web01-rescue --to "$work/web01-production.qcow2"
 vmrecover recover stop web01-rescue

@@ -45,19 +45,10 @@ def frepo(tmp_path_factory: pytest.TempPathFactory, guest_image: Path) -> Iterat
 
 
 def stop_service(c: Cli) -> None:
-    import signal
-
-    pidfile_dir = c.repo / "run" / "files"
-    found = subprocess.run(["pgrep", "-f", f"vmrecover files serve --repo {c.repo}"],
-                           capture_output=True, text=True, check=False)  # fmt: skip
-    for pid in found.stdout.split():
-        os.kill(int(pid), signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while (pidfile_dir / "files.sock").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    mnt = pidfile_dir / "mnt"
-    if os.path.ismount(mnt):
-        c.run("umount", "--lazy", mnt, check=False)
+    """'files stop': appliances closed, the service's datastore unmounted, its socket gone."""
+    c.run("files", "stop", timeout=120)
+    assert not (c.repo / "run" / "files" / "files.sock").exists()
+    assert not os.path.ismount(c.repo / "run" / "files" / "mnt")
 
 
 def test_inspect_ls_and_reuse(frepo: Cli) -> None:
@@ -237,14 +228,14 @@ def test_disk_without_partition_table(frepo: Cli, bare_image: Any, tmp_path: Pat
     assert (tmp_path / posixpath.basename(gp)).read_bytes() == data
 
 
-def test_history_and_find_across_points(frepo: Cli, lvm_image: Any, tmp_path: Path) -> None:
+def test_history_and_find_across_points(frepo: Cli, bare_image: Any, tmp_path: Path) -> None:
     """A file present, then changed, then deleted over three points: history says so with sizes and
     sha256; find lists the points that hold it."""
     from vmrecover.testkit.fsimages import change_file
 
-    disk = tmp_path / "lvm.raw"
-    subprocess.run(["cp", "--sparse=always", str(lvm_image.paths[0]), str(disk)], check=True)
-    gp = "/home/alice/notes.txt"
+    disk = tmp_path / "bare.raw"
+    subprocess.run(["cp", "--sparse=always", str(bare_image.paths[0]), str(disk)], check=True)
+    gp = next(p for p in bare_image.files if p.count("/") > 1)  # a file in a folder
     p1 = frepo.json("backup", "--vm", "hist", disk, "--format", "raw")["point"]
     change_file(disk, gp, b"changed notes\n", mtime=1_700_000_000)
     p2 = frepo.json("backup", "--vm", "hist", disk, "--format", "raw")["point"]
@@ -252,12 +243,12 @@ def test_history_and_find_across_points(frepo: Cli, lvm_image: Any, tmp_path: Pa
     p3 = frepo.json("backup", "--vm", "hist", disk, "--format", "raw")["point"]
     rows = frepo.json("files", "history", "hist", gp)["points"]
     assert [r["point"] for r in rows] == [p1, p2, p3]
-    assert rows[0]["change"] == "present" and rows[0]["size"] == len(lvm_image.files[gp])
-    assert rows[0]["sha256"] == hashlib.sha256(lvm_image.files[gp]).hexdigest()
+    assert rows[0]["change"] == "present" and rows[0]["size"] == len(bare_image.files[gp])
+    assert rows[0]["sha256"] == hashlib.sha256(bare_image.files[gp]).hexdigest()
     assert rows[1]["change"].startswith("changed") and "sha256" in rows[1]["change"]
     assert rows[1]["sha256"] == hashlib.sha256(b"changed notes\n").hexdigest()
     assert rows[2]["change"] == "deleted"
-    found = frepo.json("files", "find", "hist", "notes.txt")
+    found = frepo.json("files", "find", "hist", posixpath.basename(gp))
     assert sorted(e["point"] for e in found["entries"]) == sorted([p1, p2])
     assert {e["path"] for e in found["entries"]} == {gp}
 

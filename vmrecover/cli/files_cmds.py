@@ -61,6 +61,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     p.set_defaults(func=cmd_umount)
 
+    p = fsub.add_parser(
+        "stop", parents=[common], help="close the appliances and stop the file-restore service"
+    )
+    p.set_defaults(func=cmd_stop)
+
     p = fsub.add_parser("serve", parents=[common], help=argparse.SUPPRESS)
     p.add_argument("--idle", type=float, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
@@ -187,6 +192,26 @@ def cmd_umount(args: argparse.Namespace) -> int:
         emit_json({"mountpoint": str(mp), "unmounted": True})
     else:
         stdout.print(f"unmounted {mp}", markup=False)
+    return ExitCode.OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from ..files.service import run_dir, socket_path
+
+    root = repo_path(args).resolve()
+    if not socket_path(root).exists():
+        doc: dict[str, Any] = {"stopping": False, "running": False}
+    else:
+        doc = _call(args, {"op": "stop"})
+        deadline = time.monotonic() + 60
+        while socket_path(root).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # until its appliances are closed and its datastore unmounted
+        if socket_path(root).exists():
+            raise BadInput("the file-restore service did not stop", hint=f"see {run_dir(root) / 'files.log'}")
+    if args.json:
+        emit_json(doc)
+    else:
+        stdout.print("file-restore service stopped" if doc.get("stopping") else "not running", markup=False)
     return ExitCode.OK
 
 

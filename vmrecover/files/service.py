@@ -68,6 +68,7 @@ class Service:
         self.mnt = run_dir(repo.root) / "mnt"
         self._lock = threading.Condition()
         self._slots: dict[str, _Slot] = {}
+        self.stopping = threading.Event()  # 'files stop'
         self.local_mounts: dict[str, GuestImage] = {}  # 'files mount': mount point -> its own appliance
         self.last_request = time.monotonic()
 
@@ -203,6 +204,9 @@ class Service:
             return self._mount_local(self.repo.catalog.resolve(req["target"]), req["mountpoint"], progress)
         if op == "ping":
             return {"pid": os.getpid()}
+        if op == "stop":
+            self.stopping.set()
+            return {"pid": os.getpid(), "stopping": True}
         raise BadInput(f"unknown request {op!r}")
 
     def _mount_local(self, point: Point, mountpoint: str, progress: Progress) -> Any:
@@ -242,37 +246,56 @@ class Service:
         points = self.repo.catalog.points(vm)
         return points if which == "all" else [self.repo.catalog.resolve(f"{vm}@{which}")]
 
+    def _each_point(self, points: list[Point], doing: str, progress: Progress,
+                    fn: Callable[[GuestImage], Any]) -> dict[str, Any]:  # fmt: skip
+        """fn(appliance) for every point, the points whose appliance is open first (so that a
+        search over many points does not close an appliance it will need again); by point id."""
+        with self._lock:
+            order = sorted(points, key=lambda p: p.id not in self._slots)
+        out = {}
+        for i, point in enumerate(order, 1):
+            progress(f"{doing} {point.vm}@{point.id} ({i} of {len(points)})")
+            with self.image(point, progress) as img:
+                out[point.id] = fn(img)
+        return out
+
     def _find(self, vm: str, pattern: str, which: str, progress: Progress,
               send: Callable[[dict[str, Any]], None]) -> Any:  # fmt: skip
         def match(path: str) -> bool:
             return fnmatch.fnmatchcase(path if "/" in pattern else path.rsplit("/", 1)[-1], pattern)
 
-        total = 0
         points = self._points(vm, which)
-        for i, point in enumerate(points, 1):
-            progress(f"searching {vm}@{point.id} ({i} of {len(points)})")
-            with self.image(point, progress) as img:
-                hits = [p for p in img.find("/") if match(p)]
-            total += len(hits)
-            send({"entries": [{"point": point.id, "created": point.created, "path": p} for p in hits]})
-        return {"vm": vm, "pattern": pattern, "points": len(points), "matches": total}
+        found = self._each_point(
+            points, "searching", progress, lambda img: [p for p in img.find("/") if match(p)]
+        )
+        for point in points:  # in time order
+            send(
+                {
+                    "entries": [
+                        {"point": point.id, "created": point.created, "path": p} for p in found[point.id]
+                    ]
+                }
+            )
+        return {"vm": vm, "pattern": pattern, "points": len(points), "matches": sum(map(len, found.values()))}
 
     def _history(self, vm: str, guest_path: str, progress: Progress) -> Any:
+        def look(img: GuestImage) -> dict[str, Any] | None:
+            path = img.resolve(guest_path)
+            try:
+                e = img.stat(path)
+            except NotFound:
+                return None
+            doc = e.to_json()
+            now = {k: doc[k] for k in ("kind", "size", "mode", "mtime")}
+            now["sha256"] = img.sha256(path) if e.kind == "file" else None
+            return now
+
+        points = self._points(vm)
+        seen = self._each_point(points, "looking at", progress, look)
         rows: list[dict[str, Any]] = []
         before: dict[str, Any] | None = None
-        points = self._points(vm)
-        for i, point in enumerate(points, 1):
-            progress(f"looking at {vm}@{point.id} ({i} of {len(points)})")
-            with self.image(point, progress) as img:
-                path = img.resolve(guest_path)
-                try:
-                    e = img.stat(path)
-                except NotFound:
-                    now = None
-                else:
-                    doc = e.to_json()
-                    now = {k: doc[k] for k in ("kind", "size", "mode", "mtime")}
-                    now["sha256"] = img.sha256(path) if e.kind == "file" else None
+        for point in points:  # in time order
+            now = seen[point.id]
             if now is None:
                 change = "deleted" if before is not None else "absent"
             elif before is None:
@@ -323,11 +346,10 @@ def serve(repo: Repository, *, ready: Callable[[], None], idle: float = IDLE_SEC
     os.chmod(sock, 0o600)
 
     def reaper() -> None:
-        while True:
-            time.sleep(min(5.0, idle / 4))
+        while not service.stopping.wait(min(5.0, idle / 4)):
             if service.reap():
-                server.shutdown()
-                return
+                break
+        server.shutdown()
 
     threading.Thread(target=reaper, daemon=True).start()
     ready()

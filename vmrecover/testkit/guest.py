@@ -53,6 +53,9 @@ from ..errors import BadInput, NotFound, VmrecoverError
 from ..recovery import qemu_boot
 
 MiB = 1 << 20
+# The guest boots the host's Debian kernel and initrd; that initrd grows with the host's packages (35 MB
+# with lvm2/cryptsetup hooks once libguestfs is installed) and is unpacked in RAM: 256M then panics.
+DEFAULT_MEMORY = "512M"
 SECTOR = 512
 DEFAULT_SIZE = 256 * MiB
 
@@ -506,7 +509,7 @@ def boot(
     *,
     serial_log: Path | str,
     timeout: float = 120,
-    memory: str = "256M",
+    memory: str = DEFAULT_MEMORY,
     bus: str = "virtio",
     drive_args: str | None = None,
     snapshot: bool = False,
@@ -587,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("disk", nargs="?", help="disk image (path or anything qemu takes as file=)")
     r.add_argument("--serial-log", type=Path, help="serial console file (default: DISK.serial.log)")
     r.add_argument("--timeout", type=float, default=120)
-    r.add_argument("--memory", default="256M")
+    r.add_argument("--memory", default=DEFAULT_MEMORY)
     r.add_argument("--bus", default="virtio", help="virtio (default), ide, ...")
     r.add_argument("--snapshot", action="store_true", help="discard the guest's writes")
     r.add_argument("--drive", help="the whole -drive value, instead of DISK")

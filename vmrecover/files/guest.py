@@ -43,13 +43,11 @@ class GuestfsError(VmrecoverError):
     """libguestfs failed (the appliance could not start, or an operation failed unexpectedly)."""
 
 
-def _environment() -> None:
-    # qemu 7.2 with KVM aborts on some hosts; TCG always works.  Direct backend: no libvirtd needed.
+def load_guestfs() -> Any:
+    """The libguestfs module, with the environment this project runs it in: the direct backend (no
+    libvirtd) and TCG (qemu 7.2 with KVM aborts on some hosts; TCG always works)."""
     os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
     os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
-
-
-def _load() -> Any:
     try:
         import guestfs
     except ImportError:
@@ -127,8 +125,7 @@ class GuestImage:
     """A read-only appliance over *disks* (raw files, e.g. the datastore's ``.raw`` views)."""
 
     def __init__(self, disks: Sequence[Path], *, what: str, progress: Callable[[str], None] = lambda m: None):
-        _environment()
-        guestfs = _load()
+        guestfs = load_guestfs()
         self.what = what
         self.disks = [Path(d) for d in disks]
         self._lock = threading.Lock()

@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, NotFound, VmrecoverError
+from ..files.guest import load_guestfs
 
 MiB = 1 << 20
 SECTOR = 512
@@ -260,23 +261,6 @@ ELF_X86_64 = (
 # --------------------------------------------------------------------------------------------- libguestfs
 
 
-def _environment() -> None:
-    # qemu 7.2 with KVM aborts on our hosts; TCG always works.  Direct backend: no libvirtd needed.
-    os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
-    os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
-
-
-def _load() -> Any:
-    try:
-        import guestfs
-    except ImportError:
-        raise FsImageError(
-            "the libguestfs Python binding is not installed",
-            hint="install the Debian packages libguestfs-tools python3-guestfs libguestfs-xfs ntfs-3g",
-        ) from None
-    return guestfs
-
-
 @contextlib.contextmanager
 def guestfs_handle(paths: Sequence[Path | str], *, readonly: bool) -> Iterator[Any]:
     """A launched libguestfs handle (dicts for structs) with the raw *paths* added in order.
@@ -288,8 +272,7 @@ def guestfs_handle(paths: Sequence[Path | str], *, readonly: bool) -> Iterator[A
     for p in paths:
         if not os.path.isfile(p):
             raise NotFound(f"disk image {p} does not exist")
-    guestfs = _load()
-    _environment()
+    guestfs = load_guestfs()
     g = guestfs.GuestFS(python_return_dict=True)
     try:
         for p in paths:

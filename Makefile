@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.  Both run `make setup`
 # first, which installs what is missing (apt packages, .venv/) and is a no-op when all is there.
-.PHONY: setup demo test lint bench bench-fuse bench-nfs
+.PHONY: setup demo test lint bench bench-fuse bench-nfs bench-files
 
 setup:
 	@scripts/setup.sh
@@ -26,3 +26,6 @@ bench-nfs: setup
 	@scripts/setup.sh nfs-ganesha nfs-ganesha-vfs rpcbind  # the NFS server measured against
 	.venv/bin/python bench/nfs_bench.py
 	.venv/bin/python bench/nfs_fuzz.py
+
+bench-files: setup
+	.venv/bin/python bench/files_bench.py

@@ -220,9 +220,6 @@ class RpcServer:
         self._slots = trio.Semaphore(max_inflight)
         self.connections = 0
 
-    def add(self, program: Program) -> None:
-        self.programs[program.number] = program
-
     async def dispatch(self, record: bytes, peer: str, allowed: bool) -> list[Buffer]:
         """The reply to one record (a list of buffers), or raise ProtocolViolation."""
         u = Unpacker(record)

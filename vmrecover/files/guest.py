@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput, NotFound, VmrecoverError
+from ..errors import NotFound, VmrecoverError
 
 BATCH = 1000
 SKIP_TYPES = {"swap", "unknown", ""}
@@ -262,13 +262,6 @@ class GuestImage:
         target = self._call(self.g.readlink, path) if stat.S_ISLNK(st["st_mode"]) else None
         return _entry(path, st, target)
 
-    def exists(self, path: str) -> bool:
-        try:
-            self.stat(path)
-        except NotFound:
-            return False
-        return True
-
     def _names(self, fn: Callable[[str, str], None], path: str) -> Iterator[str]:
         """Names a *fn* (ls0, find0) writes NUL-separated to a host file, read back lazily."""
         with tempfile.NamedTemporaryFile(prefix="vmrecover-names-") as tmp:
@@ -397,9 +390,3 @@ def _parse_filefrag(
     if not pieces or covered > size:
         return None
     return disk, pieces
-
-
-def guest_path_arg(text: str) -> str:
-    if not text or "\0" in text:
-        raise BadInput(f"{text!r} is not a guest path", hint="give e.g. /etc/hosts or C:\\Users")
-    return text

@@ -96,7 +96,7 @@ class Service:
         with self._lock:
             slot = self._slots.get(point.id)
             opener = slot is None
-            while opener and self._open_count() >= self.max_open and not self._evict_one():
+            while opener and len(self._slots) >= self.max_open and not self._evict_one():
                 progress(f"waiting: all {self.max_open} libguestfs appliances are busy")
                 self._lock.wait(5)
             if opener:
@@ -129,9 +129,6 @@ class Service:
             with self._lock:
                 slot.users -= 1
                 self._lock.notify_all()
-
-    def _open_count(self) -> int:
-        return len(self._slots)
 
     def _evict_one(self) -> bool:
         idle = [(s.image.last_used, pid) for pid, s in self._slots.items() if s.users == 0 and s.image]

@@ -53,7 +53,7 @@ step "vmrecover verify"
 vmrecover verify
 
 step "instant recovery: a bootable Linux guest disk (MBR, syslinux, the host's kernel, busybox)"
-python -m vmrecover.testkit.guest build "$work/guest.raw"
+python -m tests.testkit.guest build "$work/guest.raw"
 vmrecover backup "$work/guest.raw" --vm web01 --format raw
 mkdir -p "$work/mnt"
 trap 'vmrecover umount "$work/mnt" 2>/dev/null || true' EXIT
@@ -68,7 +68,7 @@ step "the guest wrote to its disk; the backup did not change"
 vmrecover recover list
 qemu-img compare -q "$work/guest.raw" "$work/mnt/vms/web01/latest/guest.raw" && echo "backup: unchanged"
 step "a file from the running session's disk: the guest's own boot log"
-python -m vmrecover.testkit.guest log "$work/mnt/recover/web01-rescue/guest.raw"
+python -m tests.testkit.guest log "$work/mnt/recover/web01-rescue/guest.raw"
 step "the same session over NFS, as a hypervisor's datastore mounts it: boot it again over nfs://"
 vmrecover nfs serve --port 0 --portmapper --json > "$work/nfs.json" 2> "$work/nfs.log" &
 nfs_pid=$!
@@ -76,11 +76,11 @@ trap 'kill $nfs_pid 2>/dev/null || true; vmrecover files stop >/dev/null 2>&1 ||
 for _ in $(seq 100); do [ -s "$work/nfs.json" ] && break; sleep 0.1; done
 cat "$work/nfs.json"
 nfs-ls nfs://127.0.0.1/vmrecover/recover/web01-rescue
-python -m vmrecover.testkit.guest boot --timeout 300 --serial-log "$work/serial-nfs.log" \
+python -m tests.testkit.guest boot --timeout 300 --serial-log "$work/serial-nfs.log" \
   --drive "file=nfs://127.0.0.1/vmrecover/recover/web01-rescue/guest.raw,format=raw,if=virtio,cache=none"
 kill $nfs_pid && wait $nfs_pid || true
 echo "the boot log now, through FUSE (the NFS boot wrote its line into the same session):"
-python -m vmrecover.testkit.guest log "$work/mnt/recover/web01-rescue/guest.raw"
+python -m tests.testkit.guest log "$work/mnt/recover/web01-rescue/guest.raw"
 step "single-file restore: libguestfs opens the backup's disk; copy a file out of it"
 vmrecover files inspect web01
 vmrecover files ls web01 /sda2/etc

@@ -183,7 +183,7 @@ def corrupt_chunk(repo: Path, plain: bytes) -> tuple[str, int]:
 @pytest.fixture(scope="session")
 def guest_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bootable test guest (256 MiB raw, ext4 root on MBR), built once per test run; read-only."""
-    from vmrecover.testkit.guest import build_guest_disk
+    from tests.testkit.guest import build_guest_disk
 
     return build_guest_disk(tmp_path_factory.mktemp("guest") / "guest.raw", size=256 * MiB)
 
@@ -300,9 +300,9 @@ def nfs_server(cli: Cli):
 
 # --------------------------------------------------------------------------- guest filesystem images
 def _fsimage(tmp_path_factory: pytest.TempPathFactory, kind: str, n: int = 1) -> Any:
-    """An image built by vmrecover.testkit.fsimages (libguestfs), once per test run; read-only."""
+    """An image built by tests.testkit.fsimages (libguestfs), once per test run; read-only."""
     pytest.importorskip("guestfs", reason="needs libguestfs (make setup)")
-    from vmrecover.testkit import fsimages
+    from tests.testkit import fsimages
 
     d = tmp_path_factory.mktemp(kind)
     return fsimages.build(kind, [d / f"disk{i}.raw" for i in range(n)])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vmrecover.testkit.guest import MiB, boot, read_boot_log
+from tests.testkit.guest import MiB, boot, read_boot_log
 from vmrecover.vfs.formats import vhd_footer, vhd_geometry
 
 from .conftest import Cli, Mounted, needs_fuse, random_image, sha256_file

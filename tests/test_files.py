@@ -231,7 +231,7 @@ def test_disk_without_partition_table(frepo: Cli, bare_image: Any, tmp_path: Pat
 def test_history_and_find_across_points(frepo: Cli, bare_image: Any, tmp_path: Path) -> None:
     """A file present, then changed, then deleted over three points: history says so with sizes and
     sha256; find lists the points that hold it."""
-    from vmrecover.testkit.fsimages import change_file
+    from tests.testkit.fsimages import change_file
 
     disk = tmp_path / "bare.raw"
     subprocess.run(["cp", "--sparse=always", str(bare_image.paths[0]), str(disk)], check=True)

@@ -1,4 +1,4 @@
-"""The file-restore test images (vmrecover.testkit.fsimages) hold what their descriptions say.
+"""The file-restore test images (tests.testkit.fsimages) hold what their descriptions say.
 
 Each image is built once, then read back in a fresh READ-ONLY libguestfs appliance: inspection (OS,
 distro, hostname, mountpoints), filesystems, partition tables, UUIDs and labels, every described
@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 
 from vmrecover.errors import BadInput, ExitCode, NotFound
-from vmrecover.testkit import fsimages
-from vmrecover.testkit.fsimages import NOT_A_FILESYSTEM, ImageInfo
+from tests.testkit import fsimages
+from tests.testkit.fsimages import NOT_A_FILESYSTEM, ImageInfo
 
 try:
     import guestfs  # noqa: F401
@@ -160,7 +160,7 @@ def _read_contents(g: Any, info: ImageInfo, seen: dict[str, Any]) -> None:
 
 def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "vmrecover.testkit.fsimages", *map(str, args)],
+        [sys.executable, "-m", "tests.testkit.fsimages", *map(str, args)],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vmrecover.testkit.guest import (
+from tests.testkit.guest import (
     BOOT_LOG,
     BOOT_PART_TYPE,
     DISK_ID,
@@ -127,7 +127,7 @@ def test_build_cache_and_cli(guest_disk: Path, tmp_path: Path) -> None:
     assert os.stat(b).st_blocks <= os.stat(cached[0]).st_blocks + 8, "the copy keeps the holes"
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    cli = [sys.executable, "-W", "error", "-m", "vmrecover.testkit.guest"]
+    cli = [sys.executable, "-W", "error", "-m", "tests.testkit.guest"]
     out = tmp_path / "cli.raw"
     proc = subprocess.run([*cli, "build", out, "--size", "128M"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vmrecover.testkit.guest import MiB, boot, read_boot_log
+from tests.testkit.guest import MiB, boot, read_boot_log
 
 from . import nfsclient as nc
 from .conftest import (

@@ -44,9 +44,9 @@ restore points in which a file changed, then disappeared.
 
 Command line::
 
-    python -m vmrecover.testkit.fsimages build KIND OUT [OUT2]     # prints the ImageInfo as JSON
-    python -m vmrecover.testkit.fsimages change DISK [DISK2] --path /etc/hosts (--data-file F | --delete)
-    python -m vmrecover.testkit.fsimages kinds
+    python -m tests.testkit.fsimages build KIND OUT [OUT2]     # prints the ImageInfo as JSON
+    python -m tests.testkit.fsimages change DISK [DISK2] --path /etc/hosts (--data-file F | --delete)
+    python -m tests.testkit.fsimages kinds
 
 libguestfs runs with ``LIBGUESTFS_BACKEND=direct`` and ``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``
 unless the environment says otherwise (qemu with KVM aborts on our machines).  A launch takes 10-16 s.
@@ -73,8 +73,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput, NotFound, VmrecoverError
-from ..files.guest import load_guestfs
+from vmrecover.errors import BadInput, NotFound, VmrecoverError
+from vmrecover.files.guest import load_guestfs
 
 MiB = 1 << 20
 SECTOR = 512
@@ -844,7 +844,7 @@ def change_file(
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m vmrecover.testkit.fsimages", description=__doc__.split("\n")[0]
+        prog="python -m tests.testkit.fsimages", description=__doc__.split("\n")[0]
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build an image and print what is in it as JSON")

@@ -24,10 +24,10 @@ killed and reported by :class:`GuestBootTimeout`.
 
 Command line (building by hand)::
 
-    python -m vmrecover.testkit.guest build OUT.raw [--size 256M] [--cache DIR]
-    python -m vmrecover.testkit.guest boot DISK [--serial-log FILE] [--timeout 120] [--snapshot]
-    python -m vmrecover.testkit.guest boot --drive 'file=nfs://127.0.0.1/export/disk.raw,format=raw,if=virtio'
-    python -m vmrecover.testkit.guest log DISK        # the boots recorded on the disk (no boot)
+    python -m tests.testkit.guest build OUT.raw [--size 256M] [--cache DIR]
+    python -m tests.testkit.guest boot DISK [--serial-log FILE] [--timeout 120] [--snapshot]
+    python -m tests.testkit.guest boot --drive 'file=nfs://127.0.0.1/export/disk.raw,format=raw,if=virtio'
+    python -m tests.testkit.guest log DISK        # the boots recorded on the disk (no boot)
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput, NotFound, VmrecoverError
-from ..recovery import qemu_boot
+from vmrecover.errors import BadInput, NotFound, VmrecoverError
+from vmrecover.recovery import qemu_boot
 
 MiB = 1 << 20
 # The guest boots the host's Debian kernel and initrd; that initrd grows with the host's packages (35 MB
@@ -579,8 +579,8 @@ def boot(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vmrecover.testkit.guest build|boot|log ...``; returns the exit status."""
-    ap = argparse.ArgumentParser(prog="python -m vmrecover.testkit.guest", description=__doc__.split("\n")[0])
+    """``python -m tests.testkit.guest build|boot|log ...``; returns the exit status."""
+    ap = argparse.ArgumentParser(prog="python -m tests.testkit.guest", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build a fresh guest disk")
     b.add_argument("out", type=Path)

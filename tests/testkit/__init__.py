@@ -1,6 +1,6 @@
 """Test kit: real things for tests and the demo to back up and recover.
 
-:mod:`vmrecover.testkit.guest` builds a small bootable Linux guest disk from Debian packages (no mount,
+:mod:`tests.testkit.guest` builds a small bootable Linux guest disk from Debian packages (no mount,
 no root needed beyond reading /boot) and boots it with qemu under TCG; each boot counts itself on the
 guest's own disk, so "the recovered VM booted and saw its earlier writes" is a plain assertion.
 """
@@ -40,7 +40,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that ``python -m vmrecover.testkit.guest`` does not import the module twice.
+    # Lazy, so that ``python -m tests.testkit.guest`` does not import the module twice.
     if name in __all__:
         from . import guest
 

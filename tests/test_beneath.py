@@ -1,0 +1,134 @@
+"""vmrecover.beneath: no operation on a name below the top folder reaches anything outside it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from vmrecover.beneath import Beneath, safe_mode
+
+
+@pytest.fixture
+def jail(tmp_path: Path) -> tuple[Beneath, Path]:
+    top = tmp_path / "top"
+    top.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"precious host data")
+    os.chmod(outside / "victim", 0o600)
+    (top / "dir").mkdir()
+    (top / "link").symlink_to(outside / "victim")
+    (top / "dirlink").symlink_to(outside)
+    return Beneath(top), outside
+
+
+def _victim_intact(outside: Path) -> None:
+    v = outside / "victim"
+    assert v.read_bytes() == b"precious host data"
+    assert stat.S_IMODE(v.stat().st_mode) == 0o600
+    assert sorted(os.listdir(outside)) == ["victim"]
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda b: b.truncate("link", 0),
+        lambda b: b.open("link", os.O_WRONLY),
+        lambda b: b.open("link", os.O_RDONLY),
+        lambda b: b.truncate("dirlink/victim", 0),
+        lambda b: b.open("dirlink/victim", os.O_RDWR),
+        lambda b: b.chmod("dirlink/victim", 0o777),
+        lambda b: b.chown("dirlink/victim", 1234, 1234),
+        lambda b: b.utime("dirlink/victim", (0, 0)),
+        lambda b: b.create("dirlink/new", 0o644),
+        lambda b: b.mkdir("dirlink/newdir", 0o755),
+        lambda b: b.symlink("/etc/passwd", "dirlink/newlink"),
+        lambda b: b.unlink("dirlink/victim"),
+        lambda b: b.rename("dirlink/victim", "stolen"),
+        lambda b: b.rename("dir", "dirlink/moved"),
+        lambda b: b.listdir("dirlink"),
+        lambda b: b.lstat("dirlink/victim"),
+        lambda b: b.readlink("dirlink/victim"),
+        lambda b: b.truncate("../outside/victim", 0),
+        lambda b: b.open("/etc/passwd", os.O_RDONLY),
+    ],
+)
+def test_no_operation_follows_a_symlink_or_climbs_out(jail: tuple[Beneath, Path], op) -> None:
+    b, outside = jail
+    with pytest.raises(OSError) as exc:
+        op(b)
+    assert exc.value.errno in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL), exc.value
+    _victim_intact(outside)
+
+
+def test_symlink_itself_is_what_changes(jail: tuple[Beneath, Path]) -> None:
+    b, outside = jail
+    b.chmod("link", 0o777)  # a symlink has no mode of its own: left as it is, the target untouched
+    b.chown("link", os.getuid(), os.getgid())
+    b.utime("link", (10**9, 10**9))
+    assert os.lstat(b.top / "link").st_mtime == 1
+    b.rename("link", "dir/moved-link")
+    assert os.readlink(b.top / "dir" / "moved-link") == str(outside / "victim")
+    b.unlink("dir/moved-link")
+    _victim_intact(outside)
+
+
+def test_regular_operations_work(jail: tuple[Beneath, Path]) -> None:
+    b, _ = jail
+    b.mkdir("dir/sub", 0o755)
+    b.create("dir/sub/f", 0o4755)
+    fd = b.open("dir/sub/f", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"hello", 0)
+    finally:
+        os.close(fd)
+    b.truncate("dir/sub/f", 2)
+    b.chmod("dir/sub/f", safe_mode(0o6755))
+    assert stat.S_IMODE(b.lstat("dir/sub/f").st_mode) == 0o755
+    assert (b.top / "dir/sub/f").read_bytes() == b"he"
+    assert [n for n, _ in b.listdir("dir/sub")] == ["f"]
+    assert sorted(rel for rel, _ in b.walk()) == ["dir", "dir/sub", "dir/sub/f", "dirlink", "link"]
+    b.rename("dir/sub/f", "g")
+    b.unlink("g")
+    b.rmdir("dir/sub")
+
+
+def test_special_files_are_never_opened(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    b = Beneath(tmp_path)
+    done = threading.Event()
+
+    def attempt() -> None:
+        with pytest.raises(OSError) as exc:
+            b.open("fifo", os.O_WRONLY)  # opening a fifo for writing would block without a reader
+        assert exc.value.errno == errno.EINVAL
+        done.set()
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(5)
+    assert done.is_set()
+
+
+def test_folder_swapped_for_a_symlink_mid_walk_cannot_redirect(tmp_path: Path) -> None:
+    """A folder replaced by a symlink between two operations: the next walk refuses the symlink."""
+    top = tmp_path / "top"
+    (top / "d").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_bytes(b"x")
+    b = Beneath(top)
+    (top / "d" / "f").write_bytes(b"inside")
+    with b.dir("d") as fd:  # a use already under way keeps the folder it opened
+        os.rename(top / "d", top / "d-old")
+        (top / "d").symlink_to(outside)
+        assert os.stat("f", dir_fd=fd, follow_symlinks=False).st_size == len(b"inside")
+    with pytest.raises(OSError) as exc:
+        b.truncate("d/f", 0)
+    assert exc.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    assert (outside / "f").read_bytes() == b"x"

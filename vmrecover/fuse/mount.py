@@ -201,6 +201,8 @@ def serve(
         options = set(pyfuse3.default_options) | {
             f"fsname=vmrecover:{repo.root.resolve()}",
             "subtype=vmrecover",
+            "nosuid",  # a session's files are a hypervisor's: no setuid program or device may act here
+            "nodev",
         }
         if allow_other:
             options.add("allow_other")

@@ -40,6 +40,7 @@ from datetime import datetime
 from enum import IntEnum
 from pathlib import Path
 
+from ..beneath import Beneath, safe_mode
 from ..repo.catalog import Disk, Point, Session
 from ..repo.repository import Repository
 from .cache import ChunkCache
@@ -98,12 +99,12 @@ def _split(ino: int) -> tuple[Kind, int]:
 FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long): the inode's generation (ext4, xfs, btrfs)
 
 
-def _generation(path: Path) -> int:
+def _generation(upper: Beneath, rel: str) -> int:
     """The host filesystem's generation of a file a hypervisor created, so that an NFS handle of a
     deleted file never reaches a new file that reuses its inode number.  1 where the filesystem has
-    none (tmpfs) or the object cannot be opened without following it (a symlink)."""
+    none (tmpfs) or the object is neither a regular file nor a folder (a symlink)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        fd = upper.open_any(rel)
     except OSError:
         return 1
     try:
@@ -319,7 +320,7 @@ class Vfs:
             return self._file(ino, v.size, _ns(point.created_dt), writable=False, immutable=True)
         if kind is Kind.SESSION:
             session = self._session_by_id(f"{payload:012x}")
-            st = os.stat(self._upper_root(session.id))
+            st = self._beneath(session.id).lstat("")
             return self._dir(ino, st.st_mtime_ns, writable=True)
         if kind is Kind.SVIEW:
             v = self._view(ino)
@@ -424,7 +425,7 @@ class Vfs:
             raise _err(errno.ENOENT, "latest")
         if kind is Kind.UPPER:
             sid, rel = self._upper_path(ino)
-            return os.readlink(self._upper_root(sid) / rel)
+            return self._beneath(sid).readlink(rel)
         raise _err(errno.EINVAL, f"inode {ino} is not a symlink")
 
     # ------------------------------------------------------------------ data
@@ -494,20 +495,26 @@ class Vfs:
                 return self.getattr(ino)  # touch on a session folder: nothing to keep
             raise _err(errno.EPERM, f"inode {ino}")
         sid, rel = self._upper_path(ino)
-        path = self._upper_root(sid) / rel
+        upper = self._beneath(sid)
         if size is not None:
-            os.truncate(path, size)
+            upper.truncate(rel, size)  # a regular file only: never a symlink's target
         if mode is not None:
-            os.chmod(path, stat.S_IMODE(mode), follow_symlinks=False)
+            upper.chmod(rel, safe_mode(mode))
         if uid is not None or gid is not None:
-            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
+            upper.chown(rel, -1 if uid is None else uid, -1 if gid is None else gid)
         if atime_ns is not None or mtime_ns is not None:
-            os.utime(path, ns=_times(os.lstat(path), atime_ns, mtime_ns), follow_symlinks=False)
+            upper.utime(rel, _times(upper.lstat(rel), atime_ns, mtime_ns))
         return self._upper_attr(sid, rel)
 
     # ------------------------------------------------------------------ files a hypervisor creates
+    # Every host operation on them goes through vmrecover.beneath: from the descriptor of the
+    # session's upper/ folder, one component at a time, never following a symlink (a client can
+    # create symlinks pointing anywhere, and rename folders while we work).
     def _upper_root(self, sid: str) -> Path:
         return self.repo.session_dir(sid) / "upper"
+
+    def _beneath(self, sid: str) -> Beneath:
+        return Beneath(self._upper_root(sid))
 
     def _dir_of(self, parent: int) -> tuple[str, str]:
         """(session id, relative path) of a writable directory; EROFS for anything else."""
@@ -516,7 +523,7 @@ class Vfs:
             return self._session_by_id(f"{payload:012x}").id, ""
         if kind is Kind.UPPER:
             sid, rel = self._upper_path(parent)
-            if not stat.S_ISDIR(os.lstat(self._upper_root(sid) / rel).st_mode):
+            if not stat.S_ISDIR(self._beneath(sid).lstat(rel).st_mode):
                 raise _err(errno.ENOTDIR, rel)
             return sid, rel
         if parent == RECOVER_INO:
@@ -528,15 +535,19 @@ class Vfs:
             raise _err(errno.EOVERFLOW, f"inode {st_ino} of the session's filesystem is too large")
         return _ino(Kind.UPPER, (int(sid, 16) & 0xFFFFF) << 40 | st_ino)
 
-    def _upper_attr(self, sid: str, rel: str) -> Attr:
-        path = self._upper_root(sid) / rel
-        st = os.lstat(path)
+    def _remember(self, sid: str, rel: str, st: os.stat_result) -> int:
         ino = self._upper_ino(sid, st.st_ino)
         with self._lock:
             self._upper[ino] = (sid, rel)
+        return ino
+
+    def _upper_attr(self, sid: str, rel: str) -> Attr:
+        upper = self._beneath(sid)
+        st = upper.lstat(rel)
+        ino = self._remember(sid, rel, st)
         return Attr(
             ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_nlink, st.st_ctime_ns, st.st_atime_ns,
-            st.st_uid, st.st_gid, _generation(path) if not stat.S_ISLNK(st.st_mode) else 1,
+            st.st_uid, st.st_gid, _generation(upper, rel) if not stat.S_ISLNK(st.st_mode) else 1,
         )  # fmt: skip
 
     def _upper_path(self, ino: int) -> tuple[str, str]:
@@ -544,44 +555,46 @@ class Vfs:
         if got is not None:
             sid, rel = got
             try:
-                if self._upper_ino(sid, os.lstat(self._upper_root(sid) / rel).st_ino) == ino:
+                if self._upper_ino(sid, self._beneath(sid).lstat(rel).st_ino) == ino:
                     return got
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 pass
         # Not seen in this run (an NFS handle from before a restart) or moved: search its session.
         tag = (ino >> 40) & 0xFFFFF
         for s in self.sessions().values():
             if int(s.id, 16) & 0xFFFFF != tag:
                 continue
-            root = self._upper_root(s.id)
-            for dirpath, dirnames, filenames in os.walk(root):
-                for name in dirnames + filenames:
-                    p = os.path.join(dirpath, name)
-                    if self._upper_ino(s.id, os.lstat(p).st_ino) == ino:
-                        rel = os.path.relpath(p, root)
-                        with self._lock:
-                            self._upper[ino] = (s.id, rel)
-                        return s.id, rel
+            for rel, st in self._beneath(s.id).walk():
+                if self._upper_ino(s.id, st.st_ino) == ino:
+                    self._remember(s.id, rel, st)
+                    return s.id, rel
         raise _err(errno.ENOENT, f"inode {ino}")
 
     def _upper_list(self, sid: str, rel: str) -> list[tuple[str, int]]:
-        out = []
-        with os.scandir(self._upper_root(sid) / rel) as it:
-            for e in it:
-                out.append((e.name, self._upper_attr(sid, os.path.join(rel, e.name)).ino))
-        return sorted(out)
+        return [
+            (name, self._remember(sid, os.path.join(rel, name), st))
+            for name, st in self._beneath(sid).listdir(rel)
+        ]
 
     def _upper_open(self, ino: int, flags: int) -> int:
+        """A descriptor of the regular file *ino* names; ENOENT if its name now holds another file
+        (renamed between finding the name and opening it)."""
         sid, rel = self._upper_path(ino)
-        return os.open(self._upper_root(sid) / rel, flags | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = self._beneath(sid).open(rel, flags)
+        if self._upper_ino(sid, os.fstat(fd).st_ino) != ino:
+            os.close(fd)
+            with self._lock:
+                self._upper.pop(ino, None)
+            raise _err(errno.ENOENT, f"inode {ino} (moved)")
+        return fd
 
-    def _new_name(self, parent: int, name: str) -> tuple[str, str, Path]:
+    def _new_name(self, parent: int, name: str) -> tuple[str, str]:
         sid, rel = self._dir_of(parent)
         if "/" in name or name in (".", "..", "") or "\0" in name:
             raise _err(errno.EINVAL, f"name {name!r}")
         if not rel and any(n == name for n, _ in self._reserved(sid)):
             raise _err(errno.EEXIST, f"{name} is a disk of the session")
-        return sid, os.path.join(rel, name), self._upper_root(sid) / rel / name
+        return sid, os.path.join(rel, name)
 
     def _reserved(self, sid: str) -> list[tuple[str, int]]:
         session = self._session_by_id(sid)
@@ -589,43 +602,50 @@ class Vfs:
         return self._view_entries(Kind.SVIEW, sid, disks)
 
     def create(self, parent: int, name: str, mode: int) -> Attr:
-        sid, rel, path = self._new_name(parent, name)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, stat.S_IMODE(mode))
-        os.close(fd)
+        """A new regular file with exactly *mode*'s permission bits (no umask; never setuid/setgid)."""
+        sid, rel = self._new_name(parent, name)
+        fd = self._beneath(sid).create_open(rel, 0o600)
+        try:
+            os.fchmod(fd, safe_mode(mode))
+        finally:
+            os.close(fd)
         return self._upper_attr(sid, rel)
 
     def mkdir(self, parent: int, name: str, mode: int) -> Attr:
-        sid, rel, path = self._new_name(parent, name)
-        os.mkdir(path, stat.S_IMODE(mode))
+        sid, rel = self._new_name(parent, name)
+        upper = self._beneath(sid)
+        upper.mkdir(rel, 0o700)
+        upper.chmod(rel, safe_mode(mode))
         return self._upper_attr(sid, rel)
 
     def symlink(self, parent: int, name: str, target: str) -> Attr:
-        sid, rel, path = self._new_name(parent, name)
-        os.symlink(target, path)  # stored as text; the server never follows it
+        sid, rel = self._new_name(parent, name)
+        self._beneath(sid).symlink(target, rel)  # stored as text; the server never follows it
         return self._upper_attr(sid, rel)
 
-    def _existing(self, parent: int, name: str) -> tuple[str, str, Path]:
+    def _existing(self, parent: int, name: str) -> tuple[str, str]:
         sid, rel = self._dir_of(parent)
         if not rel and any(n == name for n, _ in self._reserved(sid)):
             raise _err(errno.EPERM, f"{name} is a disk of the session; stop the session to discard it")
-        return sid, os.path.join(rel, name), self._upper_root(sid) / rel / name
+        return sid, os.path.join(rel, name)
 
     def unlink(self, parent: int, name: str) -> None:
-        _, _, path = self._existing(parent, name)
-        if stat.S_ISDIR(os.lstat(path).st_mode):
+        sid, rel = self._existing(parent, name)
+        upper = self._beneath(sid)
+        if stat.S_ISDIR(upper.lstat(rel).st_mode):
             raise _err(errno.EISDIR, name)
-        os.unlink(path)
+        upper.unlink(rel)
 
     def rmdir(self, parent: int, name: str) -> None:
-        _, _, path = self._existing(parent, name)
-        os.rmdir(path)
+        sid, rel = self._existing(parent, name)
+        self._beneath(sid).rmdir(rel)
 
     def rename(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
-        sid, rel, src = self._existing(parent, name)
-        sid2, _, dst = self._existing(new_parent, new_name)
+        sid, rel = self._existing(parent, name)
+        sid2, new_rel = self._existing(new_parent, new_name)
         if sid != sid2:
             raise _err(errno.EXDEV, "rename between recovery sessions")
-        os.rename(src, dst)
+        self._beneath(sid).rename(rel, new_rel)
         with self._lock:  # paths below a moved folder changed: forget them, _upper_path finds them again
             moved = [
                 i for i, (s, r) in self._upper.items() if s == sid and (r == rel or r.startswith(rel + "/"))

@@ -16,9 +16,13 @@ not report holes are refused when the session is opened.  Trimming is not passed
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
+import struct
 import threading
+from collections.abc import Iterator
 from datetime import datetime
 from enum import IntEnum
 from pathlib import Path
@@ -96,21 +100,35 @@ class BackupDisk:
 
 
 class SessionDisk:
-    """A backup disk made writable: reads merge the delta file over the backup, writes go to the delta."""
+    """A backup disk made writable: reads merge the delta file over the backup, writes go to the delta.
+
+    **Descriptor lifetime.**  ``close()`` (a stopped session) may come while worker threads still hold
+    this disk through a view they looked up earlier.  The delta's descriptor is closed only when the
+    last of them is done, and any use after ``close()`` is ESTALE, so a stopped session's descriptor
+    number can never be reused under a worker by some other file it would then read or write.
+
+    **Writers in several processes.**  FUSE and NFS may serve one session from two processes.  Every
+    write takes an OFD lock (``F_OFD_SETLKW``, bound to this open file description, not the process)
+    on the allocation blocks it covers, and the in-process lock for threads sharing this descriptor:
+    a read-modify-write of a block never undoes another process's write to the same block.
+    """
 
     def __init__(self, base: BackupDisk, delta: Path) -> None:
         self.base = base
         self.size = base.size
         self.path = delta
-        self.fd = os.open(delta, os.O_RDWR | os.O_CLOEXEC)
-        st = os.fstat(self.fd)
+        self._fd = os.open(delta, os.O_RDWR | os.O_CLOEXEC)
+        st = os.fstat(self._fd)
         if st.st_size != self.size:
-            os.close(self.fd)
+            os.close(self._fd)
             raise OSError(
                 errno.EIO, f"{delta} holds {st.st_size} bytes, its disk {self.size}: damaged overlay"
             )
         self.block = max(4096, st.st_blksize)
         self._rmw = threading.Lock()
+        self._state = threading.Lock()  # guards _users and _closed
+        self._users = 0
+        self._closed = False
 
     @staticmethod
     def written_in(delta: Path) -> int:
@@ -121,26 +139,57 @@ class SessionDisk:
         finally:
             os.close(fd)
 
-    def close(self) -> None:
-        os.close(self.fd)
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[int]:
+        """The delta's descriptor, kept open until the block ends; ESTALE once the disk is closed."""
+        with self._state:
+            if self._closed:
+                raise OSError(errno.ESTALE, f"{os.strerror(errno.ESTALE)}: {self.path} (session stopped)")
+            self._users += 1
+        try:
+            yield self._fd
+        finally:
+            with self._state:
+                self._users -= 1
+                last = self._closed and self._users == 0
+            if last:
+                os.close(self._fd)
 
-    def _data_ranges(self, off: int, end: int) -> list[tuple[int, int]]:
-        return _data_ranges(self.fd, off, end)
+    def close(self) -> None:
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            idle = self._users == 0
+        if idle:
+            os.close(self._fd)
+
+    def stat(self) -> os.stat_result:
+        with self._use() as fd:
+            return os.fstat(fd)
+
+    def utime(self, ns: tuple[int, int]) -> None:
+        with self._use() as fd:
+            os.utime(fd, ns=ns)
 
     def read(self, off: int, size: int) -> bytes:
+        with self._use() as fd:
+            return self._read(fd, off, size)
+
+    def _read(self, fd: int, off: int, size: int) -> bytes:
         end = min(off + size, self.size)
         if off >= end:
             return b""
-        ranges = self._data_ranges(off, end)
+        ranges = _data_ranges(fd, off, end)
         if not ranges:
             return self.base.read(off, end - off)
         if ranges == [(off, end)]:
-            return os.pread(self.fd, end - off, off)
+            return os.pread(fd, end - off, off)
         parts, pos = [], off  # the backup only for the gaps: a chunk the session overwrote whole is
         for a, b in ranges:  # never read (nor its damage, if the session replaced a corrupt chunk)
             if a > pos:
                 parts.append(self.base.read(pos, a - pos))
-            parts.append(os.pread(self.fd, b - a, a))
+            parts.append(os.pread(fd, b - a, a))
             pos = b
         if pos < end:
             parts.append(self.base.read(pos, end - pos))
@@ -154,29 +203,46 @@ class SessionDisk:
             return 0
         g = self.block
         a, b = off // g * g, min(-(-(off + n) // g) * g, self.size)
-        with self._rmw:  # a read-modify-write must not undo a concurrent write to the same block
+        # A read-modify-write must not undo a concurrent write to the same block: threads sharing the
+        # descriptor are kept apart by _rmw, other processes (and other descriptors) by the OFD lock.
+        with self._use() as fd, self._rmw, _ofd_locked(fd, a, b - a):
             if a == off and b == off + n:
-                self._pwrite(data, off)
+                _pwrite_all(fd, data, off)
                 return n
             buf = bytearray(b - a)
             if off > a:
                 head_end = min(a + g, b)
-                buf[: head_end - a] = self.read(a, head_end - a)
+                buf[: head_end - a] = self._read(fd, a, head_end - a)
             if off + n < b:
                 tail = (off + n) // g * g
-                buf[tail - a :] = self.read(tail, b - tail)
+                buf[tail - a :] = self._read(fd, tail, b - tail)
             buf[off - a : off - a + n] = data
-            self._pwrite(buf, a)
+            _pwrite_all(fd, buf, a)
             return n
 
-    def _pwrite(self, data: bytes | bytearray | memoryview, off: int) -> None:
-        view = memoryview(data)
-        while view:
-            k = os.pwrite(self.fd, view, off)
-            view, off = view[k:], off + k
-
     def flush(self) -> None:
-        os.fdatasync(self.fd)
+        with self._use() as fd:
+            os.fdatasync(fd)
+
+
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock (Linux): l_type, l_whence, l_start, l_len, l_pid
+
+
+@contextlib.contextmanager
+def _ofd_locked(fd: int, start: int, length: int) -> Iterator[None]:
+    """An exclusive OFD record lock on [start, start + length) of *fd*, waited for."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
+    try:
+        yield
+    finally:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, start, length, 0))
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, off: int) -> None:
+    view = memoryview(data)
+    while view:
+        k = os.pwrite(fd, view, off)
+        view, off = view[k:], off + k
 
 
 Disk = BackupDisk | SessionDisk

@@ -325,7 +325,7 @@ class Vfs:
         if kind is Kind.SVIEW:
             v = self._view(ino)
             assert isinstance(v.disk, SessionDisk)
-            st = os.fstat(v.disk.fd)
+            st = v.disk.stat()
             return Attr(
                 ino,
                 stat.S_IFREG | 0o644,
@@ -488,7 +488,7 @@ class Vfs:
             v = self._view(ino)
             assert isinstance(v.disk, SessionDisk)
             if atime_ns is not None or mtime_ns is not None:
-                os.utime(v.disk.fd, ns=_times(os.fstat(v.disk.fd), atime_ns, mtime_ns))
+                v.disk.utime(_times(v.disk.stat(), atime_ns, mtime_ns))
             return self.getattr(ino)
         if kind is not Kind.UPPER:
             if size is None and mode is None and uid is None and gid is None:

@@ -1,0 +1,124 @@
+"""Session disks shared by several workers and processes: a stopped session's descriptor is never
+reused under a worker still holding its view, and two processes serving one session (FUSE and NFS at
+once) never lose each other's writes to the same block."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, random_image
+from vmrecover.recovery import sessions
+from vmrecover.repo.repository import Repository
+from vmrecover.vfs.cache import ChunkCache
+from vmrecover.vfs.tree import RECOVER_INO, Vfs
+
+MiB = 1 << 20
+SECTOR = 512
+
+
+@pytest.fixture
+def session_repo(cli: Cli, tmp_path: Path) -> Cli:
+    cli.run("backup", "--vm", "vm1", random_image(tmp_path / "disk.raw", 2 * MiB, seed=8, density=1.0))
+    cli.run("recover", "start", "vm1", "--name", "s1")
+    return cli
+
+
+def test_stopped_session_descriptor_is_never_reused_under_a_held_view(
+    session_repo: Cli, tmp_path: Path
+) -> None:
+    repo = Repository.open(session_repo.repo)
+    cache = ChunkCache(repo.chunks, 8 * MiB)
+    vfs = Vfs(repo, cache)
+    other = tmp_path / "unrelated-file"
+    other.write_bytes(b"o" * 8192)
+    try:
+        disk = vfs.lookup(vfs.lookup(RECOVER_INO, "s1").ino, "disk.raw")
+        view = vfs._view(disk.ino)  # what a worker thread holds while it serves a request
+        view.read(0, 4096)
+        sessions.stop(repo, "s1")
+        vfs.sessions(force=True)  # the datastore notices the stop and lets go of the session's disks
+        fd = os.open(other, os.O_RDWR)  # the lowest free descriptor: the delta's, if it was closed
+        try:
+            with pytest.raises(OSError) as exc:
+                view.write(0, b"W" * 4096)
+            assert exc.value.errno == errno.ESTALE
+            with pytest.raises(OSError) as exc:
+                view.read(0, 4096)
+            assert exc.value.errno == errno.ESTALE
+        finally:
+            os.close(fd)
+        assert other.read_bytes() == b"o" * 8192
+    finally:
+        vfs.close()
+        cache.close()
+        repo.close()
+
+
+WRITER = r"""
+import sys
+from pathlib import Path
+from vmrecover.repo.repository import Repository
+from vmrecover.vfs.cache import ChunkCache
+from vmrecover.vfs.tree import RECOVER_INO, Vfs
+
+repo_path, parity, rounds, span = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+repo = Repository.open(Path(repo_path))
+vfs = Vfs(repo, ChunkCache(repo.chunks, 8 << 20))
+ino = vfs.lookup(vfs.lookup(RECOVER_INO, "s1").ino, "disk.raw").ino
+print("ready", flush=True)
+sys.stdin.readline()
+mine = range(parity, span // 512, 2)  # every other 512-byte sector: each write is a read-modify-write
+for sector in mine:
+    vfs.write(ino, sector * 512, bytes(512))
+for _ in range(rounds):  # increment a counter in each of my sectors: a lost write stays lost
+    for sector in mine:
+        n = int.from_bytes(vfs.read(ino, sector * 512, 4), "big")
+        vfs.write(ino, sector * 512, (n + 1).to_bytes(4, "big") + bytes(508))
+vfs.close()
+"""
+
+
+def test_two_processes_never_lose_writes_to_the_same_block(session_repo: Cli) -> None:
+    """Two processes (as FUSE and NFS serving one session) own alternate 512-byte sectors of the same
+    4 KiB blocks and increment a counter in each of theirs: every write is a read-modify-write of a
+    block the other process writes too, and an undone write shows as a counter that fell behind."""
+    rounds, span = 60, 64 * 1024
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(session_repo.repo), str(parity), str(rounds), str(span)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for parity in (0, 1)
+    ]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    for p in procs:  # start both at once
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for p in procs:
+        p.communicate(timeout=300)
+        assert p.returncode == 0
+    repo = Repository.open(session_repo.repo)
+    cache = ChunkCache(repo.chunks, 8 * MiB)
+    vfs = Vfs(repo, cache)
+    try:
+        ino = vfs.lookup(vfs.lookup(RECOVER_INO, "s1").ino, "disk.raw").ino
+        data = vfs.read(ino, 0, span)
+    finally:
+        vfs.close()
+        cache.close()
+        repo.close()
+    counts = [int.from_bytes(data[s * SECTOR : s * SECTOR + 4], "big") for s in range(span // SECTOR)]
+    lost = {s: rounds - c for s, c in enumerate(counts) if c != rounds}
+    assert not lost, (
+        f"{len(lost)} sectors lost writes (sector: lost increments): {dict(list(lost.items())[:8])}"
+    )

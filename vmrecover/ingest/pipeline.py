@@ -11,7 +11,9 @@ Commit protocol (crash-safe at any instant; see developer-notes/repository.md):
  3. ``syncfs`` makes every chunk durable;
  4. the index directory is renamed to ``indexes/<point>`` and ``indexes/`` fsynced;
  5. the catalog rows are committed in one transaction: only now does the point exist.
-A crash before 5 leaves only garbage that ``gc`` removes.
+A crash before 5 leaves only garbage that ``gc`` removes.  A failed or interrupted run removes what it
+wrote only if the catalog does not list its point: SIGTERM or ^C can arrive right after the COMMIT,
+before this code learns that it succeeded, and the point is then kept, whole.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import faults
 from ..errors import BadInput
 from ..fsutil import TMP_MARK, fsync_dir, syncfs
 from ..repo.blob import ZERO_DIGEST
@@ -220,11 +223,14 @@ def run_backup(
             "new_chunks": sum(s.new_chunks for s in all_stats),
         }
         point = Point(point_id, vm, now_iso(), parent_point.id if parent_point else None, kind, stats_doc)
+        faults.moment("backup.before-commit")
         repo.catalog.add_point(point, disks)
         committed = True
         log.info("backup committed vm=%s point=%s kind=%s %s", vm, point_id, kind, stats_doc)
         return point, all_stats
     finally:
+        if not committed and _listed(repo, point_id, vm):
+            committed = True  # the interrupt came after the COMMIT: the point exists and keeps its data
         if not committed:
             # Safe under the writer lock: no committed point can reference a chunk this run created.
             # (A SIGKILL skips this; gc removes those.)  Frees the space a full disk needs back.
@@ -234,3 +240,16 @@ def run_backup(
             for digest in shared.created:
                 with contextlib.suppress(OSError):
                     os.unlink(repo.chunks.path(digest))
+
+
+def _listed(repo: Repository, point_id: str, vm: str) -> bool:
+    """Does the catalog list the point?  When that cannot be read, say yes: what is kept by mistake
+    is garbage gc removes, what is deleted by mistake is a restore point lost."""
+    try:
+        listed = repo.catalog.point(point_id) is not None
+    except Exception:
+        log.warning("cannot tell whether point %s of %s was committed: keeping its data", point_id, vm)
+        return True
+    if listed:
+        log.warning("backup of %s was interrupted after its point %s was committed: kept", vm, point_id)
+    return listed

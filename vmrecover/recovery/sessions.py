@@ -57,9 +57,19 @@ def start(repo: Repository, point: Point, name: str | None = None) -> Session:
         session = Session(name, sid, point.id, now_iso())
         repo.catalog.add_session(session)
     except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
+        if not _listed(repo, sid):  # an interrupt right after the COMMIT leaves a live session
+            shutil.rmtree(root, ignore_errors=True)
         raise
     return session
+
+
+def _listed(repo: Repository, sid: str) -> bool:
+    """Does the catalog list the session?  When that cannot be read, yes (gc removes a folder no
+    session names; a live session without its folder would be lost)."""
+    try:
+        return repo.catalog.has_session(sid)
+    except Exception:
+        return True
 
 
 def stop(repo: Repository, name: str) -> Session:

@@ -23,6 +23,7 @@ from typing import Any
 
 import sqlite_utils
 
+from .. import faults
 from ..errors import BadInput, NotFound
 from ..fsutil import raise_if_no_space
 
@@ -202,8 +203,10 @@ class Catalog:
             return 0
         return int(row[0]) if row else 0
 
-    def transaction(self):
-        return _Transaction(self)
+    def transaction(self, name: str = "catalog") -> _Transaction:
+        """``with catalog.transaction("backup"):`` one BEGIN IMMEDIATE ... COMMIT; *name* labels its
+        fault-injection moments (vmrecover.faults)."""
+        return _Transaction(self, name)
 
     # --- queries -------------------------------------------------------------------------------
     def vms(self) -> list[dict[str, Any]]:
@@ -289,7 +292,7 @@ class Catalog:
     # Writes use plain SQL inside BEGIN IMMEDIATE ... COMMIT: sqlite-utils' insert helpers wrap
     # themselves in ``with conn:``, which would commit our transaction half-way.
     def add_point(self, point: Point, disks: Iterable[Disk]) -> None:
-        with self.transaction():
+        with self.transaction("backup"):
             ex = self.db.execute
             ex("INSERT OR IGNORE INTO vms (name, created) VALUES (?, ?)", (point.vm, point.created))
             ex(
@@ -320,22 +323,30 @@ class Catalog:
                 )
 
     def add_session(self, session: Session) -> None:
-        with self.transaction():
+        with self.transaction("session"):
             if self.db.execute("SELECT 1 FROM sessions WHERE name = ?", (session.name,)).fetchone():
                 raise BadInput(
                     f"a recovery session named {session.name!r} exists", hint="choose another --name"
+                )
+            if self.point(session.point) is None:  # pruned since it was chosen
+                raise NotFound(
+                    f"restore point {session.point} was pruned before the session could start",
+                    hint="choose another point (vmrecover list)",
                 )
             self.db.execute(
                 "INSERT INTO sessions (name, id, point, created) VALUES (?, ?, ?, ?)",
                 (session.name, session.id, session.point, session.created),
             )
 
+    def has_session(self, session_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is not None
+
     def delete_session(self, name: str) -> None:
-        with self.transaction():
+        with self.transaction("stop"):
             self.db.execute("DELETE FROM sessions WHERE name = ?", (name,))
 
     def delete_points(self, ids: list[str]) -> None:
-        with self.transaction():
+        with self.transaction("prune"):
             for pid in ids:
                 self.db.execute("DELETE FROM disks WHERE point = ?", (pid,))
                 self.db.execute("DELETE FROM points WHERE id = ?", (pid,))
@@ -343,8 +354,13 @@ class Catalog:
 
 
 class _Transaction:
-    def __init__(self, cat: Catalog) -> None:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception.  Whether it committed is a fact of
+    the database, not of this object: an interrupt can arrive right after COMMIT returned, so callers
+    that clean up after a failure ask the catalog what exists (see ingest.pipeline, recovery.sessions)."""
+
+    def __init__(self, cat: Catalog, name: str) -> None:
         self.cat = cat
+        self.name = name
 
     def __enter__(self) -> Catalog:
         self.cat.db.execute("BEGIN IMMEDIATE")
@@ -354,10 +370,17 @@ class _Transaction:
         conn = self.cat.db.conn
         if exc_type is None:
             try:
+                faults.moment(f"{self.name}.in-commit")
                 conn.execute("COMMIT")
-                return
             except sqlite3.OperationalError as err:
                 exc = err
+            except BaseException:  # the interrupt of the in-commit moment: nothing was committed
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            else:
+                faults.moment(f"{self.name}.after-commit")
+                return
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):

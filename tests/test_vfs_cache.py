@@ -170,3 +170,21 @@ def test_prefetch_queued_before_a_partial_read_does_not_deadlock_the_pool(store:
     t.join(timeout=5)
     assert got == [b"d" * 70000], "a reader waiting for the chunk hung"
     cache.close()
+
+
+def test_lru_map_bounds_count_and_weight_and_reports_evictions() -> None:
+    from vmrecover.vfs.lru import Lru
+
+    evicted: list[str] = []
+    m: Lru[str, bytes] = Lru(3, budget=10, weigh=len, on_evict=lambda k, v: evicted.append(k))
+    m.put("a", b"1234")
+    m.put("b", b"1234")
+    assert m.get("a") == b"1234"  # a is now the most recent
+    m.put("c", b"1234")  # weight 12 > 10: the least recently used (b) goes
+    assert evicted == ["b"] and "a" in m and "c" in m and m.weight == 8
+    m.put("d", b"1")
+    m.put("e", b"1")  # 4 entries > 3: a goes
+    assert evicted == ["b", "a"] and len(m) == 3
+    m.put("big", b"x" * 100)  # the newest is kept even alone over the budget
+    assert list(m) == ["big"] and m.weight == 100
+    assert m.pop("big") == b"x" * 100 and m.weight == 0 and m.get("big") is None

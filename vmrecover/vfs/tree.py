@@ -21,7 +21,12 @@ ids are random.
 Every method is synchronous and may block (catalog, index, chunk and delta I/O): front ends call them
 from worker threads; only :meth:`read_cached` is safe on an event loop.  Failures are ``OSError`` with
 an errno the front end passes on; corrupt or missing chunks raise ``CorruptChunk``, which front ends
-answer with EIO.
+answer with EIO.  A restore point pruned while it is being read is ESTALE ("stale file handle"), not
+damage: its files are gone, and gc may have freed its chunks.
+
+**Memory is bounded** whatever the repository holds: the memos of points, disk indexes, views and
+session files are LRU maps (vfs/lru.py) with the limits below, and new points, pruned points and
+stopped sessions are noticed through the catalog's ``data_version`` (checked at most every 0.5 s).
 """
 
 from __future__ import annotations
@@ -41,16 +46,22 @@ from enum import IntEnum
 from pathlib import Path
 
 from ..beneath import Beneath, safe_mode
+from ..errors import CorruptChunk, IntegrityError
 from ..repo.catalog import Disk, Point, Session
 from ..repo.repository import Repository
 from .cache import ChunkCache
 from .disk import BackupDisk, SessionDisk, View, ViewKind, view_name
+from .lru import Lru
 
 ROOT_INO = 1
 VMS_INO = 2
 RECOVER_INO = 3
 KIND_SHIFT = 60
-SESSION_REFRESH_SECONDS = 0.5
+CATALOG_REFRESH_SECONDS = 0.5
+POINTS_KEPT = 512  # points (and their disk lists) remembered
+INDEX_BYTES_KEPT = 64 << 20  # disk indexes remembered, by the size of their digest tables
+VIEWS_KEPT = 256  # disk views remembered (a view holds its disk's index: evicted with it)
+UPPER_KEPT = 4096  # names of files hypervisors created, by inode
 
 
 class Kind(IntEnum):
@@ -141,14 +152,17 @@ class Vfs:
         self.repo = repo
         self.cache = cache
         self.uid, self.gid = os.getuid(), os.getgid()
-        self._lock = threading.RLock()  # guards the memo dicts and the catalog connection
-        self._points: dict[str, tuple[Point, list[Disk]]] = {}
-        self._backup_disks: dict[tuple[str, str], BackupDisk] = {}
-        self._views: dict[int, View] = {}
-        self._sessions: dict[str, Session] = {}  # by name
-        self._session_disks: dict[tuple[str, str], SessionDisk] = {}
-        self._sessions_seen = (-1, 0.0)  # (catalog data_version, monotonic time) of the last refresh
-        self._upper: dict[int, tuple[str, str]] = {}  # inode -> (session id, path relative to upper/)
+        self._lock = threading.RLock()  # guards the catalog connection, sessions and session disks
+        self._points: Lru[str, tuple[Point, list[Disk]]] = Lru(POINTS_KEPT)
+        self._views: Lru[int, View] = Lru(VIEWS_KEPT)
+        self._backup_disks: Lru[tuple[str, str], BackupDisk] = Lru(
+            POINTS_KEPT, budget=INDEX_BYTES_KEPT, weigh=lambda d: len(d.index.table),
+            on_evict=lambda _, d: self._forget_views(d),
+        )  # fmt: skip
+        self._sessions: dict[str, Session] = {}  # by name: live sessions only
+        self._session_disks: dict[tuple[str, str], SessionDisk] = {}  # of live sessions only
+        self._catalog_seen = (-1, 0.0)  # (catalog data_version, monotonic time) of the last refresh
+        self._upper: Lru[int, tuple[str, str]] = Lru(UPPER_KEPT)  # inode -> (session id, path in upper/)
         self.started_ns = time.time_ns()
         self.root_ino = ROOT_INO
         self.fsid = int.from_bytes(hashlib.blake2b(repo.config.id.encode(), digest_size=8).digest(), "big")
@@ -162,14 +176,18 @@ class Vfs:
 
     # ------------------------------------------------------------------ catalog (memoized)
     def _point(self, point_id: str) -> tuple[Point, list[Disk]]:
-        with self._lock:
-            got = self._points.get(point_id)
-            if got is None:
+        self._refresh()
+        got = self._points.get(point_id)
+        if got is None:
+            with self._lock:
                 p = self.repo.catalog.point(point_id)
                 if p is None:
                     raise _err(errno.ENOENT, f"restore point {point_id}")
-                got = self._points[point_id] = (p, self.repo.catalog.disks(point_id))
-            return got
+                got = self._points.put(point_id, (p, self.repo.catalog.disks(point_id)))
+        return got
+
+    def _pruned(self, point_id: str) -> OSError:
+        return _err(errno.ESTALE, f"restore point {point_id} was pruned while it was being read")
 
     def _vm_points(self, vm: str) -> list[Point]:
         with self._lock:
@@ -187,24 +205,45 @@ class Vfs:
 
     def sessions(self, *, force: bool = False) -> dict[str, Session]:
         """Live sessions by name; re-read from the catalog when another process changed it."""
+        self._refresh(force=force)
+        return self._sessions
+
+    def _refresh(self, *, force: bool = False) -> None:
+        """When another process changed the catalog: re-read sessions, forget pruned points."""
         with self._lock:
-            version, when = self._sessions_seen
+            version, when = self._catalog_seen
             now = time.monotonic()
-            if force or now - when > SESSION_REFRESH_SECONDS:
+            if force or now - when > CATALOG_REFRESH_SECONDS:
                 dv = self.repo.catalog.data_version()
                 if force or dv != version:
                     self._sessions = {s.name: s for s in self.repo.catalog.sessions()}
                     self._drop_stopped()
-                self._sessions_seen = (dv, now)
-            return self._sessions
+                    self._drop_pruned()
+                self._catalog_seen = (dv, now)
+
+    def _drop_pruned(self) -> None:
+        for pid, _ in self._points.items():
+            if self.repo.catalog.point(pid) is None:
+                self._points.pop(pid)
+        for key, disk in self._backup_disks.items():
+            if key[0] not in self._points:
+                self._backup_disks.pop(key)
+                self._forget_views(disk)
+
+    def _forget_views(self, disk: BackupDisk) -> None:
+        """Views of a backup disk that is no longer remembered (evicted or pruned) go with it, so that
+        no view keeps its index in memory."""
+        for ino, v in self._views.items():
+            if v.disk is disk:
+                self._views.pop(ino)
 
     def _drop_stopped(self) -> None:
         live = {s.id for s in self._sessions.values()}
         for key in [k for k in self._session_disks if k[0] not in live]:
             self._session_disks.pop(key).close()
-        for ino in list(self._views):
+        for ino in self._views:
             if ino >> KIND_SHIFT == Kind.SVIEW and f"{(ino >> 12) & (2**48 - 1):012x}" not in live:
-                del self._views[ino]
+                self._views.pop(ino)
 
     def _session_by_id(self, sid: str) -> Session:
         for s in self.sessions().values():
@@ -217,12 +256,17 @@ class Vfs:
 
     # ------------------------------------------------------------------ disks and views
     def backup_disk(self, point_id: str, disk: str) -> BackupDisk:
-        with self._lock:
-            key = (point_id, disk)
-            d = self._backup_disks.get(key)
-            if d is None:
-                d = self._backup_disks[key] = BackupDisk(self.repo.read_index(point_id, disk), self.cache)
-            return d
+        key = (point_id, disk)
+        d = self._backup_disks.get(key)
+        if d is None:
+            try:
+                index = self.repo.read_index(point_id, disk)
+            except IntegrityError:
+                if self.repo.catalog.point(point_id) is None:
+                    raise self._pruned(point_id) from None
+                raise
+            d = self._backup_disks.put(key, BackupDisk(index, self.cache))
+        return d
 
     def session_disk(self, session: Session, disk: str) -> SessionDisk:
         with self._lock:
@@ -236,6 +280,7 @@ class Vfs:
             return d
 
     def _view(self, ino: int) -> View:
+        self._refresh()  # a pruned point's and a stopped session's views are forgotten
         if ino >> KIND_SHIFT == Kind.SVIEW:  # a stopped session's disk is gone (its delta may be open still)
             self._session_by_id(f"{(ino >> 12) & (2**48 - 1):012x}")
         v = self._views.get(ino)
@@ -246,7 +291,10 @@ class Vfs:
             raise _err(errno.ENOENT, f"inode {ino}")
         owner, pos, vk = f"{payload >> 12:012x}", (payload >> 4) & 0xFF, ViewKind(payload & 0xF)
         if kind is Kind.BVIEW:
-            point, disks = self._point(owner)
+            try:
+                point, disks = self._point(owner)
+            except FileNotFoundError:
+                raise self._pruned(owner) from None
             disk = self._disk_at(disks, pos)
             v = View(
                 vk,
@@ -266,9 +314,7 @@ class Vfs:
                 f"{session.id}/{disk.name}",
                 session.created_dt,
             )
-        with self._lock:
-            self._views[ino] = v
-        return v
+        return self._views.put(ino, v)
 
     @staticmethod
     def _disk_at(disks: list[Disk], pos: int) -> Disk:
@@ -434,8 +480,17 @@ class Vfs:
         return None if v is None else v.read_cached(off, size)
 
     def read(self, ino: int, off: int, size: int) -> bytes:
-        kind, _ = _split(ino)
-        if kind in (Kind.BVIEW, Kind.SVIEW):
+        kind, payload = _split(ino)
+        if kind is Kind.BVIEW:
+            try:
+                return self._view(ino).read(off, size)
+            except CorruptChunk:  # damage, or gc freed the chunks of a point pruned under this reader
+                owner = f"{payload >> 12:012x}"
+                self._refresh(force=True)
+                if owner not in self._points and self.repo.catalog.point(owner) is None:
+                    raise self._pruned(owner) from None
+                raise
+        if kind is Kind.SVIEW:
             return self._view(ino).read(off, size)
         if kind is Kind.VMJSON:
             point, disks = self._point(f"{ino & (2**KIND_SHIFT - 1):012x}")
@@ -537,8 +592,7 @@ class Vfs:
 
     def _remember(self, sid: str, rel: str, st: os.stat_result) -> int:
         ino = self._upper_ino(sid, st.st_ino)
-        with self._lock:
-            self._upper[ino] = (sid, rel)
+        self._upper.put(ino, (sid, rel))
         return ino
 
     def _upper_attr(self, sid: str, rel: str) -> Attr:
@@ -583,8 +637,7 @@ class Vfs:
         fd = self._beneath(sid).open(rel, flags)
         if self._upper_ino(sid, os.fstat(fd).st_ino) != ino:
             os.close(fd)
-            with self._lock:
-                self._upper.pop(ino, None)
+            self._upper.pop(ino)
             raise _err(errno.ENOENT, f"inode {ino} (moved)")
         return fd
 
@@ -646,12 +699,9 @@ class Vfs:
         if sid != sid2:
             raise _err(errno.EXDEV, "rename between recovery sessions")
         self._beneath(sid).rename(rel, new_rel)
-        with self._lock:  # paths below a moved folder changed: forget them, _upper_path finds them again
-            moved = [
-                i for i, (s, r) in self._upper.items() if s == sid and (r == rel or r.startswith(rel + "/"))
-            ]
-            for i in moved:
-                del self._upper[i]
+        for i, (s, r) in self._upper.items():  # paths below a moved folder changed: _upper_path finds
+            if s == sid and (r == rel or r.startswith(rel + "/")):  # them again
+                self._upper.pop(i)
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.repo.root / "sessions")

@@ -19,6 +19,7 @@ import re
 import signal
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from .conftest import (
     MiB,
     assert_clean_error,
     make_sparse_image,
+    message,
     random_image,
     sha256_file,
 )
@@ -102,49 +104,6 @@ def wait_for(cond, what: str, proc: subprocess.Popen[str] | None = None, timeout
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.001)
-
-
-def flock_holders(path: Path) -> set[int]:
-    """Pids holding a flock on *path*, from /proc/locks (read only: probing with flock would interfere)."""
-    try:
-        st = os.stat(path)
-        lines = Path("/proc/locks").read_text().splitlines()
-    except FileNotFoundError:
-        return set()
-    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    out = set()
-    for line in lines:
-        f = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 fe:01:5678 0 EOF"; waiters carry "->" and hold nothing
-        if len(f) >= 6 and f[1] == "FLOCK" and f[5] == dev:
-            out.add(int(f[4]))
-    return out
-
-
-@contextlib.contextmanager
-def stopped_holding(cli: Cli, args: list[str | Path], locks: list[str]) -> Iterator[subprocess.Popen[str]]:
-    """Run ``vmrecover *args*`` and SIGSTOP it while it holds every lock in *locks* (names under
-    locks/); yield the stopped process, then let it continue.  Retries if the command was too quick."""
-    if not Path("/proc/locks").exists():
-        pytest.skip("/proc/locks is not available: cannot observe who holds a lock")
-    paths = [cli.repo / "locks" / name for name in locks]
-    for _attempt in range(20):
-        proc = cli.popen(*args)
-        while proc.poll() is None and not all(proc.pid in flock_holders(p) for p in paths):
-            time.sleep(0.0005)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGSTOP)
-            if all(proc.pid in flock_holders(p) for p in paths):  # still holding once stopped
-                break
-            os.kill(proc.pid, signal.SIGCONT)
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, f"{args} failed: {err}{out}"
-    else:
-        pytest.fail(f"could not catch {args} while it held {locks}")
-    try:
-        yield proc
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
 
 
 # --- 1. SIGKILL during backup ------------------------------------------------------------------------
@@ -729,53 +688,104 @@ def test_second_writer_is_refused_while_backup_runs(tmp_path: Path) -> None:
     assert restore_sha(cli, "other", tmp_path / "out.raw") == sha256_file(small)
 
 
-@pytest.mark.parametrize("reader", ["verify", "restore"])
-def test_gc_refused_while_reader_active(cli: Cli, tmp_path: Path, reader: str) -> None:
-    """gc while a restore/verify holds the readers lock (the reader is SIGSTOPped while holding it, so
-    the timing is deterministic).
+@contextlib.contextmanager
+def stopped_restoring(cli: Cli, target: str, out: Path) -> Iterator[subprocess.Popen[str]]:
+    """``vmrecover restore TARGET --to OUT`` SIGSTOPped as soon as it writes its output (so it has read
+    some chunks and not yet the others); yield it, then let it continue."""
+    proc = cli.popen("restore", target, "--to", out, "--json")
+    wait_for(lambda: out.with_name(out.name + PARTIAL).exists(), "the restore's first write", proc)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield proc
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
 
-    Must survive: the reader (it completes successfully; a restore is byte-identical); gc exits 4 and
-    deletes nothing; a backup may still run alongside the reader.
+
+def _two_points_one_pruned(cli: Cli, tmp_path: Path) -> int:
+    """VM 'old' with two points, the older pruned: returns how many chunks only that point used."""
+    cli.run("backup", random_raw(tmp_path / "o1.raw", 1 * MiB, seed=31), "--vm", "old")
+    cli.run("backup", random_raw(tmp_path / "o2.raw", 1 * MiB, seed=32), "--vm", "old")
+    cli.run("prune", "--vm", "old", "--keep-last", "1")
+    return MiB // CHUNK
+
+
+def test_gc_runs_beside_a_reader_and_frees_only_what_no_listed_point_uses(cli: Cli, tmp_path: Path) -> None:
+    """gc while a restore reads (SIGSTOPped in the middle of it).
+
+    Must survive: the restore (it completes, byte-identical); gc succeeds at once (readers no longer
+    block it), frees exactly the chunks of the pruned point and nothing a listed point uses; backups
+    still run beside the reader.
     """
     img = random_raw(tmp_path / "d.raw", 16 * MiB, seed=12)
     cli.run("backup", img, "--vm", "v")
+    freed = _two_points_one_pruned(cli, tmp_path)
     out = tmp_path / "out.raw"
-    # --overwrite: if a try was too quick to catch, the next one restores to the same path
-    args: list[str | Path] = (
-        ["verify"] if reader == "verify" else ["restore", "v", "--to", out, "--overwrite"]
-    )
-    other = random_raw(tmp_path / "other.raw", 1 * MiB, seed=13)
-    chunks_before = set(chunk_files(cli.repo))
-    with stopped_holding(cli, args, ["readers"]) as proc:
-        res = cli.run("gc", check=False)
-        assert_clean_error(res, LOCKED, "readers are active", "cannot gc")
-        assert set(chunk_files(cli.repo)) == chunks_before
-        cli.run("backup", other, "--vm", "w")  # writers do not wait for readers
+    with stopped_restoring(cli, "v", out) as proc:
+        assert cli.json("gc")["removed_chunks"] == freed
+        cli.run("backup", random_raw(tmp_path / "w.raw", 1 * MiB, seed=13), "--vm", "w")
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
-    if reader == "restore":
-        assert sha256_file(out) == sha256_file(img)
+    assert sha256_file(out) == sha256_file(img)
     assert cli.json("gc")["removed_chunks"] == 0
     assert cli.run("verify", check=False).returncode == 0
 
 
-def test_readers_and_writers_refused_while_gc_runs(cli: Cli, tmp_path: Path) -> None:
-    """While gc holds both locks (stopped while holding them), restore/verify and backup exit 4 naming
-    gc; afterwards gc completes and everything still restores."""
+def test_restore_of_a_point_pruned_under_it_says_so(cli: Cli, tmp_path: Path) -> None:
+    """prune + gc take the point a running restore reads.  The restore fails with exit 5 saying the
+    point was pruned (not a damage report), and leaves no output and no partial file."""
     img = random_raw(tmp_path / "d.raw", 16 * MiB, seed=14)
     cli.run("backup", img, "--vm", "v")
+    cli.run("backup", random_raw(tmp_path / "d2.raw", 1 * MiB, seed=15), "--vm", "v")
+    first = sorted(cli.json("list", "v")["points"], key=lambda p: p["created"])[0]["id"]
     out = tmp_path / "out.raw"
-    with stopped_holding(cli, ["gc"], ["writer", "readers"]) as proc:
-        assert_clean_error(cli.run("restore", "v", "--to", out, check=False), LOCKED, "gc is running")
-        assert_clean_error(cli.run("verify", check=False), LOCKED, "gc is running")
-        assert_clean_error(
-            cli.run("backup", img, "--vm", "w", check=False), LOCKED, "locked", rf"gc \(pid {proc.pid}\b"
-        )
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    with stopped_restoring(cli, f"v@{first}", out) as proc:
+        cli.run("prune", "--vm", "v", "--keep-last", "1")
+        cli.run("gc")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == NOT_FOUND, stderr + stdout
+    doc = json.loads(stdout)
+    assert doc["error"] == "PointPruned" and "pruned" in doc["message"], doc
     assert not out.exists() and not out.with_name(out.name + PARTIAL).exists()
-    assert all_points(cli).keys() == {"v"}
-    assert restore_sha(cli, "v", out) == sha256_file(img)
+    assert cli.run("verify", check=False).returncode == 0
+
+
+def test_verify_reports_a_point_pruned_during_it_as_pruned_not_damaged(cli: Cli, tmp_path: Path) -> None:
+    """verify was given a point that prune and gc then removed (the list of points a running verify
+    took at its start): the point is reported as pruned, nothing as damaged, and verify passes."""
+    from vmrecover.repo.repository import Repository
+    from vmrecover.repo.verify import verify
+
+    cli.run("backup", random_raw(tmp_path / "v.raw", 2 * MiB, seed=16), "--vm", "v")
+    _two_points_one_pruned(cli, tmp_path)
+    with Repository.open(cli.repo) as repo:
+        points = repo.catalog.points()
+    cli.run("backup", random_raw(tmp_path / "o3.raw", 1 * MiB, seed=33), "--vm", "old")
+    cli.run("prune", "--vm", "old", "--keep-last", "1")
+    cli.run("gc")
+    with Repository.open(cli.repo) as repo:
+        report = verify(repo, points)
+    assert report.ok, report.to_json()
+    assert len(report.pruned) == 1 and report.pruned[0].startswith("old@")
+
+
+def test_lock_conflict_names_the_holder_even_before_it_wrote_its_record(cli: Cli, tmp_path: Path) -> None:
+    """A process holds the writer lock but has not written its record yet (or an old record of another
+    process is still in the file): the refused command names the real holder by pid and command."""
+    lock_file = cli.repo / "locks" / "writer"
+    lock_file.write_text(json.dumps({"op": "backup", "pid": 1, "host": "elsewhere", "since": "long ago"}))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'r+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(lock_file)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        res = cli.run("backup", random_raw(tmp_path / "x.raw", 1 * MiB, seed=17), "--vm", "x", check=False)
+        assert_clean_error(res, LOCKED, rf"locked by .*python.* \(pid {holder.pid}\)")
+        assert "?" not in message(res) and "elsewhere" not in message(res)
+    finally:
+        holder.kill()
+        holder.communicate()
 
 
 # --- 8. restore destination -------------------------------------------------------------------------

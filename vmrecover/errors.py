@@ -93,6 +93,16 @@ class NotFound(VmrecoverError):
     exit_code = ExitCode.NOT_FOUND
 
 
+class PointPruned(NotFound):
+    """A restore point that was listed when a command started was pruned while it read it."""
+
+    def __init__(self, what: str, *, wrote: str = "") -> None:
+        super().__init__(
+            f"restore point {what} was pruned while it was being read{wrote}",
+            hint="choose another point (vmrecover list); prune and gc do not wait for readers",
+        )
+
+
 class BadInput(VmrecoverError):
     exit_code = ExitCode.BAD_INPUT
 

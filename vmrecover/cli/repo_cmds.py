@@ -144,6 +144,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"({human_bytes(report.bytes)})",
             markup=False,
         )
+        for name in report.pruned:
+            stdout.print(f"{name} was pruned while verify ran: not checked", markup=False)
         for b in report.bad_indexes:
             stdout.print(f"BAD INDEX {b['vm']}@{b['point']} disk {b['disk']}: {b['error']}", markup=False)
         for b in report.bad_chunks:
@@ -190,7 +192,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    with open_repo(args) as repo, repo.exclusive("gc"):
+    with open_repo(args) as repo, repo.writer("gc"):
         rep = gc(repo, dry_run=args.dry_run)
     if args.json:
         emit_json({"dry_run": args.dry_run, **rep.__dict__})
@@ -203,4 +205,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"{rep.referenced_chunks} chunks ({human_bytes(rep.kept_bytes)}) in use",
             markup=False,
         )
+        if rep.kept_recent_chunks:
+            stdout.print(f"kept {rep.kept_recent_chunks} unused chunks newer than this gc", markup=False)
+        if not rep.sessions_checked:
+            stdout.print("session folders were busy (recover start): left for the next gc", markup=False)
     return ExitCode.OK

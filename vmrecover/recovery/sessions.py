@@ -6,9 +6,10 @@ A session is a catalog row (name, id, point) plus ``sessions/<id>/``::
     disks/<disk>.delta    the session's writes to each disk (see vfs/disk.py)
     upper/                files and folders a hypervisor created in recover/<name>/
 
-Creation makes the directory first and commits the row last; stopping deletes the row first and the
-directory after.  A crash in between leaves a directory no row names, which ``gc`` removes.  Sessions
-need no running mount: the datastore shows them as soon as the row is committed.
+Creation makes the directory first and commits the row last, holding ``locks/sessions`` shared so
+that gc does not take the new folder for a leftover; stopping deletes the row first and the directory
+after.  A crash in between leaves a directory no row names, which ``gc`` removes.  Sessions need no
+running mount: the datastore shows them as soon as the row is committed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from ..repo.repository import Repository
 from ..restore import RestoreResult, write_image
 from ..vfs.cache import ChunkCache
 from ..vfs.disk import BackupDisk, SessionDisk, create_delta
+
+START_WAIT = 60.0  # seconds `recover start` waits for a gc sweeping session folders
 
 
 @dataclass
@@ -47,19 +50,22 @@ def start(repo: Repository, point: Point, name: str | None = None) -> Session:
         raise BadInput(f"a recovery session named {name!r} exists", hint="choose another --name")
     disks = repo.catalog.disks(point.id)
     root = repo.session_dir(sid)
-    try:
-        (root / "disks").mkdir(parents=True)
-        (root / "upper").mkdir()
-        for d in disks:
-            create_delta(root / "disks" / f"{d.name}.delta", d.size)
-        meta = {"name": name, "id": sid, "vm": point.vm, "point": point.id, "disks": [d.name for d in disks]}
-        write_file(root / "session.json", json.dumps(meta, indent=2).encode(), what="session.json")
-        session = Session(name, sid, point.id, now_iso())
-        repo.catalog.add_session(session)
-    except BaseException:
-        if not _listed(repo, sid):  # an interrupt right after the COMMIT leaves a live session
-            shutil.rmtree(root, ignore_errors=True)
-        raise
+    # gc removes session folders without a catalog row; this one has none until the end
+    with repo.session_folders("recover start", exclusive=False, wait=START_WAIT):
+        try:
+            (root / "disks").mkdir(parents=True)
+            (root / "upper").mkdir()
+            for d in disks:
+                create_delta(root / "disks" / f"{d.name}.delta", d.size)
+            meta = {"name": name, "id": sid, "vm": point.vm, "point": point.id,
+                    "disks": [d.name for d in disks]}  # fmt: skip
+            write_file(root / "session.json", json.dumps(meta, indent=2).encode(), what="session.json")
+            session = Session(name, sid, point.id, now_iso())
+            repo.catalog.add_session(session)
+        except BaseException:
+            if not _listed(repo, sid):  # an interrupt right after the COMMIT leaves a live session
+                shutil.rmtree(root, ignore_errors=True)
+            raise
     return session
 
 

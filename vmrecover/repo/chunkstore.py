@@ -57,20 +57,20 @@ class ChunkStore:
         """The chunk's plaintext, verified against its digest (CorruptChunk/MissingChunk otherwise)."""
         return self.codec.decode(digest, self.read_raw(digest), check_crc=check_crc)
 
-    def walk(self) -> Iterator[tuple[str, Path, int]]:
-        """Every file under chunks/: (name, path, size); temp files included (name contains TMP_MARK)."""
+    def walk(self) -> Iterator[tuple[str, Path, os.stat_result]]:
+        """Every file under chunks/: (name, path, stat); temp files included (name contains TMP_MARK)."""
         for sub in sorted(self.root.iterdir()):
             if not sub.is_dir():
                 continue
             with os.scandir(sub) as it:
                 for entry in it:
                     try:
-                        size = entry.stat().st_size
+                        st = entry.stat(follow_symlinks=False)
                     except OSError as exc:
                         if exc.errno == errno.ENOENT:
                             continue
                         raise
-                    yield entry.name, Path(entry.path), size
+                    yield entry.name, Path(entry.path), st
 
     @staticmethod
     def is_temp(name: str) -> bool:

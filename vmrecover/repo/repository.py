@@ -22,11 +22,11 @@ from typing import Any
 
 import tomli_w
 
-from ..errors import BadInput, Incompatible, NotFound
+from ..errors import BadInput, Incompatible, IntegrityError, NotFound, PointPruned
 from ..fsutil import write_file
 from . import lock
 from .blob import ChunkCodec
-from .catalog import SCHEMA_VERSION, Catalog, now_iso
+from .catalog import SCHEMA_VERSION, Catalog, Point, now_iso
 from .chunkstore import ChunkStore
 from .index import FixedIndex
 from .keys import Keys, new_keys, unwrap_keys
@@ -193,6 +193,17 @@ class Repository:
     def read_index(self, point: str, disk: str) -> FixedIndex:
         return FixedIndex.read(self.index_path(point, disk))
 
+    @contextlib.contextmanager
+    def reading(self, point: Point, *, outcome: str = "") -> Iterator[None]:
+        """Around a read of *point*'s data: a missing index or chunk of a point that prune removed
+        meanwhile (and gc freed) is PointPruned, not damage.  Readers take no lock (see repo/gc.py)."""
+        try:
+            yield
+        except IntegrityError:
+            if self.catalog.point(point.id) is None:
+                raise PointPruned(f"{point.vm}@{point.id}", wrote=outcome) from None
+            raise
+
     # --- locks ---------------------------------------------------------------------------------
     def writer(self, op: str) -> contextlib.AbstractContextManager[None]:
         return lock.hold(self.root / "locks" / "writer", exclusive=True, op=op, repo=self.root)
@@ -200,11 +211,11 @@ class Repository:
     def reader(self, op: str) -> contextlib.AbstractContextManager[None]:
         return lock.hold(self.root / "locks" / "readers", exclusive=False, op=op, repo=self.root)
 
-    @contextlib.contextmanager
-    def exclusive(self, op: str) -> Iterator[None]:
-        """Writer lock plus no readers: for gc, which deletes chunks."""
-        with (
-            self.writer(op),
-            lock.hold(self.root / "locks" / "readers", exclusive=True, op=op, repo=self.root),
-        ):
-            yield
+    def session_folders(
+        self, op: str, *, exclusive: bool, wait: float
+    ) -> contextlib.AbstractContextManager[None]:
+        """Shared while `recover start` creates a session's folder, exclusive while gc removes folders
+        no session names (see lock.py)."""
+        return lock.hold(
+            self.root / "locks" / "sessions", exclusive=exclusive, op=op, repo=self.root, wait=wait
+        )

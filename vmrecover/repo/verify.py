@@ -2,7 +2,8 @@
 
 Each distinct chunk is read and checked once, in parallel, however many points share it.  For every
 bad chunk the report names each restore point, disk and byte range that uses it, so an operator
-knows exactly what is damaged.
+knows exactly what is damaged.  A point pruned while verify runs is not damage: its index and chunks
+may go (prune, gc) while it is checked; the report lists it as pruned instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class VerifyReport:
     bytes: int = 0
     bad_indexes: list[dict[str, Any]] = field(default_factory=list)
     bad_chunks: list[dict[str, Any]] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)  # points pruned while verify ran ("vm@id")
 
     @property
     def ok(self) -> bool:
@@ -79,13 +81,19 @@ def verify(
             if err is not None:
                 bad[d] = err
             progress(1)
+    listed = {p.id for p in repo.catalog.points()}
+    report.pruned = [f"{p.vm}@{p.id}" for p in points if p.id not in listed]
+    report.bad_indexes = [b for b in report.bad_indexes if b["point"] in listed]
     for d, reason in sorted(bad.items()):
         users = []
         for p, disk, idx in indexes:
+            if p.id not in listed:
+                continue
             pos = idx.positions(d)
             if pos:
                 users.append(
                     {"vm": p.vm, "point": p.id, "disk": disk, "ranges": [list(idx.extent(i)) for i in pos]}
                 )
-        report.bad_chunks.append({"digest": d.hex(), "reason": reason, "used_by": users})
+        if users:  # else only pruned points used it, and gc freed it: not damage
+            report.bad_chunks.append({"digest": d.hex(), "reason": reason, "used_by": users})
     return report

@@ -2,6 +2,8 @@
 
 Rules (see developer-notes/repository.md):
 - a file becomes visible under its final name only complete (write to a temp name, fsync, rename);
+- files are private (0600) unless the caller says otherwise: the repository holds wrapped keys,
+  catalogs and backup data;
 - a rename is durable once its directory is fsynced;
 - chunk files are written without a per-file fsync (that would cost ~1 ms per MiB) and made durable
   together by one ``syncfs`` before anything that references them is committed.  Their writeback is
@@ -47,11 +49,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: Path, data: bytes | memoryview, *, durable: bool = True, what: str = "file") -> None:
+def write_file(
+    path: Path, data: bytes | memoryview, *, durable: bool = True, what: str = "file", mode: int = 0o600
+) -> None:
     """Write *data* to *path* atomically: readers see the old file or the whole new one."""
     tmp = tmp_name(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
         try:
             view = memoryview(data)
             while view:

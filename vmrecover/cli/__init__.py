@@ -8,6 +8,7 @@ return an exit code.  User errors (VmrecoverError) print one clear message and n
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -52,6 +53,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    os.umask(0o077)  # what vmrecover creates is private (repository, logs, restores), as borg does
     setup_logging(args.log_level)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

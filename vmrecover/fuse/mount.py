@@ -207,7 +207,7 @@ def serve(
         if allow_other:
             options.add("allow_other")
         rec_path = record_path(repo.root, mountpoint)
-        rec_path.parent.mkdir(exist_ok=True)
+        rec_path.parent.mkdir(exist_ok=True, mode=0o700)
         # Everything that looks at the mount point happens before mounting: afterwards it would
         # be a request to this very process, which is not serving yet.
         where, logfile = str(mountpoint.resolve()), str(log_path(repo.root, mountpoint))

@@ -26,7 +26,7 @@ class ChunkStore:
     @staticmethod
     def create_layout(root: Path) -> None:
         for i in range(256):
-            (root / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+            (root / f"{i:02x}").mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def path(self, digest: bytes) -> Path:
         h = digest.hex()

@@ -12,6 +12,7 @@ REPO/
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tomllib
 import uuid
@@ -32,7 +33,9 @@ from .index import FixedIndex
 from .keys import Keys, new_keys, unwrap_keys
 
 FORMAT_VERSION = 1
+PRIVATE_DIR = 0o700  # the repository is private: folders 0700, files 0600 (fsutil.write_file)
 REPO_ENV = "VMRECOVER_REPO"
+log = logging.getLogger("vmrecover.repo")
 ENCRYPTION_MODES = ("none", "aes-256-gcm")
 
 
@@ -118,9 +121,10 @@ class Repository:
             assert passphrase is not None
             keys, enc = new_keys(passphrase(), rid)
         config = Config(rid, FORMAT_VERSION, chunk_size, "zstd", compression_level, now_iso(), enc)
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+        os.chmod(root, PRIVATE_DIR)  # also an empty folder the user made: repo.toml holds wrapped keys
         for sub in ("indexes", "locks", "sessions"):
-            (root / sub).mkdir(exist_ok=True)
+            (root / sub).mkdir(exist_ok=True, mode=PRIVATE_DIR)
         ChunkStore.create_layout(root / "chunks")
         cat = Catalog(root / "catalog.sqlite")
         cat.create_schema()
@@ -161,6 +165,7 @@ class Repository:
                 raise Incompatible(f"repository {root} is encrypted")
             keys = unwrap_keys(config.encryption, passphrase(), config.id, str(root))
         repo = cls(root, config, keys)
+        repo._keep_private()
         if repo.catalog.schema_version() < SCHEMA_VERSION:
             repo.catalog.upgrade()
         if repo.catalog.schema_version() != SCHEMA_VERSION:
@@ -169,6 +174,14 @@ class Repository:
 
     def close(self) -> None:
         self.catalog.close()
+
+    def _keep_private(self) -> None:
+        """A repository made by an older vmrecover (or copied with a loose umask) is closed to other
+        users at its top: nobody else can then reach anything inside it."""
+        st = os.stat(self.root)
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(self.root, PRIVATE_DIR)
+            log.warning("repository %s was readable by other users: its folder is now 0700", self.root)
 
     def __enter__(self) -> Repository:
         return self

@@ -1,16 +1,22 @@
 """A minimal synchronous ONC RPC / NFSv3 client for tests: reaches what libnfs' tools don't expose
-(forged handles, cookie verifiers, CREATE modes, COMMIT verifiers, raw malformed records).
+(forged handles, cookie verifiers, CREATE modes, COMMIT verifiers, raw malformed records).  The one
+RPC client of the tests: test_nfs*.py and the long fuzz run (tests/nfs_fuzz.py) use it.
 
-It shares only the XDR packer with the server; every message layout here is written from RFC 1813 /
-RFC 5531 independently of nfs_export's procedure code."""
+It shares only the XDR code with the server; every message layout here is written from RFC 1813 /
+RFC 5531 independently of nfs_export's procedure code.
+
+The server serves only privileged source ports (< 1024) by default, as NFS servers do: connections
+bind one (this needs root, or CAP_NET_BIND_SERVICE) unless ``reserved=False``."""
 
 from __future__ import annotations
 
+import errno
+import random
 import socket
 import struct
 from dataclasses import dataclass
 
-from nfs_export.xdr import Packer, Unpacker
+from nfs_export.xdr import Packer, Unpacker, XdrError
 
 NFS, MOUNT, PMAP = 100003, 100005, 100000
 AUTH_NONE, AUTH_SYS = 0, 1
@@ -33,22 +39,77 @@ NOTEMPTY, STALE, BADHANDLE, NOT_SYNC, BAD_COOKIE, NOTSUPP, TOOSMALL = (
 )
 
 
+# RFC 5531
+REPLY, MSG_ACCEPTED, MSG_DENIED = 1, 0, 1
+SUCCESS, PROG_UNAVAIL, PROG_MISMATCH, PROC_UNAVAIL, GARBAGE_ARGS, SYSTEM_ERR = range(6)
+RPC_MISMATCH, AUTH_ERROR = 0, 1
+AUTH_BADCRED, AUTH_BADVERF, AUTH_TOOWEAK = 1, 3, 5
+# Source ports a connection binds: reserved ones, above the well-known services (bindresvport and
+# libnfs take 512-1023; Linux's own NFS client 665-1023).
+RESERVED_PORTS = range(600, 1024)
+
+
+class MalformedReply(ValueError):
+    """A record that is not a well-formed RPC reply (a server bug)."""
+
+
 @dataclass
 class Reply:
     xid: int
     accepted: bool
     stat: int  # accept_stat if accepted, else reject_stat
     detail: tuple[int, ...]  # PROG_MISMATCH low/high, RPC_MISMATCH low/high or the auth_stat
-    body: Unpacker
+    body: Unpacker  # the procedure's results (accepted SUCCESS only)
 
 
-def auth_sys(uid: int = 0, gid: int = 0, machine: str = "test") -> tuple[int, bytes]:
+def parse_reply(rec: bytes) -> Reply:
+    """A reply record decoded strictly (RFC 5531): anything but a well-formed reply, with nothing left
+    over after an error, raises MalformedReply."""
+    u = Unpacker(rec)
+    try:
+        xid, mtype, reply_stat = u.u32(), u.u32(), u.u32()
+        if mtype != REPLY:
+            raise MalformedReply(f"message type {mtype}: {rec[:64].hex()}")
+        if reply_stat == MSG_ACCEPTED:
+            u.u32()  # verifier flavor
+            u.opaque(400)
+            stat = u.u32()
+            if stat > SYSTEM_ERR:
+                raise MalformedReply(f"accept_stat {stat}")
+            detail: tuple[int, ...] = (u.u32(), u.u32()) if stat == PROG_MISMATCH else ()
+            if detail and detail[0] > detail[1]:
+                raise MalformedReply(f"mismatch {detail[0]}..{detail[1]}")
+            if stat != SUCCESS and u.pos != len(rec):
+                raise MalformedReply(f"{len(rec) - u.pos} bytes after accept_stat {stat}")
+            return Reply(xid, True, stat, detail, Unpacker(rec[u.pos :]))
+        if reply_stat != MSG_DENIED:
+            raise MalformedReply(f"reply_stat {reply_stat}")
+        stat = u.u32()
+        if stat == RPC_MISMATCH:
+            detail = (u.u32(), u.u32())
+        elif stat == AUTH_ERROR:
+            detail = (u.u32(),)
+            if not 1 <= detail[0] <= 7:
+                raise MalformedReply(f"auth_stat {detail[0]}")
+        else:
+            raise MalformedReply(f"reject_stat {stat}")
+        if u.pos != len(rec):
+            raise MalformedReply(f"{len(rec) - u.pos} bytes after a denied reply")
+        return Reply(xid, False, stat, detail, Unpacker(b""))
+    except XdrError as exc:
+        raise MalformedReply(f"short reply: {exc}") from None
+
+
+def auth_sys(uid: int = 0, gid: int = 0, machine: str | bytes = "test", gids: tuple[int, ...] = ()
+             ) -> tuple[int, bytes]:  # fmt: skip
     p = Packer()
     p.u32(0)
-    p.string(machine)
+    p.opaque(machine.encode() if isinstance(machine, str) else machine)
     p.u32(uid)
     p.u32(gid)
-    p.u32(0)
+    p.u32(len(gids))
+    for g in gids:
+        p.u32(g)
     return AUTH_SYS, p.getvalue()
 
 
@@ -68,12 +129,64 @@ def record(message: bytes) -> bytes:
     return struct.pack(">I", 0x80000000 | len(message)) + message
 
 
+def connect(port: int, host: str = "127.0.0.1", *, source: str | None = None, reserved: bool = True,
+            timeout: float | None = 20) -> socket.socket:  # fmt: skip
+    """A TCP connection to *host*:*port* from *source* (an address of this machine; default: the
+    kernel's choice) and, if *reserved*, from a privileged port.
+
+    Reserved ports are few (424 here) and tests open connections by the hundred, so a port is bound
+    with SO_REUSEADDR: Linux then lets connect() take over an old connection's TIME_WAIT with the
+    same addresses (TCP timestamps tell the two apart), and a port another socket holds for the same
+    server (EADDRNOTAVAIL) or a listener holds (EADDRINUSE) is skipped."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if not reserved:
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            s.settimeout(timeout)
+            if source is not None:
+                s.bind((source, 0))
+            s.connect((host, port))
+        except BaseException:
+            s.close()
+            raise
+        return s
+    ports = list(RESERVED_PORTS)
+    start = random.randrange(len(ports))
+    any_address = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    for i in range(len(ports)):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.settimeout(timeout)
+            s.bind((source or any_address, ports[(start + i) % len(ports)]))
+            s.connect((host, port))
+            return s
+        except OSError as exc:
+            s.close()
+            if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                raise
+        except BaseException:
+            s.close()
+            raise
+    raise OSError(errno.EADDRINUSE, f"no reserved port {ports[0]}-{ports[-1]} is free to connect from")
+
+
 class RpcClient:
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 20) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float | None = 20, *,
+                 source: str | None = None, reserved: bool = True) -> None:  # fmt: skip
+        self.sock = connect(port, host, source=source, reserved=reserved, timeout=timeout)
         self.xid = 1000
 
+    @property
+    def source_port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
     def close(self) -> None:
+        self.sock.close()
+
+    def reset(self) -> None:
+        """Close with a TCP RST instead of a FIN."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
 
     def __enter__(self) -> RpcClient:
@@ -103,18 +216,7 @@ class RpcClient:
                 return out
 
     def recv_reply(self) -> Reply:
-        u = Unpacker(self.recv_record())
-        xid, mtype, reply_stat = u.u32(), u.u32(), u.u32()
-        assert mtype == 1, mtype
-        if reply_stat == 0:  # accepted: verifier, accept_stat
-            u.u32()
-            u.opaque(400)
-            stat = u.u32()
-            detail = (u.u32(), u.u32()) if stat == 2 else ()
-            return Reply(xid, True, stat, detail, u)
-        stat = u.u32()
-        detail = (u.u32(), u.u32()) if stat == 0 else (u.u32(),)
-        return Reply(xid, False, stat, detail, u)
+        return parse_reply(self.recv_record())
 
     def call(self, prog: int, vers: int, proc: int, args: bytes = b"", **kw: object) -> Reply:
         self.xid += 1

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -318,12 +319,95 @@ def test_corrupt_chunk_is_an_io_error_never_wrong_bytes(cli: Cli, nfs_server, tm
 
 
 def test_serve_errors(cli: Cli, nfs_server) -> None:
-    """A taken port exits 4 naming the fix; a bad --allow exits 6; neither leaves a server behind."""
+    """A taken port exits 4 naming the fix; a bad --allow, a --listen that is not an IP address (a
+    name could resolve to several) or not one of this machine's exits 6; none leaves a server behind."""
     srv: NfsServer = nfs_server()
     res = cli.run("nfs", "serve", "--port", str(srv.port), check=False, timeout=60)
     assert_clean_error(res, 4, "port .* taken", "--port")
     res = cli.run("nfs", "serve", "--port", "0", "--allow", "10.0.0.0/33", check=False, timeout=60)
     assert_clean_error(res, 6, "--allow", "10.0.0.0/33")
+    res = cli.run("nfs", "serve", "--port", "0", "--listen", "localhost", check=False, timeout=60)
+    assert_clean_error(res, 6, "--listen", "not an IP address")
+    res = cli.run("nfs", "serve", "--port", "0", "--listen", "192.0.2.1", check=False, timeout=60)
+    assert_clean_error(res, 6, "cannot listen on 192.0.2.1")
+
+
+# --------------------------------------------------------------------------- who may connect
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _refused_at(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_listens_on_the_address_given(cli: Cli, nfs_server, tmp_path: Path) -> None:
+    """Without --allow only this machine may connect, so the export listens on 127.0.0.1 only; with
+    --listen ADDR the NFS, MOUNT and portmapper listeners all bind exactly ADDR (127.0.0.2 here:
+    nothing answers on 127.0.0.1), and libnfs finds the export there through the portmapper."""
+    _backup(cli, tmp_path)
+    default: NfsServer = nfs_server()
+    assert default.info["address"] == "127.0.0.1"
+    assert _refused_at("127.0.0.2", default.port)
+    default.stop()
+
+    mount_port = _free_port("127.0.0.2")
+    srv: NfsServer = nfs_server("--listen", "127.0.0.2", "--allow", "127.0.0.0/8", "--mount-port",
+                                str(mount_port), portmapper=True)  # fmt: skip
+    assert (srv.info["address"], srv.mount_port, srv.info["portmap_port"]) == ("127.0.0.2", mount_port, 111)
+    for prog, vers, port in ((nc.NFS, 3, srv.port), (nc.MOUNT, 3, mount_port), (nc.PMAP, 2, 111)):
+        assert _refused_at("127.0.0.1", port), port
+        with nc.RpcClient(port, host="127.0.0.2", timeout=10) as c:
+            r = c.call(prog, vers, 0)
+            assert (r.accepted, r.stat) == (True, 0), (port, r)
+    listing = _tool("nfs-ls", "nfs://127.0.0.2/vmrecover").stdout.decode()
+    assert "vms" in listing and "recover" in listing
+
+
+def test_libnfs_of_a_normal_user_is_refused(cli: Cli, nfs_server, served: Served) -> None:
+    """libnfs binds a reserved source port when it runs as root (every other test here relies on it)
+    and an ordinary one otherwise: a normal user's nfs-ls is refused by default, and the server's log
+    says why; with --insecure-ports the same user lists and reads the export."""
+    img, point, srv = served
+    as_nobody = ["runuser", "-u", "nobody", "--"]
+    res = _tool(*as_nobody, "nfs-ls", srv.url(), check=False)
+    assert res.returncode != 0 and b"recover" not in res.stdout, res
+    log = srv.stop()
+    assert "not a privileged port" in log and "--insecure-ports" in log, log
+
+    insecure: NfsServer = nfs_server("--insecure-ports")
+    listing = _tool(*as_nobody, "nfs-ls", insecure.url()).stdout.decode()
+    assert "vms" in listing and "recover" in listing
+    data = _tool(*as_nobody, "nfs-cat", insecure.url(f"vms/vm1/{point}/disk.raw")).stdout
+    assert hashlib.sha256(data).hexdigest() == sha256_file(img)
+
+
+def test_qemu_reads_on_after_the_idle_timeout(cli: Cli, nfs_server, tmp_path: Path) -> None:
+    """An idle connection is closed (--idle-timeout 1 here); qemu's nfs:// driver (libnfs) reconnects,
+    from a reserved port again, and reads on with the right bytes."""
+    img = tmp_path / "pattern.raw"
+    with open(img, "wb") as f:
+        f.truncate(4 * MiB)
+        f.write(b"\xab" * 65536)
+        f.seek(2 * MiB)
+        f.write(b"\xcd" * 65536)
+    point = cli.json("backup", "--vm", "vm1", img, "--format", "raw")["point"]
+    srv: NfsServer = nfs_server("--idle-timeout", "1", "--log-level", "info", portmapper=True)
+    url = f"nfs://127.0.0.1/vmrecover/vms/vm1/{point}/pattern.raw"
+    res = _tool("qemu-io", "-r", "-f", "raw", "-c", "read -P 0xab 0 64k", "-c", "sleep 2500",
+                "-c", "read -P 0xcd 2M 64k", url)  # fmt: skip
+    out = res.stdout.decode()
+    assert out.count("read 65536/65536 bytes") == 2 and "fail" not in out.lower(), out
+    log = srv.stop()
+    assert "idle for 1 s" in log, log
 
 
 # --------------------------------------------------------------------------- qemu over nfs://

@@ -3,21 +3,98 @@
 Image formats other than raw are read and written through qemu's own block layer: ``qemu-nbd`` is
 started by libnbd with systemd socket activation (no socket path, no port, no race; the server dies
 with the handle), so every format qemu knows reads exactly as a guest would see it.
+
+qemu is always told which file to open with a ``json:`` spec (:func:`image_spec`): a local name is
+then a file name and never a protocol (``nbd:…``, ``json:…``), and backing files can be switched off.
+Format probing is done here from the image's first bytes (:func:`probe_format`), never by qemu:
+``qemu-img info`` opens what an image names (a vmdk descriptor's extents, a qcow2's data file)
+while it probes.  :func:`nbd_connect` reports every file the server has open, so a caller can tell
+exactly which host files an image made qemu read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
+import stat
 import subprocess
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import BadInput, VmrecoverError
 
 # qemu format names we accept as backup sources / restore targets; 'vpc' is qemu's name for VHD.
 SOURCE_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx")
 FORMAT_ALIASES = {"vhd": "vpc"}
+
+PROBE_BYTES = 2048  # what qemu reads to probe a format (BLOCK_PROBE_BUF_SIZE)
+
+# (offset, magic, format) as qemu 7.2's block drivers probe them (their bdrv_probe functions)
+_MAGICS = [
+    (0, b"KDMV", "vmdk"),  # sparse extent (monolithicSparse, streamOptimized)
+    (0, b"COWD", "vmdk"),  # ESX sparse extent
+    (0, b"QED\0", "qed"),
+    (64, (0xBEDA107F).to_bytes(4, "little"), "vdi"),
+    (0, b"conectix", "vpc"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (0, b"Bochs Virtual HD Image\0", "bochs"),
+    (0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n", "cloop"),
+]
+
+
+def probe_format(head: bytes, name: str) -> str:
+    """The format qemu would detect for an image whose first bytes are *head* (``PROBE_BYTES`` of
+    them) and whose file name is *name*, found without opening anything."""
+    if head[:4] == b"QFI\xfb":
+        return "qcow2" if int.from_bytes(head[4:8], "big") >= 2 else "qcow"
+    for offset, magic, fmt in _MAGICS:
+        if head[offset : offset + len(magic)] == magic:
+            return fmt
+    if _looks_like_vmdk_descriptor(head):
+        return "vmdk"
+    if name.endswith(".dmg"):  # qemu's dmg driver probes by name only
+        return "dmg"
+    return "raw"
+
+
+def _looks_like_vmdk_descriptor(head: bytes) -> bool:
+    """qemu's vmdk_probe for text: comment lines and blank lines of spaces, then 'version=1|2|3'."""
+    p, end = 0, len(head)
+    while p < end:
+        if head[p] == ord("#"):
+            nl = head.find(b"\n", p)
+            p = end if nl < 0 else nl + 1
+            continue
+        if head[p] == ord(" "):
+            while p < end and head[p] == ord(" "):
+                p += 1
+            if p < end and head[p] == ord("\r"):
+                p += 1
+            if p == end or head[p] != ord("\n"):
+                return False
+            p += 1
+            continue
+        return any(head.startswith(f"version={v}{eol}".encode(), p) for v in "123" for eol in ("\n", "\r\n"))
+    return False
+
+
+def image_spec(path: Path | str, fmt: str, *, backing: bool, device: bool = False) -> str:
+    """How qemu is told to open the file *path* as *fmt*.  ``backing=False`` opens no backing file
+    (a qcow2 or vmdk then reads zeros where its backing file would have supplied data)."""
+    opts: dict[str, Any] = {
+        "driver": fmt,
+        "file": {"driver": "host_device" if device else "file", "filename": os.path.abspath(path)},
+    }
+    if not backing:
+        opts["backing"] = None
+    return "json:" + json.dumps(opts)
 
 
 def _require(tool: str) -> str:
@@ -35,37 +112,87 @@ def run_json(args: list[str], *, what: str) -> Any:
     return json.loads(proc.stdout)
 
 
-def image_info(path: Path) -> dict[str, Any]:
-    return run_json(["qemu-img", "info", "--output=json", str(path)], what=f"image {path}")
+def image_info(spec: str, *, what: str) -> dict[str, Any]:
+    return run_json(["qemu-img", "info", "--output=json", spec], what=what)
 
 
-def image_map(path: Path, fmt: str) -> list[dict[str, Any]]:
-    return run_json(["qemu-img", "map", "--output=json", "-f", fmt, str(path)], what=f"image {path}")
+def image_map(spec: str, *, what: str) -> list[dict[str, Any]]:
+    return run_json(["qemu-img", "map", "--output=json", spec], what=what)
 
 
-def nbd_connect(path: Path, fmt: str, *, readonly: bool):
-    """A libnbd handle on *path* served by a private qemu-nbd (killed when the handle is closed)."""
+class OpenFile(NamedTuple):
+    """A regular file or block device a qemu-nbd server has open (its name as the kernel shows it)."""
+
+    name: str
+    dev: int
+    ino: int
+
+
+def nbd_connect(spec: str, *, readonly: bool, what: str) -> tuple[Any, list[OpenFile]]:
+    """A libnbd handle on the image *spec* (see :func:`image_spec`) served by a private qemu-nbd
+    (killed when the handle is closed), and the files that server opened to serve it."""
     try:
         import nbd
     except ImportError:
         raise VmrecoverError(
             "the libnbd Python binding is missing", hint="run 'make setup' (Debian package python3-libnbd)"
         ) from None
-    argv = [_require("qemu-nbd"), f"--format={fmt}", "--cache=writeback", "--aio=threads"]
+    argv = [_require("qemu-nbd"), "--cache=writeback", "--aio=threads"]
     if readonly:
         argv.append("--read-only")
-    h = nbd.NBD()
-    try:
-        h.connect_systemd_socket_activation([*argv, str(path)])
-    except nbd.Error as exc:
-        raise BadInput(f"qemu-nbd cannot open {path} as {fmt}: {exc}") from None
-    return h
+    with tempfile.TemporaryDirectory(prefix="vmrecover-nbd-") as tmp:
+        pid_file = Path(tmp, "pid")
+        inherited = _inheritable_fds()  # the server starts with these: they are ours, not its files
+        h = nbd.NBD()
+        try:
+            h.connect_systemd_socket_activation([*argv, f"--pid-file={pid_file}", spec])
+        except nbd.Error as exc:
+            raise BadInput(f"qemu-nbd cannot open {what}: {exc}") from None
+        try:
+            pid_st = os.stat(pid_file)
+            files = [
+                f
+                for f in _open_files(int(pid_file.read_text()), skip_fds=inherited | {0, 1, 2})
+                if (f.dev, f.ino) != (pid_st.st_dev, pid_st.st_ino)
+            ]
+        except BaseException:
+            h.shutdown()
+            raise
+    return h, files
 
 
-def create_image(path: Path, fmt: str, size: int) -> None:
+def _inheritable_fds() -> set[int]:
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is closed by now
+            if not fcntl.fcntl(int(name), fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                out.add(int(name))
+    return out
+
+
+def _open_files(pid: int, *, skip_fds: set[int]) -> list[OpenFile]:
+    """The regular files and block devices process *pid* has open, in descriptor order, once each."""
+    fd_dir = f"/proc/{pid}/fd"
+    out: list[OpenFile] = []
+    for n in sorted(map(int, os.listdir(fd_dir))):
+        if n in skip_fds:
+            continue
+        try:
+            st = os.stat(f"{fd_dir}/{n}")
+            name = os.readlink(f"{fd_dir}/{n}")
+        except FileNotFoundError:
+            continue
+        if (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)) and all(
+            (f.dev, f.ino) != (st.st_dev, st.st_ino) for f in out
+        ):
+            out.append(OpenFile(name, st.st_dev, st.st_ino))
+    return out
+
+
+def create_image(path: str, fmt: str, size: int) -> None:
     opts = ["-o", "subformat=dynamic"] if fmt == "vpc" else []
     proc = subprocess.run(
-        [_require("qemu-img"), "create", "-q", "-f", fmt, *opts, str(path), str(size)],
+        [_require("qemu-img"), "create", "-q", "-f", fmt, *opts, path, str(size)],
         capture_output=True,
         text=True,
         check=False,

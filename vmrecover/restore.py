@@ -77,8 +77,9 @@ class _FileWriter:
 
 class _QemuWriter:
     def __init__(self, path: Path, fmt: str, size: int) -> None:
-        qemu.create_image(path, fmt, size)
-        self.handle = qemu.nbd_connect(path, fmt, readonly=False)
+        qemu.create_image(str(path), fmt, size)
+        spec = qemu.image_spec(path, fmt, backing=False)
+        self.handle, _ = qemu.nbd_connect(spec, readonly=False, what=f"new image {path}")
 
     def write(self, offset: int, data: bytes) -> None:
         self.handle.pwrite(data, offset)

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import BadInput, ExitCode
 from ..ingest.extents import load_changed_extents
 from ..ingest.pipeline import DiskJob, run_backup
-from ..ingest.sources import open_image
+from ..ingest.sources import DiskSource, open_image
 from ..restore import RESTORE_FORMATS, pick_disk, restore_disk
 from .common import open_repo
 from .output import emit_json, human_bytes, progress, stdout
@@ -37,8 +37,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format",
         choices=["raw", "qcow2", "vmdk", "vhd", "vhdx"],
-        help="format of every IMAGE (default: detected by qemu-img). Give --format raw for raw "
-        "disks of untrusted guests: a guest can write a qcow2 header at the start of its disk",
+        help="format of every IMAGE (default: detected from its first bytes). Give --format raw for raw "
+        "disks of guests: a guest can write an image header at the start of its own disk",
+    )
+    p.add_argument(
+        "--untrusted",
+        action="store_true",
+        help="the images come from a place you do not trust: read each only from itself, never from a "
+        "file it names (a backing file reads as zeros; a vmdk descriptor or a qcow2 with a data file "
+        "is refused). Without it, backing chains, vmdk extents and data files are read, and listed",
     )
     p.set_defaults(func=cmd_backup)
 
@@ -62,17 +69,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
     with open_repo(args) as repo, repo.writer("backup"), contextlib.ExitStack() as stack:
         changed = load_changed_extents(args.changed_extents, names) if args.changed_extents else {}
         jobs = []
+        sources = {}
         for name, img in zip(names, args.images, strict=True):
-            src = open_image(img, args.format)
+            src = open_image(img, args.format, trusted=not args.untrusted)
             stack.callback(src.close)
+            sources[name] = src
             jobs.append(DiskJob(name, src, changed.get(name) if args.changed_extents else None))
         with progress(f"backup {args.vm}", enabled=not args.json) as (total, advance):
             point, stats = run_backup(repo, args.vm, jobs, progress=advance, progress_total=total)
-    doc = {
-        **point.summary(),
-        **point.stats,
-        "disks": [s.__dict__ for s in stats],
-    }
+    disks = [{**s.__dict__, **_files_doc(sources[s.name])} for s in stats]
+    doc = {**point.summary(), **point.stats, "untrusted": args.untrusted, "disks": disks}
     if args.json:
         emit_json(doc)
     else:
@@ -82,7 +88,18 @@ def cmd_backup(args: argparse.Namespace) -> int:
             f"stored {human_bytes(doc['stored_bytes'])}",
             markup=False,
         )
+        for d in disks:
+            line = f"  disk {d['name']} read from: {', '.join(d['files_read'])}"
+            if d["backing_not_read"]:
+                line += f"; backing file {d['backing_not_read']} not read (untrusted): it read as zeros"
+            stdout.print(line, markup=False, soft_wrap=True)
     return ExitCode.OK
+
+
+def _files_doc(src: DiskSource) -> dict[str, Any]:
+    """Which host files a disk was read from (the image, then its backing chain, extents or data
+    file), and the backing file an untrusted image names but was not read."""
+    return {"files_read": src.files_read, "backing_not_read": src.backing_not_read}
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ bench-fuse: setup
 bench-nfs: setup
 	@scripts/setup.sh nfs-ganesha nfs-ganesha-vfs rpcbind  # the NFS server measured against
 	.venv/bin/python bench/nfs_bench.py
-	.venv/bin/python bench/nfs_fuzz.py
+	.venv/bin/python -m tests.nfs_fuzz
 
 bench-files: setup
 	.venv/bin/python bench/files_bench.py

@@ -1,8 +1,11 @@
 """Bad input to the NFS export: malformed RPC records, huge record lengths, garbage XDR, unknown programs
-and versions, forged file handles and clients outside the allow list (RFC 5531, RFC 1813), plus a short
-hypothesis fuzz of the decoder (the long run is bench/nfs_fuzz.py).
+and versions, forged file handles (RFC 5531, RFC 1813); who may talk to it (allow list, privileged source
+ports, connection caps, idle and dribbling connections); plus a short hypothesis fuzz of the decoder
+(the long run is tests/nfs_fuzz.py).
 
-Every test talks to a real ``vmrecover nfs serve`` subprocess over TCP.  What must survive is said in a
+Every test talks to a real ``vmrecover nfs serve`` subprocess over TCP, from a reserved source port
+unless it says otherwise, except the few in-process tests of nfs_export.rpc whose timeouts and caps
+are set smaller than the command line allows.  What must survive is said in a
 comment at the top of each test; "serves" always means: the process is alive, a NEW connection gets NULL
 answered and a READ of the backed-up disk returns the right bytes, and its stderr holds no traceback.
 Reply layouts are decoded (strictly, in nfsclient.py) from RFC 5531 independently of nfs_export.rpc.

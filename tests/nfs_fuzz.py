@@ -17,7 +17,8 @@ in a temporary directory (a 4 MiB disk backed up as vm1, recovery session s1 wit
 - **record**: a record of random bytes (usually not a CALL: the server must close the connection);
 - **stream** abuse, each on its own connection: raw bytes that are not record-marked, a record length
   over the limit (up to 2 GiB), half a record followed by FIN or RST, a connection reset at once, a
-  flood of empty fragments.
+  flood of empty fragments, a few calls from an unprivileged source port (refused after any
+  portmapper calls among them).
 
 Args and header cases are pipelined, ``--batch`` records to a write (10% of them split into random
 fragments, empty ones included), by ``--workers`` client threads at once; each must get exactly one
@@ -463,8 +464,40 @@ class Worker:
         if status == "SUCCESS" and nfs.get(r.xid) and bytes(r.body.data[:4]) == xdr(NFS3ERR_IO):
             self.stats.nfs_io += 1
 
+    def unprivileged(self) -> None:
+        """A few calls from an unprivileged source port: the server answers the portmapper ones,
+        refuses the first other one (AUTH_TOOWEAK) and closes the connection.  Whatever comes must be
+        well-formed replies to xids that were sent."""
+        rng, st = self.rng, self.stats
+        st.cases["stream: unprivileged port"] += 1
+        try:
+            conn = nc.RpcClient(self.port, timeout=self.timeout, reserved=False)
+        except OSError:
+            st.connect_errors += 1
+            return
+        try:
+            sent: dict[int, str] = {}
+            out = bytearray()
+            for _ in range(rng.randrange(1, 6)):
+                self.xid += 1
+                kind, msg = self.gen.call_case(self.xid & 0xFFFFFFFF)
+                sent[self.xid & 0xFFFFFFFF] = kind
+                out += nc.record(msg)
+            conn.send_raw(bytes(out))
+            conn.sock.shutdown(socket.SHUT_WR)
+            self.drain(conn, sent)
+        except TimeoutError:
+            st.hangs += 1
+        except OSError:
+            st.closed_by_server += 1
+        finally:
+            conn.close()
+
     def connection(self) -> None:
         rng, st = self.rng, self.stats
+        if rng.random() < 0.02:
+            self.unprivileged()
+            return
         try:
             conn = connect(self.port, self.timeout)
         except OSError:
@@ -507,11 +540,12 @@ class Worker:
         finally:
             conn.close()
 
-    def drain(self, conn: nc.RpcClient) -> None:
-        """Read until the server closes the connection: whatever comes must be well-formed replies."""
+    def drain(self, conn: nc.RpcClient, sent: dict[int, str] | None = None) -> None:
+        """Read until the server closes the connection: whatever comes must be well-formed replies (to
+        the xids *sent*, if given)."""
         try:
             while True:
-                self._reply(conn, None, {})
+                self._reply(conn, sent, {})
         except ConnectionError:
             self.stats.closed_by_server += 1
 

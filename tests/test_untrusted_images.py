@@ -1,4 +1,4 @@
-"""Untrusted images (issue 10, "Untrusted images and files").
+"""Untrusted images and restore outputs (issue 10, "Untrusted images and files").
 
 An image can name host files: a qcow2 its backing file (a path, a ``json:`` spec, a chain), a qcow2
 its external data file, a vmdk descriptor (also one hidden behind a sparse header) its extents, a
@@ -7,7 +7,10 @@ sparse vmdk its parent.  Every hostile image here names a "secret" host file.  A
 sees every open of it by any process), and either refuses the image or reads zeros in its place.
 Each restore is searched for the secret's bytes.
 
-Real images made with qemu-img, the real CLI, real qemu-nbd; nothing is mocked.
+Restore outputs: symlinks planted where a restore writes (its partial folder, its destination, a
+way onto a block device) are never followed, and the file they point to stays as it was.
+
+Real images made with qemu-img, the real CLI, real qemu-nbd; nothing is mocked but one race's timing.
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ def watching(paths: list[Path]) -> Iterator[OpenWatch]:
 
 
 def qemu_img(*args: str | Path) -> None:
-    subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True)
+    proc = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"qemu-img {' '.join(map(str, args))}: {proc.stderr}"
 
 
 def real(p: Path) -> str:
@@ -358,3 +362,112 @@ def test_block_device_with_an_explicit_format(cli: Cli, tmp_path: Path) -> None:
         doc = cli.json("backup", dev, "--vm", "lv", "--format", "qcow2", "--untrusted")
         assert doc["disks"][0]["files_read"] == [dev] and doc["disks"][0]["size"] == 2 * MiB
     assert restored(cli, "lv", tmp_path) == raw.read_bytes()
+
+
+# --------------------------------------------------------------------------- restore outputs
+def victim_state(p: Path) -> tuple[str, int, int]:
+    st = p.stat()
+    return sha256_file(p), st.st_size, st.st_mtime_ns
+
+
+@pytest.fixture
+def backed_up(cli: Cli, tmp_path: Path) -> Path:
+    img = make_sparse_image(tmp_path / "d.raw", 2 * MiB, [(0, random.Random(8).randbytes(300_000))])
+    cli.run("backup", img, "--vm", "v")
+    return img
+
+
+@pytest.mark.parametrize(
+    "how", ["restore raw", "restore qcow2", "restore vmdk", "migrate raw", "migrate qcow2"]
+)
+def test_planted_symlinks_are_never_followed(cli: Cli, tmp_path: Path, backed_up: Path, how: str) -> None:
+    """A symlink planted at the partial name (as in a shared folder) and one at the destination: the
+    restore (and recover migrate, the same code) writes neither through, the file they point to is
+    unchanged, and the output is a new file with the right bytes."""
+    command, fmt = how.split()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious " * 10_000)
+    before = victim_state(victim)
+    out = tmp_path / f"out.{fmt}"
+    out.with_name(out.name + ".vmrecover-partial").symlink_to(victim)
+    if command == "restore":
+        cli.run("restore", "v", "--to", out, "--format", fmt)
+    else:
+        cli.run("recover", "start", "v", "--name", "s")
+        cli.run("recover", "migrate", "s", "--to", out, "--format", fmt)
+    assert victim_state(victim) == before
+    assert not out.is_symlink() and guest_sha256(out) == sha256_file(backed_up)
+    if fmt == "vmdk":  # written under its final name, which the vmdk records
+        assert f'SPARSE "{out.name}"'.encode() in out.read_bytes()[:4096]
+    assert [p.name for p in tmp_path.glob("*.vmrecover-partial")] == []
+
+    # a symlink at the destination itself: "already exists" (even dangling); replaced with --overwrite
+    out.unlink()
+    out.symlink_to(tmp_path / "nowhere")
+    res = cli.run("restore", "v", "--to", out, "--format", fmt, check=False)
+    assert_clean_error(res, BAD_INPUT, "already exists")
+    out.unlink()
+    out.symlink_to(victim)
+    cli.run("restore", "v", "--to", out, "--format", fmt, "--overwrite")
+    assert victim_state(victim) == before and not out.is_symlink()
+
+
+def test_symlink_reappearing_after_the_stale_partial_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race: the stale partial name is removed, and a symlink is planted again before the new one
+    is made.  The restore fails (exit 6) instead of following it."""
+    from vmrecover import restore
+    from vmrecover.errors import BadInput
+    from vmrecover.repo.index import FixedIndex
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    dest = tmp_path / "out.raw"
+    partial = tmp_path / "out.raw.vmrecover-partial"
+    partial.symlink_to(victim)
+    remove = restore._remove_stale
+
+    def remove_then_plant(folder: Path) -> None:
+        remove(folder)
+        folder.symlink_to(victim)  # the attacker wins the race
+
+    monkeypatch.setattr(restore, "_remove_stale", remove_then_plant)
+    index = FixedIndex.empty(MiB, 64 * 1024)
+    chunks = iter([(0, 0, b"x" * 65536)])
+    with pytest.raises(BadInput, match="put a file there"):
+        restore.write_image(chunks, index, dest, fmt="raw", overwrite=False, what="test")
+    assert victim.read_bytes() == b"precious" and not dest.exists()
+
+
+def test_block_device_destinations(cli: Cli, tmp_path: Path, backed_up: Path) -> None:
+    """A block device is written through a symlink owned by root (as in /dev/disk/by-id), not
+    through one someone else planted, and not while a filesystem on it is mounted."""
+    target = tmp_path / "device-backing"
+    target.write_bytes(b"\xee" * (4 * MiB))
+    with loop_device(target) as dev:
+        planted = tmp_path / "shared" / "out.raw"
+        planted.parent.mkdir()
+        planted.symlink_to(dev)
+        os.lchown(planted, 65534, 65534)  # nobody's symlink
+        before = sha256_file(target)
+        res = cli.run("restore", "v", "--to", planted, check=False)
+        assert_clean_error(res, BAD_INPUT, "symlink owned by uid 65534", str(planted))
+        assert sha256_file(target) == before
+
+        by_id = tmp_path / "by-id-link"
+        by_id.symlink_to(dev)  # ours (root's)
+        cli.run("restore", "v", "--to", by_id)
+        data = target.read_bytes()
+        assert data[: 2 * MiB] == backed_up.read_bytes() and data[2 * MiB :] == b"\xee" * (2 * MiB)
+
+        subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        subprocess.run(["mount", dev, mnt], check=True)
+        try:
+            res = cli.run("restore", "v", "--to", dev, check=False)
+            assert_clean_error(res, BAD_INPUT, "in use", dev)
+        finally:
+            subprocess.run(["umount", mnt], check=True)
+        subprocess.run(["fsck.ext4", "-n", dev], check=True, capture_output=True)  # untouched

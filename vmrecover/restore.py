@@ -4,14 +4,26 @@ Raw files are written with pwrite at each chunk's offset and holes are simply sk
 sized with ftruncate), so restored images are as sparse as the backup.  Other formats are written
 through qemu-nbd into a freshly created image, so they are sparse in their own way too.
 
-The output appears under its final name only when it is complete and correct: it is written to
-``<dest>.vmrecover-partial`` and renamed at the end.  A corrupt chunk aborts the restore with an
-error naming the affected byte range, and the partial file is removed.
+The output appears under its final name only when it is complete and correct: it is written in a
+private folder ``<dest>.vmrecover-partial/`` (under its final name, which a vmdk records) and renamed
+to *dest* at the end.  A corrupt chunk aborts the restore with an error naming the affected byte
+range, and the partial folder is removed.
+
+Nothing at or beside *dest* is ever followed or written through (a restore runs as root and *dest*
+may be in a folder others can write): a stale partial folder is emptied and removed without
+following anything in it, the new one is made with ``mkdir`` (which fails on anything in the way,
+a symlink too) and opened with ``O_NOFOLLOW``; the raw file in it is created with
+``O_EXCL | O_NOFOLLOW``, and qemu-img and qemu-nbd reach it through ``/proc/<pid>/fd/<folder>/``,
+so a folder swapped in meanwhile cannot redirect them.  The rename replaces a symlink at *dest*
+itself, never its target.  A block device is written in place, also through a /dev/disk/by-id
+symlink, but only through symlinks owned by root or by the user running vmrecover, and only if
+nothing holds it exclusively (a mounted filesystem, LVM, RAID).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -30,6 +42,8 @@ from .repo.repository import Repository
 
 RESTORE_FORMATS = {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vhdx": "vhdx"}
 PARTIAL_SUFFIX = ".vmrecover-partial"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class _Writer(Protocol):
@@ -40,19 +54,13 @@ class _Writer(Protocol):
 
 
 class _FileWriter:
-    def __init__(self, path: Path, size: int, *, block_device: bool) -> None:
-        self.path = path
-        self.size = size
+    """Writes a raw image into *fd* (a new file, or a block device whose old bytes must be zeroed)."""
+
+    def __init__(self, fd: int, size: int, *, block_device: bool) -> None:
+        self.fd = fd
         self.block = block_device
-        flags = os.O_WRONLY | os.O_CLOEXEC | (0 if block_device else os.O_CREAT | os.O_TRUNC)
-        self.fd = os.open(path, flags, 0o600)
-        if block_device:
-            dev = os.lseek(self.fd, 0, os.SEEK_END)
-            if dev < size:
-                os.close(self.fd)
-                raise BadInput(f"block device {path} holds {dev} bytes, the disk needs {size}")
-        else:
-            os.ftruncate(self.fd, size)
+        if not block_device:
+            os.ftruncate(fd, size)
 
     def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
@@ -76,8 +84,12 @@ class _FileWriter:
 
 
 class _QemuWriter:
-    def __init__(self, path: Path, fmt: str, size: int) -> None:
-        qemu.create_image(str(path), fmt, size)
+    """Writes a new qcow2/vmdk/vhd/vhdx image at *path* through qemu-nbd; *fd* (the file, already
+    created) stays open until the end, so that a ``/proc/<pid>/fd/`` path to it stays valid."""
+
+    def __init__(self, path: str, fd: int, fmt: str, size: int) -> None:
+        self.fd = fd
+        qemu.create_image(path, fmt, size)
         spec = qemu.image_spec(path, fmt, backing=False)
         self.handle, _ = qemu.nbd_connect(spec, readonly=False, what=f"new image {path}")
 
@@ -90,10 +102,161 @@ class _QemuWriter:
     def finish(self) -> None:
         self.handle.flush()
         self.handle.shutdown()
+        os.close(self.fd)
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self.handle.shutdown()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class _Staged:
+    """A new image written as ``<dest>.vmrecover-partial/<dest name>``, renamed to *dest* when complete."""
+
+    writer: _Writer
+
+    def __init__(self, dest: Path, fmt: str, size: int) -> None:
+        self.dest = dest
+        self.folder = dest.with_name(dest.name + PARTIAL_SUFFIX)
+        _remove_stale(self.folder)
+        try:
+            os.mkdir(self.folder, 0o700)  # EEXIST for anything there, a symlink too: never followed
+            self.dir_fd = os.open(self.folder, _DIR_FLAGS)  # ELOOP if it was swapped for a symlink
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ELOOP, errno.ENOTDIR):
+                raise
+            raise BadInput(
+                f"cannot make {self.folder} for the restore of {dest}: {exc.strerror} (something else "
+                "put a file there meanwhile); nothing was written",
+                hint="find out what writes there, remove it and restore again",
+            ) from None
+        try:
+            self.writer = self._new_image(fmt, size)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _new_image(self, fmt: str, size: int) -> _Writer:
+        name = self.dest.name
+        fd = os.open(name, _NEW_FILE_FLAGS, 0o600, dir_fd=self.dir_fd)
+        try:
+            if fmt == "raw":
+                return _FileWriter(fd, size, block_device=False)
+            # qemu opens by name: through our folder's descriptor (so a vmdk records its final name)
+            # if nobody else can put a name in the folder, else through the file's own descriptor
+            st = os.fstat(self.dir_fd)
+            private = st.st_uid == os.geteuid() and not st.st_mode & 0o022
+            at = f"{self.dir_fd}/{name}" if private else f"{fd}"
+            return _QemuWriter(f"/proc/{os.getpid()}/fd/{at}", fd, fmt, size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def commit(self) -> None:
+        os.rename(self.dest.name, self.dest, src_dir_fd=self.dir_fd)  # replaces a symlink, never follows it
+        fsync_dir(self.dest.parent)
+        self._close()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.dest.name, dir_fd=self.dir_fd)
+        self._close()
+
+    def _close(self) -> None:
+        os.close(self.dir_fd)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.folder)
+
+
+def _remove_stale(folder: Path) -> None:
+    """Remove what a killed restore left at *folder* (a partial folder, or an older version's partial
+    file) without following anything: a symlink there is removed, not its target."""
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        return
+    try:
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(folder)
+            return
+        fd = os.open(folder, _DIR_FLAGS)
+        try:
+            for name in os.listdir(fd):
+                os.unlink(name, dir_fd=fd)  # a folder in it (not ours) fails: EISDIR
+        finally:
+            os.close(fd)
+        os.rmdir(folder)
+    except OSError as exc:
+        raise BadInput(
+            f"cannot remove {folder}, left by an earlier restore: {exc.strerror}",
+            hint="remove it yourself and restore again",
+        ) from None
+
+
+class _Device:
+    """A block device written in place (no staging: its name is a device, not a file to replace)."""
+
+    writer: _Writer
+
+    def __init__(self, dest: Path, size: int) -> None:
+        node = _resolve_trusted(dest)
+        try:  # O_EXCL on a device: EBUSY while something holds it (a mounted filesystem, LVM, RAID)
+            fd = os.open(node, os.O_WRONLY | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise BadInput(
+                    f"block device {dest} is in use (a mounted filesystem, LVM or RAID holds it); "
+                    "restoring onto it would corrupt what uses it",
+                    hint="unmount or deactivate it first",
+                ) from None
+            raise
+        st = os.fstat(fd)
+        dev = os.lseek(fd, 0, os.SEEK_END)
+        if not stat.S_ISBLK(st.st_mode) or dev < size:
+            os.close(fd)
+            why = "is no longer a block device" if not stat.S_ISBLK(st.st_mode) else f"holds {dev} bytes"
+            raise BadInput(f"{dest} ({node}) {why}, the disk needs {size}")
+        self.writer = _FileWriter(fd, size, block_device=True)
+
+    def commit(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+
+def _resolve_trusted(path: Path) -> str:
+    """The name *path* leads to, following only symlinks owned by root or by this user: a symlink
+    someone else planted (in a shared folder) is not a way onto a device."""
+    todo = list(reversed((Path.cwd() / path).parts[1:]))  # ".." is resolved as the walk goes
+    cur, hops = "/", 0
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            cur = os.path.dirname(cur)
+            continue
+        nxt = os.path.join(cur, name)
+        st = os.lstat(nxt)
+        if not stat.S_ISLNK(st.st_mode):
+            cur = nxt
+            continue
+        if st.st_uid not in (0, os.geteuid()):
+            raise BadInput(
+                f"{path} leads to a block device through {nxt}, a symlink owned by uid {st.st_uid}; "
+                "vmrecover follows only symlinks owned by root or by you onto a device",
+                hint="name the device itself, or a link in /dev/disk/by-id",
+            )
+        hops += 1
+        if hops > 40:
+            raise BadInput(f"{path}: too many levels of symlinks")
+        target = os.readlink(nxt)
+        if target.startswith("/"):
+            cur = "/"
+        todo.extend(reversed(Path(target).parts[1:] if target.startswith("/") else Path(target).parts))
+    return cur
 
 
 @dataclass
@@ -135,9 +298,12 @@ def restore_disk(
     progress: Callable[[int], None] = lambda n: None,
     workers: int | None = None,
 ) -> RestoreResult:
-    index = repo.read_index(point.id, disk.name)
     what = f"{point.vm}@{point.id} disk {disk.name}"
-    with ThreadPoolExecutor(workers or max(2, os.cpu_count() or 2), thread_name_prefix="restore") as pool:
+    with (
+        repo.reading(point, outcome=f"; nothing was written to {dest}"),
+        ThreadPoolExecutor(workers or max(2, os.cpu_count() or 2), thread_name_prefix="restore") as pool,
+    ):
+        index = repo.read_index(point.id, disk.name)
         data_bytes = write_image(
             read_disk(repo.chunks, index, pool), index, dest, fmt=fmt, overwrite=overwrite, what=what,
             progress=progress,
@@ -159,23 +325,31 @@ def write_image(
     as an image at *dest*; return the bytes of data written.  All or nothing (see the module doc)."""
     if fmt not in RESTORE_FORMATS:
         raise BadInput(f"unknown output format {fmt!r}", hint=f"choose one of {', '.join(RESTORE_FORMATS)}")
-    is_block = dest.exists() and stat.S_ISBLK(dest.stat().st_mode)
+    try:
+        is_block = stat.S_ISBLK(os.stat(dest).st_mode)
+    except OSError:
+        is_block = False
     if is_block and fmt != "raw":
         raise BadInput(f"{dest} is a block device: only --format raw can be written to it")
-    if dest.exists() and not is_block and not overwrite:
-        raise BadInput(f"{dest} already exists", hint="choose another path or pass --overwrite")
+    if not is_block and os.path.lexists(dest):
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            raise BadInput(f"{dest} is a directory", hint="name the file to create in it")
+        if not overwrite:
+            raise BadInput(f"{dest} already exists", hint="choose another path or pass --overwrite")
     if not dest.parent.is_dir():
         raise NotFound(f"directory {dest.parent} does not exist")
     target = dest if is_block else dest.with_name(dest.name + PARTIAL_SUFFIX)
-    writer: _Writer
+    out: _Device | _Staged
     try:
-        if fmt == "raw":
-            writer = _FileWriter(target, index.disk_size, block_device=is_block)
-        else:
-            writer = _QemuWriter(target, RESTORE_FORMATS[fmt], index.disk_size)
+        out = (
+            _Device(dest, index.disk_size)
+            if is_block
+            else _Staged(dest, RESTORE_FORMATS[fmt], index.disk_size)
+        )
     except OSError as exc:
         raise_if_no_space(exc, target, f"the restore of {what}")
         raise VmrecoverError(f"cannot write {target}: {exc.strerror}") from None
+    writer = out.writer
     data_bytes = 0
     try:
         for i, off, data in chunks:
@@ -192,7 +366,7 @@ def write_image(
         writer.finish()
     except CorruptChunk as exc:
         writer.abort()
-        _discard(target, is_block)
+        out.discard()
         positions = index.positions(exc.digest)
         ranges = [list(index.extent(i)) for i in positions]
         first = ranges[0] if ranges else [0, 0]
@@ -204,15 +378,11 @@ def write_image(
         ) from None
     except BaseException:
         writer.abort()
-        _discard(target, is_block)
+        out.discard()
         raise
-    if not is_block:
-        os.rename(target, dest)
-        fsync_dir(dest.parent)
+    try:
+        out.commit()
+    except OSError as exc:
+        out.discard()
+        raise VmrecoverError(f"cannot put the restored image in place at {dest}: {exc.strerror}") from None
     return data_bytes
-
-
-def _discard(target: Path, is_block: bool) -> None:
-    if not is_block:
-        with contextlib.suppress(OSError):
-            os.unlink(target)

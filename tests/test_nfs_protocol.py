@@ -853,8 +853,7 @@ def test_a_slow_call_is_not_an_idle_connection() -> None:
             t0 = time.monotonic()
             assert c.call(0x20000099, 1, 1).stat == SUCCESS
             assert time.monotonic() - t0 >= 0.9
-            assert_closed(c.sock, timeout=2)
-            assert time.monotonic() - t0 < 2.5
+            assert_closed(c.sock, timeout=5)
 
     run_rpc(server, client)
 
@@ -864,7 +863,7 @@ def test_refused_connections_have_their_own_small_pool() -> None:
     # list here) are capped per address and in all, apart from the served ones; those over a cap are
     # closed at once, the others after refused_timeout, and none of them delays a served client.
     server = rpc.RpcServer([], max_record=4096, allow=rpc.parse_networks(["127.0.0.1/32"]),
-                           max_refused=3, max_refused_per_address=2, refused_timeout=1.0)  # fmt: skip
+                           max_refused=3, max_refused_per_address=2, refused_timeout=3.0)  # fmt: skip
 
     def closed_within(s: socket.socket, seconds: float) -> bool:
         try:
@@ -874,17 +873,21 @@ def test_refused_connections_have_their_own_small_pool() -> None:
         return True
 
     def client(port: int) -> None:
+        t0 = time.monotonic()
         held = [nc.connect(port, source=a) for a in ("127.0.0.2", "127.0.0.2", "127.0.0.3")]
+        deadline = time.monotonic() + 2
+        while server.open[rpc.OUTSIDE] < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         over = [nc.connect(port, source=a) for a in ("127.0.0.2", "127.0.0.4")]
         try:
-            time.sleep(0.2)
+            assert all(closed_within(s, 2) for s in over)  # past a cap: closed at once
             assert server.open[rpc.OUTSIDE] == 3 and server.connections == 0
-            assert all(closed_within(s, 0.5) for s in over)  # past a cap: closed at once
-            assert not any(closed_within(s, 0.05) for s in held)
             with nc.RpcClient(port, timeout=2) as c:
                 assert c.call(nc.NFS, 3, 0).stat == PROG_UNAVAIL  # served (no programs here)
                 assert server.connections == 1
-            assert all(closed_within(s, 2) for s in held)  # refused_timeout
+            assert server.open[rpc.OUTSIDE] == 3  # still held, for refused_timeout
+            assert all(closed_within(s, 5) for s in held)
+            assert time.monotonic() - t0 >= 2.9
             assert server.open[rpc.OUTSIDE] == 0 and not server.open_from
         finally:
             for s in held + over:

@@ -25,32 +25,51 @@ a vmrecover command itself fails).  Run it as root for cold-cache numbers::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import platform
 import random
 import shutil
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vmrecover.cli.output import human_bytes
-from vmrecover.errors import VmrecoverError
-from vmrecover.repo.repository import parse_size as vmrecover_parse_size
+if not __package__:  # run as a file (.venv/bin/python bench/backup_bench.py): import from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    BORG_CREATE,
+    REGION,
+    SEED,
+    BenchError,
+    Context,
+    ImageInfo,
+    Run,
+    arg_parser,
+    bench_main,
+    borg_create_argv,
+    cold_text,
+    data_bytes,
+    fmt,
+    human,
+    log,
+    make_image,
+    mb,
+    parse_args,
+    print_host,
+    print_results,
+    pwrite_all,
+    ratio,
+    sha256_file,
+    summary,
+    tool_version,
+    verdict,
+    yes_no,
+)
+from bench.common import environment as base_environment
 
 MiB = 2**20
-REGION = MiB
-ROOT = Path(__file__).resolve().parent.parent
-VMRECOVER = ROOT / ".venv" / "bin" / "vmrecover"
-MARKER = ".vmrecover-bench"  # marks a workdir this script created, so a re-run may wipe it
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-BORG_CHUNKER = "fixed,4194304"
-BORG_COMPRESSION = "zstd,3"
 
 # Acceptance targets.
 FULL_SPEEDUP_MIN = 3.0  # borg full backup time / vmrecover full backup time
@@ -59,181 +78,19 @@ GROWTH_RATIO_MAX = 1.2  # repository growth / changed bytes
 RESTORE_MBPS_MIN = 400.0  # restore rate over the data (non-hole) bytes
 RSS_MB_MAX = 300.0  # peak RSS of one vmrecover process
 
-# Image composition and modification.
-HOLE_SHARE, TEXT_SHARE = 0.35, 0.35  # the rest is random
+# How the image is modified for the incremental backup.
 CHANGED_SHARE = 0.05
 ALIGNED_SHARE = 0.7  # probability that a changed range is a whole run of 1 MiB regions
-SEED = 20240601
-BUSY_WARNING = 0.3  # CPUs used by other work during a timed run above which the report warns
-
-_started = time.monotonic()
-
-# Commands run under this tiny launcher (python -I -S) that forks, execs and wait4()s them.  Running them
-# straight from this process would not do: a child's ru_maxrss starts at its parent's peak RSS (exec
-# records the RSS high-water mark of the mm it replaces, and subprocess uses vfork), so every command
-# would report at least this script's own peak (~100 MB after building the image).  The launcher's
-# peak is a few MB.  It writes "exit-code max-rss-KiB wall-s cpu-s" to the file named by argv[1].
-LAUNCHER = """
-import os, sys, time
-start = time.monotonic()
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execvp(sys.argv[2], sys.argv[2:])
-    except OSError as exc:
-        os.write(2, f"cannot run {sys.argv[2]}: {exc}\\n".encode())
-    os._exit(127)
-_, status, usage = os.wait4(pid, 0)
-wall = time.monotonic() - start
-with open(sys.argv[1], "w") as f:
-    cpu = usage.ru_utime + usage.ru_stime
-    f.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss} {wall} {cpu}")
-"""
-
-
-def log(msg: str) -> None:
-    print(f"[{time.monotonic() - _started:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    pass
-
-
-# --- sizes and formatting --------------------------------------------------------------------------
-
-
-def parse_size(text: str) -> int:
-    """'2G', '256M', '1048576' -> bytes (vmrecover's own parser), rounded down to whole MiB."""
-    try:
-        value = vmrecover_parse_size(text)
-    except VmrecoverError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
-    value -= value % MiB
-    if value < 16 * MiB:
-        raise argparse.ArgumentTypeError(f"size {text!r} is too small: use at least 16M")
-    return value
-
-
-def mb(n: float) -> float:
-    return n / 1e6
-
-
-def human(n: float) -> str:
-    return human_bytes(n)
-
-
-# --- running commands ------------------------------------------------------------------------------
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all CPUs of the machine have spent busy since boot (/proc/stat; 0 where missing)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    guest = sum(fields[8:10])  # guest time is already counted in user/nice
-    return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
-class Run:
-    argv: list[str]
-    rc: int
-    wall_s: float  # the command's wall time plus the sync after it
-    cpu_s: float  # user + system CPU time of the command (and its children)
-    max_rss: int  # bytes
-    other_cpu_s: float  # CPU time the rest of the machine used meanwhile (other processes, kernel threads)
-    stdout: str = field(repr=False)
-    stderr: str = field(repr=False)
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.stdout)
-        except ValueError:
-            raise BenchError(f"{self.argv[0]} printed no JSON: {self.stdout[-500:]!r}") from None
-
-    def summary(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("stdout", "stderr")}
+class BackupContext(Context):
+    borg: str | None = None
 
 
-@dataclass
-class Context:
-    workdir: Path
-    env: dict[str, str]
-    can_drop_caches: bool
-    vmrecover: Path
-    borg: str | None
-    keep: bool
-    logs: Path = field(init=False)
-    load_at_start: tuple[float, float, float] = field(default_factory=os.getloadavg)
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        self.logs = self.workdir / "logs"
-
-    def cold(self) -> None:
-        """Flush dirty pages and, when allowed, drop the page cache so the next run starts cold."""
-        os.sync()
-        if self.can_drop_caches:
-            DROP_CACHES.write_text("3\n")
-
-    def run(self, argv: list[str], name: str, *, cwd: Path | None = None) -> Run:
-        """Run *argv* through the launcher: its wall time (plus a final sync), CPU time and peak RSS."""
-        self.count += 1
-        base = self.logs / f"{self.count:02d}-{name}"
-        usage_file = Path(f"{base}.usage")
-        busy = machine_busy_s()
-        with open(f"{base}.out", "wb") as out, open(f"{base}.err", "wb") as err:
-            subprocess.run(
-                [sys.executable, "-I", "-S", "-c", LAUNCHER, str(usage_file), *argv],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                cwd=cwd,
-                env=self.env,
-                check=False,
-            )
-        start = time.monotonic()
-        os.sync()
-        sync_s = time.monotonic() - start
-        busy = machine_busy_s() - busy
-        try:
-            rc, maxrss_kib, wall, cpu = usage_file.read_text().split()
-        except (OSError, ValueError):
-            raise BenchError(f"the launcher of {argv[0]} failed: {Path(f'{base}.err').read_text()}") from None
-        run = Run(
-            argv,
-            int(rc),
-            float(wall) + sync_s,
-            float(cpu),
-            int(maxrss_kib) * 1024,
-            max(0.0, busy - float(cpu)),
-            Path(f"{base}.out").read_text(errors="replace"),
-            Path(f"{base}.err").read_text(errors="replace"),
-        )
-        if run.rc != 0:
-            raise BenchError(
-                f"{' '.join(argv)} exited with {run.rc}\nstdout: {run.stdout[-2000:]}\n"
-                f"stderr: {run.stderr[-2000:]}"
-            )
-        return run
-
-    def vmr(self, args: list[str], name: str) -> Run:
-        return self.run([str(self.vmrecover), *args, "--json"], name)
-
-
-def can_drop_caches() -> bool:
-    try:
-        with open(DROP_CACHES, "w") as f:
-            f.write("3\n")
-    except OSError:
-        return False
-    return True
-
-
-# --- files -----------------------------------------------------------------------------------------
+def vm(ctx: BackupContext, args: list[str | Path], name: str) -> Run:
+    """A timed ``vmrecover ARGS --json`` (wall time, CPU time, peak RSS)."""
+    return ctx.measured([ctx.args.vmrecover, *args, "--json"], name)
 
 
 def du_bytes(path: Path) -> int:
@@ -245,129 +102,7 @@ def du_bytes(path: Path) -> int:
     return total + os.lstat(path).st_blocks * 512
 
 
-def data_bytes(path: Path) -> int:
-    """Bytes of *path* that are not holes (SEEK_DATA/SEEK_HOLE)."""
-    total = pos = 0
-    with open(path, "rb") as f:
-        fd, size = f.fileno(), os.fstat(f.fileno()).st_size
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            total += end - start
-            pos = end
-    return total
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(8 * MiB)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-# --- the disk image --------------------------------------------------------------------------------
-
-
-class TextSource:
-    """Lines of words drawn (Zipf-like) from a fixed pseudo-word vocabulary: ~2.8x with zstd -3."""
-
-    LETTERS = "etaoinshrdlcumwfgypbvkjxqz"
-    FREQ = (12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8, 2.8)
-    FREQ += (2.4, 2.4, 2.2, 2.0, 2.0, 1.9, 1.5, 1.0, 0.8, 0.2, 0.2, 0.1, 0.1)
-    LENGTHS = (1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 7, 7, 8, 9, 10, 11, 12)
-
-    def __init__(self, rng: random.Random, vocabulary: int = 50_000, lines: int = 1 << 18) -> None:
-        words: set[str] = set()
-        while len(words) < vocabulary:
-            words.add("".join(rng.choices(self.LETTERS, self.FREQ, k=rng.choice(self.LENGTHS))))
-        vocab = sorted(words)
-        rng.shuffle(vocab)
-        cum, acc = [], 0.0
-        for rank in range(len(vocab)):
-            acc += 1 / (rank + 1)
-            cum.append(acc)
-        self.lines = [
-            " ".join(rng.choices(vocab, cum_weights=cum, k=rng.randint(4, 16)))
-            + ("." if rng.random() < 0.6 else ",")
-            + "\n"
-            for _ in range(lines)
-        ]
-        self.avg_line = sum(map(len, self.lines)) / len(self.lines)
-
-    def region(self, rng: random.Random, size: int = REGION) -> bytes:
-        out = b""
-        while len(out) < size:
-            out += "".join(rng.choices(self.lines, k=int(size / self.avg_line * 1.05) + 64)).encode()
-        return out[:size]
-
-
-@dataclass
-class ImageInfo:
-    path: str
-    size: int
-    regions: int
-    holes: int
-    text: int
-    random: int
-    text_zstd_ratio: float | None
-    build_s: float
-
-
-def make_image(path: Path, size: int, seed: int) -> ImageInfo:
-    """A sparse raw image of shuffled 1 MiB regions: holes (never written), text and random bytes."""
-    started = time.monotonic()
-    rng = random.Random(seed)
-    n = size // REGION
-    holes, text = round(n * HOLE_SHARE), round(n * TEXT_SHARE)
-    kinds = ["hole"] * holes + ["text"] * text + ["random"] * (n - holes - text)
-    rng.shuffle(kinds)
-    source = TextSource(random.Random(seed + 1))
-    text_rng, random_rng = random.Random(seed + 2), random.Random(seed + 3)
-    samples: list[bytes] = []
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.ftruncate(fd, size)
-        for i, kind in enumerate(kinds):
-            if kind == "hole":
-                continue
-            if kind == "text":
-                data = source.region(text_rng)
-                if len(samples) < 16:
-                    samples.append(data)
-            else:
-                data = random_rng.randbytes(REGION)
-            pwrite_all(fd, data, i * REGION)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return ImageInfo(
-        str(path), size, n, holes, text, n - holes - text, zstd_ratio(samples), time.monotonic() - started
-    )
-
-
-def zstd_ratio(samples: list[bytes]) -> float | None:
-    """zstd level 3 compression ratio of 1 MiB samples compressed one by one (None without zstandard)."""
-    try:
-        import zstandard
-    except ImportError:
-        return None
-    if not samples:
-        return None
-    c = zstandard.ZstdCompressor(level=3)
-    return sum(map(len, samples)) / sum(len(c.compress(s)) for s in samples)
+# --- the incremental change ------------------------------------------------------------------------
 
 
 @dataclass
@@ -433,31 +168,10 @@ class Row:
     result: str = "info"
     values: dict[str, Any] = field(default_factory=dict)
 
+    HEADER = ("metric", "vmrecover", "borg", "target", "result")
 
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
-
-
-def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
-
-
-def print_table(rows: list[Row]) -> None:
-    header = ["metric", "vmrecover", "borg", "target", "result"]
-    cells = [header] + [[r.metric, r.vmrecover, r.borg, r.target, r.result] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-
-    def line(c: list[str]) -> str:
-        return "  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip()
-
-    print(line(header))
-    print("  ".join("-" * w for w in widths))
-    for c in cells[1:]:
-        print(line(c))
+    def cells(self) -> list[str]:
+        return [self.metric, self.vmrecover, self.borg, self.target, self.result]
 
 
 # --- the benchmark ---------------------------------------------------------------------------------
@@ -481,11 +195,6 @@ class Measurements:
     image_sha256: str = ""
 
 
-def borg_create_argv(borg: str, repo: Path, archive: str, image: Path, sparse: bool) -> list[str]:
-    argv = [borg, "create", "--chunker-params", BORG_CHUNKER, "--compression", BORG_COMPRESSION]
-    return [*argv, *(["--sparse"] if sparse else []), f"{repo}::{archive}", str(image)]
-
-
 def borg_step(m: Measurements, step: str, fn: Callable[[], None]) -> None:
     """Run a borg step; a failure is recorded (borg columns become n/a) but does not stop the benchmark."""
     if m.borg_error is not None:
@@ -497,7 +206,7 @@ def borg_step(m: Measurements, step: str, fn: Callable[[], None]) -> None:
         log(f"borg {step} failed, borg columns will be n/a: {exc}")
 
 
-def timed(ctx: Context, m: Measurements, step: str, label: str, fn: Callable[[], Run]) -> Run:
+def timed(ctx: BackupContext, m: Measurements, step: str, label: str, fn: Callable[[], Run]) -> Run:
     ctx.cold()
     log(label)
     run = m.runs[step] = fn()
@@ -505,7 +214,7 @@ def timed(ctx: Context, m: Measurements, step: str, label: str, fn: Callable[[],
     return run
 
 
-def measure(ctx: Context, args: argparse.Namespace, wd: Path) -> Measurements:
+def measure(ctx: BackupContext, args: argparse.Namespace, wd: Path) -> Measurements:
     """One pass: image, full backups, modification, incremental backups, restores."""
     wd.mkdir()
     image, changed_file = wd / "disk.raw", wd / "changed-extents.json"
@@ -521,17 +230,17 @@ def measure(ctx: Context, args: argparse.Namespace, wd: Path) -> Measurements:
     log(f"  {img.holes} hole, {img.text} text, {img.random} random regions in {img.build_s:.1f} s")
 
     # full backups
-    ctx.vmr(["init", "--repo", str(vm_repo)], "vmrecover-init")
-    full = ["backup", str(image), "--vm", "bench", "--repo", str(vm_repo)]
-    run = timed(ctx, m, "vm_full", "vmrecover full backup", lambda: ctx.vmr(full, "vmrecover-full"))
+    ctx.vmr(["init"], "init", repo=vm_repo)
+    full: list[str | Path] = ["backup", image, "--vm", "bench", "--repo", vm_repo]
+    run = timed(ctx, m, "vm_full", "vmrecover full backup", lambda: vm(ctx, full, "vmrecover-full"))
     m.docs["vm_full"] = run.json()
     m.repo_bytes["vm_full"] = du_bytes(vm_repo)
     if borg:
 
         def borg_full() -> None:
             ctx.run([borg, "init", "-e", "none", str(borg_repo)], "borg-init")
-            argv = borg_create_argv(borg, borg_repo, "full", image, args.borg_sparse)
-            timed(ctx, m, "borg_full", "borg full backup", lambda: ctx.run(argv, "borg-full"))
+            argv = borg_create_argv(borg, borg_repo, "full", image, sparse=args.borg_sparse)
+            timed(ctx, m, "borg_full", "borg full backup", lambda: ctx.measured(argv, "borg-full"))
             m.repo_bytes["borg_full"] = du_bytes(borg_repo)
 
         borg_step(m, "full backup", borg_full)
@@ -542,26 +251,26 @@ def measure(ctx: Context, args: argparse.Namespace, wd: Path) -> Measurements:
     changed_file.write_text(json.dumps([list(e) for e in m.change.extents]))
     m.image_sha256 = sha256_file(image)
     m.data_bytes_modified = data_bytes(image)
-    incr = [*full, "--changed-extents", str(changed_file)]
-    run = timed(ctx, m, "vm_incr", "vmrecover incremental backup", lambda: ctx.vmr(incr, "vmrecover-incr"))
+    incr = [*full, "--changed-extents", changed_file]
+    run = timed(ctx, m, "vm_incr", "vmrecover incremental backup", lambda: vm(ctx, incr, "vmrecover-incr"))
     m.docs["vm_incr"] = run.json()
     m.repo_bytes["vm_incr"] = du_bytes(vm_repo)
     if borg:
 
         def borg_incr() -> None:
-            argv = borg_create_argv(borg, borg_repo, "incr", image, args.borg_sparse)
+            argv = borg_create_argv(borg, borg_repo, "incr", image, sparse=args.borg_sparse)
             label = "borg second backup (no changed-extents input: borg re-reads the image)"
-            timed(ctx, m, "borg_incr", label, lambda: ctx.run(argv, "borg-incr"))
+            timed(ctx, m, "borg_incr", label, lambda: ctx.measured(argv, "borg-incr"))
             m.repo_bytes["borg_incr"] = du_bytes(borg_repo)
 
         borg_step(m, "incremental backup", borg_incr)
 
     # restores
-    restore = ["restore", "bench", "--to", str(restored), "--repo", str(vm_repo)]
-    run = timed(ctx, m, "vm_restore", "vmrecover restore", lambda: ctx.vmr(restore, "vmrecover-restore"))
+    restore: list[str | Path] = ["restore", "bench", "--to", restored, "--repo", vm_repo]
+    run = timed(ctx, m, "vm_restore", "vmrecover restore", lambda: vm(ctx, restore, "vmrecover-restore"))
     m.docs["vm_restore"] = run.json()
     m.sha_ok["vm"] = sha256_file(restored) == m.image_sha256
-    if not ctx.keep:
+    if not ctx.args.keep:
         restored.unlink()
     if borg:
 
@@ -569,11 +278,11 @@ def measure(ctx: Context, args: argparse.Namespace, wd: Path) -> Measurements:
             borg_out.mkdir()
             argv = [borg, "extract", "--sparse", f"{borg_repo}::incr"]
             label = "borg extract --sparse"
-            timed(ctx, m, "borg_extract", label, lambda: ctx.run(argv, "borg-extract", cwd=borg_out))
+            timed(ctx, m, "borg_extract", label, lambda: ctx.measured(argv, "borg-extract", cwd=borg_out))
             m.sha_ok["borg"] = sha256_file(borg_out / str(image).lstrip("/")) == m.image_sha256
 
         borg_step(m, "extract", borg_extract)
-    if not ctx.keep:
+    if not ctx.args.keep:
         shutil.rmtree(wd)
     return m
 
@@ -702,9 +411,6 @@ def make_rows(m: Measurements, size: int) -> list[Row]:
     )
     cpu("restore CPU time, user+sys (s)", r("vm_restore"), r("borg_extract"))
 
-    def yes_no(ok: bool | None) -> str:
-        return "n/a" if ok is None else ("yes" if ok else "NO")
-
     vm_ok, borg_ok = m.sha_ok.get("vm"), m.sha_ok.get("borg")
     rows.append(
         Row(
@@ -720,47 +426,18 @@ def make_rows(m: Measurements, size: int) -> list[Row]:
     return rows
 
 
-def summary(rows: list[Row]) -> dict[str, Any]:
-    judged = [r for r in rows if r.result in ("PASS", "FAIL")]
-    failed = [r.metric for r in judged if r.result == "FAIL"]
-    return {"targets": len(judged), "passed": len(judged) - len(failed), "failed": failed}
-
-
-def tool_version(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "n/a"
-    text = (out.stdout or out.stderr).strip()
-    return text.splitlines()[0] if text else "n/a"
-
-
-def environment(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
-    git = tool_version(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
-    return {
-        "host": platform.node(),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-        "load_average_at_start": ctx.load_at_start,
-        "workdir": str(ctx.workdir),
-        "passes": args.runs,
-        "page_cache_dropped": ctx.can_drop_caches,
-        "vmrecover": f"{tool_version([str(ctx.vmrecover), '--version'])} (git {git})",
-        "borg": tool_version([ctx.borg, "--version"]) if ctx.borg else None,
-        "borg_create": " ".join(
-            ["borg create --chunker-params", BORG_CHUNKER, "--compression", BORG_COMPRESSION]
-            + (["--sparse"] if args.borg_sparse else [])
-        ),
-    }
-
-
-def report(ctx: Context, args: argparse.Namespace, passes: list[Measurements]) -> dict[str, Any]:
+def report(ctx: BackupContext, passes: list[Measurements]) -> dict[str, Any]:
+    args = ctx.args
     m = aggregate(passes)
     assert m.image is not None and m.change is not None
     rows = make_rows(m, args.size)
     return {
-        "environment": environment(ctx, args),
+        "environment": base_environment(
+            ctx,
+            passes=args.runs,
+            borg=tool_version([ctx.borg, "--version"]) if ctx.borg else None,
+            borg_create=BORG_CREATE + (" --sparse" if args.borg_sparse else ""),
+        ),
         "image": {
             **asdict(m.image),
             "data_bytes_full": m.data_bytes_full,
@@ -777,6 +454,7 @@ def report(ctx: Context, args: argparse.Namespace, passes: list[Measurements]) -
         "repo_bytes": m.repo_bytes,
         "borg_error": m.borg_error,
         "runs": {step: [p.runs[step].summary() for p in passes if step in p.runs] for step in STEPS},
+        "phases": [asdict(p) for p in ctx.phases],
         "rows": [asdict(r) for r in rows],
         "summary": summary(rows),
     }
@@ -785,12 +463,8 @@ def report(ctx: Context, args: argparse.Namespace, passes: list[Measurements]) -
 def print_report(doc: dict[str, Any]) -> None:
     env, img, ch = doc["environment"], doc["image"], doc["change"]
     ratio_text = "n/a" if img["text_zstd_ratio"] is None else f"{img['text_zstd_ratio']:.2f}x"
-    load = ", ".join(f"{v:.2f}" for v in env["load_average_at_start"])
     print(f"vmrecover backup benchmark  ({env['vmrecover']}; {env['borg'] or 'borg: not run'})")
-    print(
-        f"host: {env['cpus']} CPUs, {human(env['memory_bytes'])} RAM, kernel {env['kernel']}, "
-        f"load average at start {load}"
-    )
+    print_host(env, workdir=False)
     print(
         f"image: {human(img['size'])} raw sparse, {img['regions']} x 1 MiB regions: {img['holes']} holes, "
         f"{img['text']} text (zstd -3 ratio {ratio_text}), {img['random']} random; "
@@ -800,126 +474,48 @@ def print_report(doc: dict[str, Any]) -> None:
         f"incremental change: {ch['changed_bytes']:,} B in {ch['ranges']} ranges "
         f"({ch['aligned_ranges']} whole-MiB aligned, {ch['unaligned_ranges']} unaligned)"
     )
-    cold = "yes" if env["page_cache_dropped"] else "NO (not root: runs are not cold, numbers are optimistic)"
-    print(f"page cache dropped before each timed run: {cold}")
+    print(f"page cache dropped before each timed run: {cold_text(env)}")
     print(f"borg command: {env['borg_create']}")
     if doc["borg_error"]:
         print(f"borg failed: {doc['borg_error']}")
     passes = env["passes"]
     best = f"best of {passes} passes, peak RSS the largest seen" if passes > 1 else "one pass"
     print(f"times: wall clock incl. a final sync ({best}); MB = 10^6 bytes; peak RSS from wait4 per process")
-    others = [
-        (run["other_cpu_s"] / run["wall_s"], step)
-        for step, runs in doc["runs"].items()
-        for run in runs
-        if run["wall_s"] > 0
-    ]
-    if others:
-        worst, step = max(others)
-        print(
-            f"CPU used outside the measured command during timed runs (other processes, kernel writeback): "
-            f"up to {worst:.2f} CPUs ({step})"
-        )
-        if worst > BUSY_WARNING:
-            print("WARNING: the machine was busy with other work during the runs: the times are unreliable")
-    print()
-    print_table([Row(**r) for r in doc["rows"]])
-    print()
-    s = doc["summary"]
-    status = "all targets met" if not s["failed"] else "FAILED: " + "; ".join(s["failed"])
-    print(f"summary: {s['passed']}/{s['targets']} targets met -- {status}")
+    print_results(doc, Row.HEADER, [Row(**r).cells() for r in doc["rows"]], min_phase_s=0)
 
 
 # --- main ------------------------------------------------------------------------------------------
 
 
-def prepare_workdir(path: Path) -> None:
-    if path.exists() and any(path.iterdir()):
-        if not (path / MARKER).exists():
-            raise BenchError(f"{path} is not empty and was not made by this script: choose another --workdir")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER).touch()
-    (path / "logs").mkdir()
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--size", type=parse_size, default=parse_size("2G"), help="disk image size (default 2G)")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/vmrecover-bench"), help="work files go here")
-    p.add_argument("--keep", action="store_true", help="keep the work files (image, repositories, logs)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    p = arg_parser(__doc__)
+    p.set_defaults(workdir=Path("/tmp/vmrecover-bench"))
     p.add_argument("--runs", type=int, default=1, metavar="N", help="passes; report the best time of each")
     p.add_argument("--no-borg", action="store_true", help="skip the borg comparison")
     p.add_argument(
         "--borg-sparse", action="store_true", help="pass --sparse to borg create (skips holes like vmrecover)"
     )
-    p.add_argument(
-        "--vmrecover", type=Path, default=VMRECOVER, help="vmrecover command (default: the venv's)"
-    )
-    args = p.parse_args(argv)
-    if args.runs < 1:
-        p.error("--runs must be at least 1")
-    return args
+    return parse_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    workdir = args.workdir.resolve()
-    if not os.access(args.vmrecover, os.X_OK):
-        print(f"error: {args.vmrecover} is missing; run scripts/setup.sh", file=sys.stderr)
-        return 1
+    args = parse_arguments(argv)
     borg = None if args.no_borg else shutil.which("borg")
     if borg is None and not args.no_borg:
-        log("borg is not installed (apt-get install borgbackup): borg columns will be n/a")
-    try:
-        prepare_workdir(workdir)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    free = shutil.disk_usage(workdir).free
-    if free < 4 * args.size:
-        log(f"warning: {human(free)} free under {workdir}; the benchmark needs up to ~4x the image size")
-    env = bench_env(workdir)
-    ctx = Context(workdir, env, can_drop_caches(), args.vmrecover, borg, args.keep)
-    if not ctx.can_drop_caches:
-        log("cannot write /proc/sys/vm/drop_caches (not root?): runs will not start cold")
-    keep = args.keep
-    try:
+        log("borg is not installed (scripts/setup.sh borgbackup): borg columns will be n/a")
+
+    def body(ctx: BackupContext) -> dict[str, Any]:
         passes = []
         for i in range(args.runs):
             if args.runs > 1:
                 log(f"pass {i + 1} of {args.runs}")
-            passes.append(measure(ctx, args, workdir / f"pass-{i + 1}"))
-        doc = report(ctx, args, passes)
-    except BenchError as exc:
-        print(f"error: {exc}\n(work files and logs kept under {workdir})", file=sys.stderr)
-        keep = True
-        return 1
-    finally:
-        if not keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-    emit(doc, args.json, print_report)
-    return 0
+            passes.append(measure(ctx, args, ctx.workdir / f"pass-{i + 1}"))
+        return report(ctx, passes)
 
-
-def bench_env(workdir: Path) -> dict[str, str]:
-    """The environment for the tools under test: no inherited repository, borg kept inside *workdir*."""
-    env = dict(os.environ)
-    env.pop("VMRECOVER_REPO", None)
-    env.update(
-        BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
-        BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
-        BORG_BASE_DIR=str(workdir / "borg-base"),  # borg's cache, config and security dirs
-    )
-    return env
-
-
-def emit(doc: dict[str, Any], as_json: bool, printer: Callable[[dict[str, Any]], None]) -> None:
-    if as_json:
-        print(json.dumps(doc, indent=2, default=str))
-    else:
-        printer(doc)
+    return bench_main(
+        args, lambda a, wd: BackupContext(a, wd, borg=borg), body, print_report,
+        prefix="vmrecover-bench-", memory_ok=True, free_needed=4 * args.size,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@
 Steps (every work file lives under ``--workdir``, a fresh directory under /var/tmp by default, and is
 removed at the end unless ``--keep``):
 
-1. build backup_bench.py's sparse raw image (1 MiB regions: ~35% holes, ~35% text, ~30% random bytes,
-   shuffled with a fixed seed) and back it up with ``vmrecover init --chunk-size 1M`` + ``vmrecover
-   backup --vm bench --format raw``; the image itself is the plain copy Ganesha exports;
-2. build the bootable test guest (vmrecover.testkit.guest) and back it up into the same repository;
+1. build the benchmarks' sparse raw image (bench/common.py ``make_image``: 1 MiB regions, ~35% holes,
+   ~35% text, ~30% random bytes, shuffled with a fixed seed) and back it up with ``vmrecover init
+   --chunk-size 1M`` + ``vmrecover backup --vm bench --format raw``; the image itself is the plain copy
+   Ganesha exports;
+2. build the bootable test guest (tests.testkit.guest) and back it up into the same repository;
 3. **sequential read**, ``--runs`` rounds (default 3), Ganesha and vmrecover alternating (the first of a round
    changes every round): a freshly started server (rpcbind + ``ganesha.nfsd -F`` with a config written
    into the work directory, or ``vmrecover nfs serve --port 0``), ``sync; echo 3 >
@@ -27,7 +28,7 @@ local boot.  Port 111 belongs to the whole machine: while rpcbind or a ``--portm
 runs, this script holds an exclusive flock on /run/lock/vmrecover-port111.lock (as the test suite does)
 and waits for the port to be free.  Every server is stopped at the end, also on errors, Ctrl-C or
 SIGTERM.  MB means 10^6 bytes.  This is a measurement, not a test: the exit code is 0 whether or not the
-targets are met (1 only when the set-up fails).  Run it as root::
+targets are met (1 only when the set-up fails).  Run it as root, from the repository root::
 
     .venv/bin/python bench/nfs_bench.py                    # 2 GiB image, 3 rounds of everything
     .venv/bin/python bench/nfs_bench.py --size 256M --runs 1
@@ -40,13 +41,8 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import os
-import select
-import shutil
-import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,43 +53,46 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backup_bench import (
-    SEED,
+if not __package__:  # run as a file (.venv/bin/python bench/nfs_bench.py): import from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    NFS_EXPORT,
     BenchError,
-    bench_env,
-    can_drop_caches,
-    data_bytes,
-    emit,
+    Context,
+    NfsServer,
+    Prepared,
+    arg_parser,
+    bench_main,
+    boot_checked,
+    boot_local_copy,
+    cold_text,
+    dpkg_version,
+    environment,
+    error_text,
     fmt,
     human,
+    image_line,
     log,
-    make_image,
     mb,
-    parse_size,
+    median,
+    nfs_serve,
+    parse_args,
+    prepare_backups,
+    print_host,
+    print_results,
+    proc_cpu_s,
+    proc_status,
     ratio,
-    sha256_file,
+    recovery_session,
+    stop_process,
+    summary,
+    tail,
     tool_version,
     verdict,
 )
-from fuse_bench import (
-    VMRECOVER,
-    Context,
-    _on_sigterm,
-    boot_checked,
-    cleanup,
-    environment,
-    make_workdir,
-    print_load,
-    print_summary,
-    proc_cpu_s,
-    proc_status,
-    summary,
-)
-
 from vmrecover.errors import VmrecoverError
 from vmrecover.recovery import qemu_boot
-from vmrecover.repo.repository import parse_size as vmrecover_parse_size
-from vmrecover.testkit.guest import build_guest_disk
 
 MiB = 2**20
 
@@ -101,10 +100,9 @@ MiB = 2**20
 SEQ_RATIO_MIN = 0.5  # vmrecover nfs-cat rate / Ganesha's
 BOOT_RATIO_MAX = 1.3  # boot over nfs:// from a recovery session / boot from a local raw copy
 
-EXPORT = "/vmrecover"  # what nfs serve exports
 PORT111_LOCK = Path("/run/lock/vmrecover-port111.lock")  # the test suite's (tests/conftest.py)
 PORT111_WAIT_S = 900.0  # how long to wait for port 111 before giving up
-START_TIMEOUT_S = 60.0  # a server not ready after this long has failed
+START_TIMEOUT_S = 60.0  # a server not ready after this long has failed (Ganesha, rpcbind)
 HANG_TIMEOUT_S = 300.0
 RPCBIND_STATE = (Path("/run/rpcbind/rpcbind.xdr"), Path("/run/rpcbind/portmap.xdr"))  # written on exit
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -174,41 +172,13 @@ class Row:
     result: str = "info"
     values: dict[str, Any] = field(default_factory=dict)
 
+    HEADER = ("metric", "vmrecover", "ganesha/local", "ratio", "target", "result")
 
-HEADER = ["metric", "vmrecover", "ganesha/local", "ratio", "target", "result"]
-
-
-def print_table(rows: list[Row]) -> None:
-    cells = [HEADER] + [[r.metric, r.vmrecover, r.other, r.ratio, r.target, r.result] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
-    for i, c in enumerate(cells):
-        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    def cells(self) -> list[str]:
+        return [self.metric, self.vmrecover, self.other, self.ratio, self.target, self.result]
 
 
 # --- servers ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    tool: str  # "vmrecover" or "ganesha"
-    proc: subprocess.Popen[bytes]
-    nfs_port: int
-    mount_port: int
-    export: str  # the path a client mounts
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def url(self, path: str) -> str:
-        """A libnfs URL of *path* inside the export that names the ports (no portmapper needed)."""
-        return (
-            f"nfs://127.0.0.1{self.export}/{path.lstrip('/')}"
-            f"?version=3&nfsport={self.nfs_port}&mountport={self.mount_port}"
-        )
 
 
 def free_port() -> int:
@@ -267,18 +237,6 @@ def port111(ctx: Context) -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
-def stop_process(ctx: Context, proc: subprocess.Popen[bytes], what: str, seconds: float = 30) -> None:
-    """SIGTERM, then SIGKILL if it is still there after *seconds* (a note in the report)."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=seconds)
-        except subprocess.TimeoutExpired:
-            ctx.notes.append(f"{what} (pid {proc.pid}) did not stop within {seconds:g} s of SIGTERM: killed")
-            proc.kill()
-            proc.wait()
-
-
 def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str, log_file: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
@@ -292,57 +250,8 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str, log_file
         time.sleep(0.1)
 
 
-def tail(path: Path, n: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
 @contextlib.contextmanager
-def vmrecover_server(ctx: Context, *, portmapper: bool = False) -> Iterator[Server]:
-    """A fresh ``vmrecover nfs serve`` (an empty chunk cache), stopped with SIGTERM afterwards."""
-    with contextlib.ExitStack() as stack:
-        if portmapper:
-            stack.enter_context(port111(ctx))
-        base = ctx.log_base("nfs-serve")
-        err = Path(f"{base}.err")
-        argv = [
-            str(ctx.args.vmrecover), "nfs", "serve", "--listen", "127.0.0.1", "--port", "0", "--json",
-            "--cache-size", ctx.args.cache_size, "--repo", str(ctx.repo),
-            *(["--portmapper"] if portmapper else []),
-        ]  # fmt: skip
-        with open(err, "wb") as errf:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf, env=ctx.env,
-                start_new_session=True,
-            )  # fmt: skip
-        stack.callback(stop_process, ctx, proc, "vmrecover nfs serve")
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
-        line = proc.stdout.readline() if ready else b""
-        if not line:
-            stop_process(ctx, proc, "vmrecover nfs serve")
-            raise BenchError(f"vmrecover nfs serve did not start (exit {proc.returncode}): {tail(err)}")
-        try:
-            info = json_line(line)
-            server = Server("vmrecover", proc, int(info["nfs_port"]), int(info["mount_port"]), EXPORT, err)
-        except (ValueError, KeyError, TypeError):
-            raise BenchError(f"nfs serve printed {line[:500]!r} instead of its ready line") from None
-        if portmapper and info.get("portmap_port") != 111:
-            raise BenchError(f"nfs serve --portmapper does not answer on port 111: {info}")
-        yield server
-
-
-def json_line(line: bytes) -> dict[str, Any]:
-    doc = json.loads(line)
-    if not isinstance(doc, dict):
-        raise ValueError(line)
-    return doc
-
-
-@contextlib.contextmanager
-def ganesha_server(ctx: Context, export_dir: Path) -> Iterator[Server]:
+def ganesha_server(ctx: Context, export_dir: Path) -> Iterator[NfsServer]:
     """rpcbind and a fresh ``ganesha.nfsd -F`` exporting *export_dir*; both stopped afterwards."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(port111(ctx))
@@ -362,7 +271,7 @@ def ganesha_server(ctx: Context, export_dir: Path) -> Iterator[Server]:
                 ["rpcbind", "-f"], stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
-        stack.callback(stop_process, ctx, rpcbind, "rpcbind")
+        stack.callback(stop_process, rpcbind, "rpcbind", ctx.notes)
         wait_listening(rpcbind, 111, "rpcbind", rpc_log)
 
         nfs_port, mount_port = free_port(), free_port()
@@ -380,55 +289,35 @@ def ganesha_server(ctx: Context, export_dir: Path) -> Iterator[Server]:
                 ["ganesha.nfsd", "-F", "-f", conf, "-L", glog, "-p", ctx.workdir / "ganesha.pid"],
                 stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        stack.callback(stop_process, ctx, proc, "ganesha.nfsd")
+        stack.callback(stop_process, proc, "ganesha.nfsd", ctx.notes)
         wait_listening(proc, nfs_port, "ganesha.nfsd", glog)
         wait_listening(proc, mount_port, "ganesha.nfsd", glog)
-        yield Server("ganesha", proc, nfs_port, mount_port, str(export_dir), glog)
+        yield NfsServer("ganesha", proc, nfs_port, mount_port, str(export_dir), glog)
 
 
 # --- measurements ----------------------------------------------------------------------------------
 
 
 @dataclass
-class Setup:
-    image: Path
-    export_dir: Path  # holds the image: what Ganesha exports
-    image_sha256: str
-    image_data_bytes: int
-    point: str
-    disk: str
-    guest_point: str
-    guest_disk: str
-    vm_backup: dict[str, Any]
-    build_s: float
+class Setup(Prepared):
+    export_dir: Path = Path()  # holds the image: what Ganesha exports
 
 
 def prepare(ctx: Context) -> Setup:
-    wd, size = ctx.workdir, ctx.args.size
-    export_dir = wd / "plain"
+    export_dir = ctx.workdir / "plain"
     export_dir.mkdir()
-    image = export_dir / "disk.raw"
-    log(f"building a {human(size)} sparse image at {image}")
-    info = make_image(image, size, SEED)
-    log(f"  {info.holes} hole, {info.text} text, {info.random} random regions in {info.build_s:.1f} s")
-    image_sha = sha256_file(image)
-    log(f"  sha256 {image_sha}")
+    p = prepare_backups(ctx, export_dir / "disk.raw", ctx.args.size, guest=not ctx.args.no_boot)
+    return Setup(**vars(p), export_dir=export_dir)
 
-    ctx.vmr(["init", "--chunk-size", "1M"], "init")
-    log("vmrecover backup of the image")
-    doc = ctx.vmr(["backup", "--vm", "bench", image, "--format", "raw"], "backup")
-    point, disk = doc["point"], doc["disks"][0]["name"]
-    log(f"  point {point}, {doc['duration_s']} s")
 
-    gdoc: dict[str, Any] = {"point": "", "disks": [{"name": ""}]}
-    if not ctx.args.no_boot:
-        guest = build_guest_disk(wd / "guest.raw", cache_dir=wd / "guest-cache")
-        gdoc = ctx.vmr(["backup", "--vm", "guest", guest, "--format", "raw"], "backup-guest")
-        log(f"test guest {guest} backed up as guest@{gdoc['point']}")
-    return Setup(
-        image, export_dir, image_sha, data_bytes(image), point, disk, gdoc["point"],
-        gdoc["disks"][0]["name"], doc, info.build_s,
-    )  # fmt: skip
+@contextlib.contextmanager
+def vmrecover_server(ctx: Context, *, portmapper: bool = False) -> Iterator[NfsServer]:
+    """A fresh ``vmrecover nfs serve`` (an empty chunk cache); with *portmapper*, port 111's lock held."""
+    with (
+        port111(ctx) if portmapper else contextlib.nullcontext(),
+        nfs_serve(ctx, cache_size=ctx.args.cache_size, portmapper=portmapper) as server,
+    ):
+        yield server
 
 
 def nfs_cat(url: str, timeout: float) -> tuple[float, int, str, float]:
@@ -484,7 +373,7 @@ def attempt(ctx: Context, run: Run, fn: Callable[[], None]) -> Run:
     try:
         fn()
     except (BenchError, OSError, VmrecoverError, subprocess.SubprocessError) as exc:
-        msg = exc.message if isinstance(exc, VmrecoverError) else str(exc)
+        msg = error_text(exc)
         run.error = msg.splitlines()[0] if msg else type(exc).__name__
         log(f"  {run.tool} {run.kind} {run.round} failed: {msg}")
         ctx.notes.append(f"{run.tool} {run.kind} {run.round} failed: {msg[:1000]}")
@@ -497,7 +386,7 @@ def measure_read(ctx: Context, s: Setup, tool: str, rnd: int, runs: list[Run]) -
     cold, warm = Run("read", tool, rnd), Run("warm read", tool, rnd)
     runs += [cold, warm]
 
-    def timed(server: Server, r: Run, path: str) -> None:
+    def timed(server: NfsServer, r: Run, path: str) -> None:
         name = f"{tool} {r.kind} {rnd}"
         with ctx.phase(name, server.pid):
             cpu0 = proc_cpu_s(server.pid)
@@ -528,55 +417,34 @@ def measure_read(ctx: Context, s: Setup, tool: str, rnd: int, runs: list[Run]) -
 
 
 def measure_boot(ctx: Context, s: Setup, tool: str, rnd: int, runs: list[Run]) -> None:
-    wd, timeout = ctx.workdir, ctx.args.boot_timeout
     run = Run("boot", tool, rnd)
     runs.append(run)
 
     def local() -> None:
-        disk = build_guest_disk(wd / f"guest-local-{rnd}.raw", cache_dir=wd / "guest-cache")  # fresh copy
-        try:
-            ctx.cold()
-            with ctx.phase(f"local boot {rnd}"):
-                res = boot_checked(
-                    "boot from the local copy", disk=disk, serial_log=ctx.logs / f"boot-local-{rnd}.serial",
-                    timeout=timeout,
-                )  # fmt: skip
-            run.seconds = res.seconds
-            log(f"  local raw copy: {res.seconds:.2f} s")
-        finally:
-            if not ctx.args.keep:
-                disk.unlink()
+        run.seconds = boot_local_copy(ctx, rnd)
 
     def over_nfs() -> None:
-        name = f"nfs-bench-{rnd}"
-        ctx.vmr(["recover", "start", f"guest@{s.guest_point}", "--name", name], "recover-start")
-        ctx.sessions.append(name)
-        try:
-            with vmrecover_server(ctx, portmapper=True) as server:
-                url = f"nfs://127.0.0.1{EXPORT}/recover/{name}/{s.guest_disk}.raw"
-                ctx.cold()
-                with ctx.phase(f"vmrecover boot {rnd}", server.pid):
-                    cpu0 = proc_cpu_s(server.pid)
-                    res = boot_checked(
-                        "boot over nfs://", disk=None, drive_args=qemu_boot.drive(url),
-                        serial_log=ctx.logs / f"boot-nfs-{rnd}.serial", timeout=timeout,
-                    )  # fmt: skip
-                    run.server_cpu_s = proc_cpu_s(server.pid) - cpu0
-                run.seconds = res.seconds
-                run.server_hwm = proc_status(server.pid, "VmHWM")
-                log(f"  session over {url}: {res.seconds:.2f} s (server CPU {run.server_cpu_s:.2f} s)")
-        finally:
-            ctx.vmr(["recover", "stop", name], "recover-stop")
-            ctx.sessions.remove(name)
+        with (
+            recovery_session(ctx, f"guest@{s.guest_point}", f"nfs-bench-{rnd}") as name,
+            vmrecover_server(ctx, portmapper=True) as server,
+        ):
+            url = f"nfs://127.0.0.1{NFS_EXPORT}/recover/{name}/{s.guest_disk}.raw"
+            ctx.cold()
+            with ctx.phase(f"vmrecover boot {rnd}", server.pid):
+                cpu0 = proc_cpu_s(server.pid)
+                res = boot_checked(
+                    "boot over nfs://", disk=None, drive_args=qemu_boot.drive(url),
+                    serial_log=ctx.logs / f"boot-nfs-{rnd}.serial", timeout=ctx.args.boot_timeout,
+                )  # fmt: skip
+                run.server_cpu_s = proc_cpu_s(server.pid) - cpu0
+            run.seconds = res.seconds
+            run.server_hwm = proc_status(server.pid, "VmHWM")
+            log(f"  session over {url}: {res.seconds:.2f} s (server CPU {run.server_cpu_s:.2f} s)")
 
     attempt(ctx, run, local if tool == "local" else over_nfs)
 
 
 # --- the report ------------------------------------------------------------------------------------
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def make_rows(ctx: Context, s: Setup, runs: list[Run]) -> list[Row]:
@@ -670,10 +538,11 @@ def make_rows(ctx: Context, s: Setup, runs: list[Run]) -> list[Row]:
 
 def report(ctx: Context, s: Setup, runs: list[Run]) -> dict[str, Any]:
     rows = make_rows(ctx, s, runs)
-    env = environment(ctx)
-    for key in ("borg", "borg_create"):
-        env.pop(key, None)
-    env.update(
+    env = environment(
+        ctx,
+        runs=ctx.args.runs,
+        cache_size=ctx.args.cache_size,
+        qemu=tool_version(["qemu-system-x86_64", "--version"]),
         ganesha=tool_version(["ganesha.nfsd", "-v"]),
         libnfs=dpkg_version("libnfs-utils"),
         nfs_ganesha_package=dpkg_version("nfs-ganesha"),
@@ -682,138 +551,64 @@ def report(ctx: Context, s: Setup, runs: list[Run]) -> dict[str, Any]:
     )
     return {
         "environment": env,
-        "image": {
-            "size": ctx.args.size,
-            "data_bytes": s.image_data_bytes,
-            "sha256": s.image_sha256,
-            "build_s": s.build_s,
-            "vmrecover_point": s.point,
-            "vmrecover_backup": s.vm_backup,
-        },
+        "image": s.image_doc(),
         "runs": [asdict(r) for r in runs],
         "phases": [asdict(p) for p in ctx.phases],
         "notes": ctx.notes,
         "rows": [asdict(r) for r in rows],
-        "summary": summary(rows),  # type: ignore[arg-type]  # needs .metric and .result only
+        "summary": summary(rows),
     }
-
-
-def dpkg_version(package: str) -> str:
-    out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True,
-                         check=False)  # fmt: skip
-    return out.stdout.strip() or "n/a"
 
 
 def print_report(doc: dict[str, Any]) -> None:
     env, img = doc["environment"], doc["image"]
-    load = ", ".join(f"{v:.2f}" for v in env["load_average_at_start"])
     print(f"vmrecover NFS datastore benchmark  ({env['vmrecover']}; {env['ganesha']})")
+    print_host(env)
+    print(f"{image_line(img)}; Ganesha FSAL_VFS exports the plain image")
     print(
-        f"host: {env['cpus']} CPUs, {human(env['memory_bytes'])} RAM, kernel {env['kernel']}, "
-        f"load average at start {load}; workdir {env['workdir']} ({env['workdir_fs']})"
-    )
-    print(
-        f"image: {human(img['size'])} raw sparse ({human(img['data_bytes'])} data), sha256 {img['sha256']}; "
-        f"vmrecover 1 MiB chunks; Ganesha FSAL_VFS exports the plain image"
-    )
-    cold = "yes" if env["page_cache_dropped"] else "NO (not root: runs are not cold, numbers are optimistic)"
-    print(
-        f"page cache dropped and servers restarted before each timed run: {cold}; "
+        f"page cache dropped and servers restarted before each timed run: {cold_text(env)}; "
         f"nfs serve --cache-size {env['cache_size']}; client nfs-cat (libnfs {env['libnfs']}), NFSv3/TCP"
     )
     print(f"qemu: {env['qemu']} (TCG); MB = 10^6 bytes")
-    for note in doc["notes"]:
-        print(f"note: {note}")
-    print_load(doc)
-    print()
-    print_table([Row(**r) for r in doc["rows"]])
-    print()
-    print_summary(doc)
+    print_results(doc, Row.HEADER, [Row(**r).cells() for r in doc["rows"]])
 
 
 # --- main ------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--size", type=parse_size, default=parse_size("2G"), help="disk image size (default 2G)")
-    p.add_argument(
-        "--workdir", type=Path, help="work files go here (default: a new directory under /var/tmp)"
-    )
-    p.add_argument("--keep", action="store_true", help="keep the work files (image, repository, logs)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    p.add_argument("--runs", type=int, default=3, metavar="N", help="rounds of each measurement (default 3)")
-    p.add_argument("--cache-size", default="512M", help="vmrecover nfs serve --cache-size (default 512M)")
-    p.add_argument("--boot-timeout", type=float, default=300, help="seconds per guest boot (default 300)")
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    p = arg_parser(__doc__, runs=3, serves="nfs serve")
     p.add_argument("--no-boot", action="store_true", help="skip the boot measurement")
-    p.add_argument(
-        "--vmrecover", type=Path, default=VMRECOVER, help="vmrecover command (default: the venv's)"
-    )
-    args = p.parse_args(argv)
-    if args.runs < 1:
-        p.error("--runs must be at least 1")
-    try:
-        vmrecover_parse_size(args.cache_size)
-    except VmrecoverError as exc:
-        p.error(f"--cache-size: {exc.message}")
-    args.no_borg = True  # for fuse_bench's Context and environment()
-    return args
+    return parse_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if not os.access(args.vmrecover, os.X_OK):
-        print(f"error: {args.vmrecover} is missing; run scripts/setup.sh", file=sys.stderr)
-        return 1
-    missing = [t for t in ("nfs-cat", "nfs-ls", "ganesha.nfsd", "rpcbind", "ss") if shutil.which(t) is None]
-    if missing:
-        print(
-            f"error: {', '.join(missing)} missing: scripts/setup.sh libnfs-utils nfs-ganesha nfs-ganesha-vfs "
-            "rpcbind",
-            file=sys.stderr,
-        )
-        return 1
-    try:
-        workdir = make_workdir(args, "vmrecover-nfs-bench-")
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    cache_bytes = vmrecover_parse_size(args.cache_size)
-    ctx = Context(args, workdir, bench_env(workdir), can_drop_caches(), None, cache_bytes)
-    if not ctx.can_drop_caches:
-        log("cannot write /proc/sys/vm/drop_caches (not root?): runs will not start cold")
-    free = shutil.disk_usage(workdir).free
-    if free < 2 * args.size:
-        log(f"warning: {human(free)} free under {workdir}; the benchmark needs up to ~2x the image size")
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    runs: list[Run] = []
-    keep = args.keep
-    try:
-        try:
-            setup = prepare(ctx)
-            for rnd in range(1, args.runs + 1):  # alternate which tool goes first
-                order = ("ganesha", "vmrecover") if rnd % 2 else ("vmrecover", "ganesha")
-                log(f"nfs-cat, cold then warm (round {rnd})")
-                for tool in order:
-                    measure_read(ctx, setup, tool, rnd, runs)
-            if not args.no_boot:
-                for rnd in range(1, args.runs + 1):
-                    log(f"boot of the test guest, cold (round {rnd})")
-                    for tool in ("local", "vmrecover") if rnd % 2 else ("vmrecover", "local"):
-                        measure_boot(ctx, setup, tool, rnd, runs)
-        finally:
-            cleanup(ctx)
-        doc = report(ctx, setup, runs)
-    except (BenchError, VmrecoverError, OSError, subprocess.SubprocessError) as exc:
-        msg = exc.message if isinstance(exc, VmrecoverError) else str(exc)
-        print(f"error: {msg}\n(work files and logs kept under {workdir})", file=sys.stderr)
-        keep = True
-        return 1
-    finally:
-        if not keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-    emit(doc, args.json, print_report)
-    return 0
+    args = parse_arguments(argv)
+
+    def body(ctx: Context) -> dict[str, Any]:
+        runs: list[Run] = []
+        setup = prepare(ctx)
+        for rnd in range(1, args.runs + 1):  # alternate which tool goes first
+            order = ("ganesha", "vmrecover") if rnd % 2 else ("vmrecover", "ganesha")
+            log(f"nfs-cat, cold then warm (round {rnd})")
+            for tool in order:
+                measure_read(ctx, setup, tool, rnd, runs)
+        if not args.no_boot:
+            for rnd in range(1, args.runs + 1):
+                log(f"boot of the test guest, cold (round {rnd})")
+                for tool in ("local", "vmrecover") if rnd % 2 else ("vmrecover", "local"):
+                    measure_boot(ctx, setup, tool, rnd, runs)
+        return report(ctx, setup, runs)
+
+    tools = {
+        "nfs-cat": "libnfs-utils",
+        "nfs-ls": "libnfs-utils",
+        "ganesha.nfsd": "nfs-ganesha nfs-ganesha-vfs",
+    }
+    return bench_main(
+        args, Context, body, print_report, prefix="vmrecover-nfs-bench-", free_needed=2 * args.size,
+        tools={**tools, "rpcbind": "rpcbind", "ss": "iproute2"},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

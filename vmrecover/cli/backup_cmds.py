@@ -103,7 +103,7 @@ def _files_doc(src: DiskSource) -> dict[str, Any]:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    with open_repo(args) as repo, repo.reader("restore"):
+    with open_repo(args) as repo:
         point = repo.catalog.resolve(args.target)
         disk = pick_disk(repo, point, args.disk)
         with progress(f"restore {point.vm}@{point.id} {disk.name}", enabled=not args.json) as (

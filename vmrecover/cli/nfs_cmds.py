@@ -118,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     cache_size = parse_size(args.cache_size)
     limit_malloc_arenas()
-    with open_repo(args) as repo, repo.reader("nfs"):
+    with open_repo(args) as repo:
         cache = ChunkCache(repo.chunks, cache_size)
         vfs = Vfs(repo, cache)
 

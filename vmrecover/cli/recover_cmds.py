@@ -122,7 +122,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    with open_repo(args) as repo, repo.reader("migrate"):
+    with open_repo(args) as repo:
         session = repo.catalog.session(args.session)
         with progress(f"migrate {session.name}", enabled=not args.json) as (total, advance):
             res = sessions.migrate(

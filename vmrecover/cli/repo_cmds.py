@@ -126,7 +126,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    with open_repo(args) as repo, repo.reader("verify"):
+    with open_repo(args) as repo:
         if args.target is None:
             points = repo.catalog.points()
         elif "@" in args.target:

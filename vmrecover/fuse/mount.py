@@ -2,8 +2,8 @@
 
 - A mount point left behind by a killed daemon ("Transport endpoint is not connected") is unmounted
   lazily by the next ``mount``; a missing one or one already in use is a clear error.
-- The daemon holds the repository's *readers* lock for its whole life (gc waits; backups go on) and
-  writes ``run/mount-<hash>.json`` in the repository so that ``recover boot`` can find the mount.
+- The daemon writes ``run/mount-<hash>.json`` in the repository so that ``recover boot`` can find the
+  mount; it takes no repository lock (backups, prune and gc go on while it serves, see repo/gc.py).
 - SIGTERM/SIGINT unmount cleanly; ``vmrecover umount`` (``fusermount3 -u``) ends the daemon too.
 """
 
@@ -194,59 +194,58 @@ def serve(
 
     prepare_mountpoint(mountpoint)
     limit_malloc_arenas()
-    with repo.reader("mount"):
-        cache = ChunkCache(repo.chunks, cache_size)
-        vfs = Vfs(repo, cache)
-        ops = Operations(vfs, limiter=trio.CapacityLimiter(threads))
-        options = set(pyfuse3.default_options) | {
-            f"fsname=vmrecover:{repo.root.resolve()}",
-            "subtype=vmrecover",
-            "nosuid",  # a session's files are a hypervisor's: no setuid program or device may act here
-            "nodev",
-        }
-        if allow_other:
-            options.add("allow_other")
-        rec_path = record_path(repo.root, mountpoint)
-        rec_path.parent.mkdir(exist_ok=True, mode=0o700)
-        # Everything that looks at the mount point happens before mounting: afterwards it would
-        # be a request to this very process, which is not serving yet.
-        where, logfile = str(mountpoint.resolve()), str(log_path(repo.root, mountpoint))
-        pyfuse3.init(ops, str(mountpoint), options)
-        unmount_at_exit = True  # unless the kernel already unmounted us (fusermount3 -u)
-        try:
-            record = MountRecord(
-                where, os.getpid(), time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                logfile,
-            )  # fmt: skip
-            write_file(rec_path, json.dumps(record.__dict__).encode(), what="mount record")
+    cache = ChunkCache(repo.chunks, cache_size)
+    vfs = Vfs(repo, cache)
+    ops = Operations(vfs, limiter=trio.CapacityLimiter(threads))
+    options = set(pyfuse3.default_options) | {
+        f"fsname=vmrecover:{repo.root.resolve()}",
+        "subtype=vmrecover",
+        "nosuid",  # a session's files are a hypervisor's: no setuid program or device may act here
+        "nodev",
+    }
+    if allow_other:
+        options.add("allow_other")
+    rec_path = record_path(repo.root, mountpoint)
+    rec_path.parent.mkdir(exist_ok=True, mode=0o700)
+    # Everything that looks at the mount point happens before mounting: afterwards it would
+    # be a request to this very process, which is not serving yet.
+    where, logfile = str(mountpoint.resolve()), str(log_path(repo.root, mountpoint))
+    pyfuse3.init(ops, str(mountpoint), options)
+    unmount_at_exit = True  # unless the kernel already unmounted us (fusermount3 -u)
+    try:
+        record = MountRecord(
+            where, os.getpid(), time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            logfile,
+        )  # fmt: skip
+        write_file(rec_path, json.dumps(record.__dict__).encode(), what="mount record")
 
-            signalled = False
+        signalled = False
 
-            async def main() -> None:
-                nonlocal unmount_at_exit
-                async with trio.open_nursery() as nursery:
+        async def main() -> None:
+            nonlocal unmount_at_exit
+            async with trio.open_nursery() as nursery:
 
-                    async def on_signals() -> None:
-                        nonlocal signalled
-                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                            async for sig in signals:
-                                log.info("signal %s: unmounting %s", sig, mountpoint)
-                                signalled = True
-                                pyfuse3.terminate()
-                                return
+                async def on_signals() -> None:
+                    nonlocal signalled
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for sig in signals:
+                            log.info("signal %s: unmounting %s", sig, mountpoint)
+                            signalled = True
+                            pyfuse3.terminate()
+                            return
 
-                    nursery.start_soon(on_signals)
-                    nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint)
-                    ready()
-                    await pyfuse3.main(min_tasks=2, max_tasks=threads * 2)
-                    unmount_at_exit = signalled
-                    nursery.cancel_scope.cancel()
+                nursery.start_soon(on_signals)
+                nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint)
+                ready()
+                await pyfuse3.main(min_tasks=2, max_tasks=threads * 2)
+                unmount_at_exit = signalled
+                nursery.cancel_scope.cancel()
 
-            log.info("serving %s at %s", repo.root, mountpoint)
-            trio.run(main)
-        finally:
-            pyfuse3.close(unmount=unmount_at_exit)
-            with contextlib.suppress(FileNotFoundError):
-                rec_path.unlink()
-            vfs.close()
-            cache.close()
+        log.info("serving %s at %s", repo.root, mountpoint)
+        trio.run(main)
+    finally:
+        pyfuse3.close(unmount=unmount_at_exit)
+        with contextlib.suppress(FileNotFoundError):
+            rec_path.unlink()
+        vfs.close()
+        cache.close()

@@ -5,7 +5,7 @@ REPO/
   catalog.sqlite            VMs, restore points, disks (see catalog.py)
   chunks/ab/<digest-hex>    chunk envelopes (see blob.py)
   indexes/<point>/<disk>.fidx  fixed indexes (see index.py)
-  locks/writer, locks/readers  (see lock.py)
+  locks/writer, locks/sessions  (see lock.py)
   sessions/                 recovery overlays (later), never inside chunks/ or indexes/
 """
 
@@ -220,9 +220,6 @@ class Repository:
     # --- locks ---------------------------------------------------------------------------------
     def writer(self, op: str) -> contextlib.AbstractContextManager[None]:
         return lock.hold(self.root / "locks" / "writer", exclusive=True, op=op, repo=self.root)
-
-    def reader(self, op: str) -> contextlib.AbstractContextManager[None]:
-        return lock.hold(self.root / "locks" / "readers", exclusive=False, op=op, repo=self.root)
 
     def session_folders(
         self, op: str, *, exclusive: bool, wait: float

@@ -204,6 +204,8 @@ def test_trusted_backup_follows_what_the_image_names_and_says_so(
     disk = doc["disks"][0]
     assert disk["files_read"] == [real(img), *map(real, named)]
     assert disk["backing_not_read"] is None and doc["untrusted"] is False
+    (point,) = cli.json("list", "local")["points"]  # and the point keeps the list
+    assert point["stats"]["files_read"] == {disk["name"]: disk["files_read"]}
     assert restored(cli, "local", tmp_path)[:SECRET_SIZE] == secret[1]
     text = cli.run("backup", img, "--vm", "local").stdout  # the human output names them too
     assert all(real(p) in text for p in named), text

@@ -221,6 +221,8 @@ def run_backup(
             "new_bytes": sum(s.new_bytes for s in all_stats),
             "stored_bytes": sum(s.stored_bytes for s in all_stats),
             "new_chunks": sum(s.new_chunks for s in all_stats),
+            # every host file each disk was read from (an image's backing chain or extents included)
+            "files_read": {j.name: list(j.source.files_read) for j in jobs},
         }
         point = Point(point_id, vm, now_iso(), parent_point.id if parent_point else None, kind, stats_doc)
         faults.moment("backup.before-commit")

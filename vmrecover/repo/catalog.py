@@ -219,6 +219,9 @@ class Catalog:
         ).fetchall()
         return [{"name": r[0], "created": r[1], "points": r[2], "latest": r[3]} for r in rows]
 
+    def vm_names(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM vms ORDER BY name").fetchall()]
+
     def points(self, vm: str | None = None) -> list[Point]:
         sql = "SELECT id, vm, created, parent, kind, stats FROM points"
         args: tuple[Any, ...] = ()

@@ -163,6 +163,7 @@ class Vfs:
         self._session_disks: dict[tuple[str, str], SessionDisk] = {}  # of live sessions only
         self._catalog_seen = (-1, 0.0)  # (catalog data_version, monotonic time) of the last refresh
         self._upper: Lru[int, tuple[str, str]] = Lru(UPPER_KEPT)  # inode -> (session id, path in upper/)
+        self._vm_hashes: dict[int, str] = {}  # VM inode payload -> name; renewed when the catalog moves
         self.started_ns = time.time_ns()
         self.root_ino = ROOT_INO
         self.fsid = int.from_bytes(hashlib.blake2b(repo.config.id.encode(), digest_size=8).digest(), "big")
@@ -195,13 +196,18 @@ class Vfs:
 
     def _vm_names(self) -> list[str]:
         with self._lock:
-            return [v["name"] for v in self.repo.catalog.vms()]
+            names = self.repo.catalog.vm_names()
+            self._vm_hashes = {_hash48(n): n for n in names}
+            return names
 
     def _vm_by_hash(self, h: int) -> str:
-        for name in self._vm_names():
-            if _hash48(name) == h:
-                return name
-        raise _err(errno.ENOENT, "VM")
+        self._refresh()
+        name = self._vm_hashes.get(h)
+        if name is None and h in {_hash48(n) for n in self._vm_names()}:  # new since the last look
+            name = self._vm_hashes.get(h)
+        if name is None:
+            raise _err(errno.ENOENT, "VM")
+        return name
 
     def sessions(self, *, force: bool = False) -> dict[str, Session]:
         """Live sessions by name; re-read from the catalog when another process changed it."""
@@ -219,6 +225,7 @@ class Vfs:
                     self._sessions = {s.name: s for s in self.repo.catalog.sessions()}
                     self._drop_stopped()
                     self._drop_pruned()
+                    self._vm_hashes = {}
                 self._catalog_seen = (dv, now)
 
     def _drop_pruned(self) -> None:
@@ -427,13 +434,29 @@ class Vfs:
     def lookup(self, parent: int, name: str) -> Attr:
         if name in (".", "..", "") or "/" in name or "\0" in name:
             raise _err(errno.EINVAL, f"{name!r} is not a name in a folder ('.' and '..' are the front end's)")
-        kind, _ = _split(parent)
+        kind, payload = _split(parent)
         if kind in (Kind.SESSION, Kind.UPPER):
             sid, rel = self._dir_of(parent)
             for n, ino in self._reserved(sid) if kind is Kind.SESSION else []:
                 if n == name:
                     return self.getattr(ino)
             return self._upper_attr(sid, os.path.join(rel, name))
+        # Names that the catalog answers directly: a lookup costs the same with 10 or 10,000 points.
+        if parent == VMS_INO:
+            with self._lock:
+                known = self.repo.catalog.has_vm(name)
+            if known:
+                return self.getattr(_ino(Kind.VM, _hash48(name)))
+            raise _err(errno.ENOENT, name)
+        if kind is Kind.VM and name != "latest":
+            vm = self._vm_by_hash(payload)
+            try:
+                point, _ = self._point(name)
+            except FileNotFoundError:
+                point = None
+            if point is None or point.vm != vm:
+                raise _err(errno.ENOENT, name)
+            return self.getattr(_ino(Kind.POINT, int(point.id, 16)))
         for n, ino in self.readdir(parent):
             if n == name:
                 return self.getattr(ino)

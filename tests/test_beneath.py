@@ -132,3 +132,66 @@ def test_folder_swapped_for_a_symlink_mid_walk_cannot_redirect(tmp_path: Path) -
         b.truncate("d/f", 0)
     assert exc.value.errno in (errno.ELOOP, errno.ENOTDIR)
     assert (outside / "f").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda b: b.exchange("dir", "dirlink/victim"),
+        lambda b: b.rename_noreplace("dirlink/victim", "stolen"),
+        lambda b: b.link("dirlink/victim", "hard"),
+        lambda b: b.link("dir", "dirlink/hard"),
+        lambda b: b.lexists("dirlink/victim"),
+    ],
+)
+def test_renames_links_and_removal_do_not_follow_symlinks(jail: tuple[Beneath, Path], op) -> None:
+    b, outside = jail
+    with pytest.raises(OSError) as exc:
+        op(b)
+    assert exc.value.errno in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL), exc.value
+    _victim_intact(outside)
+
+
+def test_exchange_swaps_any_types_and_noreplace_refuses(jail: tuple[Beneath, Path]) -> None:
+    b, outside = jail
+    (b.top / "dir" / "inner").write_bytes(b"in the folder")
+    b.create("file", 0o644)
+    b.exchange("dir", "file")  # a folder and a file trade places in one step
+    assert (b.top / "file" / "inner").read_bytes() == b"in the folder"
+    assert (b.top / "dir").is_file()
+    b.exchange("link", "dir")  # a symlink moves as itself, its target untouched
+    assert os.readlink(b.top / "dir") == str(outside / "victim")
+    with pytest.raises(FileExistsError):
+        b.rename_noreplace("link", "file")
+    with pytest.raises(FileNotFoundError):
+        b.exchange("link", "missing")
+    b.rename_noreplace("link", "new-name")
+    assert b.lexists("new-name") and not b.lexists("link")
+    _victim_intact(outside)
+
+
+def test_link_acts_on_the_name_not_its_target(jail: tuple[Beneath, Path]) -> None:
+    b, outside = jail
+    b.link("link", "dir/hard-to-symlink")  # a hard link to the symlink itself
+    assert os.readlink(b.top / "dir" / "hard-to-symlink") == str(outside / "victim")
+    assert os.lstat(b.top / "dir" / "hard-to-symlink").st_ino == os.lstat(b.top / "link").st_ino
+    b.create("dir/f", 0o644)
+    b.link("dir/f", "f-again")
+    assert os.stat(b.top / "f-again").st_nlink == 2
+    _victim_intact(outside)
+
+
+def test_renameat2_reports_an_unsupported_flag(tmp_path: Path) -> None:
+    """EINVAL (not a silent plain rename) for flags the kernel or filesystem does not know."""
+    from vmrecover.beneath import renameat2
+
+    (tmp_path / "a").write_bytes(b"a")
+    (tmp_path / "b").write_bytes(b"b")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError) as exc:
+            renameat2(fd, "a", fd, "b", 1 << 30)
+        assert exc.value.errno == errno.EINVAL
+    finally:
+        os.close(fd)
+    assert (tmp_path / "b").read_bytes() == b"b"

@@ -4,7 +4,7 @@ names someone else chose (a hypervisor's files in a recovery session, a guest's 
 Every operation walks the relative path one component at a time from a file descriptor of the top
 directory, opening each folder with ``O_NOFOLLOW | O_DIRECTORY`` and acting on the last component
 with the ``*at`` system calls that do not follow symlinks (``AT_SYMLINK_NOFOLLOW``, ``O_NOFOLLOW``,
-``renameat``, ``unlinkat``).  So:
+``renameat``/``renameat2``, ``linkat``, ``unlinkat``).  So:
 
 - a symlink is never followed, neither as the last component nor as a folder on the way;
 - a folder swapped for a symlink between a check and a use cannot redirect the use: the use runs
@@ -21,6 +21,7 @@ get from handle-based access (``open_by_handle_at``), without needing ``CAP_DAC_
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import stat
@@ -29,6 +30,23 @@ from pathlib import Path
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+RENAME_NOREPLACE = 1  # <linux/fs.h>
+RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(src_dir: int, src: str, dst_dir: int, dst: str, flags: int) -> None:
+    """renameat2(2) (glibc 2.28+): with RENAME_EXCHANGE both names must exist and swap atomically
+    (any types: a file and a folder too); with RENAME_NOREPLACE an existing *dst* is EEXIST.  A
+    filesystem that does not support the flag answers EINVAL; a C library without the call ENOSYS."""
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None:
+        raise _err(errno.ENOSYS, "renameat2 is not in this C library")
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(src_dir, os.fsencode(src), dst_dir, os.fsencode(dst), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), src, None, dst)
 
 
 def safe_mode(mode: int) -> int:
@@ -100,6 +118,15 @@ class Beneath:
             return os.lstat(self.top)
         with self.parent(rel) as (d, name):
             return os.stat(name, dir_fd=d, follow_symlinks=False)
+
+    def lexists(self, rel: str) -> bool:
+        """Whether the name *rel* exists (a dangling symlink does); a path through a symlink is
+        ELOOP/ENOTDIR, not False."""
+        try:
+            self.lstat(rel)
+        except FileNotFoundError:
+            return False
+        return True
 
     def listdir(self, rel: str) -> list[tuple[str, os.stat_result]]:
         """(name, lstat) of every entry of folder *rel*, sorted by name."""
@@ -182,6 +209,23 @@ class Beneath:
     def rename(self, rel: str, new_rel: str) -> None:
         with self.parent(rel) as (d1, n1), self.parent(new_rel) as (d2, n2):
             os.rename(n1, n2, src_dir_fd=d1, dst_dir_fd=d2)
+
+    def rename_noreplace(self, rel: str, new_rel: str) -> None:
+        """Rename, but EEXIST if *new_rel* exists (whatever it is); EINVAL where the filesystem
+        cannot promise that."""
+        with self.parent(rel) as (d1, n1), self.parent(new_rel) as (d2, n2):
+            renameat2(d1, n1, d2, n2, RENAME_NOREPLACE)
+
+    def exchange(self, rel: str, other: str) -> None:
+        """Swap the objects *rel* and *other* (both must exist, any types) in one step: nobody ever
+        sees either name missing.  EINVAL where the filesystem cannot exchange."""
+        with self.parent(rel) as (d1, n1), self.parent(other) as (d2, n2):
+            renameat2(d1, n1, d2, n2, RENAME_EXCHANGE)
+
+    def link(self, rel: str, new_rel: str) -> None:
+        """A hard link *new_rel* to *rel* itself (a symlink is linked, never followed)."""
+        with self.parent(rel) as (d1, n1), self.parent(new_rel) as (d2, n2):
+            os.link(n1, n2, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
 
     # ------------------------------------------------------------------ attributes
     def truncate(self, rel: str, size: int) -> None:

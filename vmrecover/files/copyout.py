@@ -1,15 +1,27 @@
-"""Copying guest files out: all or nothing, never overwriting without being asked.
+"""Copying guest files out: all or nothing, never overwriting without being asked, never reaching
+outside the destination.
 
-Everything is first written to a staging folder inside the destination (same filesystem), then each
-item is renamed into place; a failure (a damaged chunk, a full disk, a missing path) removes the
-staging folder and leaves the destination as it was.  Files keep their content, mode and mtime;
-folders are copied recursively through ``tar-out`` (modes, mtimes and symlinks as they are);
-symlinks are copied as links, whatever they point at, and are never followed on the host (the
-extraction refuses any member whose path would leave the destination).
+Everything is first written to a private staging folder inside the destination (same filesystem),
+then put in place: a new name with ``renameat2(RENAME_NOREPLACE)``, an existing one (``--overwrite``)
+with ``renameat2(RENAME_EXCHANGE)``, which swaps the new copy and the old object (any types: a file
+for a folder too) in one step; the old one is deleted only once every path is in place.  A failure
+(a damaged chunk, a full disk, a missing path, a refused member, one path that cannot be swapped)
+swaps back what was swapped and removes the staging folder: the destination is as it was.  Where the
+filesystem cannot exchange (EINVAL), the old object is renamed aside first and renamed back on a
+failure (not atomic: for a moment the name is missing, but nothing is lost).
+
+Every name below the staging folder is a guest's, so it is only ever touched through
+:class:`vmrecover.beneath.Beneath` (directory descriptors, no symlink followed, no ``..``): files are
+created ``O_EXCL|O_NOFOLLOW`` and their modes and times set on the open descriptor; folders and
+symlinks are changed by name without following.  Files keep their content, mode (without setuid and
+setgid) and mtime; folders come through ``tar-out`` and :func:`extract`; symlinks are copied as links,
+whatever they point at, and never followed on the host.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import shutil
 import stat
@@ -17,76 +29,184 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from ..errors import BadInput, NotFound
+from ..beneath import Beneath, safe_mode, split
+from ..errors import BadInput, NoSpace, NotFound, VmrecoverError
 from .guest import Entry, GuestImage
 
+log = logging.getLogger("vmrecover.files")
+Progress = Callable[[str], None]
 
-def _place_entry(img: GuestImage, e: Entry, out: Path, work: Path) -> None:
-    """Write guest object *e* at host path *out* (which does not exist)."""
+
+def _utime_fd(fd: int, mtime_ns: int) -> None:
+    os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _place_entry(img: GuestImage, e: Entry, w: Beneath, rel: str) -> dict[str, Any]:
+    """Write guest object *e* at *rel* below *w* (a name that does not exist yet); returns how its
+    bytes were read (``{"read": "disk" | "appliance", "fallback": why or None}``)."""
     if e.kind == "file":
-        img.copy_file(e, out)
-        os.chmod(out, stat.S_IMODE(e.mode))
-        os.utime(out, ns=(e.mtime_ns, e.mtime_ns))
-    elif e.kind == "symlink":
-        os.symlink(e.target or "", out)
-        os.utime(out, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
-    elif e.kind == "dir":
-        archive = work / "dir.tar"
-        img.tar_out(e.path, archive)
-        out.mkdir()
-        _extract(archive, out)
-        archive.unlink()
-        os.chmod(out, stat.S_IMODE(e.mode))
-        os.utime(out, ns=(e.mtime_ns, e.mtime_ns))
-    else:
-        raise BadInput(f"{e.path} in {img.what} is a {e.kind} (device, socket or fifo): not copied")
+        fd = w.create_open(rel, 0o600)
+        try:
+            how = img.copy_file(e, fd)
+            os.fchmod(fd, safe_mode(e.mode))
+            _utime_fd(fd, e.mtime_ns)
+        finally:
+            os.close(fd)
+        return how
+    if e.kind == "symlink":
+        w.symlink(e.target or "", rel)
+        w.utime(rel, (e.mtime_ns, e.mtime_ns))
+        return {"read": None, "fallback": None}
+    if e.kind == "dir":
+        fd = w.create_open("dir.tar", 0o600)
+        try:
+            img.tar_out(e.path, fd)
+        finally:
+            os.close(fd)
+        w.mkdir(rel, 0o700)
+        src = w.open("dir.tar", os.O_RDONLY)
+        with open(src, "rb") as f:
+            extract(f, w, rel)
+        w.unlink("dir.tar")
+        w.chmod(rel, safe_mode(e.mode))
+        w.utime(rel, (e.mtime_ns, e.mtime_ns))
+        return {"read": "appliance", "fallback": None}
+    raise BadInput(f"{e.path} in {img.what} is a {e.kind} (device, socket or fifo): not copied")
 
 
-def _extract(archive: Path, dest: Path) -> None:
-    """Unpack a guest's tar into *dest* (an empty folder).  Nothing may land outside it: absolute
-    names, '..' and any path through a symlink extracted earlier are refused; symlinks are created as
-    they are (never followed); setuid/setgid bits, owners, devices and fifos are dropped."""
-    root = os.path.realpath(dest)
-    dirs: list[tuple[Path, int, float]] = []
-    with tarfile.open(archive) as tf:
+def extract(archive: IO[bytes], w: Beneath, top: str) -> None:
+    """Unpack a guest's tar into the folder *top* below *w* (an empty folder).  Nothing lands or
+    changes outside it: absolute names, ``..``, a path through a symlink extracted earlier, a name
+    that exists already (a folder member over a symlink, a file over anything) and hard links to
+    anything outside it are refused (:class:`BadInput`, and the caller throws the whole copy away);
+    symlinks are created as they are and never followed; setuid/setgid bits, owners, devices and
+    fifos are dropped.  Folders are created 0700 and get their own mode and mtime at the end, after
+    their contents (which change a folder's mtime), by name and without following anything."""
+    dirs: list[tuple[str, int, int]] = []
+    with tarfile.open(fileobj=archive, mode="r:") as tf:
         for m in tf:
-            parts = [p for p in m.name.split("/") if p not in ("", ".")]
-            if not parts:
-                continue
-            if m.name.startswith("/") or ".." in parts:
-                raise BadInput(f"refusing archive member {m.name!r}: it would leave the destination")
-            out = Path(root, *parts)
-            if os.path.commonpath([root, os.path.realpath(out.parent)]) != root:
+            try:
+                parts = split(m.name)
+                if not parts:
+                    continue  # './': the folder itself, whose mode and mtime the caller sets
+                rel = "/".join([top, *parts])
+                mtime_ns = int(m.mtime * 1_000_000_000)
+                if m.isdir():
+                    try:
+                        w.mkdir(rel, 0o700)
+                    except FileExistsError:
+                        if not stat.S_ISDIR(w.lstat(rel).st_mode):
+                            raise
+                    dirs.append((rel, safe_mode(m.mode), mtime_ns))
+                elif m.isreg():
+                    data = tf.extractfile(m)
+                    assert data is not None
+                    fd = w.create_open(rel, 0o600)
+                    try:
+                        while block := data.read(1 << 20):
+                            _write_all(fd, block)
+                        os.fchmod(fd, safe_mode(m.mode))
+                        _utime_fd(fd, mtime_ns)
+                    finally:
+                        os.close(fd)
+                elif m.issym():
+                    w.symlink(m.linkname, rel)
+                    w.utime(rel, (mtime_ns, mtime_ns))
+                elif m.islnk():
+                    w.link("/".join([top, *split(m.linkname)]), rel)
+                # devices, fifos and anything else: dropped
+            except FileExistsError:
                 raise BadInput(
-                    f"refusing archive member {m.name!r}: its folder is a link out of the destination"
-                )
-            mode = stat.S_IMODE(m.mode) & ~(stat.S_ISUID | stat.S_ISGID)
-            if m.isdir():
-                out.mkdir(exist_ok=True)
-                dirs.append((out, mode, m.mtime))
-            elif m.isfile():
-                src = tf.extractfile(m)
-                assert src is not None
-                with src, open(out, "xb") as f:
-                    shutil.copyfileobj(src, f, 1 << 20)
-                os.chmod(out, mode)
-                os.utime(out, (m.mtime, m.mtime))
-            elif m.issym():
-                os.symlink(m.linkname, out)
-                os.utime(out, (m.mtime, m.mtime), follow_symlinks=False)
-            elif m.islnk():
-                target = Path(root, *[p for p in m.linkname.split("/") if p not in ("", ".")])
-                if (
-                    ".." in m.linkname.split("/")
-                    or os.path.commonpath([root, os.path.realpath(target)]) != root
-                ):
-                    raise BadInput(f"refusing hard link {m.name!r} -> {m.linkname!r}")
-                os.link(target, out)
-    for d, mode, mtime in reversed(dirs):  # after their contents, which change a folder's mtime
-        os.chmod(d, mode)
-        os.utime(d, (mtime, mtime))
+                    f"refusing archive member {m.name!r}: that name was extracted before "
+                    "(a symlink or file may not be replaced or gone through)"
+                ) from None
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise NoSpace("the destination's filesystem is full") from None
+                raise BadInput(
+                    f"refusing archive member {m.name!r}"
+                    + (f" -> {m.linkname!r}" if m.islnk() or m.issym() else "")
+                    + f": {exc.strerror} (it would leave the destination or go through a symlink)"
+                ) from None
+    for rel, mode, mtime_ns in reversed(dirs):
+        w.chmod(rel, mode)
+        w.utime(rel, (mtime_ns, mtime_ns))
+
+
+# ------------------------------------------------------------------------------------ putting in place
+def _put(d: Beneath, staged: str, target: str, aside: str, overwrite: bool) -> str:
+    """Move *staged* to *target* (names below *d*); returns how ("new", "exchanged", "aside"), which
+    :func:`_take_back` undoes."""
+    if overwrite:
+        try:
+            d.exchange(staged, target)
+            return "exchanged"
+        except FileNotFoundError:
+            pass  # nothing there (any more): a plain new name
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            log.info("%s: the filesystem cannot exchange names; renaming the old one aside", d.top)
+            if d.lexists(target):
+                d.rename(target, aside)
+                try:
+                    d.rename(staged, target)
+                except BaseException:
+                    d.rename(aside, target)
+                    raise
+                return "aside"
+    try:
+        d.rename_noreplace(staged, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        if d.lexists(target):  # no atomic promise from this filesystem: check, then rename
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target) from None
+        d.rename(staged, target)
+    return "new"
+
+
+def _take_back(d: Beneath, staged: str, target: str, aside: str, how: str) -> None:
+    if how == "exchanged":
+        d.exchange(staged, target)
+    elif how == "aside":
+        d.rename(target, staged)
+        d.rename(aside, target)
+    else:
+        d.rename(target, staged)
+
+
+def install(d: Beneath, moves: Sequence[tuple[str, str]], aside_dir: str, *, overwrite: bool) -> None:
+    """Put every (staged, target) of *moves* (names below *d*) in place, all or none: when one
+    fails, those already in place are swapped or renamed back, in reverse order.  Old objects end
+    up at their staged names (or in *aside_dir*), for the caller to delete with its staging folder."""
+    done: list[tuple[str, str, str, str]] = []
+    try:
+        for i, (staged, target) in enumerate(moves):
+            aside = f"{aside_dir}/{i}"
+            done.append((staged, target, aside, _put(d, staged, target, aside, overwrite)))
+    except BaseException as exc:
+        failed = moves[len(done)][1]
+        for staged, target, aside, how in reversed(done):
+            try:
+                _take_back(d, staged, target, aside, how)
+            except OSError as undo:  # only a concurrent change of the destination gets here
+                log.error("could not put back %s after a failure: %s", d.top / target, undo)
+        if isinstance(exc, FileExistsError):
+            hint = "nothing was changed; add --overwrite to replace it"
+            raise BadInput(f"{d.top / failed} appeared meanwhile", hint=hint) from None
+        if isinstance(exc, OSError):
+            hint = "nothing was changed (what was already in place was put back)"
+            raise BadInput(f"cannot put {d.top / failed} in place: {exc.strerror}", hint=hint) from None
+        raise
 
 
 def copy_out(
@@ -96,77 +216,105 @@ def copy_out(
     *,
     as_tar: str | None = None,
     overwrite: bool = False,
-    progress: Callable[[str], None] = lambda m: None,
+    progress: Progress = lambda m: None,
 ) -> list[dict[str, Any]]:
     """Copy *guest_paths* into folder *dest* (or, with *as_tar*, into one tar archive of that name
-    there).  Returns what was written."""
+    there).  Returns what was written, and how each file was read."""
     if not dest.is_dir():
         raise NotFound(f"destination {dest} is not a folder", hint="create it first, or give another --to")
     entries = [img.stat(img.resolve(p)) for p in guest_paths]  # NotFound before anything is written
     names = [e.name if e.path != "/" else "root" for e in entries]
     if len(set(names)) != len(names):
         raise BadInput("two of the paths have the same name", hint="copy them in two commands")
-    targets = [dest / as_tar] if as_tar else [dest / n for n in names]
-    existing = [t for t in targets if os.path.lexists(t)]
+    targets = [as_tar] if as_tar else names
+    d = Beneath(dest)
+    existing = [t for t in targets if d.lexists(t)]
     if existing and not overwrite:
-        raise BadInput(f"{existing[0]} exists", hint="choose another --to, or add --overwrite")
-    work = Path(tempfile.mkdtemp(prefix=".vmrecover-files-", dir=dest))
+        raise BadInput(f"{dest / existing[0]} exists", hint="choose another --to, or add --overwrite")
+    work = Path(tempfile.mkdtemp(prefix=".vmrecover-files-", dir=dest))  # 0700, a name of our own
     try:
-        staged = work / "staged"
-        staged.mkdir()
+        w = Beneath(work)
+        w.mkdir("staged", 0o700)
+        w.mkdir("aside", 0o700)
         if as_tar:
-            _write_tar(img, entries, names, work / "out.tar", work, progress)
-            moves = [(work / "out.tar", targets[0])]
+            reads = _write_tar(img, entries, names, w, f"staged/{as_tar}", progress)
         else:
+            reads = []
             for e, name in zip(entries, names, strict=True):
                 progress(f"copying {e.path}")
-                _place_entry(img, e, staged / name, work)
-            moves = [(staged / n, t) for n, t in zip(names, targets, strict=True)]
-        for src, dst in moves:
-            if os.path.lexists(dst):
-                aside = work / "replaced"
-                os.rename(dst, aside)
-                shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
-            os.rename(src, dst)
+                reads.append(_place_entry(img, e, w, f"staged/{name}"))
+        moves = [(f"{work.name}/staged/{t}", t) for t in targets]
+        install(d, moves, f"{work.name}/aside", overwrite=overwrite)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise NoSpace(f"the filesystem of {dest} is full", hint="nothing was changed") from None
+        raise VmrecoverError(f"cannot write to {dest}: {exc}", hint="nothing was changed") from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # staging, and the old objects replaced
     where = targets * len(entries) if as_tar else targets
-    return [
-        {"guest_path": e.path, "kind": e.kind, "size": e.size, "to": str(t)}
-        for e, t in zip(entries, where, strict=True)
-    ]
+    out = []
+    for e, t, how in zip(entries, where, reads, strict=True):
+        out.append({"guest_path": e.path, "kind": e.kind, "size": e.size, "to": str(dest / t), **how})
+        if how["read"]:
+            log.info("%s %s -> %s: read %s%s", img.what, e.path, dest / t,
+                     "from the disk at its extents" if how["read"] == "disk" else "through the appliance",
+                     f" ({how['fallback']})" if how["fallback"] else "")  # fmt: skip
+    return out
 
 
 def _write_tar(
-    img: GuestImage, entries: list[Entry], names: list[str], out: Path, work: Path,
-    progress: Callable[[str], None],
-) -> None:  # fmt: skip
-    with tarfile.open(out, "w") as tar:
+    img: GuestImage, entries: list[Entry], names: list[str], w: Beneath, rel: str, progress: Progress
+) -> list[dict[str, Any]]:
+    """One archive (0600: it holds files only their owners may read) of every entry; members keep
+    the guest's modes without setuid/setgid, mtimes and numeric owners; device nodes and fifos are
+    left out (extracted by root, a guest's device node would open a host device)."""
+    reads = []
+    fd = w.create_open(rel, 0o600)
+    with open(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
         for e, name in zip(entries, names, strict=True):
             progress(f"adding {e.path}")
             info = tarfile.TarInfo(name)
-            info.mode, info.mtime = stat.S_IMODE(e.mode), e.mtime_ns // 1_000_000_000
+            info.mode, info.mtime = safe_mode(e.mode), e.mtime_ns // 1_000_000_000
+            info.uid, info.gid = e.uid, e.gid
+            how: dict[str, Any] = {"read": None, "fallback": None}
             if e.kind == "file":
-                tmp = work / "file"
-                img.copy_file(e, tmp)
-                info.size = tmp.stat().st_size
-                with open(tmp, "rb") as f:
+                tmp = w.create_open("file", 0o600)
+                try:
+                    how = img.copy_file(e, tmp)
+                    info.size = os.fstat(tmp).st_size
+                finally:
+                    os.close(tmp)
+                with open(w.open("file", os.O_RDONLY), "rb") as f:
                     tar.addfile(info, f)
-                tmp.unlink()
+                w.unlink("file")
             elif e.kind == "symlink":
                 info.type, info.linkname = tarfile.SYMTYPE, e.target or ""
                 tar.addfile(info)
             elif e.kind == "dir":
-                part = work / "dir.tar"
-                img.tar_out(e.path, part)
+                part = w.create_open("dir.tar", 0o600)
+                try:
+                    img.tar_out(e.path, part)
+                finally:
+                    os.close(part)
                 info.type = tarfile.DIRTYPE
                 tar.addfile(info)
-                with tarfile.open(part) as src:
+                with (
+                    open(w.open("dir.tar", os.O_RDONLY), "rb") as pf,
+                    tarfile.open(fileobj=pf, mode="r:") as src,
+                ):
                     for m in src:
-                        rel = m.name.removeprefix("./").strip("/")
-                        if not rel:
-                            continue
-                        data = src.extractfile(m) if m.isfile() else None
-                        m.name = f"{name}/{rel}"
+                        rel_name = m.name.removeprefix("./").strip("/")
+                        if not rel_name or m.ischr() or m.isblk() or m.isfifo():
+                            continue  # no device nodes or fifos, as in extract()
+                        data = src.extractfile(m) if m.isreg() else None
+                        m.name = f"{name}/{rel_name}"
+                        m.mode = safe_mode(m.mode)
+                        if m.islnk():
+                            m.linkname = f"{name}/{m.linkname.removeprefix('./')}"
                         tar.addfile(m, data)
-                part.unlink()
+                w.unlink("dir.tar")
+                how = {"read": "appliance", "fallback": None}
+            else:
+                raise BadInput(f"{e.path} in {img.what} is a {e.kind} (device, socket or fifo): not copied")
+            reads.append(how)
+    return reads

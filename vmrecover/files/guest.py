@@ -18,6 +18,7 @@ All methods are synchronous and serialised by a lock (a guestfs handle is not th
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import re
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NotFound, VmrecoverError
+
+log = logging.getLogger("vmrecover.files")
 
 BATCH = 1000
 SKIP_TYPES = {"swap", "unknown", ""}
@@ -119,6 +122,14 @@ def _entry(path: str, st: dict[str, int], target: str | None = None) -> Entry:
 
 def _dev_name(device: str) -> str:
     return device.removeprefix("/dev/").replace("/", "-")
+
+
+def _disk_index(letters: str) -> int:
+    """``a`` -> 0, ``z`` -> 25, ``aa`` -> 26 (libguestfs' /dev/sdX names)."""
+    n = 0
+    for c in letters:
+        n = n * 26 + ord(c) - ord("a") + 1
+    return n - 1
 
 
 class GuestImage:
@@ -303,20 +314,26 @@ class GuestImage:
     def sha256(self, path: str) -> str:
         return str(self._call(self.g.checksum, "sha256", path))
 
-    def download(self, path: str, dest: Path) -> None:
-        self._call(self.g.download, path, str(dest))
+    def download(self, path: str, fd: int) -> None:
+        """The guest file *path* into the open host file *fd* (libguestfs reopens it through
+        /dev/fd: the same inode, never a name)."""
+        self._call(self.g.download, path, f"/dev/fd/{fd}")
 
-    def copy_file(self, e: Entry, dest: Path) -> None:
-        """Write regular file *e* to host path *dest*.  Where the file's filesystem sits directly on a
-        partition or whole disk (ext2/3/4, xfs), its extents are mapped in the appliance (FIEMAP) and
-        the bytes read straight from the disk image on the host: under TCG the appliance moves about
-        40 MB/s, the host read several hundred.  Anything else goes through the appliance."""
-        extents = self._extents(e)
+    def copy_file(self, e: Entry, fd: int) -> dict[str, Any]:
+        """Write regular file *e* into the open, empty host file *fd*; returns how it was read:
+        ``{"read": "disk" | "appliance", "fallback": why the disk was not read, or None}``.
+
+        Where the file's filesystem sits directly on a partition or whole disk (ext2/3/4, xfs), its
+        extents are mapped in the appliance (FIEMAP) and the bytes read straight from the disk image
+        on the host: under TCG the appliance moves about 40 MB/s, the host read several hundred.
+        Anything else goes through the appliance."""
+        extents, why = self._extents(e)
         if extents is None:
-            self.download(e.path, dest)
-            return
+            log.debug("%s: %s through the appliance: %s", self.what, e.path, why)
+            self.download(e.path, fd)
+            return {"read": "appliance", "fallback": why}
         disk, pieces = extents
-        with open(disk, "rb") as src, open(dest, "xb") as out:
+        with open(disk, "rb") as src:
             for logical, physical, length in pieces:
                 done = 0
                 while done < length:
@@ -326,9 +343,10 @@ class GuestImage:
                         raise GuestfsError(
                             f"{e.path} in {self.what}: short read of its disk at {physical + done}"
                         )
-                    os.pwrite(out.fileno(), data, logical + done)
+                    os.pwrite(fd, data, logical + done)
                     done += n
-            out.truncate(e.size)  # holes between extents and after the last stay holes (zeros)
+        os.ftruncate(fd, e.size)  # holes between extents and after the last stay holes (zeros)
+        return {"read": "disk", "fallback": None}
 
     def _filesystem_of(self, path: str) -> FsInfo | None:
         """The mounted filesystem holding guest *path* (the longest mount point above it)."""
@@ -340,12 +358,18 @@ class GuestImage:
                 best = f
         return best
 
-    def _extents(self, e: Entry) -> Extents | None:
+    def _extents(self, e: Entry) -> tuple[Extents | None, str]:
+        """The file's extents on one of the disks, or None and why it must be read through the
+        appliance."""
         fs = self._filesystem_of(e.path)
-        m = re.fullmatch(r"/dev/sd([a-z])(\d*)", fs.device) if fs is not None else None
-        if fs is None or m is None or fs.type not in FIEMAP_TYPES or e.kind != "file" or e.size == 0:
-            return None
-        disk_index = ord(m.group(1)) - ord("a")
+        if fs is None or fs.type not in FIEMAP_TYPES:
+            return None, f"{fs.type if fs else 'its'} filesystem: no extent map to read the disk at"
+        m = re.fullmatch(r"/dev/sd([a-z]+)(\d*)", fs.device)
+        if m is None:
+            return None, f"{fs.device} is not a partition or whole disk (LVM, RAID...)"
+        if e.kind != "file" or e.size == 0:
+            return None, "an empty file"
+        disk_index = _disk_index(m.group(1))
         start = 0
         try:
             if m.group(2):
@@ -353,11 +377,13 @@ class GuestImage:
                 start = next(p["part_start"] for p in parts if p["part_num"] == int(m.group(2)))
             report = self._call(self.g.debug, "sh", [f"filefrag -e {shlex.quote('/sysroot' + e.path)}"])
         except (RuntimeError, StopIteration):
-            return None
-        return _parse_filefrag(report, start, e.size, self.disks[disk_index])
+            return None, "filefrag failed"
+        extents = _parse_filefrag(report, start, e.size, self.disks[disk_index])
+        return extents, "" if extents else "extents not plainly on the disk (inline, unwritten, encoded)"
 
-    def tar_out(self, path: str, dest: Path) -> None:
-        self._call(lambda: self.g.tar_out(path, str(dest), numericowner=True))
+    def tar_out(self, path: str, fd: int) -> None:
+        """A tar of folder *path* into the open host file *fd*."""
+        self._call(lambda: self.g.tar_out(path, f"/dev/fd/{fd}", numericowner=True))
 
 
 FIEMAP_TYPES = {"ext2", "ext3", "ext4", "xfs"}  # physical offsets are offsets on the device

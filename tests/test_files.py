@@ -193,7 +193,8 @@ def test_lvm_xfs_guest_paths_as_the_guest_sees_them(frepo: Cli, lvm_image: Any, 
     assert {"/", "/boot"} <= mounted
     out = tmp_path / "out"
     out.mkdir()
-    frepo.run("files", "get", "lin", "/etc/hosts", "/boot", "/home/alice", "--to", out)
+    doc = frepo.json("files", "get", "lin", "/etc/hosts", "/boot", "/home/alice", "--to", out)
+    assert doc["written"][0]["read"] == "appliance" and "LVM" in doc["written"][0]["fallback"]
     assert (out / "hosts").read_bytes() == lvm_image.files["/etc/hosts"]
     assert _check_copied(out / "alice", "/home/alice", lvm_image) >= 4
     assert _check_copied(out / "boot", "/boot", lvm_image) >= 1
@@ -224,9 +225,11 @@ def test_two_disk_vm(frepo: Cli, two_disk_image: Any, tmp_path: Path) -> None:
 
 
 def test_disk_without_partition_table(frepo: Cli, bare_image: Any, tmp_path: Path) -> None:
+    """ext4 on a whole disk, cleanly unmounted: files are read straight from the disk view."""
     _backup_image(frepo, "bare", bare_image)
     gp, data = next(iter(bare_image.files.items()))
-    frepo.run("files", "get", "bare", gp, "--to", tmp_path)
+    (w,) = frepo.json("files", "get", "bare", gp, "--to", tmp_path)["written"]
+    assert (w["read"], w["fallback"]) == ("disk", None)
     assert (tmp_path / posixpath.basename(gp)).read_bytes() == data
 
 
@@ -546,3 +549,20 @@ def test_a_name_that_appears_meanwhile_is_never_replaced(host: tuple[Path, Path]
     with pytest.raises(BadInput, match="appeared meanwhile"):
         copy_out(img, ["/a", "/b"], dest)  # type: ignore[arg-type]
     assert os.listdir(dest) == ["a"] and (dest / "a").read_bytes() == b"someone else's"
+
+
+def test_filefrag_report_of_a_one_block_file() -> None:
+    """'1 block of 4096 bytes' (singular) is a report like any other: small files are read from the
+    disk too, not sent through the appliance for want of a plural."""
+    from vmrecover.files.guest import _parse_filefrag
+
+    report = (
+        "Filesystem type is: ef53\nFile size of /sysroot/README.txt is 39 (1 block of 1024 bytes)\n"
+        " ext:     logical_offset:        physical_offset: length:   expected: flags:\n"
+        "   0:        0..       0:       8705..      8705:      1:             last,eof\n"
+    )
+    assert _parse_filefrag(report, 1 << 20, 39, Path("d.raw")) == (
+        Path("d.raw"),
+        [(0, (1 << 20) + 8705 * 1024, 39)],
+    )
+    assert _parse_filefrag(report.replace("last,eof", "unwritten,last"), 0, 39, Path("d.raw")) is None

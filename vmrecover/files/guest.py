@@ -395,7 +395,7 @@ def _parse_filefrag(
 ) -> tuple[Path, list[tuple[int, int, int]]] | None:
     """``filefrag -e`` output -> (disk, [(file offset, disk offset, length)]) in bytes, or None when
     any extent is not plainly on disk (inline, delayed, encoded, unwritten) or the report is odd."""
-    bm = re.search(r"blocks of (\d+) bytes", report)
+    bm = re.search(r"blocks? of (\d+) bytes", report)  # "1 block of 4096 bytes" too
     if bm is None:
         return None
     bs = int(bm.group(1))

@@ -6,6 +6,7 @@ TCG; the service keeps them between commands, which is itself under test here).
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import hashlib
 import io
@@ -33,8 +34,45 @@ except ImportError:
 pytestmark = pytest.mark.skipif(not HAVE_GUESTFS, reason="needs libguestfs (make setup)")
 
 
+MODULE_IMAGES = {"dirty_image": "dirty_journals"}  # fixture -> tests.testkit.fsimages kind
+
+
 @pytest.fixture(scope="module")
-def frepo(tmp_path_factory: pytest.TempPathFactory, guest_image: Path) -> Iterator[Cli]:
+def builds(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, concurrent.futures.Future[Any]]]:
+    """The images only this module uses (and only if a selected test asks for them), built in the
+    background from the module's first test on: a build keeps one core busy for ~45 s, and the
+    tests before the one that needs it mostly wait for their own appliance."""
+    from tests.testkit import fsimages
+
+    wanted = {
+        name
+        for item in request.session.items
+        if item.module is request.module
+        for name in getattr(item, "fixturenames", ())
+        if name in MODULE_IMAGES
+    }
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsimages") as pool:
+        futures = {
+            name: pool.submit(
+                fsimages.build, MODULE_IMAGES[name], [tmp_path_factory.mktemp(name) / "disk0.raw"]
+            )
+            for name in sorted(wanted)
+        }
+        yield futures
+        for f in futures.values():
+            f.cancel()
+
+
+@pytest.fixture(scope="module")
+def dirty_image(builds: dict[str, concurrent.futures.Future[Any]]) -> Any:
+    """fsimages.dirty_journals: ext4 needing recovery, a clean xfs, an xfs with a dirty log."""
+    return builds["dirty_image"].result(timeout=900)
+
+
+@pytest.fixture(scope="module")
+def frepo(tmp_path_factory: pytest.TempPathFactory, guest_image: Path, builds: Any) -> Iterator[Cli]:
     """A repository holding the bootable test guest as VM 'web01' and a disk of random bytes as
     'junk'; the file-restore service is stopped (and its datastore unmounted) at the end."""
     root = tmp_path_factory.mktemp("files")
@@ -256,6 +294,48 @@ def test_history_and_find_across_points(frepo: Cli, bare_image: Any, tmp_path: P
     found = frepo.json("files", "find", "hist", posixpath.basename(gp))
     assert sorted(e["point"] for e in found["entries"]) == sorted([p1, p2])
     assert {e["path"] for e in found["entries"]} == {gp}
+
+
+def test_journal_needing_recovery_is_read_through_the_appliance(
+    frepo: Cli, dirty_image: Any, tmp_path: Path
+) -> None:
+    """A crash-consistent backup: a filesystem whose journal needs recovery is replayed when the
+    appliance mounts it, so the extents it reports need not hold on the disk what it shows.  Its
+    files are read through the appliance (and say so), a clean xfs's straight from the disk; the
+    bytes are the replayed filesystem's either way.  Setuid/setgid bits of a real guest's files are
+    dropped, single files and folders (tar-out) alike."""
+    from tests.testkit.fsimages import JOURNAL_NEW, JOURNAL_OLD
+
+    with open(dirty_image.paths[0], "rb") as f:  # the trap is real: the block on the disk is old
+        head = f.read(34 << 20)
+    assert JOURNAL_OLD in head and JOURNAL_NEW in head  # the file's block, the journal
+    _backup_image(frepo, "crashed", dirty_image)
+    fss = {f["device"]: f for f in frepo.json("files", "inspect", "crashed")["filesystems"]}
+    assert {d: f["needs_recovery"] for d, f in fss.items()} == {"/dev/sda1": True, "/dev/sda2": False,
+                                                                "/dev/sda3": True}  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    paths = ["/sda1/journal.txt", "/sda1/plain.txt", "/sda2/clean.bin", "/sda3/dirty.bin", "/sda2/tools"]
+    written = {
+        w["guest_path"]: w for w in frepo.json("files", "get", "crashed", *paths, "--to", out)["written"]
+    }
+    assert (written["/sda2/clean.bin"]["read"], written["/sda2/clean.bin"]["fallback"]) == ("disk", None)
+    for gp in ("/sda1/journal.txt", "/sda1/plain.txt", "/sda3/dirty.bin"):
+        assert written[gp]["read"] == "appliance" and "journal" in written[gp]["fallback"], written[gp]
+    for gp in paths[:4]:
+        assert (out / posixpath.basename(gp)).read_bytes() == dirty_image.files[gp], gp
+    assert (out / "journal.txt").read_bytes() == JOURNAL_NEW
+    log = (frepo.repo / "run" / "files" / "files.log").read_text().splitlines()
+    assert any("/sda2/clean.bin" in line and "from the disk at its extents" in line for line in log)
+    assert any("/sda1/journal.txt" in line and "through the appliance (the journal of /dev/sda1" in line
+               for line in log)  # fmt: skip
+
+    assert dirty_image.modes["/sda2/tools/suid"] == 0o4755  # as the guest has them
+    assert stat.S_IMODE((out / "tools").stat().st_mode) == 0o775
+    assert stat.S_IMODE((out / "tools" / "suid").stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "tools" / "sgid").stat().st_mode) == 0o711
+    frepo.run("files", "get", "crashed", "/sda2/tools/suid", "--to", out / "tools", "--overwrite")
+    assert stat.S_IMODE((out / "tools" / "suid").stat().st_mode) == 0o755
 
 
 def test_files_mount(frepo: Cli, lvm_image: Any, tmp_path: Path) -> None:
@@ -549,6 +629,22 @@ def test_a_name_that_appears_meanwhile_is_never_replaced(host: tuple[Path, Path]
     with pytest.raises(BadInput, match="appeared meanwhile"):
         copy_out(img, ["/a", "/b"], dest)  # type: ignore[arg-type]
     assert os.listdir(dest) == ["a"] and (dest / "a").read_bytes() == b"someone else's"
+
+
+def test_journal_state_is_read_strictly() -> None:
+    """Only a clear 'clean' lets a file be read from the disk; anything unclear is 'not known'."""
+    from vmrecover.files.guest import _ext_needs_recovery, _xfs_log_dirty
+
+    assert _xfs_log_dirty("xfs_logprint:\n    log tail: 11 head: 11 state: <CLEAN>\n") is False
+    assert _xfs_log_dirty("    log tail: 0 head: 5 state: <DIRTY>\n") is True
+    assert _xfs_log_dirty("xfs_logprint: external log device not specified\n") is None
+    assert _xfs_log_dirty("") is None
+    clean = {"Filesystem features": "has_journal ext_attr extent 64bit metadata_csum"}
+    assert _ext_needs_recovery(clean) is False
+    assert _ext_needs_recovery({"Filesystem features": "has_journal needs_recovery extent"}) is True
+    assert _ext_needs_recovery(clean | {"First orphan inode": "12"}) is True
+    assert _ext_needs_recovery({"Filesystem features": "has_journal orphan_file orphan_present"}) is True
+    assert _ext_needs_recovery({}) is None
 
 
 def test_filefrag_report_of_a_one_block_file() -> None:

@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
-from vmrecover.errors import BadInput, ExitCode, NotFound
 from tests.testkit import fsimages
 from tests.testkit.fsimages import NOT_A_FILESYSTEM, ImageInfo
+from vmrecover.errors import BadInput, ExitCode, NotFound
 
 try:
     import guestfs  # noqa: F401
@@ -474,6 +474,9 @@ def test_locate_without_os() -> None:
     ]
     with pytest.raises(NotFound, match="2 mountable"):
         info.locate("/x")
+    # as 'vmrecover files' mounts several filesystems without an OS: at /<device name>
+    assert info.locate("/sdb/data/x") == (info.filesystems[1], "/data/x")
+    assert info.locate("/sda") == (info.filesystems[0], "/")
 
 
 def test_change_missing_disk(tmp_path: Path) -> None:

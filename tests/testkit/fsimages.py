@@ -23,6 +23,9 @@ kind                 what
                      ext4 (by UUID) at ``/data``; inspection with both disks gives both mountpoints.
 ``unknown_disk``     64 MiB, MBR, partition 1 full of random bytes: no recognisable filesystem.
 ``big_file_disk``    MBR, ext4 with one ``/big.bin`` of pseudo-random bytes (100 MiB by default).
+``dirty_journals``   680 MiB, MBR, no OS: ``/sda1`` ext4 whose journal needs recovery (and holds a
+                     rewrite of ``/sda1/journal.txt`` not yet in place), ``/sda2`` clean xfs with
+                     setuid/setgid files, ``/sda3`` xfs with a dirty log: a crash-consistent backup.
 ===================  ============================================================================
 
 What inspection needs to recognise a Linux root (libguestfs 1.48, found by trying): ``/etc`` and
@@ -36,7 +39,8 @@ header is enough; without one it is ``unknown``.  Beware: a Windows tree with an
 NTFS image has none.  Inspection costs 3 s of augeas start-up per Linux root under TCG.
 
 Paths in :class:`ImageInfo` are guest paths: from the OS's ``/`` when an OS is recognised (the
-filesystems mounted at their mountpoints), else from the root of the image's only filesystem.
+filesystems mounted at their mountpoints), else from the root of the image's only filesystem, or,
+with several, from ``/<device>`` (``/sda2/...``), as ``vmrecover files`` mounts them.
 :meth:`ImageInfo.locate` maps one to its filesystem and the path inside it.
 
 :func:`change_files` (and :func:`change_file`) rewrite or delete files in an existing image, to make
@@ -55,6 +59,7 @@ unless the environment says otherwise (qemu with KVM aborts on our machines).  A
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import hashlib
 import io
@@ -97,6 +102,9 @@ NTFS_SERIAL = 0x564D524300040001  # NTFS has a 64-bit volume serial, shown as 16
 TWO_ROOT_UUID = "564d5243-0005-4000-8000-000000000001"
 TWO_DATA_UUID = "564d5243-0005-4000-8000-000000000002"
 BIG_UUID = "564d5243-0007-4000-8000-000000000001"
+JOURNAL_EXT4_UUID = "564d5243-0008-4000-8000-000000000001"
+CLEAN_XFS_UUID = "564d5243-0008-4000-8000-000000000002"
+DIRTY_XFS_UUID = "564d5243-0008-4000-8000-000000000003"
 GPT_DISK_GUID = "564D5243-0002-4000-8000-0000000000D0"
 GPT_PART_GUID = "564D5243-0002-4000-8000-0000000000D1"
 LINUX_FS_GPT_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
@@ -186,13 +194,19 @@ class ImageInfo:
         """The filesystem holding *guest_path* and the path inside that filesystem.
 
         With an OS: the filesystem with the longest mountpoint that is a prefix of the path
-        (``/boot/config-test`` -> (``/dev/sda1``, ``/config-test``)); without one: the only filesystem.
+        (``/boot/config-test`` -> (``/dev/sda1``, ``/config-test``)); without one: the only filesystem,
+        or the one named by the path's first component (``/sda2/x`` -> (``/dev/sda2``, ``/x``)).
         """
         mountable = [fs for fs in self.filesystems if fs.fstype not in NOT_A_FILESYSTEM]
         if self.os_type is None:
-            if len(mountable) != 1:
-                raise NotFound(f"{self.kind} has {len(mountable)} mountable filesystems and no OS")
-            return mountable[0], guest_path
+            if len(mountable) == 1:
+                return mountable[0], guest_path
+            for fs in mountable:  # several: each at /<device name>
+                top = "/" + fs.device.removeprefix("/dev/").replace("/", "-")
+                if guest_path == top or guest_path.startswith(f"{top}/"):
+                    return fs, guest_path[len(top) :] or "/"
+            raise NotFound(f"{self.kind} has {len(mountable)} mountable filesystems and no OS, and "
+                           f"{guest_path} is on none of them")  # fmt: skip
         best: Filesystem | None = None
         for fs in mountable:
             mp = fs.mountpoint
@@ -261,13 +275,20 @@ ELF_X86_64 = (
 # --------------------------------------------------------------------------------------------- libguestfs
 
 
+def drive_label(index: int) -> str:
+    """The label of drive *index*: the appliance names it ``/dev/disk/guestfs/<label>`` (partitions
+    ``<label>N``) whatever order its kernel found the disks in; shell commands run in the appliance
+    (``_appliance_sh``) need that name, the API translates ``/dev/sda`` itself."""
+    return "fsimg" + chr(ord("a") + index)
+
+
 @contextlib.contextmanager
 def guestfs_handle(paths: Sequence[Path | str], *, readonly: bool) -> Iterator[Any]:
     """A launched libguestfs handle (dicts for structs) with the raw *paths* added in order.
 
     Writable handles add the drives with ``discard=besteffort`` (so ``fstrim`` keeps the images
-    sparse).  On leaving, everything is unmounted and the appliance shut down (which reports write
-    errors) and closed.
+    sparse); every drive has a label (:func:`drive_label`).  On leaving, everything is unmounted and
+    the appliance shut down (which reports write errors) and closed.
     """
     for p in paths:
         if not os.path.isfile(p):
@@ -275,11 +296,11 @@ def guestfs_handle(paths: Sequence[Path | str], *, readonly: bool) -> Iterator[A
     guestfs = load_guestfs()
     g = guestfs.GuestFS(python_return_dict=True)
     try:
-        for p in paths:
+        for i, p in enumerate(paths):
             if readonly:
-                g.add_drive_opts(str(p), format="raw", readonly=True)
+                g.add_drive_opts(str(p), format="raw", readonly=True, label=drive_label(i))
             else:
-                g.add_drive_opts(str(p), format="raw", discard="besteffort")
+                g.add_drive_opts(str(p), format="raw", discard="besteffort", label=drive_label(i))
         try:
             g.launch()
         except RuntimeError as e:
@@ -754,6 +775,106 @@ def big_file_disk(path: Path | str, size_mib: int = 100) -> ImageInfo:
     return _finish(info, start)
 
 
+# /sda1/journal.txt: one 4 KiB block; the block on the disk holds OLD, the ext4 journal NEW.
+JOURNAL_OLD = (b"old text: what the file's own block on the disk holds\n" * 80)[:4096]
+JOURNAL_NEW = (b"new text: committed to the journal, not yet written in place\n" * 80)[:4096]
+
+
+def _appliance_sh(g: Any, command: str) -> str:
+    """A shell command in the appliance itself (not the guest): its output."""
+    return str(g.debug("sh", [command]))
+
+
+def xfs_log_state(g: Any, device: str) -> str:
+    """``CLEAN`` or ``DIRTY`` as ``xfs_logprint -t`` (the kernel's head/tail search) finds the log of the
+    unmounted xfs *device* (the appliance's own name of it: see :func:`drive_label`)."""
+    out = _appliance_sh(g, f"xfs_logprint -t {device} 2>&1 | grep -m1 'state:'")
+    if "<CLEAN>" in out:
+        return "CLEAN"
+    if "<DIRTY>" in out:
+        return "DIRTY"
+    raise FsImageError(f"xfs_logprint on {device} says: {out.strip()}")
+
+
+def dirty_journals(path: Path | str) -> ImageInfo:
+    """MBR, no OS, three filesystems in the states a crash-consistent backup catches them in.
+
+    ``/sda1`` ext4 (4 KiB blocks) whose journal holds a committed rewrite of ``/journal.txt`` that is
+    not yet in place (``needs_recovery``): the file's block on the disk holds :data:`JOURNAL_OLD`, the
+    filesystem after replay :data:`JOURNAL_NEW`.  ``/sda2`` xfs unmounted cleanly, with a setgid
+    folder ``/tools`` holding a setuid and a setgid file; ``/sda3`` xfs whose log is dirty (shut down
+    with ``xfs_io -x -c 'shutdown -f'`` after ``/dirty.bin`` was written and synced, so its inode
+    and extents are in the log only).  The builder checks the states it leaves with ``tune2fs -l``
+    and ``xfs_logprint -t``.
+    """
+    start = time.monotonic()
+    xfs_sectors = 320 * MiB // SECTOR  # mkfs.xfs wants more than 300 MB
+    p1_end = FIRST_SECTOR + 32 * MiB // SECTOR - 1
+    p2_end = p1_end + xfs_sectors
+    p3_end = p2_end + xfs_sectors
+    size = (p3_end + 1) * SECTOR + MiB
+    info = ImageInfo("dirty_journals", [Path(path)], [size], ["msdos"])
+    info.filesystems = [
+        Filesystem("/dev/sda1", "ext4", 0, partition=1, uuid=JOURNAL_EXT4_UUID, label="journal"),
+        Filesystem("/dev/sda2", "xfs", 0, partition=2, uuid=CLEAN_XFS_UUID, label="cleanxfs"),
+        Filesystem("/dev/sda3", "xfs", 0, partition=3, uuid=DIRTY_XFS_UUID, label="dirtyxfs"),
+    ]
+    with _building(info.kind, [path], [size]) as g:
+        g.part_init("/dev/sda", "mbr")
+        g.part_add("/dev/sda", "p", FIRST_SECTOR, p1_end)
+        g.part_add("/dev/sda", "p", p1_end + 1, p2_end)
+        g.part_add("/dev/sda", "p", p2_end + 1, p3_end)
+        g.mkfs("ext4", "/dev/sda1", label="journal", blocksize=4096)
+        g.set_uuid("/dev/sda1", JOURNAL_EXT4_UUID)
+        for dev, label, uuid in (
+            ("/dev/sda2", "cleanxfs", CLEAN_XFS_UUID),
+            ("/dev/sda3", "dirtyxfs", DIRTY_XFS_UUID),
+        ):
+            g.mkfs("xfs", dev, label=label)
+            g.set_uuid(dev, uuid)
+        w = _Writer(g, info)
+        for n in (1, 2, 3):
+            g.mkmountpoint(f"/sda{n}")
+            g.mount(f"/dev/sda{n}", f"/sda{n}")
+        w.file("/sda1/journal.txt", JOURNAL_OLD)
+        w.file("/sda1/plain.txt", b"an ext4 file the journal does not touch\n")
+        w.file("/sda2/clean.bin", pseudo_random(8, 300_000))
+        w.dir("/sda2/tools", mode=0o2775)
+        w.file("/sda2/tools/suid", ELF_X86_64, mode=0o4755)
+        w.file("/sda2/tools/sgid", ELF_X86_64, mode=0o2711)
+        w.file("/sda3/dirty.bin", pseudo_random(9, 300_000))
+        w.finish()
+        g.umount("/sda1")
+        g.umount("/sda2")  # cleanly
+        g.sync()
+        _appliance_sh(g, "xfs_io -x -c 'shutdown -f' /sysroot/sda3 2>&1")  # the log stays dirty
+        g.umount("/sda3")
+
+        # A transaction rewriting the file's block, committed to the journal, not replayed.
+        p1 = f"/dev/disk/guestfs/{drive_label(0)}1"
+        (block,) = _appliance_sh(g, f"debugfs -R 'blocks /journal.txt' {p1} 2>/dev/null").split()
+        b64 = base64.b64encode(JOURNAL_NEW).decode()
+        _appliance_sh(
+            g,
+            f"echo {b64} | base64 -d > /tmp/new && printf 'jo\\njw -b {int(block)} /tmp/new\\njc\\n' "
+            f"> /tmp/cmds && debugfs -w -f /tmp/cmds {p1} 2>&1",
+        )
+        features = g.tune2fs_l("/dev/sda1").get("Filesystem features", "")
+        states = {n: xfs_log_state(g, f"/dev/disk/guestfs/{drive_label(0)}{n}") for n in (2, 3)}
+        if "needs_recovery" not in features or states != {2: "CLEAN", 3: "DIRTY"}:
+            raise FsImageError(f"dirty_journals: ext4 features {features!r}, xfs logs {states}")
+        for n in (1, 2, 3):
+            g.rmmountpoint(f"/sda{n}")
+    info.files["/sda1/journal.txt"] = JOURNAL_NEW  # what the guest sees: the journal replayed
+    info.notes += [
+        "no OS: the filesystems are /sda1, /sda2 and /sda3 (as 'vmrecover files' mounts them)",
+        "/sda1/journal.txt reads JOURNAL_NEW once the ext4 journal is replayed; its block on the disk "
+        "still holds JOURNAL_OLD (read it at its extents straight from the disk and you get old bytes)",
+        "/sda3's xfs log is dirty: mounting it (read-only too, on a writable overlay) replays it",
+    ]
+    return _finish(info, start)
+
+
 BUILDERS: dict[str, Callable[..., ImageInfo]] = {
     "linux_lvm_xfs": linux_lvm_xfs,
     "linux_ext4_gpt": linux_ext4_gpt,
@@ -762,6 +883,7 @@ BUILDERS: dict[str, Callable[..., ImageInfo]] = {
     "two_disk_linux": two_disk_linux,
     "unknown_disk": unknown_disk,
     "big_file_disk": big_file_disk,
+    "dirty_journals": dirty_journals,
 }
 DISKS = {kind: 2 if kind == "two_disk_linux" else 1 for kind in BUILDERS}
 
@@ -843,9 +965,7 @@ def change_file(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m tests.testkit.fsimages", description=__doc__.split("\n")[0]
-    )
+    ap = argparse.ArgumentParser(prog="python -m tests.testkit.fsimages", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build an image and print what is in it as JSON")
     b.add_argument("kind", help=f"one of: {', '.join(BUILDERS)}")

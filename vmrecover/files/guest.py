@@ -11,6 +11,10 @@ where the guest mounts them.
   would (``case_sensitive_path``).  Nothing is ever written to the disks (``readonly``, ``mount_ro``).
 - **Big folders** are listed in batches (``ls0`` to a host file, then ``lstatnslist`` per
   :data:`BATCH` names), never all entries' attributes in one message.
+- **Journals.**  Before anything is mounted, each ext2/3/4 and xfs filesystem's journal is looked at
+  (:meth:`GuestImage._journal_state`): mounting one whose journal needs recovery replays it (even
+  ``mount_ro``: the read-only drive has a writable overlay), so the filesystem the appliance shows
+  is not what the disk holds, and such files are never read straight from the disk.
 
 All methods are synchronous and serialised by a lock (a guestfs handle is not thread-safe).
 """
@@ -69,6 +73,9 @@ class FsInfo:
     uuid: str = ""
     mountpoint: str | None = None  # the guest path it is mounted at, None if not mounted
     note: str = ""  # why it is not mounted
+    # ext2/3/4 and xfs, as found before mounting: True if its journal (log) needs recovery, False if
+    # clean, None if not known (another filesystem, or the tools gave no clear answer)
+    needs_recovery: bool | None = None
 
 
 @dataclass
@@ -124,12 +131,38 @@ def _dev_name(device: str) -> str:
     return device.removeprefix("/dev/").replace("/", "-")
 
 
+def _drive_label(index: int) -> str:
+    """The label of the drive *index* (letters only, as libguestfs wants): the appliance names the
+    drive ``/dev/disk/guestfs/<label>`` and its partitions ``<label>N``, whatever order its kernel
+    found the disks in (the API's ``/dev/sda`` is translated; a shell command's is not)."""
+    return "vmr" + "".join(chr(ord("a") + int(c)) for c in str(index))
+
+
 def _disk_index(letters: str) -> int:
     """``a`` -> 0, ``z`` -> 25, ``aa`` -> 26 (libguestfs' /dev/sdX names)."""
     n = 0
     for c in letters:
         n = n * 26 + ord(c) - ord("a") + 1
     return n - 1
+
+
+def _ext_needs_recovery(tune2fs: dict[str, str]) -> bool | None:
+    """From ``tune2fs -l``: the journal needs recovery, or orphans are waiting to be cleaned up
+    (both change the filesystem when it is mounted)."""
+    features = tune2fs.get("Filesystem features")
+    if features is None:
+        return None
+    words = set(features.split())
+    return bool(words & {"needs_recovery", "orphan_present"}) or "First orphan inode" in tune2fs
+
+
+def _xfs_log_dirty(logprint: str) -> bool | None:
+    """From ``xfs_logprint -t``: its ``log tail: T head: H state: <CLEAN>|<DIRTY>`` line (the
+    kernel's own head/tail search, libxlog: clean when the last record is an unmount record)."""
+    m = re.search(r"log tail: *(\d+) +head: *(\d+) +state: *<(CLEAN|DIRTY)>", logprint)
+    if m is None:
+        return None
+    return m.group(3) == "DIRTY" or m.group(1) != m.group(2)
 
 
 class GuestImage:
@@ -142,8 +175,8 @@ class GuestImage:
         self._lock = threading.Lock()
         self.g = guestfs.GuestFS(python_return_dict=True)
         try:
-            for d in disks:
-                self.g.add_drive_opts(str(d), readonly=True, format="raw")
+            for i, d in enumerate(disks):
+                self.g.add_drive_opts(str(d), readonly=True, format="raw", label=_drive_label(i))
             progress(f"starting a libguestfs appliance for {what} (about 20 s under TCG)")
             started = time.monotonic()
             self.g.launch()
@@ -180,6 +213,7 @@ class GuestImage:
                 info.note = "encrypted: not opened (no key)"
             elif fstype in SKIP_TYPES:
                 info.note = "no filesystem libguestfs recognises" if fstype != "swap" else "swap"
+            info.needs_recovery = self._journal_state(dev, fstype)  # before inspection mounts it
             fss.append(info)
         by_dev = {f.device: f for f in fss}
         systems = []
@@ -214,6 +248,31 @@ class GuestImage:
                 "volumes are not opened",
             )
         return systems, fss
+
+    def _appliance_device(self, device: str) -> str | None:
+        """The appliance's own name of an API device, for shell commands (LVs keep theirs)."""
+        m = re.fullmatch(r"/dev/sd([a-z]+)(\d*)", device)
+        if m is None:
+            return device if re.fullmatch(r"/dev/[\w.+-]+/[\w.+-]+", device) else None
+        index = _disk_index(m.group(1))
+        return f"/dev/disk/guestfs/{_drive_label(index)}{m.group(2)}" if index < len(self.disks) else None
+
+    def _journal_state(self, device: str, fstype: str) -> bool | None:
+        """Whether the journal of ext2/3/4 or xfs *device* needs recovery (see :class:`FsInfo`).
+        Must run before the filesystem is first mounted: mounting replays the journal into the
+        drive's overlay, after which the appliance only sees a clean one."""
+        try:
+            if fstype in ("ext2", "ext3", "ext4"):
+                return _ext_needs_recovery(self.g.tune2fs_l(device))
+            if fstype == "xfs":
+                dev = self._appliance_device(device)
+                if dev is None:
+                    return None
+                cmd = f"xfs_logprint -t {shlex.quote(dev)} 2>&1 | grep -m1 'state:'"
+                return _xfs_log_dirty(self.g.debug("sh", [cmd]))
+        except RuntimeError as exc:
+            log.info("%s: cannot tell whether the journal of %s needs recovery: %s", self.what, device, exc)
+        return None
 
     def _mount_one(self, f: FsInfo, where: str) -> None:
         try:
@@ -323,10 +382,10 @@ class GuestImage:
         """Write regular file *e* into the open, empty host file *fd*; returns how it was read:
         ``{"read": "disk" | "appliance", "fallback": why the disk was not read, or None}``.
 
-        Where the file's filesystem sits directly on a partition or whole disk (ext2/3/4, xfs), its
-        extents are mapped in the appliance (FIEMAP) and the bytes read straight from the disk image
-        on the host: under TCG the appliance moves about 40 MB/s, the host read several hundred.
-        Anything else goes through the appliance."""
+        Where the file's filesystem sits directly on a partition or whole disk (ext2/3/4, xfs) and
+        its journal is clean, its extents are mapped in the appliance (FIEMAP) and the bytes read
+        straight from the disk image on the host: under TCG the appliance moves about 40 MB/s, the
+        host read several hundred.  Anything else goes through the appliance."""
         extents, why = self._extents(e)
         if extents is None:
             log.debug("%s: %s through the appliance: %s", self.what, e.path, why)
@@ -367,6 +426,11 @@ class GuestImage:
         m = re.fullmatch(r"/dev/sd([a-z]+)(\d*)", fs.device)
         if m is None:
             return None, f"{fs.device} is not a partition or whole disk (LVM, RAID...)"
+        if fs.needs_recovery is not False:
+            if fs.needs_recovery:
+                return None, (f"the journal of {fs.device} ({fs.type}) needs recovery: the appliance "
+                              "replayed it, the disk does not hold what it describes")  # fmt: skip
+            return None, f"the state of the journal of {fs.device} ({fs.type}) is not known"
         if e.kind != "file" or e.size == 0:
             return None, "an empty file"
         disk_index = _disk_index(m.group(1))

@@ -375,7 +375,8 @@ def _start_service(repo_root: Path, env: dict[str, str]) -> None:
     logfile.parent.mkdir(parents=True, exist_ok=True)
     with open(logfile, "ab") as logf:
         subprocess.Popen(
-            [sys.executable, "-m", "vmrecover", "files", "serve", "--repo", str(repo_root)],
+            [sys.executable, "-m", "vmrecover", "files", "serve", "--repo", str(repo_root),
+             "--log-level", "info"],  # a line per file copied (how it was read), appliances closed
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
             env=dict(env, VMRECOVER_LOG_FORMAT="json"),
         )  # fmt: skip

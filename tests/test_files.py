@@ -10,11 +10,13 @@ import concurrent.futures
 import errno
 import hashlib
 import io
+import json
 import os
 import posixpath
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -338,19 +340,125 @@ def test_journal_needing_recovery_is_read_through_the_appliance(
     assert stat.S_IMODE((out / "tools" / "suid").stat().st_mode) == 0o755
 
 
-def test_files_mount(frepo: Cli, lvm_image: Any, tmp_path: Path) -> None:
-    """The guest's filesystems, read-only, at a host mount point, until 'files umount'."""
-    _backup_image(frepo, "linm", lvm_image)
-    mp = tmp_path / "guest"
-    mp.mkdir()
-    frepo.run("files", "mount", "linm", mp)
+def _as_nobody(cwd: Path, script: str, *args: str) -> dict[str, Any]:
+    """The JSON a Python *script* prints, run as uid/gid 65534 in *cwd* (entered as root before the
+    switch: the test's temporary folders above it are 0700)."""
+    res = subprocess.run(
+        [sys.executable, "-I", "-c", script, *args], cwd=cwd, user=65534, group=65534, extra_groups=[],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return dict(json.loads(res.stdout))
+
+
+PROBE = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect("files.sock")
+except OSError as e:
+    print(json.dumps({"connect": e.strerror}))
+    sys.exit()
+req = {"op": "get", "target": "web01", "paths": ["/sda2/etc/hostname"], "to": sys.argv[1]}
+s.sendall(json.dumps(req).encode() + b"\\n")
+print(s.makefile().readline())
+"""
+
+
+def test_service_socket_is_private_and_checks_its_peer(frepo: Cli, tmp_path: Path) -> None:
+    """The service writes where it is told, as its own (root) account: its folder is 0700, its socket
+    0600, and a connection from another uid is refused whatever the modes (SO_PEERCRED)."""
+
+    def served() -> None:
+        """The service answers its own account (here about a VM that is not there: no appliance)."""
+        assert_clean_error(frepo.run("files", "ls", "nosuchvm", check=False), 5, "no VM named")
+
+    served()
+    run = frepo.repo / "run" / "files"
+    st = (run / "files.sock").lstat()
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
+    assert stat.S_IMODE(run.stat().st_mode) == 0o700
+    to = tmp_path / "to"
+    to.mkdir()
+
+    def probe() -> dict[str, Any]:
+        return _as_nobody(run, PROBE, str(to))
+
+    assert probe() == {"connect": "Permission denied"}
+    os.chmod(run, 0o711)  # as if someone opened them up: the service itself still refuses
+    os.chmod(run / "files.sock", 0o666)
     try:
-        assert (mp / "etc" / "hosts").read_bytes() == lvm_image.files["/etc/hosts"]
-        with pytest.raises(OSError):
-            (mp / "etc" / "new").write_text("x")
+        answer = probe()
     finally:
-        frepo.run("files", "umount", mp)
-    assert not os.path.ismount(mp)
+        os.chmod(run / "files.sock", 0o600)
+        os.chmod(run, 0o700)
+    assert answer["error"]["error"] == "AuthError", answer
+    assert "not uid 65534" in answer["error"]["message"]
+    assert os.listdir(to) == []
+    assert "refused a connection from uid 65534" in (run / "files.log").read_text()
+    served()
+
+
+def _mount_options(mp: Path) -> tuple[set[str], set[str]]:
+    """(mount options, superblock options) of the mount at *mp*, from /proc/self/mountinfo."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mp):
+            sep = fields.index("-")
+            return set(fields[5].split(",")), set(fields[sep + 3].split(","))
+    raise AssertionError(f"{mp} is not mounted")
+
+
+READ_AS_NOBODY = """
+import json, sys
+out = {}
+for p in sys.argv[1:]:
+    try:
+        with open(p, "rb") as f:
+            out[p] = len(f.read())
+    except OSError as e:
+        out[p] = e.strerror
+print(json.dumps(out))
+"""
+
+
+def _read_as_nobody(cwd: Path, *paths: str) -> dict[str, Any]:
+    """Each relative path read by uid 65534 from *cwd*, as its length or the error."""
+    return _as_nobody(cwd, READ_AS_NOBODY, *paths)
+
+
+def test_files_mount(frepo: Cli, lvm_image: Any, tmp_path: Path) -> None:
+    """The guest's filesystems, read-only, nosuid, nodev, at a host mount point, until 'files
+    umount'; for the account that mounted them only, unless --allow-other (then other accounts get
+    what the guest's modes and owners give them).  The two mounts start at once (two appliances)."""
+    _backup_image(frepo, "linm", lvm_image)
+    mine, shared = tmp_path / "guest", tmp_path / "shared"
+    mine.mkdir()
+    shared.mkdir()
+    procs = [
+        frepo.popen("files", "mount", "linm", mine),
+        frepo.popen("files", "mount", "linm", shared, "--allow-other"),
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, out + err
+    try:
+        for mp in (mine, shared):
+            assert (mp / "etc" / "hosts").read_bytes() == lvm_image.files["/etc/hosts"]
+            with pytest.raises(OSError):
+                (mp / "etc" / "new").write_text("x")
+            assert {"ro", "nosuid", "nodev"} <= _mount_options(mp)[0]
+        assert "allow_other" not in _mount_options(mine)[1]
+        assert {"allow_other", "default_permissions"} <= _mount_options(shared)[1]
+        wanted = ["etc/hosts", "home/alice/notes.txt"]  # 0644 root, 0600 uid 1000
+        assert _read_as_nobody(mine, *wanted) == dict.fromkeys(wanted, "Permission denied")
+        assert _read_as_nobody(shared, *wanted) == {
+            "etc/hosts": len(lvm_image.files["/etc/hosts"]),
+            "home/alice/notes.txt": "Permission denied",
+        }
+    finally:
+        frepo.run("files", "umount", mine)
+        frepo.run("files", "umount", shared)
+    assert not os.path.ismount(mine) and not os.path.ismount(shared)
 
 
 # --------------------------------------------------------------------------- copy-out, unit level

@@ -55,6 +55,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = fsub.add_parser("mount", parents=[common], help="the guest's filesystems, read-only, at MOUNTPOINT")
     p.add_argument("target", metavar="VM[@POINT]")
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other host accounts in too (the kernel checks the guest's modes and owners, as numbers)",
+    )
     p.set_defaults(func=cmd_mount)
 
     p = fsub.add_parser("umount", parents=[common], help="unmount what 'files mount' mounted")
@@ -171,7 +176,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mp = args.mountpoint.resolve()
     if not mp.is_dir():
         raise BadInput(f"mount point {mp} is not a folder", hint="create it first")
-    doc = _call(args, {"op": "mount", "target": args.target, "mountpoint": str(mp)})
+    req = {"op": "mount", "target": args.target, "mountpoint": str(mp), "allow_other": args.allow_other}
+    doc = _call(args, req)
     if args.json:
         emit_json(doc)
     else:

@@ -12,6 +12,12 @@ their own: they ask this service (one per repository, started by the first comma
   request came for that long;
 - answers one JSON request per connection with JSON lines: ``{"progress": text}`` while it works,
   ``{"entries": [...]}`` batches for listings, then ``{"ok": result}`` or ``{"error": {...}}``.
+
+It runs with its starter's rights (root on an appliance) and writes where a request says (``get
+--to``), so only its own account and root may talk to it: the socket is created 0600 inside a 0700
+folder (mode set before ``bind``, so there is no moment at which others can connect), and every
+connection's peer credentials (``SO_PEERCRED``) are checked; anyone else is answered with a refusal
+and nothing more.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import logging
 import os
 import socket
 import socketserver
+import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -31,7 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput, NotFound, VmrecoverError
+from ..errors import AuthError, BadInput, NotFound, VmrecoverError
 from ..repo.catalog import Point
 from ..repo.repository import Repository
 from .copyout import copy_out
@@ -52,6 +60,27 @@ def socket_path(repo_root: Path) -> Path:
     return run_dir(repo_root) / "files.sock"
 
 
+def private_run_dir(repo_root: Path) -> Path:
+    """``REPO/run/files``, created 0700 (and made 0700 if it exists): it holds the socket, the log
+    and the service's datastore mount, none of them anyone else's business."""
+    d = run_dir(repo_root)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = os.lstat(d)
+    if st.st_uid != os.geteuid() and os.geteuid() != 0:
+        raise AuthError(f"{d} belongs to uid {st.st_uid}, not to you", hint="use the repository's account")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(d, 0o700)
+    return d
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED: the kernel's word,
+    taken when it connected)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
 class _Slot:
     def __init__(self) -> None:
         self.image: GuestImage | None = None
@@ -67,6 +96,7 @@ class Service:
         self.idle = idle
         self.mnt = run_dir(repo.root) / "mnt"
         self._lock = threading.Condition()
+        self._mount_lock = threading.Lock()
         self._slots: dict[str, _Slot] = {}
         self.stopping = threading.Event()  # 'files stop'
         self.local_mounts: dict[str, GuestImage] = {}  # 'files mount': mount point -> its own appliance
@@ -76,14 +106,15 @@ class Service:
     def _ensure_mount(self) -> None:
         from ..fuse.mount import _mounted_repo
 
-        if _mounted_repo(self.mnt) is not None:
-            return
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "vmrecover", "mount", str(self.mnt), "--repo", str(self.repo.root),
-               "--cache-size", "256M", "--json"]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
-        if proc.returncode != 0:
-            raise VmrecoverError(f"cannot mount the datastore for libguestfs: {proc.stdout}{proc.stderr}")
+        with self._mount_lock:  # two requests opening appliances at once mount it once
+            if _mounted_repo(self.mnt) is not None:
+                return
+            self.mnt.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "vmrecover", "mount", str(self.mnt), "--repo", str(self.repo.root),
+                   "--cache-size", "256M", "--json"]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+            if proc.returncode != 0:
+                raise VmrecoverError(f"cannot mount the datastore for libguestfs: {proc.stdout}{proc.stderr}")
 
     def _unmount(self) -> None:
         subprocess.run([sys.executable, "-m", "vmrecover", "umount", "--lazy", str(self.mnt), "--repo",
@@ -198,7 +229,8 @@ class Service:
         if op == "history":
             return self._history(req["vm"], req["path"], progress)
         if op == "mount":
-            return self._mount_local(self.repo.catalog.resolve(req["target"]), req["mountpoint"], progress)
+            point = self.repo.catalog.resolve(req["target"])
+            return self._mount_local(point, req["mountpoint"], bool(req.get("allow_other")), progress)
         if op == "ping":
             return {"pid": os.getpid()}
         if op == "stop":
@@ -206,13 +238,15 @@ class Service:
             return {"pid": os.getpid(), "stopping": True}
         raise BadInput(f"unknown request {op!r}")
 
-    def _mount_local(self, point: Point, mountpoint: str, progress: Progress) -> Any:
+    def _mount_local(self, point: Point, mountpoint: str, allow_other: bool, progress: Progress) -> Any:
         """A separate appliance serving the guest's filesystems at *mountpoint* through FUSE until
-        it is unmounted; the service stays up meanwhile."""
+        it is unmounted; the service stays up meanwhile.  Read-only, ``nosuid,nodev``, and only for
+        the account that mounted it unless *allow_other* (then with ``default_permissions``: the
+        kernel checks the guest's modes and owners, as numbers, for other host accounts)."""
         self._ensure_mount()
         img = GuestImage(self._disk_paths(point), what=f"{point.vm}@{point.id}", progress=progress)
         try:
-            img.g.mount_local(mountpoint, readonly=True, options="allow_other")
+            img.g.mount_local(mountpoint, readonly=True, options=mount_options(allow_other))
         except RuntimeError as exc:
             img.close()
             raise BadInput(f"cannot mount at {mountpoint}: {exc}", hint="an empty folder is needed") from None
@@ -305,14 +339,20 @@ class Service:
         return {"vm": vm, "path": guest_path, "points": rows}
 
 
+def mount_options(allow_other: bool) -> str:
+    """FUSE options of 'files mount' (libfuse 2 through libguestfs' mount_local)."""
+    return "ro,nosuid,nodev" + (",allow_other,default_permissions" if allow_other else "")
+
+
 # ------------------------------------------------------------------------------------ the daemon
 def serve(repo: Repository, *, ready: Callable[[], None], idle: float = IDLE_SECONDS) -> None:
     """Listen on the repository's files socket until idle; one thread per connection."""
     service = Service(repo, idle=idle)
     sock = socket_path(repo.root)
-    sock.parent.mkdir(parents=True, exist_ok=True)
+    private_run_dir(repo.root)
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
+    allowed = {0, os.geteuid()}
 
     class Handler(socketserver.StreamRequestHandler):
         def handle(self) -> None:
@@ -324,6 +364,16 @@ def serve(repo: Repository, *, ready: Callable[[], None], idle: float = IDLE_SEC
                     self.wfile.flush()
 
             try:
+                uid = peer_uid(self.request)
+                if uid not in allowed:
+                    log.warning("refused a connection from uid %d", uid)
+                    err = AuthError(
+                        f"the file-restore service of {repo.root} serves uid {os.geteuid()} and root only, "
+                        f"not uid {uid}",
+                        hint="run the command as the repository's owner (or root)",
+                    )
+                    send({"error": err.to_json()})
+                    return
                 req = json.loads(self.rfile.readline() or b"{}")
                 send({"ok": service.handle(req, send)})
             except VmrecoverError as exc:
@@ -339,8 +389,17 @@ def serve(repo: Repository, *, ready: Callable[[], None], idle: float = IDLE_SEC
     class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         daemon_threads = True
 
+        def server_bind(self) -> None:
+            # bind() creates the socket file with the socket inode's mode less the umask: both are
+            # made private first, so it never exists with wider rights (and its folder is 0700).
+            os.fchmod(self.socket.fileno(), 0o600)
+            old = os.umask(0o077)  # the service is one thread still
+            try:
+                super().server_bind()
+            finally:
+                os.umask(old)
+
     server = Server(str(sock), Handler)
-    os.chmod(sock, 0o600)
 
     def reaper() -> None:
         while not service.stopping.wait(min(5.0, idle / 4)):
@@ -367,13 +426,19 @@ def _connect(repo_root: Path) -> socket.socket | None:
     except (FileNotFoundError, ConnectionRefusedError):
         s.close()
         return None
+    except PermissionError:
+        s.close()
+        raise AuthError(
+            f"the file-restore service of {repo_root} is not yours to use (permission denied)",
+            hint="run the command as the repository's owner (or root)",
+        ) from None
     return s
 
 
 def _start_service(repo_root: Path, env: dict[str, str]) -> None:
-    logfile = run_dir(repo_root) / "files.log"
-    logfile.parent.mkdir(parents=True, exist_ok=True)
-    with open(logfile, "ab") as logf:
+    logfile = private_run_dir(repo_root) / "files.log"
+    fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "ab") as logf:
         subprocess.Popen(
             [sys.executable, "-m", "vmrecover", "files", "serve", "--repo", str(repo_root),
              "--log-level", "info"],  # a line per file copied (how it was read), appliances closed

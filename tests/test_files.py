@@ -44,8 +44,8 @@ def builds(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, concurrent.futures.Future[Any]]]:
     """The images only this module uses (and only if a selected test asks for them), built in the
-    background from the module's first test on: a build keeps one core busy for ~45 s, and the
-    tests before the one that needs it mostly wait for their own appliance."""
+    background from the module's first test on, at a lower priority: a build keeps one core busy for
+    ~45 s, and the tests before the one that needs it mostly wait for their own appliance."""
     from tests.testkit import fsimages
 
     wanted = {
@@ -55,11 +55,14 @@ def builds(
         for name in getattr(item, "fixturenames", ())
         if name in MODULE_IMAGES
     }
+
+    def build(kind: str, path: Path) -> Any:
+        os.nice(10)  # this thread and its appliance only (Linux nice is per thread): tests come first
+        return fsimages.build(kind, [path])
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsimages") as pool:
         futures = {
-            name: pool.submit(
-                fsimages.build, MODULE_IMAGES[name], [tmp_path_factory.mktemp(name) / "disk0.raw"]
-            )
+            name: pool.submit(build, MODULE_IMAGES[name], tmp_path_factory.mktemp(name) / "disk0.raw")
             for name in sorted(wanted)
         }
         yield futures

@@ -775,9 +775,10 @@ def big_file_disk(path: Path | str, size_mib: int = 100) -> ImageInfo:
     return _finish(info, start)
 
 
-# /sda1/journal.txt: one 4 KiB block; the block on the disk holds OLD, the ext4 journal NEW.
-JOURNAL_OLD = (b"old text: what the file's own block on the disk holds\n" * 80)[:4096]
-JOURNAL_NEW = (b"new text: committed to the journal, not yet written in place\n" * 80)[:4096]
+# /sda1/journal.txt: three 4 KiB blocks (more than one: a one-block file's filefrag report once sent
+# it through the appliance anyway); the blocks on the disk hold OLD, the ext4 journal NEW.
+JOURNAL_OLD = (b"old text: what the file's own blocks on the disk hold\n" * 250)[: 3 * 4096]
+JOURNAL_NEW = (b"new text: committed to the journal, not yet written in place\n" * 250)[: 3 * 4096]
 
 
 def _appliance_sh(g: Any, command: str) -> str:
@@ -800,7 +801,7 @@ def dirty_journals(path: Path | str) -> ImageInfo:
     """MBR, no OS, three filesystems in the states a crash-consistent backup catches them in.
 
     ``/sda1`` ext4 (4 KiB blocks) whose journal holds a committed rewrite of ``/journal.txt`` that is
-    not yet in place (``needs_recovery``): the file's block on the disk holds :data:`JOURNAL_OLD`, the
+    not yet in place (``needs_recovery``): the file's blocks on the disk hold :data:`JOURNAL_OLD`, the
     filesystem after replay :data:`JOURNAL_NEW`.  ``/sda2`` xfs unmounted cleanly, with a setgid
     folder ``/tools`` holding a setuid and a setgid file; ``/sda3`` xfs whose log is dirty (shut down
     with ``xfs_io -x -c 'shutdown -f'`` after ``/dirty.bin`` was written and synced, so its inode
@@ -850,13 +851,16 @@ def dirty_journals(path: Path | str) -> ImageInfo:
         _appliance_sh(g, "xfs_io -x -c 'shutdown -f' /sysroot/sda3 2>&1")  # the log stays dirty
         g.umount("/sda3")
 
-        # A transaction rewriting the file's block, committed to the journal, not replayed.
+        # A transaction rewriting the file's blocks, committed to the journal, not replayed.
         p1 = f"/dev/disk/guestfs/{drive_label(0)}1"
-        (block,) = _appliance_sh(g, f"debugfs -R 'blocks /journal.txt' {p1} 2>/dev/null").split()
+        blocks = ",".join(
+            str(int(b))
+            for b in _appliance_sh(g, f"debugfs -R 'blocks /journal.txt' {p1} 2>/dev/null").split()
+        )
         b64 = base64.b64encode(JOURNAL_NEW).decode()
         _appliance_sh(
             g,
-            f"echo {b64} | base64 -d > /tmp/new && printf 'jo\\njw -b {int(block)} /tmp/new\\njc\\n' "
+            f"echo {b64} | base64 -d > /tmp/new && printf 'jo\\njw -b {blocks} /tmp/new\\njc\\n' "
             f"> /tmp/cmds && debugfs -w -f /tmp/cmds {p1} 2>&1",
         )
         features = g.tune2fs_l("/dev/sda1").get("Filesystem features", "")
@@ -868,7 +872,7 @@ def dirty_journals(path: Path | str) -> ImageInfo:
     info.files["/sda1/journal.txt"] = JOURNAL_NEW  # what the guest sees: the journal replayed
     info.notes += [
         "no OS: the filesystems are /sda1, /sda2 and /sda3 (as 'vmrecover files' mounts them)",
-        "/sda1/journal.txt reads JOURNAL_NEW once the ext4 journal is replayed; its block on the disk "
+        "/sda1/journal.txt reads JOURNAL_NEW once the ext4 journal is replayed; its blocks on the disk "
         "still holds JOURNAL_OLD (read it at its extents straight from the disk and you get old bytes)",
         "/sda3's xfs log is dirty: mounting it (read-only too, on a writable overlay) replays it",
     ]

@@ -20,6 +20,7 @@ whatever they point at, and never followed on the host.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -27,7 +28,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -66,20 +67,29 @@ def _place_entry(img: GuestImage, e: Entry, w: Beneath, rel: str) -> dict[str, A
         w.utime(rel, (e.mtime_ns, e.mtime_ns))
         return {"read": None, "fallback": None}
     if e.kind == "dir":
-        fd = w.create_open("dir.tar", 0o600)
-        try:
-            img.tar_out(e.path, fd)
-        finally:
-            os.close(fd)
         w.mkdir(rel, 0o700)
-        src = w.open("dir.tar", os.O_RDONLY)
-        with open(src, "rb") as f:
+        with _guest_tar(img, w, e.path) as f:
             extract(f, w, rel)
-        w.unlink("dir.tar")
         w.chmod(rel, safe_mode(e.mode))
         w.utime(rel, (e.mtime_ns, e.mtime_ns))
         return {"read": "appliance", "fallback": None}
     raise BadInput(f"{e.path} in {img.what} is a {e.kind} (device, socket or fifo): not copied")
+
+
+@contextlib.contextmanager
+def _guest_tar(img: GuestImage, w: Beneath, path: str) -> Iterator[IO[bytes]]:
+    """The guest folder *path* as a tar (``tar-out`` into a private file below *w*), open for reading
+    in the block and removed after it."""
+    fd = w.create_open("dir.tar", 0o600)
+    try:
+        img.tar_out(path, fd)
+    finally:
+        os.close(fd)
+    try:
+        with open(w.open("dir.tar", os.O_RDONLY), "rb") as f:
+            yield f
+    finally:
+        w.unlink("dir.tar")
 
 
 def extract(archive: IO[bytes], w: Beneath, top: str) -> None:
@@ -291,17 +301,9 @@ def _write_tar(
                 info.type, info.linkname = tarfile.SYMTYPE, e.target or ""
                 tar.addfile(info)
             elif e.kind == "dir":
-                part = w.create_open("dir.tar", 0o600)
-                try:
-                    img.tar_out(e.path, part)
-                finally:
-                    os.close(part)
                 info.type = tarfile.DIRTYPE
                 tar.addfile(info)
-                with (
-                    open(w.open("dir.tar", os.O_RDONLY), "rb") as pf,
-                    tarfile.open(fileobj=pf, mode="r:") as src,
-                ):
+                with _guest_tar(img, w, e.path) as pf, tarfile.open(fileobj=pf, mode="r:") as src:
                     for m in src:
                         rel_name = m.name.removeprefix("./").strip("/")
                         if not rel_name or m.ischr() or m.isblk() or m.isfifo():
@@ -312,7 +314,6 @@ def _write_tar(
                         if m.islnk():
                             m.linkname = f"{name}/{m.linkname.removeprefix('./')}"
                         tar.addfile(m, data)
-                w.unlink("dir.tar")
                 how = {"read": "appliance", "fallback": None}
             else:
                 raise BadInput(f"{e.path} in {img.what} is a {e.kind} (device, socket or fifo): not copied")

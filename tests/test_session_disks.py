@@ -122,3 +122,23 @@ def test_two_processes_never_lose_writes_to_the_same_block(session_repo: Cli) ->
     assert not lost, (
         f"{len(lost)} sectors lost writes (sector: lost increments): {dict(list(lost.items())[:8])}"
     )
+
+
+def test_a_session_started_a_moment_ago_is_found_at_once(session_repo: Cli) -> None:
+    """The datastore re-reads the catalog at most every 0.5 s; a lookup of a session's name must not
+    miss a session started within that time (the demo lists it right after `recover start`)."""
+    repo = Repository.open(session_repo.repo)
+    cache = ChunkCache(repo.chunks, 8 * MiB)
+    vfs = Vfs(repo, cache)
+    try:
+        vfs.readdir(RECOVER_INO)  # the catalog was just read
+        other = Repository.open(session_repo.repo)  # another process's connection
+        try:
+            sessions.start(other, other.catalog.resolve("vm1"), "s2")
+        finally:
+            other.close()
+        assert vfs.lookup(RECOVER_INO, "s2").is_dir
+    finally:
+        vfs.close()
+        cache.close()
+        repo.close()

@@ -6,13 +6,17 @@ real qemu tools; nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
 import random
 import re
+import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -327,3 +331,47 @@ def two_disk_image(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="session")
 def bare_image(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return _fsimage(tmp_path_factory, "bare_ext4")
+
+
+# --------------------------------------------------------------------------- watching opens
+class OpenWatch:
+    """Counts opens of files by any process (inotify IN_OPEN): proof that nothing opened them."""
+
+    IN_OPEN = 0x20
+
+    def __init__(self, paths: list[Path]) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        self.names = {}
+        for p in paths:
+            wd = libc.inotify_add_watch(self.fd, os.fsencode(p), self.IN_OPEN)
+            assert wd >= 0, os.strerror(ctypes.get_errno())
+            self.names[wd] = str(p)
+        self.seen: list[str] = []
+
+    def opened(self) -> list[str]:
+        """The watched files opened since the watch began (one entry per open)."""
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return self.seen
+            pos = 0
+            while pos < len(buf):
+                wd, mask, _cookie, length = struct.unpack_from("iIII", buf, pos)
+                pos += 16 + length
+                if mask & self.IN_OPEN:
+                    self.seen.append(self.names[wd])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@contextlib.contextmanager
+def watching(paths: list[Path]) -> Iterator[OpenWatch]:
+    w = OpenWatch(paths)
+    try:
+        yield w
+    finally:
+        w.close()

@@ -16,7 +16,6 @@ Real images made with qemu-img, the real CLI, real qemu-nbd; nothing is mocked b
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import random
@@ -29,56 +28,22 @@ import pytest
 
 from vmrecover import qemu
 
-from .conftest import Cli, MiB, assert_clean_error, convert, guest_sha256, make_sparse_image, sha256_file
+from .conftest import (
+    Cli,
+    MiB,
+    assert_clean_error,
+    convert,
+    guest_sha256,
+    make_sparse_image,
+    sha256_file,
+    watching,
+)
 
 BAD_INPUT = 6
 SECRET_SIZE = 1 * MiB
 
 
 # --------------------------------------------------------------------------- helpers
-class OpenWatch:
-    """Counts opens of files by any process (inotify IN_OPEN): proof that nothing opened them."""
-
-    IN_OPEN = 0x20
-
-    def __init__(self, paths: list[Path]) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        assert self.fd >= 0, os.strerror(ctypes.get_errno())
-        self.names = {}
-        for p in paths:
-            wd = libc.inotify_add_watch(self.fd, os.fsencode(p), self.IN_OPEN)
-            assert wd >= 0, os.strerror(ctypes.get_errno())
-            self.names[wd] = str(p)
-        self.seen: list[str] = []
-
-    def opened(self) -> list[str]:
-        """The watched files opened since the watch began (one entry per open)."""
-        while True:
-            try:
-                buf = os.read(self.fd, 65536)
-            except BlockingIOError:
-                return self.seen
-            pos = 0
-            while pos < len(buf):
-                wd, mask, _cookie, length = struct.unpack_from("iIII", buf, pos)
-                pos += 16 + length
-                if mask & self.IN_OPEN:
-                    self.seen.append(self.names[wd])
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-@contextlib.contextmanager
-def watching(paths: list[Path]) -> Iterator[OpenWatch]:
-    w = OpenWatch(paths)
-    try:
-        yield w
-    finally:
-        w.close()
-
-
 def qemu_img(*args: str | Path) -> None:
     proc = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True)
     assert proc.returncode == 0, f"qemu-img {' '.join(map(str, args))}: {proc.stderr}"

@@ -28,7 +28,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 RENAME_NOREPLACE = 1  # <linux/fs.h>
@@ -138,16 +138,36 @@ class Beneath:
         return sorted(out, key=lambda t: t[0])
 
     def walk(self) -> Iterator[tuple[str, os.stat_result]]:
-        """(relative path, lstat) of everything below the top, folders before their contents."""
+        """(relative path, lstat) of everything below the top, folders before their contents.
+
+        Not ``os.fwalk``: it tells folders from files by following symlinks and opens a "folder" by
+        name before it checks what it opened, so a client swapping a symlink in between could make it
+        open a host fifo or device.  Here every entry is classified by its own lstat and every folder
+        is opened relative to its parent's descriptor with O_NOFOLLOW|O_DIRECTORY."""
         top = os.open(self.top, _DIR_FLAGS)
         try:
-            for dirpath, dirnames, filenames, dfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
-                base = "" if dirpath == "." else dirpath.removeprefix("./") + "/"
-                for name in dirnames + filenames:
-                    with contextlib.suppress(FileNotFoundError):
-                        yield base + name, os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            yield from self._walk(top, "")
         finally:
             os.close(top)
+
+    def _walk(self, fd: int, base: str) -> Iterator[tuple[str, os.stat_result]]:
+        with os.scandir(fd) as it:
+            entries = []
+            for e in it:
+                with contextlib.suppress(FileNotFoundError):
+                    entries.append((e.name, e.stat(follow_symlinks=False)))
+        for name, st in sorted(entries, key=lambda t: t[0]):
+            yield base + name, st
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:  # gone, or swapped for something else meanwhile
+                continue
+            try:
+                yield from self._walk(sub, base + name + "/")
+            finally:
+                os.close(sub)
 
     def readlink(self, rel: str) -> str:
         with self.parent(rel) as (d, name):

@@ -143,6 +143,18 @@ class Nfs3:
         self.rtmax, self.wtmax = rtmax, wtmax
         self._immutable: dict[tuple[int, int], FileAttributes] = {}  # (ino, generation) -> attributes
 
+    async def watch_changes(self, *, interval: float = 0.5) -> None:
+        """Forget the kept attributes of immutable objects whenever the filesystem says some may have
+        vanished (restore points pruned), so that their handles answer STALE within a second rather
+        than whenever the cache happens to be cleared."""
+        seen = await trio.to_thread.run_sync(self.fs.changes, limiter=self.limiter)
+        while True:
+            await trio.sleep(interval)
+            now = await trio.to_thread.run_sync(self.fs.changes, limiter=self.limiter)
+            if now != seen:
+                self._immutable.clear()
+                seen = now
+
     # ----------------------------------------------------------------- handles and attributes
     def handle(self, attr: FileAttributes) -> bytes:
         return FH.pack(FH_MAGIC, self.fs.fsid, attr.ino, attr.generation)

@@ -156,4 +156,5 @@ async def serve(
                                      "idle_timeout": config.idle_timeout})  # fmt: skip
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, server.handle, listeners)
+        nursery.start_soon(nfs.watch_changes)
         task_status.started(info)

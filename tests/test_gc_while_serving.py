@@ -44,7 +44,10 @@ def test_gc_while_fuse_and_nfs_serve(cli: Cli, mounted: Mounted, nfs_server, tmp
         doc = cli.json("gc")  # readers no longer block gc
         assert doc["removed_chunks"] == 4 * MiB // CHUNK, doc
 
-        time.sleep(1.1)  # both servers notice catalog changes within a second
+        time.sleep(1.5)  # both servers notice catalog changes within a second
+        assert c.getattr(nfs_old)[0] == nc.STALE  # no attributes kept of a pruned point's file
+        with pytest.raises(FileNotFoundError):  # the kernel no longer holds its folder's entry
+            os.stat(old_file)
         held.seek(2 * MiB)
         with pytest.raises(OSError) as exc:
             held.read(CHUNK)

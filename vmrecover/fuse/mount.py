@@ -236,6 +236,7 @@ def serve(
 
                 nursery.start_soon(on_signals)
                 nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint)
+                nursery.start_soon(ops.watch_pruned)
                 ready()
                 await pyfuse3.main(min_tasks=2, max_tasks=threads * 2)
                 unmount_at_exit = signalled

@@ -53,6 +53,19 @@ class Operations(pyfuse3.Operations):
             log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    async def watch_pruned(self, *, interval: float = 0.5) -> None:
+        """Make the kernel forget the folders of pruned restore points (it keeps their entries for an
+        hour, since points never change): a path into one then fails at once; files already open
+        answer ESTALE for what is not cached."""
+        seen = await self._run(self.vfs.changes)
+        while True:
+            await trio.sleep(interval)
+            now = await self._run(self.vfs.changes)
+            if now != seen:
+                for vm_ino, _, point_id in self.vfs.pruned_since(seen):
+                    pyfuse3.invalidate_entry_async(vm_ino, point_id.encode(), ignore_enoent=True)
+                seen = now
+
     @staticmethod
     def _entry(a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

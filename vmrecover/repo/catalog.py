@@ -219,6 +219,10 @@ class Catalog:
         ).fetchall()
         return [{"name": r[0], "created": r[1], "points": r[2], "latest": r[3]} for r in rows]
 
+    def point_ids(self) -> dict[str, str]:
+        """Every point's id and VM, without loading the points."""
+        return dict(self.db.execute("SELECT id, vm FROM points").fetchall())
+
     def vm_names(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT name FROM vms ORDER BY name").fetchall()]
 

@@ -40,6 +40,7 @@ import stat
 import struct
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
@@ -164,6 +165,9 @@ class Vfs:
         self._catalog_seen = (-1, 0.0)  # (catalog data_version, monotonic time) of the last refresh
         self._upper: Lru[int, tuple[str, str]] = Lru(UPPER_KEPT)  # inode -> (session id, path in upper/)
         self._vm_hashes: dict[int, str] = {}  # VM inode payload -> name; renewed when the catalog moves
+        self._listed: dict[str, str] | None = None  # point id -> VM at the last refresh
+        self._pruned_log: deque[tuple[int, str, str]] = deque(maxlen=4096)  # (change number, VM, point id)
+        self._changes = 0  # moves whenever a refresh finds points pruned
         self.started_ns = time.time_ns()
         self.root_ino = ROOT_INO
         self.fsid = int.from_bytes(hashlib.blake2b(repo.config.id.encode(), digest_size=8).digest(), "big")
@@ -229,13 +233,34 @@ class Vfs:
                 self._catalog_seen = (dv, now)
 
     def _drop_pruned(self) -> None:
+        listed, before = self.repo.catalog.point_ids(), self._listed
+        self._listed = listed
+        for pid, vm in (before or {}).items():
+            if pid not in listed:
+                self._changes += 1
+                self._pruned_log.append((self._changes, vm, pid))
         for pid, _ in self._points.items():
-            if self.repo.catalog.point(pid) is None:
+            if pid not in listed:
                 self._points.pop(pid)
         for key, disk in self._backup_disks.items():
             if key[0] not in self._points:
                 self._backup_disks.pop(key)
                 self._forget_views(disk)
+
+    def changes(self) -> int:
+        """A number that moves whenever restore points were pruned (checked at most every 0.5 s):
+        front ends then drop what they kept of immutable objects (NFS attributes, kernel entries)."""
+        self._refresh()
+        return self._changes
+
+    def pruned_since(self, change: int) -> list[tuple[int, int, str]]:
+        """(inode of the VM folder, inode of the point folder, point id) of each point pruned after
+        change number *change* (as far back as the last 4096)."""
+        return [
+            (_ino(Kind.VM, _hash48(vm)), _ino(Kind.POINT, int(pid, 16)), pid)
+            for n, vm, pid in list(self._pruned_log)
+            if n > change
+        ]
 
     def _forget_views(self, disk: BackupDisk) -> None:
         """Views of a backup disk that is no longer remembered (evicted or pruned) go with it, so that
@@ -514,8 +539,9 @@ class Vfs:
                 return self._view(ino).read(off, size)
             except CorruptChunk:  # damage, or gc freed the chunks of a point pruned under this reader
                 owner = f"{payload >> 12:012x}"
-                self._refresh(force=True)
-                if owner not in self._points and self.repo.catalog.point(owner) is None:
+                with self._lock:  # one query: a guest retrying a damaged sector must not cost a refresh
+                    pruned = self.repo.catalog.point(owner) is None
+                if pruned:
                     raise self._pruned(owner) from None
                 raise
         if kind is Kind.SVIEW:

@@ -184,6 +184,10 @@ def _put(d: Beneath, staged: str, target: str, aside: str, overwrite: bool) -> s
     return "new"
 
 
+class OldCopiesKept(VmrecoverError):
+    """An install failed and could not be fully undone: the old objects wait in the staging folder."""
+
+
 def _take_back(d: Beneath, staged: str, target: str, aside: str, how: str) -> None:
     if how == "exchanged":
         d.exchange(staged, target)
@@ -197,19 +201,32 @@ def _take_back(d: Beneath, staged: str, target: str, aside: str, how: str) -> No
 def install(d: Beneath, moves: Sequence[tuple[str, str]], aside_dir: str, *, overwrite: bool) -> None:
     """Put every (staged, target) of *moves* (names below *d*) in place, all or none: when one
     fails, those already in place are swapped or renamed back, in reverse order.  Old objects end
-    up at their staged names (or in *aside_dir*), for the caller to delete with its staging folder."""
+    up at their staged names (or in *aside_dir*), for the caller to delete with its staging folder.
+
+    A failure that was fully undone is BadInput; when something could not be put back, OldCopiesKept
+    names where the old objects are, and the caller must keep its staging folder (as after an
+    interrupt, which may come between a swap and its record)."""
     done: list[tuple[str, str, str, str]] = []
     try:
         for i, (staged, target) in enumerate(moves):
             aside = f"{aside_dir}/{i}"
             done.append((staged, target, aside, _put(d, staged, target, aside, overwrite)))
-    except BaseException as exc:
+    except Exception as exc:
         failed = moves[len(done)][1]
+        stuck = []
         for staged, target, aside, how in reversed(done):
             try:
                 _take_back(d, staged, target, aside, how)
             except OSError as undo:  # only a concurrent change of the destination gets here
                 log.error("could not put back %s after a failure: %s", d.top / target, undo)
+                stuck.append(target)
+        if stuck:
+            where = d.top / aside_dir.rsplit("/", 1)[0]
+            raise OldCopiesKept(
+                f"cannot put {d.top / failed} in place ({exc}), and could not put back "
+                f"{', '.join(str(d.top / t) for t in stuck)}: the old copies are kept in {where}",
+                hint="move them back by hand (staged/ holds them, or aside/), then remove that folder",
+            ) from None
         if isinstance(exc, FileExistsError):
             hint = "nothing was changed; add --overwrite to replace it"
             raise BadInput(f"{d.top / failed} appeared meanwhile", hint=hint) from None
@@ -242,6 +259,7 @@ def copy_out(
     if existing and not overwrite:
         raise BadInput(f"{dest / existing[0]} exists", hint="choose another --to, or add --overwrite")
     work = Path(tempfile.mkdtemp(prefix=".vmrecover-files-", dir=dest))  # 0700, a name of our own
+    keep_work = False  # True once old objects may sit in it: an interrupted or half-undone install
     try:
         w = Beneath(work)
         w.mkdir("staged", 0o700)
@@ -254,13 +272,22 @@ def copy_out(
                 progress(f"copying {e.path}")
                 reads.append(_place_entry(img, e, w, f"staged/{name}"))
         moves = [(f"{work.name}/staged/{t}", t) for t in targets]
-        install(d, moves, f"{work.name}/aside", overwrite=overwrite)
+        try:
+            install(d, moves, f"{work.name}/aside", overwrite=overwrite)
+        except BadInput:  # undone: nothing changed
+            raise
+        except BaseException:
+            keep_work = True
+            raise
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise NoSpace(f"the filesystem of {dest} is full", hint="nothing was changed") from None
         raise VmrecoverError(f"cannot write to {dest}: {exc}", hint="nothing was changed") from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)  # staging, and the old objects replaced
+        if keep_work:
+            log.error("kept %s: it may hold the old copies of what was being replaced", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)  # staging, and the old objects replaced
     where = targets * len(entries) if as_tar else targets
     out = []
     for e, t, how in zip(entries, where, reads, strict=True):

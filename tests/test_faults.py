@@ -693,7 +693,14 @@ def stopped_restoring(cli: Cli, target: str, out: Path) -> Iterator[subprocess.P
     """``vmrecover restore TARGET --to OUT`` SIGSTOPped as soon as it writes its output (so it has read
     some chunks and not yet the others); yield it, then let it continue."""
     proc = cli.popen("restore", target, "--to", out, "--json")
-    wait_for(lambda: out.with_name(out.name + PARTIAL).exists(), "the restore's first write", proc)
+    partial = out.with_name(out.name + PARTIAL) / out.name  # the output, staged beside its final name
+
+    def written() -> bool:
+        with contextlib.suppress(FileNotFoundError):
+            return partial.stat().st_blocks > 0  # its size is set at once; its blocks come with data
+        return False
+
+    wait_for(written, "the restore's first write", proc)
     os.kill(proc.pid, signal.SIGSTOP)
     try:
         yield proc

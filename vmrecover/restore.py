@@ -201,8 +201,11 @@ class _Device:
 
     def __init__(self, dest: Path, size: int) -> None:
         node = _resolve_trusted(dest)
-        try:  # O_EXCL on a device: EBUSY while something holds it (a mounted filesystem, LVM, RAID)
-            fd = os.open(node, os.O_WRONLY | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISBLK(os.fstat(node).st_mode):  # checked on what was found, then opened
+                raise BadInput(f"{dest} is not a block device (any more)")  # through it, not by name
+            # O_EXCL on a device: EBUSY while something holds it (a mounted filesystem, LVM, RAID)
+            fd = os.open(f"/proc/self/fd/{node}", os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
         except OSError as exc:
             if exc.errno == errno.EBUSY:
                 raise BadInput(
@@ -211,12 +214,12 @@ class _Device:
                     hint="unmount or deactivate it first",
                 ) from None
             raise
-        st = os.fstat(fd)
+        finally:
+            os.close(node)
         dev = os.lseek(fd, 0, os.SEEK_END)
-        if not stat.S_ISBLK(st.st_mode) or dev < size:
+        if dev < size:
             os.close(fd)
-            why = "is no longer a block device" if not stat.S_ISBLK(st.st_mode) else f"holds {dev} bytes"
-            raise BadInput(f"{dest} ({node}) {why}, the disk needs {size}")
+            raise BadInput(f"block device {dest} holds {dev} bytes, the disk needs {size}")
         self.writer = _FileWriter(fd, size, block_device=True)
 
     def commit(self) -> None:
@@ -226,37 +229,49 @@ class _Device:
         pass
 
 
-def _resolve_trusted(path: Path) -> str:
-    """The name *path* leads to, following only symlinks owned by root or by this user: a symlink
-    someone else planted (in a shared folder) is not a way onto a device."""
-    todo = list(reversed((Path.cwd() / path).parts[1:]))  # ".." is resolved as the walk goes
-    cur, hops = "/", 0
-    while todo:
-        name = todo.pop()
-        if name in ("", "."):
-            continue
-        if name == "..":
-            cur = os.path.dirname(cur)
-            continue
-        nxt = os.path.join(cur, name)
-        st = os.lstat(nxt)
-        if not stat.S_ISLNK(st.st_mode):
-            cur = nxt
-            continue
-        if st.st_uid not in (0, os.geteuid()):
-            raise BadInput(
-                f"{path} leads to a block device through {nxt}, a symlink owned by uid {st.st_uid}; "
-                "vmrecover follows only symlinks owned by root or by you onto a device",
-                hint="name the device itself, or a link in /dev/disk/by-id",
-            )
-        hops += 1
-        if hops > 40:
-            raise BadInput(f"{path}: too many levels of symlinks")
-        target = os.readlink(nxt)
-        if target.startswith("/"):
-            cur = "/"
-        todo.extend(reversed(Path(target).parts[1:] if target.startswith("/") else Path(target).parts))
-    return cur
+def _resolve_trusted(path: Path) -> int:
+    """An O_PATH descriptor of what *path* leads to, following only symlinks owned by root or by this
+    user (a symlink someone else planted in a shared folder is no way onto a device).  The walk goes
+    from descriptor to descriptor, so a folder swapped for a symlink after it was checked cannot
+    redirect it; '..' is taken lexically, as the walk goes."""
+    todo = list(reversed((Path.cwd() / path).parts[1:]))
+    stack = [os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]  # the folders walked through
+    hops = 0
+    try:
+        while todo:
+            name = todo.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                continue
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stack[-1])
+            st = os.fstat(fd)
+            if not stat.S_ISLNK(st.st_mode):
+                stack.append(fd)
+                continue
+            try:
+                if st.st_uid not in (0, os.geteuid()):
+                    raise BadInput(
+                        f"{path} leads to a block device through {name}, a symlink owned by uid "
+                        f"{st.st_uid}; vmrecover follows only symlinks owned by root or by you onto a device",
+                        hint="name the device itself, or a link in /dev/disk/by-id",
+                    )
+                target = os.readlink("", dir_fd=fd)  # the link itself (readlinkat on its O_PATH fd)
+            finally:
+                os.close(fd)
+            hops += 1
+            if hops > 40:
+                raise BadInput(f"{path}: too many levels of symlinks")
+            if target.startswith("/"):
+                while len(stack) > 1:
+                    os.close(stack.pop())
+            todo.extend(reversed(Path(target).parts[1:] if target.startswith("/") else Path(target).parts))
+        return stack.pop()
+    finally:
+        for fd in stack:
+            os.close(fd)
 
 
 @dataclass

@@ -77,3 +77,29 @@ def test_interrupted_recover_start_keeps_a_listed_session_whole(
         assert sha256_file(tmp_path / "m.raw") == sha256_file(tmp_path / "d.raw")
     else:
         assert listed == [] and folders == []
+
+
+def test_prune_keeps_a_point_whose_session_started_after_it_looked(cli: Cli, tmp_path: Path) -> None:
+    """A session starts on a point between prune's look at the sessions and its delete: the point is
+    kept (no foreign-key traceback, no session left without its point)."""
+    from vmrecover.recovery import sessions
+    from vmrecover.repo.prune import Policy, prune
+    from vmrecover.repo.repository import Repository
+
+    cli.run("backup", random_image(tmp_path / "a.raw", 1 * MiB, seed=5), "--vm", "v")
+    cli.run("backup", random_image(tmp_path / "b.raw", 1 * MiB, seed=6), "--vm", "v")
+    with Repository.open(cli.repo) as repo:
+        old = repo.catalog.points("v")[0]
+        real_sessions = repo.catalog.sessions
+
+        def sessions_then_start() -> list:  # prune looks, then a session starts on the old point
+            seen = real_sessions()
+            with Repository.open(cli.repo) as other:
+                sessions.start(other, old, "late")
+            return seen
+
+        repo.catalog.sessions = sessions_then_start  # type: ignore[method-assign]
+        removed = prune(repo, Policy(last=1), vm="v")
+    assert removed == {"v": []}
+    assert [s["name"] for s in cli.json("recover", "list")] == ["late"]
+    assert len(_points(cli, "v")) == 2 and cli.run("verify", check=False).returncode == 0

@@ -179,7 +179,7 @@ def run_backup(
     tmpdir = repo.root / "indexes" / f"{point_id}{TMP_MARK}{os.getpid()}"
     final = repo.index_dir(point_id)
     started = time.monotonic()
-    tmpdir.mkdir()
+    tmpdir.mkdir(mode=0o700)
     committed = False
     shared = _Shared(repo)
     try:

@@ -53,8 +53,8 @@ def start(repo: Repository, point: Point, name: str | None = None) -> Session:
     # gc removes session folders without a catalog row; this one has none until the end
     with repo.session_folders("recover start", exclusive=False, wait=START_WAIT):
         try:
-            (root / "disks").mkdir(parents=True)
-            (root / "upper").mkdir()
+            (root / "disks").mkdir(parents=True, mode=0o700)
+            (root / "upper").mkdir(mode=0o700)
             for d in disks:
                 create_delta(root / "disks" / f"{d.name}.delta", d.size)
             meta = {"name": name, "id": sid, "vm": point.vm, "point": point.id,

@@ -355,12 +355,18 @@ class Catalog:
         with self.transaction("stop"):
             self.db.execute("DELETE FROM sessions WHERE name = ?", (name,))
 
-    def delete_points(self, ids: list[str]) -> None:
+    def delete_points(self, ids: list[str]) -> list[str]:
+        """Delete the points *ids* but those a recovery session uses (checked in the same transaction:
+        a session may have started since the caller looked); returns the ids deleted."""
         with self.transaction("prune"):
-            for pid in ids:
-                self.db.execute("DELETE FROM disks WHERE point = ?", (pid,))
-                self.db.execute("DELETE FROM points WHERE id = ?", (pid,))
-            self.db.execute("DELETE FROM vms WHERE name NOT IN (SELECT vm FROM points)")
+            ex = self.db.execute
+            in_use = {r[0] for r in ex("SELECT point FROM sessions").fetchall()}
+            deleted = [pid for pid in ids if pid not in in_use]
+            for pid in deleted:
+                ex("DELETE FROM disks WHERE point = ?", (pid,))
+                ex("DELETE FROM points WHERE id = ?", (pid,))
+            ex("DELETE FROM vms WHERE name NOT IN (SELECT vm FROM points)")
+        return deleted
 
 
 class _Transaction:

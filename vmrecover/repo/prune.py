@@ -67,9 +67,10 @@ def prune(
     for name in vms:
         _, drop = select(repo.catalog.points(name), policy)
         drop = [p for p in drop if p.id not in in_use]
-        removed[name] = drop
         if drop and not dry_run:
-            repo.catalog.delete_points([p.id for p in drop])
+            deleted = set(repo.catalog.delete_points([p.id for p in drop]))
+            drop = [p for p in drop if p.id in deleted]  # a session may have started meanwhile
             for p in drop:
                 shutil.rmtree(repo.index_dir(p.id), ignore_errors=True)
+        removed[name] = drop
     return removed

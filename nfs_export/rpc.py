@@ -520,6 +520,8 @@ class RpcServer:
                 if busy:  # not idle while one of its calls is being answered
                     last = trio.current_time()
                     continue
+                if trio.current_time() < last + self.idle_timeout:  # a reply went out meanwhile
+                    continue
                 why = "a record not completed" if reader.in_record else "idle"
                 log.info("closing connection from %s: %s for %g s", peer, why, self.idle_timeout)
                 return None

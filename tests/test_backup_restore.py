@@ -255,3 +255,25 @@ def test_explicit_format_beats_probing(cli: Cli, tmp_path: Path) -> None:
     out = tmp_path / "out.raw"
     cli.run("restore", "raw", "--to", out)
     assert sha256_file(out) == sha256_file(img)
+
+
+def test_catalog_of_schema_2_is_upgraded_in_place(cli: Cli, tmp_path: Path) -> None:
+    """A repository written by the previous release (catalog schema 2: no point configuration, no
+    change tokens) opens, keeps its points, and takes new ones."""
+    import sqlite3
+
+    img = random_image(tmp_path / "d.raw", 1 * MiB, seed=40)
+    first = cli.json("backup", img, "--vm", "v")["point"]
+    db = sqlite3.connect(cli.repo / "catalog.sqlite")
+    db.executescript(
+        "ALTER TABLE points DROP COLUMN config; ALTER TABLE disks DROP COLUMN change_token; "
+        "UPDATE meta SET value = '2' WHERE key = 'schema_version';"
+    )
+    db.close()
+    (point,) = cli.json("list", "v")["points"]
+    assert point["id"] == first and point["config"] is None and point["disks"][0]["change_token"] is None
+    cli.json("backup", img, "--vm", "v")
+    db = sqlite3.connect(cli.repo / "catalog.sqlite")
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    db.close()
+    assert len(cli.json("list", "v")["points"]) == 2

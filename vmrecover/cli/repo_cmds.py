@@ -80,8 +80,15 @@ def _point_doc(repo: Repository, p: Any) -> dict[str, Any]:
         "kind": p.kind,
         "parent": p.parent,
         "stats": p.stats,
+        "config": p.config,
         "disks": [
-            {"name": d.name, "size": d.size, "source": d.source, "format": d.source_format}
+            {
+                "name": d.name,
+                "size": d.size,
+                "source": d.source,
+                "format": d.source_format,
+                "change_token": d.change_token,
+            }
             for d in repo.catalog.disks(p.id)
         ],
     }

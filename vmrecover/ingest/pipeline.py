@@ -63,6 +63,7 @@ class DiskJob:
     name: str
     source: DiskSource
     changed: Extents | None = None  # None: read every allocated extent
+    change_token: str | None = None  # the platform's change-tracking state to store (VMware changeId)
 
 
 @dataclass
@@ -166,8 +167,10 @@ def run_backup(
     progress: Progress = lambda n: None,
     progress_total: Progress = lambda n: None,
     workers: int | None = None,
+    config: dict[str, Any] | None = None,
 ) -> tuple[Point, list[DiskStats]]:
-    """Back up *jobs* as one new restore point of *vm*.  Caller holds the writer lock."""
+    """Back up *jobs* as one new restore point of *vm*, with the VM's *config* (hypervisor backups).
+    Caller holds the writer lock."""
     check_name("VM", vm)
     names = [check_name("disk", j.name) for j in jobs]
     if len(set(names)) != len(names):
@@ -209,6 +212,7 @@ def run_backup(
                         job.source.path,
                         job.source.format,
                         sha,
+                        job.change_token,
                     )
                 )
         syncfs(repo.root)
@@ -224,7 +228,9 @@ def run_backup(
             # every host file each disk was read from (an image's backing chain or extents included)
             "files_read": {j.name: list(j.source.files_read) for j in jobs},
         }
-        point = Point(point_id, vm, now_iso(), parent_point.id if parent_point else None, kind, stats_doc)
+        point = Point(
+            point_id, vm, now_iso(), parent_point.id if parent_point else None, kind, stats_doc, config
+        )
         faults.moment("backup.before-commit")
         repo.catalog.add_point(point, disks)
         committed = True

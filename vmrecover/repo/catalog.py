@@ -28,9 +28,10 @@ from .. import faults
 from ..errors import BadInput, NotFound
 from ..fsutil import raise_if_no_space
 
-SCHEMA_VERSION = 2  # 2 added `sessions`; a v1 catalog is upgraded in place when opened
+SCHEMA_VERSION = 3  # 2 added `sessions`, 3 `points.config` and `disks.change_token`; upgraded in place
 
 # Table -> (columns, primary key, not-null columns, foreign keys).  Every column is described here.
+NULLABLE = {"parent", "config", "change_token"}
 SCHEMA: dict[str, dict[str, Any]] = {
     "meta": {
         # key/value facts about the catalog itself: 'schema_version'
@@ -51,7 +52,18 @@ SCHEMA: dict[str, dict[str, Any]] = {
         #         (every point has complete indexes), so pruning a parent never breaks a child
         # kind: 'full' (everything allocated was read) or 'incremental' (changed extents only)
         # stats: JSON: bytes read, new chunks, stored bytes, duration ...
-        "columns": {"id": str, "vm": str, "created": str, "parent": str, "kind": str, "stats": str},
+        # config: JSON, NULL for local images: where the point came from and the VM's configuration
+        #         as the platform describes it ({"platform": "vmware", "source": ..., "vmx": ...,
+        #         "hardware": {...}}), what a full restore or a recovery rebuilds the VM from
+        "columns": {
+            "id": str,
+            "vm": str,
+            "created": str,
+            "parent": str,
+            "kind": str,
+            "stats": str,
+            "config": str,
+        },
         "pk": "id",
         "foreign_keys": [("vm", "vms", "name")],
     },
@@ -61,6 +73,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         # size: virtual disk size in bytes; chunk_size: the index's chunk size
         # source: path the disk was read from; source_format: raw, qcow2, vmdk, vpc (vhd), vhdx
         # index_sha256: sha256 of the whole index file, checked by verify
+        # change_token: the platform's change-tracking state of the disk at this point (VMware's
+        #               changeId), which the next incremental backup asks for changes since; NULL
+        #               when the platform tracks nothing (local images) or tracking was off
         "columns": {
             "point": str,
             "name": str,
@@ -70,6 +85,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "source": str,
             "source_format": str,
             "index_sha256": str,
+            "change_token": str,
         },
         "pk": ("point", "name"),
         "foreign_keys": [("point", "points", "id")],
@@ -110,6 +126,7 @@ class Disk:
     source: str
     source_format: str
     index_sha256: str
+    change_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,7 @@ class Point:
     parent: str | None
     kind: str
     stats: dict[str, Any]
+    config: dict[str, Any] | None = None  # the VM's configuration, for hypervisor backups
 
     @property
     def created_dt(self) -> datetime:
@@ -189,7 +207,7 @@ class Catalog:
             spec["columns"],
             pk=spec["pk"],
             foreign_keys=spec.get("foreign_keys"),
-            not_null=set(spec["columns"]) - {"parent"},
+            not_null=set(spec["columns"]) - NULLABLE,
         )
 
     def upgrade(self) -> None:
@@ -198,6 +216,10 @@ class Catalog:
             if self.schema_version() == 1:
                 self._create_table("sessions")
                 self.db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+            if self.schema_version() == 2:
+                self.db.execute("ALTER TABLE points ADD COLUMN config TEXT")
+                self.db.execute("ALTER TABLE disks ADD COLUMN change_token TEXT")
+                self.db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
 
     def schema_version(self) -> int:
         try:
@@ -227,18 +249,18 @@ class Catalog:
         return [r[0] for r in self.db.execute("SELECT name FROM vms ORDER BY name").fetchall()]
 
     def points(self, vm: str | None = None) -> list[Point]:
-        sql = "SELECT id, vm, created, parent, kind, stats FROM points"
+        sql = f"SELECT {_POINT_COLUMNS} FROM points"
         args: tuple[Any, ...] = ()
         if vm is not None:
             sql += " WHERE vm = ?"
             args = (vm,)
         rows = self.db.execute(sql + " ORDER BY created", args).fetchall()
-        return [Point(r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}")) for r in rows]
+        return [_point(r) for r in rows]
 
     def disks(self, point: str) -> list[Disk]:
         rows = self.db.execute(
-            "SELECT point, name, position, size, chunk_size, source, source_format, index_sha256 "
-            "FROM disks WHERE point = ? ORDER BY position",
+            "SELECT point, name, position, size, chunk_size, source, source_format, index_sha256, "
+            "change_token FROM disks WHERE point = ? ORDER BY position",
             (point,),
         ).fetchall()
         return [Disk(*r) for r in rows]
@@ -289,10 +311,8 @@ class Catalog:
         return Session(*row)
 
     def point(self, point_id: str) -> Point | None:
-        r = self.db.execute(
-            "SELECT id, vm, created, parent, kind, stats FROM points WHERE id = ?", (point_id,)
-        ).fetchone()
-        return None if r is None else Point(r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}"))
+        r = self.db.execute(f"SELECT {_POINT_COLUMNS} FROM points WHERE id = ?", (point_id,)).fetchone()
+        return None if r is None else _point(r)
 
     def data_version(self) -> int:
         """Changes whenever another connection commits: a cheap "has anything changed?"."""
@@ -306,7 +326,8 @@ class Catalog:
             ex = self.db.execute
             ex("INSERT OR IGNORE INTO vms (name, created) VALUES (?, ?)", (point.vm, point.created))
             ex(
-                "INSERT INTO points (id, vm, created, parent, kind, stats) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO points (id, vm, created, parent, kind, stats, config) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     point.id,
                     point.vm,
@@ -314,12 +335,13 @@ class Catalog:
                     point.parent,
                     point.kind,
                     json.dumps(point.stats, sort_keys=True),
+                    None if point.config is None else json.dumps(point.config, sort_keys=True),
                 ),
             )
             for d in disks:
                 ex(
                     "INSERT INTO disks (point, name, position, size, chunk_size, source, source_format, "
-                    "index_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "index_sha256, change_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         d.point,
                         d.name,
@@ -329,6 +351,7 @@ class Catalog:
                         d.source,
                         d.source_format,
                         d.index_sha256,
+                        d.change_token,
                     ),
                 )
 
@@ -367,6 +390,15 @@ class Catalog:
                 ex("DELETE FROM points WHERE id = ?", (pid,))
             ex("DELETE FROM vms WHERE name NOT IN (SELECT vm FROM points)")
         return deleted
+
+
+_POINT_COLUMNS = "id, vm, created, parent, kind, stats, config"
+
+
+def _point(r: tuple[Any, ...]) -> Point:
+    return Point(
+        r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}"), None if r[6] is None else json.loads(r[6])
+    )
 
 
 class _Transaction:

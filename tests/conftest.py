@@ -51,7 +51,7 @@ class Cli:
             capture_output=True,
             text=True,
             timeout=timeout,
-            stdin=subprocess.DEVNULL,
+            stdin=None if "input" in kw else subprocess.DEVNULL,  # input= feeds stdin (a password, say)
             **kw,
         )
         res = Result(proc.returncode, proc.stdout, proc.stderr)

@@ -23,6 +23,8 @@ class ExitCode:
     INCOMPATIBLE = 7  # not a repository, another format version, already exists
     AUTH = 8  # passphrase missing or wrong
     NO_SPACE = 9  # the repository's or the destination's filesystem is full
+    UNREACHABLE = 10  # a hypervisor cannot be reached, or failed an operation it should do
+    CERTIFICATE = 11  # a hypervisor's TLS certificate is not trusted (see hypervisor add --ca-file)
     INTERRUPTED = 130  # SIGINT
 
 
@@ -117,3 +119,11 @@ class AuthError(VmrecoverError):
 
 class NoSpace(VmrecoverError):
     exit_code = ExitCode.NO_SPACE
+
+
+class Unreachable(VmrecoverError):
+    exit_code = ExitCode.UNREACHABLE
+
+
+class CertificateError(VmrecoverError):
+    exit_code = ExitCode.CERTIFICATE

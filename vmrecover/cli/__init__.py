@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import ExitCode, VmrecoverError
-from . import backup_cmds, files_cmds, mount_cmds, nfs_cmds, recover_cmds, repo_cmds
+from . import backup_cmds, files_cmds, hypervisor_cmds, mount_cmds, nfs_cmds, recover_cmds, repo_cmds
 from .common import common_options
 from .output import emit_json, setup_logging, stderr
 
@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vmrecover",
         description="Back up VM disk images into a deduplicating repository and restore them.",
         epilog="exit codes: 0 ok, 1 internal error, 2 usage, 3 data integrity, 4 locked, 5 not found, "
-        "6 bad input, 7 incompatible repository, 8 passphrase, 9 no space, 130 interrupted",
+        "6 bad input, 7 incompatible repository, 8 passphrase or login, 9 no space, 10 hypervisor "
+        "unreachable or failing, 11 certificate not trusted, 130 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"vmrecover {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     recover_cmds.register(sub, common)
     nfs_cmds.register(sub, common)
     files_cmds.register(sub, common)
+    hypervisor_cmds.register(sub, common)
     return parser
 
 

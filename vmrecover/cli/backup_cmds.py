@@ -17,9 +17,20 @@ from .output import emit_json, human_bytes, progress, stdout
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("backup", parents=[common], help="back up disk images as one restore point of a VM")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="raw, qcow2, vmdk, vhd or vhdx")
-    p.add_argument("--vm", required=True, help="VM name")
+    p = sub.add_parser(
+        "backup", parents=[common], help="back up a hypervisor's VM, or disk images, as one restore point",
+        description="vmrecover backup vmware://HYPERVISOR/VM_NAME_OR_MOREF [--quiesce] [--memory] [--full] "
+        "[--vm NAME]  |  vmrecover backup IMAGE [IMAGE...] --vm NAME",
+    )  # fmt: skip
+    p.add_argument(
+        "images", nargs="+", metavar="SOURCE",
+        help="vmware://HYPERVISOR/VM (see 'vmrecover hypervisor add'), or image files: raw, qcow2, vmdk, "
+        "vhd, vhdx",
+    )  # fmt: skip
+    p.add_argument("--vm", help="VM name in the repository (needed for images; default: the VM's own name)")
+    p.add_argument("--quiesce", action="store_true", help="hypervisor: a quiesced snapshot (guest tools)")
+    p.add_argument("--memory", action="store_true", help="hypervisor: a snapshot with the VM's memory")
+    p.add_argument("--full", action="store_true", help="hypervisor: read every disk whole, not what changed")
     p.add_argument(
         "--disk-name",
         action="append",
@@ -63,6 +74,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    if any("://" in s for s in args.images):
+        return _backup_vm(args)
+    if args.vm is None:
+        raise BadInput("backing up images needs --vm NAME", hint="vmrecover backup IMAGE... --vm NAME")
+    if args.quiesce or args.memory or args.full:
+        raise BadInput("--quiesce, --memory and --full are for hypervisor backups (vmware://...)")
+    args.images = [Path(i) for i in args.images]
     if args.disk_name and len(args.disk_name) != len(args.images):
         raise BadInput(f"{len(args.images)} images but {len(args.disk_name)} --disk-name options")
     names = args.disk_name or [img.name.split(".")[0] or img.name for img in args.images]
@@ -93,6 +111,51 @@ def cmd_backup(args: argparse.Namespace) -> int:
             if d["backing_not_read"]:
                 line += f"; backing file {d['backing_not_read']} not read (untrusted): it read as zeros"
             stdout.print(line, markup=False, soft_wrap=True)
+    return ExitCode.OK
+
+
+def _backup_vm(args: argparse.Namespace) -> int:
+    from ..hypervisors import Registry
+    from ..hypervisors.vmware.backup import Options, back_up
+    from ..hypervisors.vmware.session import session
+
+    if len(args.images) != 1 or args.disk_name or args.changed_extents or args.format or args.untrusted:
+        raise BadInput("a hypervisor backup takes one vmware://HYPERVISOR/VM and no image options")
+    url = args.images[0]
+    scheme, _, rest = url.partition("://")
+    hv_name, _, vm_ref = rest.partition("/")
+    if scheme != "vmware" or not hv_name or not vm_ref:
+        raise BadInput(
+            f"{url!r} is not vmware://HYPERVISOR/VM", hint="e.g. vmware://vc1/web01 or vmware://vc1/vm-42"
+        )
+    with open_repo(args) as repo:
+        registry = Registry(repo.root)
+        hv = registry.get(hv_name)
+        options = Options(quiesce=args.quiesce, memory=args.memory, full=args.full)
+        with session(hv, registry.password(hv)) as vs, progress(f"backup {url}", enabled=not args.json) as (
+            total, advance,
+        ):  # fmt: skip
+            point, stats, plans, received = back_up(
+                repo, vs, vm_ref, name=args.vm, options=options, source_url=url, progress=advance,
+                progress_total=total,
+            )  # fmt: skip
+    why = {p.disk.name: p.why_full for p in plans}
+    disks = [{**s.__dict__, "read_whole": why.get(s.name), "files_read": [p.disk.file for p in plans
+              if p.disk.name == s.name]} for s in stats]  # fmt: skip
+    doc = {**point.summary(), **point.stats, "source": url, "http_bytes_received": received, "disks": disks}
+    if args.json:
+        emit_json(doc)
+    else:
+        stdout.print(
+            f"{point.vm}@{point.id}: {point.kind} backup of {url} ({len(stats)} disk(s)) in "
+            f"{doc['duration_s']} s; "
+            f"read {human_bytes(doc['bytes_read'])} ({human_bytes(received)} over HTTP), "
+            f"new {human_bytes(doc['new_bytes'])}, stored {human_bytes(doc['stored_bytes'])}",
+            markup=False,
+        )
+        for d in disks:
+            if d["read_whole"]:
+                stdout.print(f"  disk {d['name']} read whole: {d['read_whole']}", markup=False)
     return ExitCode.OK
 
 

@@ -11,6 +11,7 @@ Both are pure functions of (disk name, size, a stable identity), so a view's byt
 
 from __future__ import annotations
 
+import re
 import struct
 import uuid
 from datetime import UTC, datetime
@@ -96,3 +97,23 @@ def vmdk_descriptor(disk: str, size: int, identity: str) -> bytes:
 
 def flat_vmdk_name(disk: str) -> str:
     return f"{disk}-flat.vmdk"
+
+
+def vmdk_extents(descriptor: bytes) -> list[tuple[str, int, str, str]]:
+    """The extents a text vmdk descriptor lists: (access, sectors, type, file name), in order.
+    ``RW 4194304 VMFS "web01-flat.vmdk"`` -> ("RW", 4194304, "VMFS", "web01-flat.vmdk").  An offset
+    after the name (``FLAT "x" 0``) is accepted only when it is 0."""
+    try:
+        text = descriptor.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not a text vmdk descriptor") from None
+    if "# Disk DescriptorFile" not in text.split("\n", 1)[0] and "createType" not in text:
+        raise ValueError("not a text vmdk descriptor")
+    out = []
+    for line in text.splitlines():
+        m = re.fullmatch(r'\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)\s+"([^"]+)"(?:\s+(\d+))?\s*', line)
+        if m:
+            if m.group(5) not in (None, "0"):
+                raise ValueError(f"extent {m.group(4)!r} starts at sector {m.group(5)} of its file")
+            out.append((m.group(1), int(m.group(2)), m.group(3).upper(), m.group(4)))
+    return out

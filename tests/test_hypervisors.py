@@ -1,0 +1,160 @@
+"""The hypervisor registry and its command line, without a hypervisor: URLs, where passwords live (never
+on a command line, never readable by others), and what `hypervisor test` says when the host is
+unreachable or its certificate is not trusted."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import ssl
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, assert_clean_error
+from vmrecover.errors import BadInput, ExitCode
+from vmrecover.hypervisors import Hypervisor, Registry, parse_url
+from vmrecover.vfs.formats import vmdk_descriptor, vmdk_extents
+
+
+@pytest.mark.parametrize(
+    ("url", "want"),
+    [
+        ("vmware://vc.example", ("vmware", "root", "vc.example", 443)),
+        ("vmware://administrator@vsphere.local@vc.example:8443/", ("vmware", "administrator@vsphere.local",
+                                                                    "vc.example", 8443)),
+        ("vmware://admin@[fd00::5]:443", ("vmware", "admin", "fd00::5", 443)),
+        ("vmware://10.0.0.5", ("vmware", "root", "10.0.0.5", 443)),
+    ],
+)  # fmt: skip
+def test_urls(url: str, want: tuple[str, str, str, int]) -> None:
+    assert parse_url(url) == want
+    scheme, user, host, port = want
+    assert parse_url(Hypervisor("x", scheme, user, host, port).url) == want
+
+
+@pytest.mark.parametrize(
+    "url", ["vc.example", "http://vc", "vmware://", "vmware://vc:99999", "vmware://a/b c"]
+)
+def test_bad_urls(url: str) -> None:
+    with pytest.raises(BadInput):
+        parse_url(url)
+
+
+def test_vmdk_descriptor_extents() -> None:
+    assert vmdk_extents(vmdk_descriptor("web01", 4 << 20, "id")) == [("RW", 8192, "VMFS", "web01-flat.vmdk")]
+    two = (
+        b'# Disk DescriptorFile\ncreateType="twoGbMaxExtentFlat"\n'
+        b'RW 100 FLAT "a-f001.vmdk" 0\nRW 5 FLAT "a-f002.vmdk" 0\n'
+    )
+    assert [e[3] for e in vmdk_extents(two)] == ["a-f001.vmdk", "a-f002.vmdk"]
+    with pytest.raises(ValueError):
+        vmdk_extents(b"KDMV\x01\x00\x00\x00binary sparse header")
+    with pytest.raises(ValueError):
+        vmdk_extents(b'# Disk DescriptorFile\nRW 100 FLAT "a" 512\n')  # an offset into its file
+
+
+def test_registry_keeps_passwords_private_and_out_of_listings(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = "vmware://admin@vsphere.local@vc.example"
+    res = cli.run("hypervisor", "add", "vc1", url, "--password-stdin", "--no-check", input="s3cret pass\n")
+    assert "s3cret" not in res.stdout + res.stderr
+    path = cli.repo / "hypervisors.toml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    listed = cli.json("hypervisor", "list")["hypervisors"]
+    assert listed == [{"name": "vc1", "url": "vmware://admin@vsphere.local@vc.example:443", "insecure": False,
+                       "ca_file": None, "password": "registry"}]  # fmt: skip
+    assert "s3cret" not in json.dumps(listed)
+    reg = Registry(cli.repo)
+    hv = reg.get("vc1")
+    assert reg.password(hv) == "s3cret pass"
+    monkeypatch.setenv("VMRECOVER_HYPERVISOR_VC1_PASSWORD", "from the environment")
+    assert reg.password(hv) == "from the environment"  # the environment wins (a service's secret store)
+    res = cli.run("hypervisor", "add", "vc1", "vmware://x", "--password-stdin", "--no-check", input="p\n",
+                  check=False)  # fmt: skip
+    assert_clean_error(res, ExitCode.BAD_INPUT, "exists")
+    assert cli.json("hypervisor", "remove", "vc1") == {"name": "vc1", "removed": True}
+    assert "s3cret" not in path.read_text()
+
+
+def test_password_is_never_taken_from_argv_or_a_pipe_without_asking(cli: Cli) -> None:
+    res = cli.run(
+        "hypervisor", "add", "vc1", "vmware://vc.example", "--no-check", check=False
+    )  # stdin: /dev/null
+    assert_clean_error(res, ExitCode.AUTH, "no password given", "--password-stdin")
+    assert not (cli.repo / "hypervisors.toml").exists()
+
+
+def test_unreachable_host_is_said_so(cli: Cli) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli.run("hypervisor", "add", "dead", f"vmware://root@127.0.0.1:{port}", "--password-stdin", "--no-check",
+            input="pw\n")  # fmt: skip
+    res = cli.run("hypervisor", "test", "dead", check=False)
+    assert_clean_error(res, ExitCode.UNREACHABLE, "cannot reach hypervisor dead", "refused")
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A TLS server with a self-signed certificate (no vSphere behind it): (port, its certificate)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not-a-vcenter")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256())
+    )  # fmt: skip
+    pem = tmp_path / "cert.pem"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile = tmp_path / "key.pem"
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))  # fmt: skip
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pem, keyfile)
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1024)
+            except (ssl.SSLError, OSError):
+                pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1], pem
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+
+
+def test_untrusted_certificate_is_said_so_with_its_fingerprint(
+    cli: Cli, tls_server: tuple[int, Path]
+) -> None:
+    port, _ = tls_server
+    cli.run("hypervisor", "add", "self", f"vmware://root@127.0.0.1:{port}", "--password-stdin", "--no-check",
+            input="pw\n")  # fmt: skip
+    res = cli.run("hypervisor", "test", "self", check=False)
+    fp = r"fingerprint is [0-9A-F]{2}(\s?:\s?[0-9A-F]{2}){31}"  # (the console may fold the line)
+    assert_clean_error(res, ExitCode.CERTIFICATE, "not trusted", fp, "--ca-file")

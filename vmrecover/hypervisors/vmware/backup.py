@@ -1,0 +1,263 @@
+"""Backing up a vSphere VM the way VADP-based products do: snapshot, changed block tracking, read the
+frozen disks, remove the snapshot.
+
+1. Find the VM (by moref or unique name); remove snapshots a crash of ours left (named
+   ``vmrecover-...``; any other snapshot is never touched).
+2. Enable changed block tracking if it is off (and say so: this backup is then full).
+3. Take the writer lock of the repository, then create the snapshot (quiesced or with memory on
+   request).  **It is always removed**: on success, on failure, on SIGTERM or ^C (signals wait while
+   it is being removed).
+4. For each disk of the snapshot: ``QueryChangedDiskAreas`` against the changeId stored with the VM's
+   latest point (``*`` for a full backup) gives the areas to read; a changeId the host no longer
+   accepts, a disk that grew, a latest point of another VM or a disk it did not have make that disk a
+   full read, and the log says why.
+5. The pipeline reads those areas of the frozen disk over HTTP and commits the point with the VM's
+   configuration (the .vmx and a hardware summary) and each disk's new changeId.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import BadInput, Unreachable
+from ...ingest.pipeline import DiskJob, DiskStats, run_backup
+from ...repo.catalog import Point, check_name
+from ...repo.repository import Repository
+from . import hardware
+from .hardware import DiskInfo
+from .http import DatastoreFiles, DsPath
+from .session import VSphere, fault_text
+from .source import VmdkSource
+
+log = logging.getLogger("vmrecover.vmware")
+SNAPSHOT_PREFIX = "vmrecover-"  # our snapshots, and only ours, carry this name
+
+
+def _vim() -> Any:
+    from pyVmomi import vim
+
+    return vim
+
+
+@dataclass
+class Options:
+    quiesce: bool = False
+    memory: bool = False
+    full: bool = False
+
+
+@dataclass
+class DiskPlan:
+    disk: DiskInfo
+    areas: list[tuple[int, int]]  # what to read: changed areas (incremental) or allocated ones (full)
+    incremental: bool
+    why_full: str | None = None
+
+
+# ------------------------------------------------------------------------------------ snapshots
+def _snapshot_tree(vs: VSphere, vm: Any) -> Iterator[Any]:
+    """Every snapshot of *vm* (vim.vm.SnapshotTree nodes)."""
+    info = vs.prop(vm, "snapshot")
+    todo = list(getattr(info, "rootSnapshotList", None) or [])
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(node.childSnapshotList or [])
+
+
+def remove_stale_snapshots(vs: VSphere, vm: Any) -> list[str]:
+    """Remove the snapshots an interrupted vmrecover left on *vm* (ours by name); return their names."""
+    removed = []
+    for node in list(_snapshot_tree(vs, vm)):
+        if node.name.startswith(SNAPSHOT_PREFIX):
+            log.warning("removing snapshot %r left on %s by an interrupted backup", node.name, vm._moId)
+            _remove(vs, node.snapshot, node.name)
+            removed.append(node.name)
+    return removed
+
+
+def _remove(vs: VSphere, snap: Any, name: str) -> None:
+    vs.wait(snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True), f"removing snapshot {name!r}")
+
+
+@contextlib.contextmanager
+def snapshot(vs: VSphere, vm: Any, *, quiesce: bool, memory: bool) -> Iterator[Any]:
+    """A snapshot of *vm* for the block: created, and removed whatever happens in the block."""
+    name = f"{SNAPSHOT_PREFIX}{secrets.token_hex(4)}"
+    task = vm.CreateSnapshot_Task(
+        name=name, description="made by vmrecover for a backup; removed when it ends",
+        memory=memory, quiesce=quiesce,
+    )  # fmt: skip
+    fault = vs.task_error(task)
+    if fault is not None:
+        hint = (
+            "quiescing needs VMware Tools running in the guest; back up without --quiesce"
+            if quiesce
+            else None
+        )
+        raise Unreachable(f"cannot snapshot VM {vm._moId} on {vs.hv.name}: {fault_text(fault)}", hint=hint)
+    snap = next((n.snapshot for n in _snapshot_tree(vs, vm) if n.name == name), None)
+    if snap is None:
+        raise Unreachable(f"snapshot {name!r} of VM {vm._moId} vanished right after it was made")
+    try:
+        yield snap
+    finally:
+        # SIGTERM or ^C during the removal would leave the snapshot: they wait until it is gone
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            _remove(vs, snap, name)
+            log.info("removed snapshot %r of %s", name, vm._moId)
+        except Exception as exc:
+            log.error(
+                "could not remove snapshot %r of VM %s on %s: %s; the next backup removes it, or remove "
+                "it in vSphere", name, vm._moId, vs.hv.name, exc,
+            )  # fmt: skip
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+# ------------------------------------------------------------------------------------ CBT
+def enable_cbt(vs: VSphere, vm: Any) -> bool:
+    """Turn changed block tracking on; False if it already was."""
+    if vs.prop(vm, "config.changeTrackingEnabled"):
+        return False
+    vim = _vim()
+    vs.wait(
+        vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=True)),
+        "enabling changed block tracking",
+    )
+    return True
+
+
+def changed_areas(vs: VSphere, vm: Any, snap: Any, disk: DiskInfo, change_id: str) -> list[tuple[int, int]]:
+    """``QueryChangedDiskAreas`` over the whole disk (the host answers in pieces), merged."""
+    out: list[tuple[int, int]] = []
+    start = 0
+    while start < disk.capacity:
+        info = vm.QueryChangedDiskAreas(
+            snapshot=snap, deviceKey=disk.key, startOffset=start, changeId=change_id
+        )
+        for a in info.changedArea or []:
+            off, n = int(a.start), int(a.length)
+            if out and out[-1][0] + out[-1][1] >= off:
+                end = max(out[-1][0] + out[-1][1], off + n)
+                out[-1] = (out[-1][0], end - out[-1][0])
+            else:
+                out.append((off, n))
+        nxt = int(info.startOffset) + int(info.length)
+        if nxt <= start:
+            raise Unreachable(f"QueryChangedDiskAreas of disk {disk.name} made no progress at offset {start}")
+        start = nxt
+    return out
+
+
+# ------------------------------------------------------------------------------------ the backup
+def datacenter_of(vs: VSphere, obj: Any) -> str:
+    """The inventory path of the datacenter holding *obj* (``dcPath`` of the /folder interface)."""
+    vim = _vim()
+    names = []
+    cur = vs.prop(obj, "parent")
+    while cur is not None and not isinstance(cur, vim.Datacenter):
+        cur = vs.prop(cur, "parent")
+    if cur is None:
+        return "ha-datacenter"
+    names.append(vs.prop(cur, "name"))
+    up = vs.prop(cur, "parent")
+    while up is not None and up != vs.content.rootFolder:
+        names.append(vs.prop(up, "name"))
+        up = vs.prop(up, "parent")
+    return "/".join(reversed(names))
+
+
+def plan(
+    vs: VSphere, vm: Any, snap: Any, disks: list[DiskInfo], latest: Point | None,
+    latest_tokens: dict[str, Any], *, uuid: str, cbt_fresh: bool, full: bool,
+) -> list[DiskPlan]:  # fmt: skip
+    """What to read of each disk, and why a disk is read whole."""
+    same_vm = latest is not None and (latest.config or {}).get("instance_uuid") == uuid
+    out = []
+    for d in disks:
+        prev = latest_tokens.get(d.name)
+        why = (
+            "--full" if full
+            else "changed block tracking was just enabled" if cbt_fresh
+            else "the VM has no earlier point" if latest is None
+            else "the latest point is not of this VM" if not same_vm
+            else "the latest point has no such disk" if prev is None
+            else "the disk's size changed" if prev.size != d.capacity
+            else "the latest point has no changeId for it" if not prev.change_token
+            else None
+        )  # fmt: skip
+        if why is None:
+            try:
+                out.append(DiskPlan(d, changed_areas(vs, vm, snap, d, prev.change_token), True))
+                continue
+            except Exception as exc:
+                why = f"the host no longer accepts its changeId ({fault_text(exc)})"
+        log.warning("disk %s of %s is read whole: %s", d.name, vm._moId, why)
+        try:
+            areas = changed_areas(vs, vm, snap, d, "*")  # the allocated areas
+        except Exception as exc:
+            log.warning("no allocation map for disk %s (%s): reading all of it", d.name, fault_text(exc))
+            areas = [(0, d.capacity)]
+        out.append(DiskPlan(d, areas, False, why))
+    return out
+
+
+def back_up(
+    repo: Repository, vs: VSphere, vm_ref: str, *, name: str | None, options: Options, source_url: str,
+    progress: Callable[[int], None] = lambda n: None, progress_total: Callable[[int], None] = lambda n: None,
+) -> tuple[Point, list[DiskStats], list[DiskPlan], int]:  # fmt: skip
+    """Back up VM *vm_ref* as a restore point of *name* (default: its vSphere name); returns the point,
+    the disks' figures, what was read of each and why, and the bytes the HTTP transfers received."""
+    vm = vs.vm(vm_ref)
+    info = vs.props([vm], ["name", "config.instanceUuid", "config.uuid", "config.files.vmPathName"])[0]
+    vm_name = check_name("VM", name or info["name"])
+    remove_stale_snapshots(vs, vm)
+    cbt_fresh = enable_cbt(vs, vm)
+    if cbt_fresh:
+        log.warning("changed block tracking was off on %s: enabled now; this backup is full", info["name"])
+    files = DatastoreFiles(vs, datacenter_of(vs, vm))
+    with repo.writer("backup"), snapshot(vs, vm, quiesce=options.quiesce, memory=options.memory) as snap:
+        snap_config = vs.prop(snap, "config")
+        devices = list(snap_config.hardware.device)
+        disks = hardware.disks(devices)
+        if not disks:
+            raise BadInput(f"VM {info['name']} has no virtual disks to back up")
+        latest = repo.catalog.latest_point(vm_name)
+        tokens = {d.name: d for d in repo.catalog.disks(latest.id)} if latest else {}
+        plans = plan(
+            vs, vm, snap, disks, latest, tokens, uuid=info["config.instanceUuid"], cbt_fresh=cbt_fresh,
+            full=options.full,
+        )  # fmt: skip
+        vmx = DsPath.parse(info["config.files.vmPathName"])
+        config = {
+            "platform": "vmware", "source": source_url, "hypervisor": vs.hv.name, "moref": vm._moId,
+            "name": info["name"], "uuid": info.get("config.uuid"),
+            "instance_uuid": info["config.instanceUuid"],
+            "vmx_path": str(vmx), "vmx": files.get(vmx).decode("utf-8", "replace"),
+            "hardware": hardware.summary(snap_config, devices),
+            "snapshot": {"quiesced": options.quiesce, "memory": options.memory},
+            "full_reads": {p.disk.name: p.why_full for p in plans if not p.incremental},
+        }  # fmt: skip
+        sources = []
+        try:
+            jobs = []
+            for p in plans:
+                src = VmdkSource(files, p.disk, p.areas, chunk_size=repo.config.chunk_size)
+                sources.append(src)
+                jobs.append(DiskJob(p.disk.name, src, p.areas if p.incremental else None, p.disk.change_id))
+            point, stats = run_backup(
+                repo, vm_name, jobs, config=config, progress=progress, progress_total=progress_total
+            )
+        finally:
+            for src in sources:
+                src.close()
+            files.close()
+    return point, stats, plans, files.received

@@ -1,0 +1,258 @@
+"""A logged-in connection to vCenter or a standalone ESXi host (pyvmomi), and the few helpers every
+VMware operation uses.
+
+- **TLS** is verified against the system's CAs (plus the hypervisor's ``ca_file``) unless it was added
+  with ``--insecure``, which logs a warning on every connection.  A certificate that is not trusted is
+  a :class:`CertificateError` that shows the server's SHA-256 fingerprint, so an administrator can
+  compare it with the one vCenter shows before trusting it.
+- **Properties are read through the PropertyCollector**, never as Python attributes of managed
+  objects: one round trip for many objects and paths, an unset property is simply absent (reading
+  one as an attribute makes pyvmomi fetch it, and some servers fail that request), and nothing is
+  fetched that was not asked for.
+- **Tasks** are waited for by polling ``info.state`` and ``info.error`` through the PropertyCollector
+  (reading a snapshot task's ``info`` as an attribute fails to deserialize in pyvmomi).
+- Errors are translated at this boundary: unreachable (exit 10), certificate (11), login (8).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import AuthError, CertificateError, NotFound, Unreachable, VmrecoverError
+from .. import Hypervisor
+
+log = logging.getLogger("vmrecover.vmware")
+TIMEOUT = 60.0  # seconds for one SOAP call
+
+
+def _vim() -> Any:
+    from pyVmomi import vim
+
+    return vim
+
+
+def ssl_context(hv: Hypervisor) -> ssl.SSLContext:
+    if hv.insecure:
+        log.warning(
+            "TLS certificate of hypervisor %s (%s) is NOT verified (--insecure): anyone on the network "
+            "path can read its password and the backups", hv.name, hv.host,
+        )  # fmt: skip
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    ctx = ssl.create_default_context()
+    if hv.ca_file:
+        ctx.load_verify_locations(cafile=hv.ca_file)
+    return ctx
+
+
+def fingerprint(host: str, port: int) -> str | None:
+    """SHA-256 fingerprint of the certificate the server presents (for an error message)."""
+    try:
+        pem = ssl.get_server_certificate((host, port), timeout=10)
+    except (OSError, ValueError):
+        return None
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def classify(hv: Hypervisor, exc: BaseException) -> VmrecoverError:
+    """The user's view of a failure to reach or log in to *hv*."""
+    vim = _vim()
+    where = f"hypervisor {hv.name} ({hv.host}:{hv.port})"
+    if isinstance(exc, ssl.SSLCertVerificationError) or (
+        isinstance(exc, ssl.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc)
+    ):
+        fp = fingerprint(hv.host, hv.port)
+        return CertificateError(
+            f"the TLS certificate of {where} is not trusted: {getattr(exc, 'verify_message', exc)}"
+            + (f"; its SHA-256 fingerprint is {fp}" if fp else ""),
+            hint="compare the fingerprint with the one vCenter shows, then add the hypervisor again with "
+            "--ca-file (its CA certificate, e.g. VMCA's root) or, only on a trusted network, --insecure",
+        )
+    if isinstance(exc, vim.fault.InvalidLogin):
+        return AuthError(f"{where} refused the login of user {hv.user}", hint="check the user and password")
+    if isinstance(exc, socket.gaierror):
+        return Unreachable(f"cannot resolve the name of {where}: {exc.strerror}", hint="check the host name")
+    if isinstance(exc, (OSError, TimeoutError)):
+        return Unreachable(f"cannot reach {where}: {exc}", hint="check the address, port and firewall")
+    msg = getattr(exc, "msg", None) or str(exc)
+    return Unreachable(f"{where} failed: {msg}")
+
+
+@dataclass
+class VSphere:
+    """A logged-in session (see the module doc).  Use as a context manager: it logs out."""
+
+    hv: Hypervisor
+    si: Any  # vim.ServiceInstance
+    ssl: ssl.SSLContext
+
+    @property
+    def content(self) -> Any:
+        return self.si.RetrieveContent()
+
+    @property
+    def about(self) -> Any:
+        return self.content.about
+
+    @property
+    def cookie(self) -> str:
+        """The session cookie, for the datastore HTTP interface (/folder)."""
+        return str(self.si._stub.cookie)
+
+    def close(self) -> None:
+        try:
+            self.content.sessionManager.Logout()
+        except Exception as exc:  # a dead connection logs out by itself
+            log.debug("logout from %s failed: %s", self.hv.name, exc)
+
+    def __enter__(self) -> VSphere:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading properties
+    def props(self, objs: Iterable[Any], paths: list[str]) -> list[dict[str, Any]]:
+        """``paths`` of each of ``objs`` (all of one type), one dict per object in their order;
+        unset properties are absent.  ``"obj"`` holds the object itself."""
+        objs = list(objs)
+        if not objs:
+            return []
+        from pyVmomi import vmodl
+
+        pcq = vmodl.query.PropertyCollector
+        spec = pcq.FilterSpec(
+            objectSet=[pcq.ObjectSpec(obj=o, skip=False) for o in objs],
+            propSet=[pcq.PropertySpec(type=type(objs[0]), pathSet=paths, all=False)],
+        )
+        got = {o._moId: {"obj": o} for o in objs}
+        for oc in self._retrieve(spec):
+            doc = got.setdefault(oc.obj._moId, {"obj": oc.obj})
+            for p in oc.propSet or []:
+                doc[p.name] = p.val
+        return [got[o._moId] for o in objs]
+
+    def prop(self, obj: Any, path: str, default: Any = None) -> Any:
+        return self.props([obj], [path])[0].get(path, default)
+
+    def _retrieve(self, spec: Any) -> Iterator[Any]:
+        from pyVmomi import vmodl
+
+        pc = self.content.propertyCollector
+        res = pc.RetrievePropertiesEx([spec], vmodl.query.PropertyCollector.RetrieveOptions())
+        while res is not None:
+            yield from res.objects or []
+            res = pc.ContinueRetrievePropertiesEx(res.token) if res.token else None
+
+    def all_of(self, vim_type: Any, paths: list[str]) -> list[dict[str, Any]]:
+        """Every inventory object of *vim_type* with *paths*, through a container view."""
+        from pyVmomi import vmodl
+
+        pcq = vmodl.query.PropertyCollector
+        view = self.content.viewManager.CreateContainerView(self.content.rootFolder, [vim_type], True)
+        try:
+            spec = pcq.FilterSpec(
+                objectSet=[pcq.ObjectSpec(
+                    obj=view, skip=True,
+                    selectSet=[pcq.TraversalSpec(name="view", path="view", skip=False, type=type(view))],
+                )],
+                propSet=[pcq.PropertySpec(type=vim_type, pathSet=paths, all=False)],
+            )  # fmt: skip
+            out = []
+            for oc in self._retrieve(spec):
+                doc = {"obj": oc.obj}
+                for p in oc.propSet or []:
+                    doc[p.name] = p.val
+                out.append(doc)
+            return out
+        finally:
+            view.Destroy()
+
+    # ------------------------------------------------------------------ objects
+    def vm(self, name_or_moref: str) -> Any:
+        """A VM by its moref (``vm-42``) or its name (which must be unique)."""
+        vim = _vim()
+        vms = self.all_of(vim.VirtualMachine, ["name"])
+        by_ref = [d["obj"] for d in vms if d["obj"]._moId == name_or_moref]
+        if by_ref:
+            return by_ref[0]
+        by_name = [d["obj"] for d in vms if d.get("name") == name_or_moref]
+        if len(by_name) == 1:
+            return by_name[0]
+        if by_name:
+            refs = ", ".join(o._moId for o in by_name)
+            raise VmrecoverError(
+                f"{len(by_name)} VMs on {self.hv.name} are named {name_or_moref!r} ({refs})",
+                hint="name the VM by its moref, e.g. vmware://" + f"{self.hv.name}/{by_name[0]._moId}",
+            )
+        raise NotFound(f"no VM named {name_or_moref!r} on hypervisor {self.hv.name}")
+
+    def ref(self, vim_type: Any, moref: str) -> Any:
+        return vim_type(moref, self.si._stub)
+
+    # ------------------------------------------------------------------ tasks
+    def wait(self, task: Any, what: str, *, timeout: float = 3600.0) -> None:
+        """Wait for *task*; its error is an Unreachable naming *what* (the caller may catch the
+        platform fault first via ``task_error``)."""
+        err = self.task_error(task, timeout=timeout)
+        if err is not None:
+            raise Unreachable(f"{what} failed on {self.hv.name}: {fault_text(err)}")
+
+    def task_error(self, task: Any, *, timeout: float = 3600.0) -> Any:
+        """Wait for *task* to end; its fault (a vim.fault object) or None."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            doc = self.props([task], ["info.state", "info.error"])[0]
+            state = doc.get("info.state")
+            if state == "success":
+                return None
+            if state == "error":
+                return doc.get("info.error")
+            if time.monotonic() > deadline:
+                raise Unreachable(f"a task on {self.hv.name} did not finish in {timeout:.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+
+def fault_text(fault: Any) -> str:
+    """A fault's own message (localizedMessage, msg, or its type)."""
+    return str(
+        getattr(fault, "localizedMessage", None) or getattr(fault, "msg", None) or type(fault).__name__
+    )
+
+
+def connect(hv: Hypervisor, password: str) -> VSphere:
+    """Log in to *hv*; the classified error (unreachable, certificate, login) otherwise."""
+    from pyVim.connect import SmartConnect
+
+    ctx = ssl_context(hv)
+    try:
+        si = SmartConnect(
+            host=hv.host, port=hv.port, user=hv.user, pwd=password, sslContext=ctx,
+            httpConnectionTimeout=TIMEOUT, disableSslCertValidation=hv.insecure,
+        )  # fmt: skip
+    except Exception as exc:
+        raise classify(hv, exc) from None
+    log.info("logged in to %s as %s", hv.name, hv.user)
+    return VSphere(hv, si, ctx)
+
+
+@contextmanager
+def session(hv: Hypervisor, password: str) -> Iterator[VSphere]:
+    s = connect(hv, password)
+    try:
+        yield s
+    finally:
+        s.close()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExitCode, NotFound
+from ..errors import BadInput, ExitCode, NotFound
 from ..recovery import qemu_boot, sessions
+from ..repo.keys import ask_passphrase
 from ..repo.repository import parse_size
 from ..restore import RESTORE_FORMATS
 from .common import open_repo
@@ -24,6 +27,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("target", metavar="VM[@POINT]")
     p.add_argument("--name", help="session name (default: <vm>-<6 hex>); shown as recover/<name>/")
+    p.add_argument(
+        "--to", metavar="vmware://HYPERVISOR",
+        help="run the VM there: mount this appliance's NFS export on a host and register the VM from it",
+    )  # fmt: skip
+    p.add_argument("--host", help="with --to: the host (default: the first connected one)")
+    p.add_argument(
+        "--datastore-name", help="with --to: the NFS datastore's name (default: vmrecover-<appliance>)"
+    )
+    p.add_argument("--power-on", action="store_true", help="with --to: power the VM on")
     p.set_defaults(func=cmd_start)
 
     p = rsub.add_parser("list", parents=[common], help="list recovery sessions")
@@ -50,7 +62,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "migrate", parents=[common], help="write a session's current disk as a standalone image"
     )
     p.add_argument("session")
-    p.add_argument("--to", required=True, type=Path, metavar="PATH")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--to", type=Path, metavar="PATH", help="write the disk as an image here")
+    dest.add_argument(
+        "--to-datastore", metavar="DS",
+        help="a session running on a hypervisor: move the VM to this datastore (Storage vMotion), then end "
+        "the session, leaving the VM running there",
+    )  # fmt: skip
     p.add_argument("--disk", help="disk name (needed when the VM has several disks)")
     p.add_argument("--format", default="qcow2", choices=list(RESTORE_FORMATS))
     p.add_argument("--overwrite", action="store_true")
@@ -66,11 +84,49 @@ def _print_info(args: argparse.Namespace, info: sessions.SessionInfo, verb: str)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    if not args.to and (args.host or args.datastore_name or args.power_on):
+        raise BadInput("--host, --datastore-name and --power-on go with --to vmware://HYPERVISOR")
     with open_repo(args) as repo:
         point = repo.catalog.resolve(args.target)
+        hv = _hypervisor(repo, args.to) if args.to else None
         session = sessions.start(repo, point, args.name)
+        if hv is not None:
+            from ..hypervisors.vmware import recovery
+
+            try:
+                with _session_on(repo, hv) as vs:
+                    recovery.publish(
+                        repo, vs, session, point, host=args.host, datastore_name=args.datastore_name,
+                        power_on=args.power_on, passphrase=_passphrase(repo),
+                    )  # fmt: skip
+            except BaseException:
+                sessions.stop(repo, session.name)  # nothing of the session stays without its VM
+                raise
         _print_info(args, sessions.info(repo, session), "started")
     return ExitCode.OK
+
+
+def _hypervisor(repo: Any, url: str) -> Any:
+    from ..hypervisors import Registry
+
+    scheme, _, name = url.partition("://")
+    if scheme != "vmware" or not name or "/" in name.rstrip("/"):
+        raise BadInput(f"{url!r} is not vmware://HYPERVISOR", hint="e.g. --to vmware://vc1")
+    return Registry(repo.root).get(name.rstrip("/"))
+
+
+@contextlib.contextmanager
+def _session_on(repo: Any, hv: Any) -> Iterator[Any]:
+    from ..hypervisors import Registry
+    from ..hypervisors.vmware.session import session
+
+    with session(hv, Registry(repo.root).password(hv)) as vs:
+        yield vs
+
+
+def _passphrase(repo: Any) -> str | None:
+    """The repository's passphrase for a daemon this command starts (None if not encrypted)."""
+    return ask_passphrase(str(repo.root)) if repo.encrypted else None
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -86,11 +142,44 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     with open_repo(args) as repo:
+        _unpublish(repo, repo.catalog.session(args.session))
         s = sessions.stop(repo, args.session)
     if args.json:
         emit_json({"name": s.name, "id": s.id, "stopped": True})
     else:
         stdout.print(f"stopped session {s.name}; its writes are discarded", markup=False)
+    return ExitCode.OK
+
+
+def _migrate_on_hypervisor(args: argparse.Namespace) -> int:
+    from ..hypervisors import Registry
+    from ..hypervisors.vmware import recovery
+
+    with open_repo(args) as repo:
+        session = repo.catalog.session(args.session)
+        target = recovery.published(repo, session)
+        if target is None:
+            raise BadInput(
+                f"session {session.name} does not run on a hypervisor",
+                hint="--to-datastore is for sessions started with --to vmware://...; use --to PATH here",
+            )
+        with _session_on(repo, Registry(repo.root).get(target.hypervisor)) as vs:
+            recovery.migrate(repo, vs, session, target, args.to_datastore)
+        sessions.stop(repo, session.name)
+    doc = {
+        "session": session.name,
+        "vm": target.vm,
+        "vm_name": target.vm_name,
+        "datastore": args.to_datastore,
+    }
+    if args.json:
+        emit_json(doc)
+    else:
+        stdout.print(
+            f"moved {target.vm_name} to datastore {args.to_datastore} on {target.hypervisor}; session "
+            f"{session.name} ended (the VM no longer needs this appliance)",
+            markup=False,
+        )
     return ExitCode.OK
 
 
@@ -121,7 +210,20 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return ExitCode.OK if code == 0 else code
 
 
+def _unpublish(repo: Any, session: Any) -> None:
+    """Undo what recover start --to did on the hypervisor, if it did anything."""
+    from ..hypervisors import Registry
+    from ..hypervisors.vmware import recovery
+
+    target = recovery.published(repo, session)
+    if target is not None:
+        with _session_on(repo, Registry(repo.root).get(target.hypervisor)) as vs:
+            recovery.unpublish(repo, vs, session, target)
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
+    if args.to_datastore:
+        return _migrate_on_hypervisor(args)
     with open_repo(args) as repo:
         session = repo.catalog.session(args.session)
         with progress(f"migrate {session.name}", enabled=not args.json) as (total, advance):

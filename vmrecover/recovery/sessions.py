@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import BadInput, NotFound
 from ..fsutil import write_file
@@ -41,6 +42,7 @@ class SessionInfo:
     created: str
     path: str
     written: dict[str, int]  # disk -> bytes the session wrote
+    published: dict[str, Any] | None = None  # where it runs on a hypervisor (recover start --to)
 
 
 def start(repo: Repository, point: Point, name: str | None = None) -> Session:
@@ -78,6 +80,26 @@ def _listed(repo: Repository, sid: str) -> bool:
         return True
 
 
+TARGET = "target.json"  # sessions/<id>/target.json: where the session runs on a hypervisor (not over NFS)
+
+
+def target(repo: Repository, session: Session) -> dict[str, Any] | None:
+    """What ``recover start --to`` did on a hypervisor for *session* (its platform module's record)."""
+    try:
+        doc: dict[str, Any] = json.loads((repo.session_dir(session.id) / TARGET).read_text())
+        return doc
+    except FileNotFoundError:
+        return None
+
+
+def set_target(repo: Repository, session: Session, doc: dict[str, Any] | None) -> None:
+    path = repo.session_dir(session.id) / TARGET
+    if doc is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_file(path, json.dumps(doc).encode(), what=TARGET)
+
+
 def stop(repo: Repository, name: str) -> Session:
     session = repo.catalog.session(name)
     repo.catalog.delete_session(name)
@@ -100,6 +122,7 @@ def info(repo: Repository, session: Session) -> SessionInfo:
         session.created,
         str(repo.session_dir(session.id)),
         written,
+        target(repo, session),
     )
 
 

@@ -1,0 +1,254 @@
+"""Instant recovery on ESXi: a recovery session published as a VM that runs from the appliance.
+
+``publish`` (``recover start --to vmware://...``), each step undone in reverse order if a later one
+fails:
+
+1. make sure the repository's NFS export runs and allows the host (recovery/exports.py);
+2. mount the export on the host as an NFS datastore (``CreateNasDatastore``; one per appliance,
+   named ``vmrecover-<appliance>`` unless ``--datastore-name``, reused by every session; a datastore
+   of that name that is something else is a clash, refused);
+3. write the recovered VM's .vmx into the session folder (vmx.py), beside the session's disk views;
+4. register it (``RegisterVM_Task``) on the host, and power it on if asked.
+
+What was done is kept as the session's target (sessions.set_target: not visible over NFS), which ``unpublish``
+(``recover stop``) undoes in reverse: power off, unregister, unmount the datastore if no other session
+of this appliance uses it on that host, stop the export if nothing else is published.  ``migrate``
+moves the VM to a production datastore with ``RelocateVM_Task`` (Storage vMotion while it runs),
+then leaves it there and cleans up as ``unpublish`` does, without touching the VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ...beneath import Beneath
+from ...errors import BadInput, NotFound, Unreachable
+from ...recovery import exports, sessions
+from ...repo.catalog import Point, Session
+from ...repo.repository import Repository
+from . import vmx
+from .session import VSphere, fault_text
+
+log = logging.getLogger("vmrecover.vmware")
+
+
+def _vim() -> Any:
+    from pyVmomi import vim
+
+    return vim
+
+
+@dataclass
+class Published:
+    platform: str
+    hypervisor: str
+    host: str  # moref
+    datastore: str  # name on the host
+    vm: str  # moref of the registered VM
+    vm_name: str
+    vmx: str  # datastore path
+    appliance: str  # the address the host mounts the export from
+
+
+def published(repo: Repository, session: Session) -> Published | None:
+    doc = sessions.target(repo, session)
+    return None if doc is None or doc.get("platform") != "vmware" else Published(**doc)
+
+
+def _all_published(repo: Repository) -> list[tuple[Session, Published]]:
+    out = []
+    for s in repo.catalog.sessions():
+        p = published(repo, s)
+        if p is not None:
+            out.append((s, p))
+    return out
+
+
+def _route_address(to: str) -> str:
+    """The address of this machine that *to* is reached from (what the host will mount)."""
+    with socket.socket(socket.AF_INET6 if ":" in to else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((to, exports.NFS_PORT))
+        return str(s.getsockname()[0])
+
+
+def _host(vs: VSphere, name: str | None) -> Any:
+    vim = _vim()
+    hosts = vs.all_of(vim.HostSystem, ["name", "runtime.connectionState"])
+    ok = [h for h in hosts if h.get("runtime.connectionState") == "connected"]
+    if name is None:
+        if not ok:
+            raise Unreachable(f"no connected host on {vs.hv.name}")
+        return ok[0]["obj"]
+    for h in hosts:
+        if name in (h.get("name"), h["obj"]._moId):
+            return h["obj"]
+    raise NotFound(
+        f"no host {name!r} on {vs.hv.name}", hint="hosts: " + ", ".join(str(h.get("name")) for h in hosts)
+    )
+
+
+def _host_addresses(vs: VSphere, host: Any) -> list[str]:
+    vnics = vs.prop(host, "config.network.vnic") or []
+    return sorted({v.spec.ip.ipAddress for v in vnics if v.spec and v.spec.ip and v.spec.ip.ipAddress})
+
+
+def _mount(vs: VSphere, host: Any, name: str, remote: str) -> Any:
+    """The NFS datastore *name* on *host* for ``remote:/vmrecover``: found (reused) or created."""
+    vim = _vim()
+    for ds in vs.prop(host, "datastore") or []:
+        doc = vs.props([ds], ["summary.name", "info"])[0]
+        if doc.get("summary.name") != name:
+            continue
+        nas = getattr(doc.get("info"), "nas", None)
+        if nas is not None and nas.remoteHost == remote and nas.remotePath == exports.EXPORT_PATH:
+            return ds
+        where = f"{nas.remoteHost}:{nas.remotePath}" if nas is not None else "not this appliance's export"
+        raise BadInput(
+            f"host {vs.prop(host, 'name')} already has a datastore named {name!r} ({where})",
+            hint="choose another name with --datastore-name",
+        )
+    spec = vim.host.NasVolume.Specification(
+        remoteHost=remote, remotePath=exports.EXPORT_PATH, localPath=name, accessMode="readWrite", type="NFS"
+    )
+    system = vs.prop(host, "configManager.datastoreSystem")
+    try:
+        return system.CreateNasDatastore(spec)
+    except vim.fault.DuplicateName:
+        raise BadInput(
+            f"a datastore named {name!r} exists on {vs.hv.name}", hint="choose another --datastore-name"
+        ) from None
+    except Exception as exc:
+        raise Unreachable(
+            f"host {vs.prop(host, 'name')} cannot mount nfs://{remote}{exports.EXPORT_PATH}: "
+            f"{fault_text(exc)}",
+            hint="the host must reach this appliance on TCP 111 and 2049; check its firewall and NFS client",
+        ) from None
+
+
+def _unmount(vs: VSphere, host: Any, name: str) -> None:
+    for ds in vs.prop(host, "datastore") or []:
+        if vs.prop(ds, "summary.name") == name:
+            vs.prop(host, "configManager.datastoreSystem").RemoveDatastore(ds)
+            return
+    log.info("datastore %s is not mounted on %s any more", name, host._moId)
+
+
+@contextlib.contextmanager
+def _undo_on_failure() -> Iterator[list[tuple[str, Callable[[], None]]]]:
+    """Steps register their undo; if the block fails, the undos run in reverse, each attempted."""
+    undo: list[tuple[str, Callable[[], None]]] = []
+    try:
+        yield undo
+    except BaseException:
+        for what, fn in reversed(undo):
+            try:
+                fn()
+            except Exception as exc:
+                log.error("could not undo %s: %s", what, exc)
+        raise
+
+
+def publish(
+    repo: Repository, vs: VSphere, session: Session, point: Point, *, host: str | None = None,
+    datastore_name: str | None = None, power_on: bool = False, passphrase: str | None = None,
+) -> Published:  # fmt: skip
+    h = _host(vs, host)
+    host_ips = _host_addresses(vs, h)
+    if not host_ips:
+        raise Unreachable(f"host {vs.prop(h, 'name')} reports no IP address to allow on the NFS export")
+    appliance = _route_address(host_ips[0])
+    name = datastore_name or f"vmrecover-{socket.gethostname().split('.')[0]}"
+    disks = [d.name for d in repo.catalog.disks(point.id)]
+    vm_name = session.name
+    with _undo_on_failure() as undo:
+        was_running = exports.running(repo.root) is not None
+        exports.ensure(repo.root, host_ips, passphrase=passphrase)
+        if not was_running:
+            undo.append(("the NFS export", lambda: exports.stop(repo.root)))
+        _mount(vs, h, name, appliance)
+        if not any(p.datastore == name and p.host == h._moId for _, p in _all_published(repo)):
+            undo.append((f"datastore {name}", lambda: _unmount(vs, h, name)))
+        upper = Beneath(repo.session_dir(session.id) / "upper")
+        fd = upper.create_open(f"{vm_name}.vmx", 0o644)
+        with open(fd, "wb") as f:
+            f.write(vmx.recovered(point.config, disks, vm_name))
+            os.fsync(f.fileno())
+        undo.append(("the .vmx", lambda: upper.unlink(f"{vm_name}.vmx")))
+        path = f"[{name}] recover/{session.name}/{vm_name}.vmx"
+        dc = _datacenter(vs, h)
+        folder = vs.prop(dc, "vmFolder")
+        pool = vs.prop(vs.prop(h, "parent"), "resourcePool")
+        task = folder.RegisterVM_Task(path=path, name=vm_name, asTemplate=False, pool=pool, host=h)
+        fault = vs.task_error(task)
+        if fault is not None:
+            raise Unreachable(f"registering {path} on {vs.hv.name} failed: {fault_text(fault)}")
+        vm = vs.props([task], ["info.result"])[0]["info.result"]
+        undo.append((f"VM {vm_name}", lambda: vm.UnregisterVM()))
+        target = Published("vmware", vs.hv.name, h._moId, name, vm._moId, vm_name, path, appliance)
+        sessions.set_target(repo, session, asdict(target))
+        if power_on:
+            vs.wait(vm.PowerOnVM_Task(), f"powering on {vm_name}")
+        return target
+    raise AssertionError("unreachable")
+
+
+def _datacenter(vs: VSphere, obj: Any) -> Any:
+    vim = _vim()
+    cur = vs.prop(obj, "parent")
+    while cur is not None and not isinstance(cur, vim.Datacenter):
+        cur = vs.prop(cur, "parent")
+    if cur is None:
+        raise Unreachable(f"{obj._moId} is in no datacenter on {vs.hv.name}")
+    return cur
+
+
+def _release(repo: Repository, vs: VSphere, session: Session, target: Published) -> None:
+    """Unmount the datastore and stop the export if no other session needs them; forget the target."""
+    others = [p for s, p in _all_published(repo) if s.id != session.id]
+    if not any(p.datastore == target.datastore and p.host == target.host for p in others):
+        try:
+            _unmount(vs, vs.ref(_vim().HostSystem, target.host), target.datastore)
+        except Exception as exc:
+            log.error(
+                "could not remove datastore %s from %s: %s", target.datastore, target.host, fault_text(exc)
+            )
+    if not others:
+        exports.stop(repo.root)
+    sessions.set_target(repo, session, None)
+
+
+def unpublish(repo: Repository, vs: VSphere, session: Session, target: Published) -> None:
+    vim = _vim()
+    vm = vs.ref(vim.VirtualMachine, target.vm)
+    try:
+        state = vs.prop(vm, "runtime.powerState")
+    except vim.fault.ManagedObjectNotFound:
+        state = None  # unregistered by someone already
+    if state == "poweredOn":
+        vs.wait(vm.PowerOffVM_Task(), f"powering off {target.vm_name}")
+    if state is not None:
+        vm.UnregisterVM()
+    _release(repo, vs, session, target)
+
+
+def migrate(repo: Repository, vs: VSphere, session: Session, target: Published, datastore: str) -> None:
+    """Storage vMotion of the recovered VM to *datastore*, then the session is no longer needed."""
+    vim = _vim()
+    vm = vs.ref(vim.VirtualMachine, target.vm)
+    host = vs.ref(vim.HostSystem, target.host)
+    ds = next((d for d in vs.prop(host, "datastore") or [] if vs.prop(d, "summary.name") == datastore), None)
+    if ds is None:
+        raise NotFound(f"host of {target.vm_name} has no datastore {datastore!r}")
+    if datastore == target.datastore:
+        raise BadInput(f"{datastore} is the appliance's own datastore", hint="name a production datastore")
+    vs.wait(
+        vm.RelocateVM_Task(spec=vim.vm.RelocateSpec(datastore=ds)), f"moving {target.vm_name} to {datastore}"
+    )
+    log.info("moved %s to datastore %s; it no longer needs the appliance", target.vm_name, datastore)
+    _release(repo, vs, session, target)

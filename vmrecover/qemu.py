@@ -190,9 +190,11 @@ def _open_files(pid: int, *, skip_fds: set[int]) -> list[OpenFile]:
 
 
 def create_image(path: str, fmt: str, size: int) -> None:
-    opts = ["-o", "subformat=dynamic"] if fmt == "vpc" else []
+    """A new, empty image; *fmt* is qemu's format, optionally with a subformat (``vmdk:streamOptimized``)."""
+    driver, _, sub = fmt.partition(":")
+    opts = ["-o", f"subformat={sub}"] if sub else ["-o", "subformat=dynamic"] if driver == "vpc" else []
     proc = subprocess.run(
-        [_require("qemu-img"), "create", "-q", "-f", fmt, *opts, path, str(size)],
+        [_require("qemu-img"), "create", "-q", "-f", driver, *opts, path, str(size)],
         capture_output=True,
         text=True,
         check=False,

@@ -40,7 +40,11 @@ from .repo.index import FixedIndex
 from .repo.reader import read_disk
 from .repo.repository import Repository
 
-RESTORE_FORMATS = {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vhdx": "vhdx"}
+# our name -> qemu's format[:subformat]; vmdk-stream is what OVF imports upload (compressed, no holes)
+RESTORE_FORMATS = {
+    "raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vmdk-stream": "vmdk:streamOptimized", "vhd": "vpc",
+    "vhdx": "vhdx",
+}  # fmt: skip
 PARTIAL_SUFFIX = ".vmrecover-partial"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -90,7 +94,7 @@ class _QemuWriter:
     def __init__(self, path: str, fd: int, fmt: str, size: int) -> None:
         self.fd = fd
         qemu.create_image(path, fmt, size)
-        spec = qemu.image_spec(path, fmt, backing=False)
+        spec = qemu.image_spec(path, fmt.partition(":")[0], backing=False)
         self.handle, _ = qemu.nbd_connect(spec, readonly=False, what=f"new image {path}")
 
     def write(self, offset: int, data: bytes) -> None:

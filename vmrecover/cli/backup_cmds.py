@@ -67,9 +67,24 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "target", metavar="VM[@POINT]", help="POINT: latest (default), a point id, or a time prefix"
     )
     p.add_argument("--disk", help="disk name (needed when the point has several disks)")
-    p.add_argument("--to", required=True, type=Path, metavar="PATH")
+    p.add_argument(
+        "--to", required=True, metavar="PATH|vmware://HYPERVISOR",
+        help="a file or block device (one disk), or a hypervisor: the whole VM is created there",
+    )  # fmt: skip
     p.add_argument("--format", default="raw", choices=list(RESTORE_FORMATS))
     p.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
+    p.add_argument(
+        "--datastore", help="hypervisor: the datastore (default: the original's, else the roomiest)"
+    )
+    p.add_argument("--host", help="hypervisor: the host (default: the first connected one)")
+    p.add_argument(
+        "--name", help="hypervisor: the new VM's name (default: the original's; a clash is refused)"
+    )
+    p.add_argument("--no-network", action="store_true", help="hypervisor: NICs disconnected at power-on")
+    p.add_argument(
+        "--new-identity", action="store_true", help="hypervisor: a new BIOS UUID and MAC addresses"
+    )
+    p.add_argument("--power-on", action="store_true", help="hypervisor: power the VM on")
     p.set_defaults(func=cmd_restore)
 
 
@@ -159,6 +174,44 @@ def _backup_vm(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _restore_vm(args: argparse.Namespace) -> int:
+    from ..hypervisors import Registry
+    from ..hypervisors.vmware.restore import restore
+    from ..hypervisors.vmware.session import session
+
+    scheme, _, hv_name = args.to.partition("://")
+    if scheme != "vmware" or not hv_name.rstrip("/") or "/" in hv_name.rstrip("/"):
+        raise BadInput(f"{args.to!r} is not vmware://HYPERVISOR", hint="e.g. --to vmware://vc1")
+    if args.disk or args.overwrite or args.format != "raw":
+        raise BadInput("--disk, --format and --overwrite are for restores to a file")
+    with open_repo(args) as repo:
+        point = repo.catalog.resolve(args.target)
+        registry = Registry(repo.root)
+        hv = registry.get(hv_name.rstrip("/"))
+        with (
+            session(hv, registry.password(hv)) as vs,
+            progress(f"restore {point.vm}@{point.id} to {hv.name}", enabled=not args.json) as (
+                total,
+                advance,
+            ),
+        ):
+            doc = restore(
+                repo, vs, point, name=args.name, datastore=args.datastore, host=args.host,
+                no_network=args.no_network, new_identity=args.new_identity, power_on=args.power_on,
+                progress=advance, progress_total=total,
+            )  # fmt: skip
+    doc = {**point.summary(), "hypervisor": hv.name, **doc}
+    if args.json:
+        emit_json(doc)
+    else:
+        stdout.print(
+            f"restored {point.vm}@{point.id} to {hv.name} as VM {doc['name']} ({doc['vm']}) on host "
+            f"{doc['host']}, datastore {doc['datastore']}" + ("; powered on" if doc["powered_on"] else ""),
+            markup=False,
+        )
+    return ExitCode.OK
+
+
 def _files_doc(src: DiskSource) -> dict[str, Any]:
     """Which host files a disk was read from (the image, then its backing chain, extents or data
     file), and the backing file an untrusted image names but was not read."""
@@ -166,6 +219,13 @@ def _files_doc(src: DiskSource) -> dict[str, Any]:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    vm_options = (args.datastore, args.host, args.name, args.no_network, args.new_identity, args.power_on)
+    if "://" in args.to:
+        return _restore_vm(args)
+    if any(vm_options):
+        raise BadInput("--datastore, --host, --name, --no-network, --new-identity and --power-on go with "
+                       "--to vmware://HYPERVISOR")  # fmt: skip
+    args.to = Path(args.to)
     with open_repo(args) as repo:
         point = repo.catalog.resolve(args.target)
         disk = pick_disk(repo, point, args.disk)

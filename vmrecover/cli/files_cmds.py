@@ -36,9 +36,19 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = fsub.add_parser("get", parents=[common], help="copy guest files and folders out")
     p.add_argument("target", metavar="VM[@POINT]")
     p.add_argument("paths", nargs="+", metavar="GUEST_PATH")
-    p.add_argument("--to", required=True, type=Path, metavar="DIR", help="an existing folder")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", type=Path, metavar="DIR", help="an existing folder")
+    where.add_argument(
+        "--into-vm", metavar="vmware://HYPERVISOR/VM",
+        help="into a running VM's guest, through VMware Tools (each at its guest path, or under --guest-dir)",
+    )  # fmt: skip
     p.add_argument("--tar", action="store_true", help="write one archive DIR/<vm>-<point>.tar instead")
     p.add_argument("--overwrite", action="store_true", help="replace what exists at the destination")
+    p.add_argument("--guest-user", help="--into-vm: a guest account (its password: terminal, stdin or env)")
+    p.add_argument("--guest-dir", help="--into-vm: put the copies in this guest folder instead")
+    p.add_argument(
+        "--guest-password-stdin", action="store_true", help="--into-vm: read the password from stdin"
+    )
     p.set_defaults(func=cmd_get)
 
     p = fsub.add_parser("find", parents=[common], help="where files matching PATTERN exist across points")
@@ -132,6 +142,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    if args.into_vm:
+        return _get_into_vm(args)
     to = args.to.resolve()
     req = {"op": "get", "target": args.target, "paths": args.paths, "to": str(to), "tar": args.tar,
            "overwrite": args.overwrite}  # fmt: skip
@@ -143,6 +155,74 @@ def cmd_get(args: argparse.Namespace) -> int:
             stdout.print(
                 f"{w['guest_path']} ({w['kind']}, {human_bytes(w['size'])}) -> {w['to']}", markup=False
             )
+    return ExitCode.OK
+
+
+GUEST_PASSWORD_ENV = "VMRECOVER_GUEST_PASSWORD"
+
+
+def _guest_password(args: argparse.Namespace) -> str:
+    import getpass
+    import sys
+
+    from ..errors import AuthError
+
+    if args.guest_password_stdin:
+        secret = sys.stdin.readline().rstrip("\r\n")
+    elif os.environ.get(GUEST_PASSWORD_ENV):
+        secret = os.environ[GUEST_PASSWORD_ENV]
+    elif sys.stdin.isatty():
+        secret = getpass.getpass(f"Password of {args.guest_user} in the guest: ")
+    else:
+        raise AuthError("no guest password given",
+                        hint=f"use a terminal, --guest-password-stdin or ${GUEST_PASSWORD_ENV}")  # fmt: skip
+    if not secret:
+        raise AuthError("an empty guest password is not allowed")
+    return secret
+
+
+def _get_into_vm(args: argparse.Namespace) -> int:
+    import posixpath
+    import shutil
+    import tempfile
+
+    from ..hypervisors import Registry
+    from ..hypervisors.vmware.guest import GuestFiles, Item
+    from ..hypervisors.vmware.session import session
+
+    scheme, _, rest = args.into_vm.partition("://")
+    hv_name, _, vm_ref = rest.partition("/")
+    if scheme != "vmware" or not hv_name or not vm_ref:
+        raise BadInput(f"{args.into_vm!r} is not vmware://HYPERVISOR/VM")
+    if args.tar or not args.guest_user:
+        raise BadInput("--into-vm needs --guest-user and cannot be used with --tar")
+    password = _guest_password(args)
+    root = repo_path(args).resolve()
+    registry = Registry(root)
+    hv = registry.get(hv_name)
+    work = Path(tempfile.mkdtemp(prefix="into-vm-", dir=root / "run"))  # private: the repository's
+    try:
+        doc = _call(args, {"op": "get", "target": args.target, "paths": args.paths, "to": str(work),
+                           "tar": False, "overwrite": False})  # fmt: skip
+        items = []
+        for w in doc["written"]:
+            guest = w["guest_path"]
+            if args.guest_dir:
+                guest = posixpath.join(args.guest_dir, posixpath.basename(guest.rstrip("/")) or "root")
+            items.append(Item(Path(w["to"]), guest))
+        with session(hv, registry.password(hv)) as vs:
+            sent = GuestFiles(vs, vs.vm(vm_ref), args.guest_user, password).send(
+                items, overwrite=args.overwrite
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = {"vm": doc["vm"], "point": doc["point"], "into": args.into_vm, "sent": sent}
+    if args.json:
+        emit_json(out)
+    else:
+        for s in sent:
+            note = "" if s["sent"] else f" (skipped: {s['why']})"
+            stdout.print(f"{s['guest_path']} ({s['kind']}) -> {args.into_vm}{note}", markup=False)
     return ExitCode.OK
 
 

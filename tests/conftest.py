@@ -375,3 +375,25 @@ def watching(paths: list[Path]) -> Iterator[OpenWatch]:
         yield w
     finally:
         w.close()
+
+
+# --------------------------------------------------------------------------- vSphere (vcsim + proxy)
+# tests/vsphere/: a vcsim built once (cached in build/vcsim/) and started once per run, behind an
+# HTTPS proxy that answers the calls vcsim lacks.  Tests take ``vsphere`` (fault switches reset after
+# each test); VMs and datastores made by one test stay for the run, so give them unique names.
+@pytest.fixture(scope="session")
+def vsphere_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.vsphere import build, running
+
+    try:
+        build.vcsim_binary()
+    except build.BuildUnavailable as e:
+        pytest.skip(str(e))
+    with running(tmp_path_factory.mktemp("vsphere")) as vs:
+        yield vs
+
+
+@pytest.fixture
+def vsphere(vsphere_session: Any) -> Iterator[Any]:
+    yield vsphere_session
+    vsphere_session.reset()

@@ -23,6 +23,7 @@ APT_PACKAGES=(
   libnfs-utils               # nfs-ls, nfs-cat, nfs-cp: real NFSv3 clients for the NFS datastore's tests
   qemu-block-extra           # qemu's nfs:// block driver (libnfs): qemu-img and qemu boot from the NFS export
   libguestfs-tools python3-guestfs libguestfs-xfs  # single-file restore: guest filesystems (NTFS via ntfs-3g)
+  golang-go golang-github-vmware-govmomi-dev  # tests: VMware's vCenter simulator, built by tests/vsphere/build.py
   "$@"
 )
 

@@ -334,6 +334,12 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
+    def finish(self) -> None:
+        super().finish()
+        if self.upstream is not None:
+            self.upstream.close()
+        self.server.vim.close_thread_connection()
+
     # ------------------------------------------------------------------ plumbing
     def _upstream(self) -> http.client.HTTPConnection:
         if self.upstream is None:
@@ -458,6 +464,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.record("folder-drop", path=self.path, after=drop)
                 self.close_connection = True
                 resp.close()
+                self._upstream().close()  # the rest of the reply is still coming: drop that connection too
                 self.upstream = None
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return

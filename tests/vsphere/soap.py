@@ -275,6 +275,12 @@ class Vim:
             conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
         return conn
 
+    def close_thread_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
     def raw(
         self, body: bytes, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes, list[tuple[str, str]]]:

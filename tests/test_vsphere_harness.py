@@ -377,6 +377,15 @@ def test_nas_datastore_is_the_appliance_export_and_registers_a_recovered_vm(
     spec.remotePath, spec.localPath = "/vmrecover", "vmrecover-nas"
     ds = dss.CreateNasDatastore(spec)
     assert vsphere.props(ds, "name")["name"] == "vmrecover-nas"
+    assert [m.key for m in vsphere.props(ds, "host")["host"]] == [host]
+    assert ds in vsphere.props(host, "datastore")["datastore"]
+    # the same export under the same name from a second host is the same datastore, as in vCenter
+    host2 = vsphere.find("HostSystem", "DC0_C0_H0")
+    dss2 = vsphere.props(host2, "configManager.datastoreSystem")["configManager.datastoreSystem"]
+    assert dss2.CreateNasDatastore(spec) == ds
+    assert {m.key for m in vsphere.props(ds, "host")["host"]} == {host, host2}
+    with pytest.raises(vim.fault.DuplicateName):
+        dss2.CreateNasDatastore(spec)
     assert vsphere.answered("CreateNasDatastore", name="vmrecover-nas", mounted=True)
     session = vsphere.datastore_dir("vmrecover-nas") / "recover" / "s1"
     assert sha256_file(session / "disk0.raw") == sha256_file(img)
@@ -411,7 +420,11 @@ def test_nas_datastore_is_the_appliance_export_and_registers_a_recovered_vm(
         dss.RemoveDatastore(datastore=ds)
     vsphere.wait(vm.PowerOffVM_Task())
     vm.UnregisterVM()
-    dss.RemoveDatastore(datastore=ds)
+    dss2.RemoveDatastore(datastore=ds)  # unmounted from that host only
+    assert [m.key for m in vsphere.props(ds, "host")["host"]] == [host]
+    assert ds not in vsphere.props(host2, "datastore")["datastore"]
+    dss.RemoveDatastore(datastore=ds)  # the last host: the datastore is gone
+    assert vsphere.answered("RemoveDatastore", name="vmrecover-nas", gone=True)
     assert not (vsphere.proxy.nas_dir / "vmrecover-nas").exists()  # the symlink into the mount is gone
     assert {"nasvm.vmx", "nasvm-recovered.nvram", "vmware.log"} <= {
         p.name for p in mounted.session_dir("s1").iterdir()

@@ -620,7 +620,19 @@ class Handler(BaseHTTPRequestHandler):
         self.server.record("cbt-reset", vm=req.this)
 
     # ------------------------------------------------------------------ datastores
-    def _remove_datastore(self, method: str, ref: str) -> None:
+    def _harness(self, endpoint: str, **query: str) -> None:
+        """Ask vcsim's test-only endpoint (tests/vcsim/main.go) to change its inventory."""
+        conn = http.client.HTTPConnection(*self.server.vcsim, timeout=30)
+        try:
+            conn.request("POST", f"/_harness/{endpoint}?" + urllib.parse.urlencode(query))
+            with conn.getresponse() as r:
+                status, detail = r.status, r.read().decode(errors="replace")
+        finally:
+            conn.close()
+        if status != 204:
+            raise _fault("HostConfigFault", f"harness: vcsim {endpoint} {query} failed: {status} {detail}")
+
+    def _remove_datastore(self, method: str, ref: str, dss: str | None) -> None:
         s = self.server
         p = s.vim.props("Datastore", ref, "name", "vm", "summary.url")
         name = p["name"].text or ""
@@ -631,27 +643,25 @@ class Handler(BaseHTTPRequestHandler):
                 f"The resource '{name}' is in use.",
                 f"<type>Datastore</type><name>{escape(name)}</name>",
             )
-        conn = http.client.HTTPConnection(*s.vcsim, timeout=30)
+        self._harness("forget-datastore", ref=ref, **({"dss": dss} if dss else {}))
         try:
-            conn.request("POST", "/_harness/forget-datastore?" + urllib.parse.urlencode({"ref": ref}))
-            status = conn.getresponse().status
-        finally:
-            conn.close()
-        if status != 204:
-            raise _fault("HostConfigFault", f"harness: vcsim could not drop datastore {ref} ({status})")
+            s.vim.props("Datastore", ref, "name")
+            gone = False  # still mounted by another host
+        except soap.VimError:
+            gone = True
         url = p.get("summary.url")
         link = Path(url.text or "") if url is not None else None
-        if link is not None and link.parent == s.nas_dir and link.is_symlink():
+        if gone and link is not None and link.parent == s.nas_dir and link.is_symlink():
             link.unlink()
-        s.record(method, datastore=ref, name=name)
+        s.record(method, datastore=ref, name=name, gone=gone)
 
     def _answer_RemoveDatastore(self, req: Request) -> None:
-        self._remove_datastore("RemoveDatastore", req.arg_text("datastore"))
+        self._remove_datastore("RemoveDatastore", req.arg_text("datastore"), req.this)
 
     def _answer_DestroyDatastore(self, req: Request) -> None:
-        self._remove_datastore("DestroyDatastore", req.this)
+        self._remove_datastore("DestroyDatastore", req.this, None)
 
-    def _before_CreateNasDatastore(self, req: Request, body: bytes) -> bytes:
+    def _answer_CreateNasDatastore(self, req: Request) -> soap.Mor:
         s = self.server
         spec = req.arg("spec")
         assert spec is not None
@@ -671,8 +681,9 @@ class Handler(BaseHTTPRequestHandler):
         export = max(exports, key=lambda e: len(e.path), default=None)
         url = export.url(path) if export else f"nfs://{host}{path}?version=3"
         check = subprocess.run(["nfs-ls", url], capture_output=True, text=True, timeout=60)
+        entry = {"dss": req.this, "host": host, "path": path, "name": name}
         if check.returncode != 0:
-            s.record("CreateNasDatastore", host=host, path=path, name=name, mounted=False, error=check.stderr)
+            s.record("CreateNasDatastore", **entry, mounted=False, error=check.stderr.strip())
             msg = f"NFS mount {host}:{path} failed: Unable to connect to NFS server."
             raise _fault(
                 "PlatformConfigFault",
@@ -686,19 +697,38 @@ class Handler(BaseHTTPRequestHandler):
                 f"harness: no local folder registered for nfs://{host}{path} (VSphere.add_nfs_export)",
             )
         folder = export.folder / path[len(export.path.rstrip("/")) :].lstrip("/")
+        existing = s.datastores().get(name)
         link = s.nas_dir / name
-        if name not in s.datastores():
+        if existing:
+            # vCenter: the same export under the same name, asked by another host, is the same datastore
+            ref = existing[0]
+            info = s.vim.props("Datastore", ref, "info").get("info")
+            nas = child(info, "nas") if info is not None else None
+            on_host = s.vim.props("HostDatastoreSystem", req.this, "datastore").get("datastore")
+            same = nas is not None and (text(nas, "remoteHost"), text(nas, "remotePath")) == (host, path)
+            if not same or (on_host is not None and ref in [r.text for r in on_host]):
+                raise _fault(
+                    "DuplicateName",
+                    f"The name '{name}' already exists.",
+                    f'<name>{escape(name)}</name><object type="Datastore">{escape(ref)}</object>',
+                )
+        else:
             if link.is_symlink() or link.exists():
                 link.unlink()
             link.symlink_to(folder)
-        s.record("CreateNasDatastore", host=host, path=path, name=name, mounted=True, folder=str(folder))
-        return re.sub(
-            rb"(<(?:\w+:)?localPath>)(.*?)(</(?:\w+:)?localPath>)",
-            lambda m: m[1] + escape(str(link)).encode() + m[3],
-            body,
-            count=1,
-            flags=re.S,
-        )
+            nas_spec = re.sub(
+                r"(<(?:\w+:)?localPath>)(.*?)(</(?:\w+:)?localPath>)",
+                lambda m: m[1] + escape(str(link)) + m[3],
+                ET.tostring(spec, encoding="unicode"),
+                count=1,
+                flags=re.S,
+            )
+            ret = s.vim.call("CreateNasDatastore", "HostDatastoreSystem", req.this, nas_spec)
+            assert ret is not None
+            ref = ret.text or ""
+        self._harness("mount-datastore", ref=ref, dss=req.this)
+        s.record("CreateNasDatastore", **entry, mounted=True, folder=str(folder), datastore=ref)
+        return soap.Mor("Datastore", ref)
 
     # ------------------------------------------------------------------ register and relocate
     def _before_RegisterVM_Task(self, req: Request, body: bytes) -> bytes:

@@ -104,12 +104,23 @@ def parse_request(body: bytes) -> Request | None:
     return req
 
 
-def response(method: str, returnval: str | None) -> bytes:
-    """A method's response body; *returnval* is the inner XML of ``<returnval>`` (None: void)."""
-    inner = "" if returnval is None else f"<returnval>{returnval}</returnval>"
+@dataclass
+class Mor:
+    """A managed object reference as a method's return value."""
+
+    type: str
+    value: str
+
+
+def response(method: str, returnval: str | Mor | None) -> bytes:
+    """A method's response body; *returnval* is the inner XML of ``<returnval>``, a Mor, or None (void)."""
+    if isinstance(returnval, Mor):
+        inner = f'<returnval type="{returnval.type}">{escape(returnval.value)}</returnval>'
+    else:
+        inner = "" if returnval is None else f"<returnval>{returnval}</returnval>"
     return (
-        f'{ENVELOPE_OPEN}<{method}Response xmlns="{VIM}">{inner}</{method}Response>{ENVELOPE_CLOSE}'
-    ).encode()
+        f'{ENVELOPE_OPEN}<{method}Response xmlns="{VIM}">{inner}</{method}Response>{ENVELOPE_CLOSE}'.encode()
+    )
 
 
 def fault(fault_type: str, message: str, fields: str = "") -> bytes:

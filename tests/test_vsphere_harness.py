@@ -429,3 +429,35 @@ def test_nas_datastore_is_the_appliance_export_and_registers_a_recovered_vm(
     assert {"nasvm.vmx", "nasvm-recovered.nvram", "vmware.log"} <= {
         p.name for p in mounted.session_dir("s1").iterdir()
     }
+
+
+# --------------------------------------------------------------------------- the SOAP splicing, alone
+def test_change_ids_are_spliced_in_wsdl_order_leaving_every_other_byte_alone() -> None:
+    from tests.vsphere import soap
+
+    # vcsim's own style: namespaces declared locally under odd prefixes; a delta disk with its parent
+    body = (
+        b'<Envelope xmlns="http://schemas.xmlsoap.org/soap/envelope/"><Body><R xmlns="urn:vim25"><returnval>'
+        b'<objects><obj type="VirtualMachine">vm-9</obj><propSet><name>config.hardware.device</name>'
+        b'<val xmlns:XI="http://www.w3.org/2001/XMLSchema-instance" XI:type="ArrayOfVirtualDevice">'
+        b'<VirtualDevice XI:type="VirtualDisk"><key>2000</key>'
+        b'<backing XI:type="VirtualDiskFlatVer2BackingInfo">'
+        b"<fileName>[ds] a/a-000001.vmdk</fileName><diskMode>persistent</diskMode><uuid>u</uuid>"
+        b'<parent XI:type="VirtualDiskFlatVer2BackingInfo"><fileName>[ds] a/a.vmdk</fileName>'
+        b"<digestEnabled>false</digestEnabled></parent><digestEnabled>false</digestEnabled></backing>"
+        b'</VirtualDevice><VirtualDevice XI:type="VirtualDisk"><key>2001</key>'
+        b'<backing XI:type="VirtualDiskSeSparseBackingInfo"><fileName>[ds] a/b.vmdk</fileName></backing>'
+        b'</VirtualDevice><VirtualDevice XI:type="VirtualDisk"><key>2002</key>'
+        b'<backing XI:type="VirtualDiskFlatVer2BackingInfo"><fileName>[ds] a/c.vmdk</fileName>'
+        b"<changeId>kept</changeId></backing></VirtualDevice></val></propSet></objects></returnval></R></Body>"
+        b"</Envelope>"
+    )
+    found = soap.find_backings(body)
+    assert [(b.file_name, b.obj) for b in found] == [
+        ("[ds] a/a-000001.vmdk", ("VirtualMachine", "vm-9")),
+        ("[ds] a/b.vmdk", ("VirtualMachine", "vm-9")),
+    ]
+    out = soap.insert_change_ids(body, [(b.insert_at, f"id{i}/1") for i, b in enumerate(found)])
+    assert out.replace(b"<changeId>id0/1</changeId>", b"").replace(b"<changeId>id1/1</changeId>", b"") == body
+    assert b"<uuid>u</uuid><changeId>id0/1</changeId><parent " in out  # before parent, as the WSDL orders
+    assert b"<fileName>[ds] a/b.vmdk</fileName><changeId>id1/1</changeId></backing>" in out

@@ -159,69 +159,74 @@ class Backing:
     obj: tuple[str, str] | None  # the ObjectContent/ObjectUpdate it belongs to: (type, value)
 
 
+class _BackingFinder:
+    """expat handlers for :func:`find_backings`: tracks the open elements, the last ``obj`` seen (the
+    ObjectContent or ObjectUpdate a property belongs to) and, inside a top-level backing, its fileName
+    and the offset of its first member that must follow changeId."""
+
+    def __init__(self, body: bytes) -> None:
+        self.parser = xml.parsers.expat.ParserCreate(namespace_separator="}")
+        self.parser.StartElementHandler = self.start
+        self.parser.EndElementHandler = self.end
+        self.parser.CharacterDataHandler = self.data
+        self.body = body
+        self.found: list[Backing] = []
+        self.depth = 0
+        self.text: list[str] = []
+        self.obj: tuple[str, str] | None = None
+        self.obj_type = ""
+        self.backing_depth = -1  # depth of the open top-level backing, -1 outside one
+        self.file = ""
+        self.insert_at: int | None = None
+        self.has_change_id = False
+
+    def data(self, s: str) -> None:
+        self.text.append(s)
+
+    def start(self, name: str, attrs: dict[str, str]) -> None:
+        lname = name.rsplit("}", 1)[-1]
+        self.text = []
+        if lname == "obj":
+            self.obj_type = attrs.get("type", "")
+        if self.backing_depth >= 0 and self.depth == self.backing_depth + 1:
+            if lname == "changeId":
+                self.has_change_id = True
+            elif lname in AFTER_CHANGE_ID and self.insert_at is None:
+                self.insert_at = self.parser.CurrentByteIndex
+        is_backing = attrs.get(f"{XSI}}}type", "").rsplit(":", 1)[-1] in CBT_BACKINGS
+        if is_backing and self.backing_depth < 0:  # (a backing inside one is its parent chain)
+            self.backing_depth, self.file, self.insert_at, self.has_change_id = self.depth, "", None, False
+        self.depth += 1
+
+    def end(self, name: str) -> None:
+        self.depth -= 1
+        lname = name.rsplit("}", 1)[-1]
+        if lname == "obj":
+            self.obj = (self.obj_type, "".join(self.text).strip())
+        elif self.backing_depth >= 0:
+            if lname == "fileName" and self.depth == self.backing_depth + 1:
+                self.file = "".join(self.text)
+            elif self.depth == self.backing_depth:
+                at = self.insert_at if self.insert_at is not None else self.parser.CurrentByteIndex
+                if not self.has_change_id:
+                    self.found.append(Backing(at, self.file, self.obj))
+                self.backing_depth = -1
+        self.text = []
+
+    def run(self) -> list[Backing]:
+        try:
+            self.parser.Parse(self.body, True)
+        except xml.parsers.expat.ExpatError:
+            return []
+        return self.found
+
+
 def find_backings(body: bytes) -> list[Backing]:
     """Top-level CBT-capable disk backings (not their ``parent`` chain) lacking a changeId, with byte
     offsets into *body* (expat reports them exactly; the XML is never re-serialised)."""
     if b"BackingInfo" not in body:
         return []
-    parser = xml.parsers.expat.ParserCreate(namespace_separator="}")
-    found: list[Backing] = []
-    stack: list[str] = []  # local names of open elements
-    backing_depth: list[int] = []  # depths of open backings (nested ones are parents: skipped)
-    state: dict[str, object] = {}
-    obj: list[tuple[str, str] | None] = [None]
-    obj_type: list[str] = [""]
-    chars: list[str] = []
-
-    def start(name: str, attrs: dict[str, str]) -> None:
-        lname = name.rsplit("}", 1)[-1]
-        depth = len(stack)
-        chars.clear()
-        if lname == "obj":
-            obj_type[0] = attrs.get("type", "")
-        if backing_depth and depth == backing_depth[-1] + 1 and state.get("current") is not None:
-            cur = state["current"]
-            assert isinstance(cur, dict)
-            if lname == "changeId":
-                cur["has"] = True
-            elif lname in AFTER_CHANGE_ID and cur["at"] is None:
-                cur["at"] = parser.CurrentByteIndex
-        t = attrs.get(f"{XSI}}}type", "").rsplit(":", 1)[-1]
-        if t in CBT_BACKINGS:
-            if not backing_depth:
-                state["current"] = {"at": None, "has": False, "file": "", "obj": obj[0]}
-            backing_depth.append(depth)
-        stack.append(lname)
-
-    def end(name: str) -> None:
-        lname = stack.pop()
-        depth = len(stack)
-        if lname == "obj":
-            obj[0] = (obj_type[0], "".join(chars).strip())
-        cur = state.get("current")
-        if backing_depth and isinstance(cur, dict):
-            if lname == "fileName" and depth == backing_depth[0] + 1 and len(backing_depth) == 1:
-                cur["file"] = "".join(chars)
-            if depth == backing_depth[-1]:
-                backing_depth.pop()
-                if not backing_depth:
-                    at = cur["at"] if cur["at"] is not None else parser.CurrentByteIndex
-                    if not cur["has"]:
-                        found.append(Backing(int(at), str(cur["file"]), cur["obj"]))  # type: ignore[arg-type]
-                    state["current"] = None
-        chars.clear()
-
-    def data(s: str) -> None:
-        chars.append(s)
-
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    parser.CharacterDataHandler = data
-    try:
-        parser.Parse(body, True)
-    except xml.parsers.expat.ExpatError:
-        return []
-    return found
+    return _BackingFinder(body).run()
 
 
 def insert_change_ids(body: bytes, ids: list[tuple[int, str]]) -> bytes:

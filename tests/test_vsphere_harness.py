@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import os
 import ssl
+import subprocess
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -311,7 +312,7 @@ def test_relocate_copies_the_vm_files_and_backings_follow(vsphere: Any, tmp_path
 
 
 # --------------------------------------------------------------------------- guest operations
-def test_guest_file_transfer_with_star_host_and_credentials(vsphere: Any) -> None:
+def test_guest_file_transfer_through_star_urls_with_guest_credentials(vsphere: Any) -> None:
     vm_id = vsphere.make_vm("guest-vm", [MiB], power_on=True)
     vm = vsphere.obj("VirtualMachine", vm_id)
     gom = vsphere.si.content.guestOperationsManager
@@ -327,7 +328,7 @@ def test_guest_file_transfer_with_star_host_and_credentials(vsphere: Any) -> Non
     url = fm.InitiateFileTransferToGuest(vm, auth, "/etc/app/conf", attrs, 5, False)
     parts = urllib.parse.urlsplit(url)
     assert parts.scheme == "https" and parts.hostname == "*" and parts.path == "/guestFile"
-    assert parts.port == vsphere.port  # the client substitutes its host for '*' and keeps the port
+    assert parts.port == 443  # as ESXi says it: the client puts the host:port it talks to in place of '*:443'
     status, _, _ = https(vsphere, "PUT", f"{parts.path}?{parts.query}", b"hello")
     assert status == 200
     f = vsphere.guest_root(vm_id) / "etc/app/conf"
@@ -461,3 +462,70 @@ def test_change_ids_are_spliced_in_wsdl_order_leaving_every_other_byte_alone() -
     assert out.replace(b"<changeId>id0/1</changeId>", b"").replace(b"<changeId>id1/1</changeId>", b"") == body
     assert b"<uuid>u</uuid><changeId>id0/1</changeId><parent " in out  # before parent, as the WSDL orders
     assert b"<fileName>[ds] a/b.vmdk</fileName><changeId>id1/1</changeId></backing>" in out
+
+
+# --------------------------------------------------------------------------- ImportVApp
+def test_import_vapp_upload_lands_in_the_disk_files(vsphere: Any, tmp_path: Path) -> None:
+    img = make_sparse_image(
+        tmp_path / "d.raw", 8 * MiB, [(0, os.urandom(200 * KiB)), (5 * MiB, b"tail" * 99)]
+    )
+    stream = tmp_path / "d.vmdk"
+    subprocess.run(
+        [
+            "qemu-img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            str(img),
+            str(stream),
+        ],
+        check=True,
+    )
+    host = vsphere.find("HostSystem", "DC0_C0_H0")
+    pool = vsphere.props(vsphere.props(host, "parent")["parent"], "resourcePool")["resourcePool"]
+    folder = vsphere.props(vsphere.find("Datacenter", "DC0"), "vmFolder")["vmFolder"]
+    disk = vim.vm.device.VirtualDisk(
+        key=-1,
+        controllerKey=-100,
+        unitNumber=0,
+        capacityInKB=8 * 1024,
+        backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+            fileName="[LocalDS_0]", diskMode="persistent", thinProvisioned=True
+        ),
+    )
+    config = vim.vm.ConfigSpec(
+        name="imported",
+        guestId="otherLinux64Guest",
+        files=vim.vm.FileInfo(vmPathName="[LocalDS_0]"),
+        deviceChange=[
+            vim.vm.device.VirtualDeviceSpec(
+                operation="add",
+                device=vim.vm.device.ParaVirtualSCSIController(key=-100, busNumber=0, sharedBus="noSharing"),
+            ),
+            vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=disk),
+        ],
+    )
+    lease = pool.ImportVApp(spec=vim.vm.VmImportSpec(configSpec=config), folder=folder, host=host)
+    assert vsphere.props(lease, "state")["state"] == "ready"
+    (url,) = [u.url for u in vsphere.props(lease, "info")["info"].deviceUrl if u.disk]
+    parts = urllib.parse.urlsplit(url)
+    assert parts.hostname == "*"  # the client puts its own host:port there
+    status, _, _ = https(
+        vsphere,
+        "PUT",
+        f"{parts.path}",
+        stream.read_bytes(),
+        **{"Content-Type": "application/x-vnd.vmware-streamVmdk", "Cookie": vsphere.si._stub.cookie},
+    )
+    assert status == 200
+    lease.HttpNfcLeaseComplete()
+    vm = vsphere.find("VirtualMachine", "imported")
+    flat = vsphere.disk_file(vm._moId, 0)
+    assert sha256_file(flat) == sha256_file(img)
+    assert os.stat(flat).st_blocks * 512 < 2 * MiB  # thin: the holes did not travel and are not written
+    assert 'RW 16384 VMFS "imported-flat.vmdk"' in vsphere.disk_descriptor(vm._moId, 0).read_text()
+    assert vsphere.answered("nfc upload", vm=vm._moId, stream_optimized=True)

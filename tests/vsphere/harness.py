@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.vsphere import build
-from tests.vsphere.proxy import NfsExport, Proxy, descriptor_extents, sparse_copy
+from tests.vsphere.proxy import NfsExport, Proxy, descriptor_extents, sparse_copy, vmdk_descriptor
 
 USER = "administrator@vsphere.local"
 MiB = 1 << 20
@@ -92,36 +92,6 @@ def _tls(workdir: Path) -> tuple[ssl.SSLContext, Path]:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(pem)
     return ctx, ca_file
-
-
-def descriptor(flat_name: str, size: int) -> str:
-    """The text descriptor ESXi writes beside a thin/thick flat disk on VMFS."""
-    sectors = size // 512
-    cylinders = max(1, sectors // (255 * 63))
-    return (
-        "# Disk DescriptorFile\n"
-        "version=1\n"
-        'encoding="UTF-8"\n'
-        "CID=fffffffe\n"
-        "parentCID=ffffffff\n"
-        'createType="vmfs"\n'
-        "\n"
-        "# Extent description\n"
-        f'RW {sectors} VMFS "{flat_name}"\n'
-        "\n"
-        "# The Disk Data Base\n"
-        "#DDB\n"
-        "\n"
-        'ddb.adapterType = "lsilogic"\n'
-        f'ddb.geometry.cylinders = "{cylinders}"\n'
-        'ddb.geometry.heads = "255"\n'
-        'ddb.geometry.sectors = "63"\n'
-        f'ddb.longContentID = "{secrets.token_hex(16)}"\n'
-        'ddb.thinProvisioned = "1"\n'
-        f'ddb.uuid = "{" ".join(secrets.token_hex(8)[i : i + 2] for i in range(0, 16, 2))}-'
-        f'{" ".join(secrets.token_hex(8)[i : i + 2] for i in range(0, 16, 2))}"\n'
-        'ddb.virtualHWVersion = "13"\n'
-    )
 
 
 def pyvmomi_connect(connect: Callable[[], Any]) -> Any:
@@ -347,7 +317,7 @@ class VSphere:
         for i, src in enumerate(disks or []):
             flat = self.disk_file(vm._moId, i)
             desc = self.disk_descriptor(vm._moId, i)
-            desc.write_text(descriptor(flat.name, sizes[i]))
+            desc.write_text(vmdk_descriptor(flat.name, sizes[i]))
             if isinstance(src, int):
                 with open(flat, "wb") as f:
                     f.truncate(src)

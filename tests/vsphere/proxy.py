@@ -17,10 +17,13 @@ the real files on the datastores' folders and records in :attr:`Proxy.log`:
   datastore, to the local folder a test registered for that export (:meth:`Proxy.add_nfs_export`).
 - Guest operations (``InitiateFileTransferToGuest`` / ``FromGuest``, ``MakeDirectoryInGuest``,
   ``ListFilesInGuest``): against a per-VM folder standing for the guest's filesystem, with the
-  credentials a test set per VM; transfers go through ``https://*:PORT/guestFile?...`` URLs.
+  credentials a test set per VM; transfers go through ``https://*:443/guestFile?...`` URLs, as ESXi
+  answers them (the client puts its own host:port in place of ``*:443``).
 - ``RelocateVM_Task`` naming a datastore: the VM's files (its configuration files and every disk's
   descriptor and extents) are copied to the target, the VM is reconfigured in vcsim so its files and
   disk backings name the new place, then the call is forwarded (vcsim moves no files).
+- Uploads to an ``ImportVApp`` lease (``/nfc/...``): written to the VM's disk files (vcsim throws
+  them away), streamOptimized ones converted with qemu-img.
 - ``RegisterVM_Task``: forwarded after creating the ``<name>.nvram`` and ``vmware.log`` vcsim insists
   on (ESXi creates them too); afterwards the disks the .vmx names are attached to the VM in vcsim,
   which otherwise ignores the .vmx.
@@ -267,6 +270,36 @@ class Proxy(ThreadingHTTPServer):
         return soap.insert_change_ids(body, ids)
 
 
+def vmdk_descriptor(flat_name: str, size: int) -> str:
+    """The text descriptor ESXi writes beside a thin/thick flat disk on VMFS."""
+    sectors = size // 512
+    cylinders = max(1, sectors // (255 * 63))
+    return (
+        "# Disk DescriptorFile\n"
+        "version=1\n"
+        'encoding="UTF-8"\n'
+        "CID=fffffffe\n"
+        "parentCID=ffffffff\n"
+        'createType="vmfs"\n'
+        "\n"
+        "# Extent description\n"
+        f'RW {sectors} VMFS "{flat_name}"\n'
+        "\n"
+        "# The Disk Data Base\n"
+        "#DDB\n"
+        "\n"
+        'ddb.adapterType = "lsilogic"\n'
+        f'ddb.geometry.cylinders = "{cylinders}"\n'
+        'ddb.geometry.heads = "255"\n'
+        'ddb.geometry.sectors = "63"\n'
+        f'ddb.longContentID = "{secrets.token_hex(16)}"\n'
+        'ddb.thinProvisioned = "1"\n'
+        f'ddb.uuid = "{" ".join(secrets.token_hex(8)[i : i + 2] for i in range(0, 16, 2))}-'
+        f'{" ".join(secrets.token_hex(8)[i : i + 2] for i in range(0, 16, 2))}"\n'
+        'ddb.virtualHWVersion = "13"\n'
+    )
+
+
 def descriptor_extents(descriptor: Path) -> list[Path]:
     """The extent files of a text vmdk descriptor (FLAT/VMFS/... lines), [] if it is not one."""
     try:
@@ -488,6 +521,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         if self.path.startswith("/guestFile"):
             self._guest_upload()
+        elif self.path.startswith("/nfc/"):
+            self._nfc_upload()
         else:
             self._relay()
 
@@ -495,6 +530,9 @@ class Handler(BaseHTTPRequestHandler):
         self._relay()
 
     def do_POST(self) -> None:
+        if self.path.startswith("/nfc/"):
+            self._nfc_upload()
+            return
         if not self.path.startswith("/sdk"):
             self._relay()
             return
@@ -773,6 +811,50 @@ class Handler(BaseHTTPRequestHandler):
         relocate_files(s, req.this, target, per_disk)
         return body
 
+    # ------------------------------------------------------------------ NFC (ImportVApp uploads)
+    def _nfc_upload(self) -> None:
+        """A disk uploaded to an ImportVApp lease: vcsim throws the bytes away, ESXi writes the disk.
+        Written here as ESXi lays it out (descriptor + thin flat file); a streamOptimized upload is
+        converted with qemu-img, anything else is taken as the raw disk."""
+        s = self.server
+        parts = urllib.parse.urlsplit(self.path).path.split("/")
+        lease, name = urllib.parse.unquote(parts[-2]), urllib.parse.unquote(parts[-1])
+        try:
+            info = s.vim.props("HttpNfcLease", lease, "info.entity", cookie=self.headers.get("Cookie") or "")
+            vm = info["info.entity"].text or ""
+            files = {}
+            for d in s.disks("VirtualMachine", vm):
+                b = child(d, "backing")
+                if b is not None:
+                    files[os.path.basename(text(b, "fileName"))] = text(b, "fileName")
+            desc = s.local_path(files[name])
+        except (soap.VimError, Answer, KeyError):
+            for _ in self._body_pieces():
+                pass
+            self._send(404, b"", [("Content-Type", "text/plain")])
+            return
+        tmp = desc.with_name(f".{name}.upload-{secrets.token_hex(4)}")
+        n = 0
+        with open(tmp, "wb") as f:
+            for piece in self._body_pieces():
+                f.write(piece)
+                n += len(piece)
+        flat = desc.with_name(desc.name.replace(".vmdk", "-flat.vmdk"))
+        with open(tmp, "rb") as f:
+            magic = f.read(4)
+        if magic == b"KDMV":
+            subprocess.run(
+                ["qemu-img", "convert", "-q", "-f", "vmdk", "-O", "raw", str(tmp), str(flat)],
+                check=True,
+                capture_output=True,
+            )
+            tmp.unlink()
+        else:
+            os.replace(tmp, flat)
+        desc.write_text(vmdk_descriptor(flat.name, os.path.getsize(flat)))
+        s.record("nfc upload", lease=lease, vm=vm, disk=str(flat), bytes=n, stream_optimized=magic == b"KDMV")
+        self._send(200, b"", [("Content-Type", "text/plain")])
+
     # ------------------------------------------------------------------ guest operations
     def _guest_vm(self, req: Request) -> tuple[str, Path]:
         s = self.server
@@ -796,7 +878,9 @@ class Handler(BaseHTTPRequestHandler):
         token = secrets.token_hex(16)
         with self.server.lock:
             self.server._transfers[token] = t
-        return f"https://*:{self.server.port}/guestFile?id={urllib.parse.quote(t.vm)}&token={token}"
+        # as ESXi: "https://*:443/guestFile?id=..&token=..", whatever port the client talks to; a client
+        # replaces the whole host:port when the host is "*" (govmomi's rule: port forwarding works too)
+        return f"https://*:443/guestFile?id={urllib.parse.quote(t.vm)}&token={token}"
 
     def _answer_InitiateFileTransferToGuest(self, req: Request) -> str:
         vm, root = self._guest_vm(req)

@@ -316,13 +316,15 @@ class Vim:
                     raise
         raise AssertionError("unreachable")
 
-    def call(self, method: str, this_type: str, this: str, args: str = "") -> ET.Element | None:
+    def call(
+        self, method: str, this_type: str, this: str, args: str = "", cookie: str | None = None
+    ) -> ET.Element | None:
         """Call *method* on (this_type, this); return the ``returnval`` element (None if void)."""
         body = (
             f'{ENVELOPE_OPEN}<{method} xmlns="{VIM}"><_this type="{this_type}">{escape(this)}</_this>'
             f"{args}</{method}>{ENVELOPE_CLOSE}"
         ).encode()
-        status, data, headers = self.raw(body)
+        status, data, headers = self.raw(body, {"Cookie": cookie} if cookie is not None else None)
         if method == "Login":
             for k, v in headers:
                 if k.lower() == "set-cookie":
@@ -336,9 +338,10 @@ class Vim:
             )
         return next((e for e in root.iter() if local(e.tag) == "returnval"), None)
 
-    def props(self, obj_type: str, obj: str, *paths: str) -> dict[str, ET.Element]:
+    def props(self, obj_type: str, obj: str, *paths: str, cookie: str | None = None) -> dict[str, ET.Element]:
         """Properties of one object through the PropertyCollector (``val`` elements by path); a property
-        that is unset is missing from the result (reading it any other way upsets vcsim)."""
+        that is unset is missing from the result (reading it any other way upsets vcsim).  *cookie*:
+        in a client's session instead of ours (vcsim keeps some objects per session: NFC leases)."""
         path_xml = "".join(f"<pathSet>{p}</pathSet>" for p in paths)
         ret = self.call(
             "RetrievePropertiesEx",
@@ -346,6 +349,7 @@ class Vim:
             "propertyCollector",
             f"<specSet><propSet><type>{obj_type}</type>{path_xml}</propSet>"
             f'<objectSet><obj type="{obj_type}">{escape(obj)}</obj></objectSet></specSet><options></options>',
+            cookie=cookie,
         )
         out: dict[str, ET.Element] = {}
         if ret is None:

@@ -200,7 +200,8 @@ def _get_into_vm(args: argparse.Namespace) -> int:
     root = repo_path(args).resolve()
     registry = Registry(root)
     hv = registry.get(hv_name)
-    work = Path(tempfile.mkdtemp(prefix="into-vm-", dir=root / "run"))  # private: the repository's
+    with open_repo(args) as repo:  # private scratch space on the repository's disk
+        work = Path(tempfile.mkdtemp(prefix="into-vm-", dir=repo.run_dir()))
     try:
         doc = _call(args, {"op": "get", "target": args.target, "paths": args.paths, "to": str(work),
                            "tar": False, "overwrite": False})  # fmt: skip

@@ -200,6 +200,12 @@ class Repository:
     def index_path(self, point: str, disk: str) -> Path:
         return self.index_dir(point) / f"{disk}.fidx"
 
+    def run_dir(self) -> Path:
+        """``run/``: daemons' records and logs, and private scratch space on the repository's disk."""
+        path = self.root / "run"
+        path.mkdir(exist_ok=True, mode=PRIVATE_DIR)
+        return path
+
     def session_dir(self, session_id: str) -> Path:
         return self.root / "sessions" / session_id
 

@@ -127,7 +127,7 @@ def restore(
     ds = _datastore(vs, h, datastore, hardware)
     disks = repo.catalog.disks(point.id)
     progress_total(sum(d.size for d in disks))
-    work = Path(tempfile.mkdtemp(prefix=f"restore-{point.id}-", dir=repo.root / "run"))
+    work = Path(tempfile.mkdtemp(prefix=f"restore-{point.id}-", dir=repo.run_dir()))
     lease = None
     try:
         files = []
@@ -161,8 +161,8 @@ def restore(
                 raise Unreachable(f"the import lease of {vs.hv.name} has no upload URL for {f.href}")
             _upload(vs, urls[key], work / f.href, done)
             progress(d.size)
+        vm = vs.prop(lease, "info").entity  # (the lease is gone once complete)
         lease.HttpNfcLeaseComplete()
-        vm = vs.prop(lease, "info").entity
         lease = None
         _identity(vs, vm, config, new_identity=new_identity)
         if power_on:

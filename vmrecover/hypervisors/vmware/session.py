@@ -251,8 +251,14 @@ def connect(hv: Hypervisor, password: str) -> VSphere:
 
 @contextmanager
 def session(hv: Hypervisor, password: str) -> Iterator[VSphere]:
+    """A logged-in session for the block; a vSphere fault nothing handled becomes an Unreachable
+    naming the hypervisor and the fault (no traceback for a server's refusal)."""
+    from pyVmomi import vmodl
+
     s = connect(hv, password)
     try:
         yield s
+    except vmodl.MethodFault as exc:
+        raise Unreachable(f"{hv.name} refused an operation: {fault_text(exc)}") from exc
     finally:
         s.close()

@@ -395,5 +395,8 @@ def vsphere_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture
 def vsphere(vsphere_session: Any) -> Iterator[Any]:
+    errors = len(vsphere_session.answered("proxy-error"))
     yield vsphere_session
     vsphere_session.reset()
+    new = vsphere_session.answered("proxy-error")[errors:]
+    assert not new, f"the vSphere test proxy failed (a harness bug, see stderr): {new}"

@@ -42,6 +42,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -164,6 +165,15 @@ class Proxy(ThreadingHTTPServer):
         finally:
             with contextlib.suppress(OSError):
                 conn.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that goes away mid-transfer (a killed backup) is normal; anything else is a bug of
+        the harness: in the log (``proxy-error``) and on stderr."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | ssl.SSLError | TimeoutError):
+            return
+        self.record("proxy-error", error=repr(exc))
+        super().handle_error(request, client_address)
 
     # ------------------------------------------------------------------ test API
     def record(self, method: str, **kw: Any) -> None:

@@ -416,12 +416,19 @@ def test_nas_datastore_is_the_appliance_export_and_registers_a_recovered_vm(
     assert vsphere.disk_file(vm._moId, 0) == session / "disk0-flat.vmdk"
     assert vsphere.props(vm, "config.hardware.memoryMB")["config.hardware.memoryMB"] == 512
     vsphere.wait(vm.PowerOnVM_Task())
-
     with pytest.raises(vim.fault.ResourceInUse):
         dss.RemoveDatastore(datastore=ds)
-    vsphere.wait(vm.PowerOffVM_Task())
-    vm.UnregisterVM()
-    dss2.RemoveDatastore(datastore=ds)  # unmounted from that host only
+
+    # migrate: the running VM moves off the appliance, the datastore is free again
+    vsphere.wait(
+        vm.RelocateVM_Task(spec=vim.vm.RelocateSpec(datastore=vsphere.find("Datastore", "LocalDS_1")))
+    )
+    moved = vsphere.datastore_dir("LocalDS_1") / "recover" / "s1"
+    assert vsphere.disk_file(vm._moId, 0) == moved / "disk0-flat.vmdk"
+    assert sha256_file(moved / "disk0-flat.vmdk") == sha256_file(img)
+    assert os.stat(moved / "disk0-flat.vmdk").st_blocks * 512 < MiB  # zeros read over FUSE stay holes
+    assert (moved / "nasvm.vmx").read_text() == vmx
+    dss2.RemoveDatastore(datastore=ds)  # unmounted from that host only (the VM has left it)
     assert [m.key for m in vsphere.props(ds, "host")["host"]] == [host]
     assert ds not in vsphere.props(host2, "datastore")["datastore"]
     dss.RemoveDatastore(datastore=ds)  # the last host: the datastore is gone

@@ -59,6 +59,7 @@ from tests.vsphere import cbt, soap
 from tests.vsphere.soap import Request, child, local, text
 
 PIECE = 1 << 20
+GRAIN = 64 * 1024  # a copy leaves holes where a whole grain is zeros (ESXi thin disks: 1 MiB blocks)
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 ADD = '<deviceChange xsi:type="VirtualDeviceConfigSpec"><operation>add</operation>'
 VM_FILES = re.compile(r"\.(vmx|vmxf|vmsd|nvram|log|vmsn|vmss|vmem)$")
@@ -327,7 +328,7 @@ def descriptor_extents(descriptor: Path) -> list[Path]:
 
 
 def sparse_copy(src: Path, dst: Path) -> None:
-    """Copy a file keeping holes: holes of the source are skipped, and so are all-zero pieces."""
+    """Copy a file keeping holes: holes of the source are skipped, and all-zero 64 KiB grains left holes."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fi = os.open(src, os.O_RDONLY)
     fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -337,15 +338,17 @@ def sparse_copy(src: Path, dst: Path) -> None:
             extents = cbt.data_extents(fi, size)
         except OSError:
             extents = [(0, size)]
-        zero = bytes(PIECE)
+        zero = bytes(GRAIN)
         for off, length in extents:
             pos = off
             while pos < off + length:
                 data = os.pread(fi, min(PIECE, off + length - pos), pos)
                 if not data:
                     break
-                if data != zero[: len(data)]:
-                    os.pwrite(fo, data, pos)
+                for sub in range(0, len(data), GRAIN):  # zero grains stay holes
+                    grain = data[sub : sub + GRAIN]
+                    if grain != zero[: len(grain)]:
+                        os.pwrite(fo, grain, pos + sub)
                 pos += len(data)
         os.ftruncate(fo, size)
         shutil.copymode(src, dst)
@@ -684,8 +687,7 @@ class Handler(BaseHTTPRequestHandler):
         s = self.server
         p = s.vim.props("Datastore", ref, "name", "vm", "summary.url")
         name = p["name"].text or ""
-        vms = p.get("vm")
-        if vms is not None and len(vms):
+        if any(self._vm_uses(vm.text or "", name) for vm in (p.get("vm") or [])):
             raise _fault(
                 "ResourceInUse",
                 f"The resource '{name}' is in use.",
@@ -702,6 +704,20 @@ class Handler(BaseHTTPRequestHandler):
         if gone and link is not None and link.parent == s.nas_dir and link.is_symlink():
             link.unlink()
         s.record(method, datastore=ref, name=name, gone=gone)
+
+    def _vm_uses(self, vm: str, ds_name: str) -> bool:
+        """Whether the VM's files are on the datastore (vcsim's datastore "vm" list still names VMs
+        relocated away, unlike vCenter's)."""
+        try:
+            p = self.server.vim.props("VirtualMachine", vm, "config.files.vmPathName")
+        except soap.VimError:
+            return False
+        names = [p["config.files.vmPathName"].text or ""] if "config.files.vmPathName" in p else []
+        for d in self.server.disks("VirtualMachine", vm):
+            b = child(d, "backing")
+            if b is not None:
+                names.append(text(b, "fileName"))
+        return any(n.startswith(f"[{ds_name}]") for n in names)
 
     def _answer_RemoveDatastore(self, req: Request) -> None:
         self._remove_datastore("RemoveDatastore", req.arg_text("datastore"), req.this)

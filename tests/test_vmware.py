@@ -5,7 +5,9 @@ transfer, relocation that moves files, NFC uploads); every test says which of th
 
 from __future__ import annotations
 
+import json
 import random
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +94,87 @@ def test_full_restore_to_vsphere_keeps_identity_or_makes_a_new_one(
     assert (
         sum(u["bytes"] for u in uploads) < (img0.stat().st_size + img1.stat().st_size) // 2
     )  # holes never sent
+
+
+@pytest.fixture
+def port111() -> Any:
+    """The product's NFS export takes port 2049 and the portmapper's 111: one test run at a time."""
+    import fcntl
+    import os
+
+    from tests.conftest import PORTMAP_LOCK
+
+    fd = os.open(PORTMAP_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _datastores_of(vsphere: Any, host: str = "DC0_C0_H0") -> list[str]:
+    h = vsphere.find("HostSystem", host)
+    return [
+        vsphere.props(d, "summary.name")["summary.name"] for d in vsphere.props(h, "datastore")["datastore"]
+    ]
+
+
+def test_instant_recovery_on_esxi_then_stop_and_migrate(
+    vc: Cli, vsphere: Any, mounted: Any, port111: Any, tmp_path: Path
+) -> None:
+    """recover start --to: the product's own NFS export (checked by the proxy with nfs-ls over the
+    portmapper) becomes an NFS datastore; the VM is registered from the session folder and powered on.
+    stop: the VM is unregistered, the datastore unmounted; migrate: the proxy's relocation copies the
+    VM's files, the session ends, the VM runs on.  Relies on the proxy for RemoveDatastore and for a
+    relocation that moves files."""
+    img = disk_image(tmp_path / "r.raw", 8 * MiB, seed=4)
+    vsphere.make_vm("app-ir", [img])
+    vc.json("backup", f"vmware://{HV}/app-ir")
+    vsphere.add_nfs_export(mounted.path)  # what the export at 127.0.0.1:/vmrecover serves, for vcsim
+    start = ["--to", f"vmware://{HV}", "--host", "DC0_C0_H0", "--datastore-name", "vmrecover-test"]
+
+    doc = vc.json("recover", "start", "app-ir", "--name", "ir2", *start)
+    vm2 = doc["published"]["vm"]
+    assert "vmrecover-test" in _datastores_of(vsphere)
+    vc.json("recover", "stop", "ir2")
+    with pytest.raises(Exception, match=r"ManagedObjectNotFound|has already been deleted"):
+        vsphere.props(vsphere.obj("VirtualMachine", vm2), "name")
+    assert "vmrecover-test" not in _datastores_of(vsphere)
+
+    doc = vc.json("recover", "start", "app-ir", "--name", "ir1", "--power-on", *start)
+    pub = doc["published"]
+    assert pub["datastore"] == "vmrecover-test" and pub["appliance"] == "127.0.0.1"
+    vm = vsphere.obj("VirtualMachine", pub["vm"])
+    assert vsphere.props(vm, "runtime.powerState")["runtime.powerState"] == "poweredOn"
+    folder = mounted.session_dir("ir1")
+    vmx = (folder / "ir1.vmx").read_text()
+    assert 'scsi0:0.fileName = "scsi0-0.vmdk"' in vmx and 'displayName = "ir1"' in vmx
+    # the VM's disk, as the host reads it from the datastore, is the backup
+    assert sha256_file(folder / "scsi0-0-flat.vmdk") == sha256_file(img)
+    res = vc.json("recover", "migrate", "ir1", "--to-datastore", "LocalDS_0")
+    assert res["datastore"] == "LocalDS_0"
+    assert vsphere.props(vm, "runtime.powerState")["runtime.powerState"] == "poweredOn"  # still running
+    assert vc.json("recover", "list") == []
+    assert "vmrecover-test" not in _datastores_of(vsphere)  # nothing of the appliance is left
+
+
+def test_files_back_into_the_running_guest(vc: Cli, vsphere: Any, guest_image: Path, tmp_path: Path) -> None:
+    """files get --into-vm: a file restored from a point lands in the guest with its mode; a wrong
+    guest password and an existing file are clear errors.  Relies on the proxy's guest operations."""
+    vm = vsphere.make_vm("guest-files", [guest_image], power_on=True)
+    vsphere.set_guest_credentials(vm, "root", "guest-secret")
+    vc.json("backup", f"vmware://{HV}/guest-files")
+    args = ["files", "get", "guest-files", "/sda2/etc/hostname", "--into-vm", f"vmware://{HV}/guest-files",
+            "--guest-user", "root", "--guest-password-stdin", "--guest-dir", "/restored"]  # fmt: skip
+    try:
+        res = vc.run(*args, "--json", input="wrong\n", check=False)
+        assert res.returncode == 8 and "refused the login" in res.stdout
+        doc = json.loads(vc.run(*args, "--json", input="guest-secret\n").stdout)
+        assert doc["sent"] == [{"guest_path": "/restored/hostname", "kind": "file", "sent": True, "size": 16}]
+        landed = vsphere.guest_root(vm) / "restored" / "hostname"
+        assert landed.read_text() == "vmrecover-guest\n" and stat.S_IMODE(landed.stat().st_mode) == 0o644
+        res = vc.run(*args, "--json", input="guest-secret\n", check=False)
+        assert res.returncode == 6 and "--overwrite" in res.stdout
+        vc.run(*args, "--overwrite", input="guest-secret\n")
+    finally:
+        vc.run("files", "stop", check=False)

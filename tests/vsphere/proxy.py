@@ -200,7 +200,8 @@ class Proxy(ThreadingHTTPServer):
         self.tracker.reject_all = False
 
     def add_nfs_export(self, export: NfsExport) -> None:
-        with self.lock:
+        with self.lock:  # a later wiring of the same export replaces the earlier one (a new test's)
+            self.nfs_exports = [e for e in self.nfs_exports if (e.host, e.path) != (export.host, export.path)]
             self.nfs_exports.append(export)
 
     def guest_root(self, vm: str) -> Path:

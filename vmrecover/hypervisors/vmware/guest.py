@@ -91,7 +91,7 @@ class GuestFiles:
             guest_path, self.fm.InitiateFileTransferToGuest, guestFilePath=guest_path, fileAttributes=attrs,
             fileSize=st.st_size, overwrite=overwrite,
         )  # fmt: skip
-        url = url.replace("://*/", f"://{self.vs.hv.host}:{self.vs.hv.port}/", 1)
+        url = self.vs.transfer_url(url)
         with open(local, "rb") as f:
             try:
                 r = self.pool.request("PUT", url, body=f, headers={"Content-Length": str(st.st_size)},
@@ -106,6 +106,9 @@ class GuestFiles:
         sep = "\\" if self.windows else "/"
         out: list[dict[str, Any]] = []
         for item in items:
+            parent = item.guest_path.rstrip(sep).rpartition(sep)[0]
+            if parent and not parent.endswith(":"):  # "C:" is a drive, not a folder to make
+                self.mkdir(parent)
             todo = [(item.local, item.guest_path)]
             while todo:
                 local, guest = todo.pop(0)

@@ -89,7 +89,7 @@ def _wait_lease(vs: VSphere, lease: Any, timeout: float = 600) -> None:
 
 def _upload(vs: VSphere, url: str, path: Path, done: Callable[[int], None]) -> None:
     """PUT the file at *path* to an NFC *url* (``https://*/nfc/...``: the host is the one we talk to)."""
-    url = url.replace("://*/", f"://{vs.hv.host}:{vs.hv.port}/", 1)
+    url = vs.transfer_url(url)
     size = path.stat().st_size
 
     def body() -> Iterator[bytes]:

@@ -21,6 +21,7 @@ import logging
 import socket
 import ssl
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -197,6 +198,15 @@ class VSphere:
                 hint="name the VM by its moref, e.g. vmware://" + f"{self.hv.name}/{by_name[0]._moId}",
             )
         raise NotFound(f"no VM named {name_or_moref!r} on hypervisor {self.hv.name}")
+
+    def transfer_url(self, url: str) -> str:
+        """A URL the server handed out for a transfer (NFC lease, guest file): its host is ``*`` (and
+        perhaps a port) when the client is to use the host and port it talks to."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.hostname == "*":
+            host = f"[{self.hv.host}]" if ":" in self.hv.host else self.hv.host
+            parts = parts._replace(netloc=f"{host}:{self.hv.port}")
+        return urllib.parse.urlunsplit(parts)
 
     def ref(self, vim_type: Any, moref: str) -> Any:
         return vim_type(moref, self.si._stub)

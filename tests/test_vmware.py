@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Cli, sha256_file
+from tests.conftest import Cli, assert_clean_error, sha256_file
+from vmrecover.errors import ExitCode
 
 MiB = 1 << 20
 HV = "vc1"
@@ -178,3 +181,157 @@ def test_files_back_into_the_running_guest(vc: Cli, vsphere: Any, guest_image: P
         vc.run(*args, "--overwrite", input="guest-secret\n")
     finally:
         vc.run("files", "stop", check=False)
+
+
+# --------------------------------------------------------------------------- bad input and faults
+def _snapshots(vsphere: Any, vm: str) -> list[str]:
+    info = vsphere.props(vsphere.obj("VirtualMachine", vm), "snapshot").get("snapshot")
+    todo, out = list(getattr(info, "rootSnapshotList", None) or []), []
+    while todo:
+        node = todo.pop()
+        out.append(node.name)
+        todo.extend(node.childSnapshotList or [])
+    return out
+
+
+def _point_count(cli: Cli, vm: str) -> int:
+    res = cli.run("list", vm, "--json", check=False)
+    return len(res.json()["points"]) if res.returncode == 0 else 0
+
+
+def test_wrong_password_and_untrusted_certificate(cli: Cli, vsphere: Any) -> None:
+    """Must survive: nothing is stored for a hypervisor whose login or certificate failed."""
+    res = cli.run("hypervisor", "add", HV, vsphere.vmware_url, "--ca-file", vsphere.ca_file,
+                  "--password-stdin", input="not-the-password\n", check=False)  # fmt: skip
+    assert_clean_error(res, ExitCode.AUTH, "refused the login of user administrator@vsphere.local")
+    res = cli.run("hypervisor", "add", HV, vsphere.vmware_url, "--password-stdin",
+                  input=vsphere.password + "\n", check=False)  # fmt: skip
+    assert_clean_error(res, ExitCode.CERTIFICATE, "not trusted", "fingerprint")
+    assert cli.json("hypervisor", "list")["hypervisors"] == []
+    assert "not-the-password" not in res.stdout + res.stderr
+
+
+def test_unknown_vm_is_not_found_and_touches_nothing(vc: Cli, vsphere: Any) -> None:
+    res = vc.run("backup", f"vmware://{HV}/no-such-vm", check=False)
+    assert_clean_error(res, ExitCode.NOT_FOUND, "no VM named 'no-such-vm' on hypervisor vc1")
+
+
+def test_someone_elses_snapshot_is_never_touched_and_ours_are_cleaned_up(
+    vc: Cli, vsphere: Any, tmp_path: Path
+) -> None:
+    """Must survive: the VM's own snapshot; a snapshot an interrupted vmrecover left is removed."""
+    img = disk_image(tmp_path / "s.raw", 4 * MiB, seed=5)
+    vm = vsphere.make_vm("snappy", [img])
+    obj = vsphere.obj("VirtualMachine", vm)
+    vsphere.wait(obj.CreateSnapshot_Task(name="before-upgrade", memory=False, quiesce=False))
+    vsphere.wait(obj.CreateSnapshot_Task(name="vmrecover-deadbeef", memory=False, quiesce=False))  # a crash's
+    vc.json("backup", f"vmware://{HV}/snappy")
+    assert _snapshots(vsphere, vm) == ["before-upgrade"]
+    assert restored_sha(vc, "snappy", "scsi0-0", tmp_path) == sha256_file(img)
+
+
+def test_grown_disk_and_rejected_change_id_are_read_whole(vc: Cli, vsphere: Any, tmp_path: Path) -> None:
+    """A disk that grew, and a changeId the host no longer accepts (the proxy's FileFault): that disk is
+    read whole and the output says why; every point restores byte for byte."""
+    a, b = disk_image(tmp_path / "a.raw", 4 * MiB, seed=6), disk_image(tmp_path / "b.raw", 4 * MiB, seed=7)
+    vm = vsphere.make_vm("grower", [a, b], cbt=True)
+    vc.json("backup", f"vmware://{HV}/grower")
+    disk0 = vsphere.obj("VirtualMachine", vm)
+    flat1 = vsphere.disk_file(vm, 1)
+    with open(flat1, "r+b") as f:  # disk 1 grows to 6 MiB (its descriptor and the VM say so too)
+        f.truncate(6 * MiB)
+        f.seek(5 * MiB)
+        f.write(b"grown" * 1000)
+    from pyVmomi import vim
+
+    dev = next(d for d in vsphere.props(disk0, "config.hardware.device")["config.hardware.device"]
+               if isinstance(d, vim.vm.device.VirtualDisk) and d.unitNumber == 1)  # fmt: skip
+    dev.capacityInKB, dev.capacityInBytes = 6 * 1024, 6 * MiB
+    vsphere.wait(disk0.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[
+        vim.vm.device.VirtualDeviceSpec(operation="edit", device=dev)])))  # fmt: skip
+    desc = vsphere.disk_descriptor(vm, 1)
+    desc.write_text(desc.read_text().replace(f"RW {4 * MiB // 512} ", f"RW {6 * MiB // 512} "))
+    doc = vc.json("backup", f"vmware://{HV}/grower")
+    why = {d["name"]: d["read_whole"] for d in doc["disks"]}
+    assert why == {"scsi0-0": None, "scsi0-1": "the disk's size changed"}, why
+    assert restored_sha(vc, "grower", "scsi0-1", tmp_path) == sha256_file(flat1)
+    vsphere.proxy.tracker.reject_all = True
+    doc = vc.json("backup", f"vmware://{HV}/grower")
+    assert all("no longer accepts its changeId" in d["read_whole"] for d in doc["disks"]), doc["disks"]
+    assert restored_sha(vc, "grower", "scsi0-0", tmp_path) == sha256_file(a)
+    assert _snapshots(vsphere, vm) == []
+
+
+def test_dropped_connections_are_retried_then_fail_cleanly(vc: Cli, vsphere: Any, tmp_path: Path) -> None:
+    """A /folder read dropped mid-body is retried; one that keeps dropping fails the backup cleanly:
+    exit 10, no point, the snapshot removed, nothing left for gc but what gc removes."""
+    img = disk_image(tmp_path / "c.raw", 8 * MiB, seed=8)
+    vm = vsphere.make_vm("flaky", [img])
+    vsphere.proxy.drop_folder_gets(10_000, times=2)
+    vc.json("backup", f"vmware://{HV}/flaky")
+    assert restored_sha(vc, "flaky", "scsi0-0", tmp_path) == sha256_file(img)
+    with open(vsphere.disk_file(vm, 0), "r+b") as f:
+        f.write(b"changed" * 100)
+    vsphere.proxy.drop_folder_gets(1000, times=1000)
+    res = vc.run("backup", f"vmware://{HV}/flaky", "--full", check=False)
+    assert_clean_error(res, ExitCode.UNREACHABLE, "failed 6 times")
+    vsphere.proxy.reset_faults()
+    assert _point_count(vc, "flaky") == 1 and _snapshots(vsphere, vm) == []
+    vc.json("gc")
+    assert vc.run("verify", check=False).returncode == 0
+
+
+def test_sigterm_in_the_middle_removes_the_snapshot_and_keeps_no_point(
+    vc: Cli, vsphere: Any, tmp_path: Path
+) -> None:
+    img = disk_image(tmp_path / "t.raw", 16 * MiB, seed=9)
+    vm = vsphere.make_vm("termed", [img])
+    vsphere.proxy.delays["/folder"] = 0.2  # every disk read is slow: the backup is caught reading
+    proc = vc.popen("backup", f"vmware://{HV}/termed", "--json")
+    deadline = time.monotonic() + 60
+    while not vsphere.proxy.folder_bytes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    while "vmrecover-" not in " ".join(_snapshots(vsphere, vm)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.INTERRUPTED, err
+    assert vsphere.proxy.folder_bytes, "the backup was not reading the disk when it was stopped"
+    assert _snapshots(vsphere, vm) == [] and _point_count(vc, "termed") == 0
+
+
+def test_nfs_datastore_name_clash_is_refused_and_leaves_nothing(
+    vc: Cli, vsphere: Any, mounted: Any, port111: Any, tmp_path: Path
+) -> None:
+    vsphere.make_vm("clash", [disk_image(tmp_path / "x.raw", 2 * MiB, seed=10)])
+    vc.json("backup", f"vmware://{HV}/clash")
+    vsphere.add_nfs_export(mounted.path)
+    res = vc.run("recover", "start", "clash", "--to", f"vmware://{HV}", "--host", "DC0_C0_H0",
+                 "--datastore-name", "LocalDS_1", check=False)  # fmt: skip
+    assert_clean_error(
+        res, ExitCode.BAD_INPUT, "already has a datastore named 'LocalDS_1'", "--datastore-name"
+    )
+    assert vc.json("recover", "list") == [] and list((vc.repo / "sessions").iterdir()) == []
+
+
+def test_vm_with_disks_on_several_datastores(vc: Cli, vsphere: Any, tmp_path: Path) -> None:
+    """Relies on the proxy's relocation moving one disk's files."""
+    a, b = disk_image(tmp_path / "a.raw", 4 * MiB, seed=11), disk_image(tmp_path / "b.raw", 2 * MiB, seed=12)
+    vm = vsphere.make_vm("spread", [a, b])
+    from pyVmomi import vim
+
+    obj = vsphere.obj("VirtualMachine", vm)
+    ds1 = vsphere.find("Datastore", "LocalDS_1")
+    disk1 = sorted((d for d in vsphere.props(obj, "config.hardware.device")["config.hardware.device"]
+                    if isinstance(d, vim.vm.device.VirtualDisk)), key=lambda d: d.unitNumber)[1]  # fmt: skip
+    vsphere.wait(obj.RelocateVM_Task(spec=vim.vm.RelocateSpec(
+        disk=[vim.vm.RelocateSpec.DiskLocator(diskId=disk1.key, datastore=ds1)])))  # fmt: skip
+    assert vsphere.disk_path(vm, 1).startswith("[LocalDS_1]") and vsphere.disk_path(vm, 0).startswith(
+        "[LocalDS_0]"
+    )
+    vc.json("backup", f"vmware://{HV}/spread")
+    (point,) = vc.json("list", "spread")["points"]
+    assert {d["datastore"] for d in point["config"]["hardware"]["disks"]} == {"LocalDS_0", "LocalDS_1"}
+    assert restored_sha(vc, "spread", "scsi0-0", tmp_path) == sha256_file(a)
+    assert restored_sha(vc, "spread", "scsi0-1", tmp_path) == sha256_file(b)

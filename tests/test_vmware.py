@@ -335,3 +335,14 @@ def test_vm_with_disks_on_several_datastores(vc: Cli, vsphere: Any, tmp_path: Pa
     assert {d["datastore"] for d in point["config"]["hardware"]["disks"]} == {"LocalDS_0", "LocalDS_1"}
     assert restored_sha(vc, "spread", "scsi0-0", tmp_path) == sha256_file(a)
     assert restored_sha(vc, "spread", "scsi0-1", tmp_path) == sha256_file(b)
+
+
+def test_passwords_never_reach_logs_argv_or_other_users(vc: Cli, vsphere: Any, tmp_path: Path) -> None:
+    """Debug logs of a whole backup (JSON and text) hold no password; the registry is 0600."""
+    vsphere.make_vm("secretive", [disk_image(tmp_path / "p.raw", 2 * MiB, seed=13)])
+    for fmt in ("json", "text"):
+        logged = Cli(vc.repo, env={"VMRECOVER_LOG_FORMAT": fmt})
+        res = logged.run("backup", f"vmware://{HV}/secretive", "--log-level", "debug")
+        assert vsphere.password not in res.stderr + res.stdout
+        assert "logged in to vc1" in res.stderr  # the debug log did run
+    assert oct((vc.repo / "hypervisors.toml").stat().st_mode & 0o777) == "0o600"

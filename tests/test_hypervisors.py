@@ -158,3 +158,20 @@ def test_untrusted_certificate_is_said_so_with_its_fingerprint(
     res = cli.run("hypervisor", "test", "self", check=False)
     fp = r"fingerprint is [0-9A-F]{2}(\s?:\s?[0-9A-F]{2}){31}"  # (the console may fold the line)
     assert_clean_error(res, ExitCode.CERTIFICATE, "not trusted", fp, "--ca-file")
+
+
+def test_names_that_would_share_a_password_variable_are_refused(cli: Cli) -> None:
+    cli.run("hypervisor", "add", "vc-1", "vmware://a", "--password-stdin", "--no-check", input="one\n")
+    res = cli.run("hypervisor", "add", "vc_1", "vmware://b", "--password-stdin", "--no-check", input="two\n",
+                  check=False)  # fmt: skip
+    assert_clean_error(res, ExitCode.BAD_INPUT, "VMRECOVER_HYPERVISOR_VC_1_PASSWORD", "'vc-1'")
+    res = cli.run("hypervisor", "add", "vc 1", "vmware://b", "--password-stdin", "--no-check", input="two\n",
+                  check=False)  # fmt: skip
+    assert_clean_error(res, ExitCode.BAD_INPUT, "invalid hypervisor name")
+
+
+def test_a_password_in_the_url_is_refused_and_not_echoed(cli: Cli) -> None:
+    res = cli.run("hypervisor", "add", "vc1", "vmware://root:hunter2@vc", "--password-stdin", input="x\n",
+                  check=False)  # fmt: skip
+    assert_clean_error(res, ExitCode.BAD_INPUT, "does not belong in the URL")
+    assert "hunter2" not in res.stdout + res.stderr

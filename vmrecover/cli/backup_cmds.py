@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, ExitCode
+from ..hypervisors import Registry, parse_target
 from ..ingest.extents import load_changed_extents
 from ..ingest.pipeline import DiskJob, run_backup
 from ..ingest.sources import DiskSource, open_image
@@ -130,19 +131,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def _backup_vm(args: argparse.Namespace) -> int:
-    from ..hypervisors import Registry
+
     from ..hypervisors.vmware.backup import Options, back_up
     from ..hypervisors.vmware.session import session
 
     if len(args.images) != 1 or args.disk_name or args.changed_extents or args.format or args.untrusted:
         raise BadInput("a hypervisor backup takes one vmware://HYPERVISOR/VM and no image options")
     url = args.images[0]
-    scheme, _, rest = url.partition("://")
-    hv_name, _, vm_ref = rest.partition("/")
-    if scheme != "vmware" or not hv_name or not vm_ref:
-        raise BadInput(
-            f"{url!r} is not vmware://HYPERVISOR/VM", hint="e.g. vmware://vc1/web01 or vmware://vc1/vm-42"
-        )
+    hv_name, vm_ref = parse_target(url, vm=True)
+    assert vm_ref is not None
     with open_repo(args) as repo:
         registry = Registry(repo.root)
         hv = registry.get(hv_name)
@@ -175,19 +172,17 @@ def _backup_vm(args: argparse.Namespace) -> int:
 
 
 def _restore_vm(args: argparse.Namespace) -> int:
-    from ..hypervisors import Registry
+
     from ..hypervisors.vmware.restore import restore
     from ..hypervisors.vmware.session import session
 
-    scheme, _, hv_name = args.to.partition("://")
-    if scheme != "vmware" or not hv_name.rstrip("/") or "/" in hv_name.rstrip("/"):
-        raise BadInput(f"{args.to!r} is not vmware://HYPERVISOR", hint="e.g. --to vmware://vc1")
+    hv_name, _ = parse_target(args.to, vm=False)
     if args.disk or args.overwrite or args.format != "raw":
         raise BadInput("--disk, --format and --overwrite are for restores to a file")
     with open_repo(args) as repo:
         point = repo.catalog.resolve(args.target)
         registry = Registry(repo.root)
-        hv = registry.get(hv_name.rstrip("/"))
+        hv = registry.get(hv_name)
         with (
             session(hv, registry.password(hv)) as vs,
             progress(f"restore {point.vm}@{point.id} to {hv.name}", enabled=not args.json) as (

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, ExitCode
+from ..hypervisors import Registry, parse_target
 from ..repo.keys import PASSPHRASE_ENV, ask_passphrase
-from .common import open_repo, repo_path
+from .common import open_repo, read_secret, repo_path
 from .output import emit_json, human_bytes, stderr, stdout, table
 
 
@@ -162,23 +163,9 @@ GUEST_PASSWORD_ENV = "VMRECOVER_GUEST_PASSWORD"
 
 
 def _guest_password(args: argparse.Namespace) -> str:
-    import getpass
-    import sys
-
-    from ..errors import AuthError
-
-    if args.guest_password_stdin:
-        secret = sys.stdin.readline().rstrip("\r\n")
-    elif os.environ.get(GUEST_PASSWORD_ENV):
-        secret = os.environ[GUEST_PASSWORD_ENV]
-    elif sys.stdin.isatty():
-        secret = getpass.getpass(f"Password of {args.guest_user} in the guest: ")
-    else:
-        raise AuthError("no guest password given",
-                        hint=f"use a terminal, --guest-password-stdin or ${GUEST_PASSWORD_ENV}")  # fmt: skip
-    if not secret:
-        raise AuthError("an empty guest password is not allowed")
-    return secret
+    return read_secret(f"Password of {args.guest_user} in the guest: ", from_stdin=args.guest_password_stdin,
+                       env=GUEST_PASSWORD_ENV, what=f"guest user {args.guest_user}",
+                       flag="--guest-password-stdin")  # fmt: skip
 
 
 def _get_into_vm(args: argparse.Namespace) -> int:
@@ -186,14 +173,10 @@ def _get_into_vm(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from ..hypervisors import Registry
     from ..hypervisors.vmware.guest import GuestFiles, Item
     from ..hypervisors.vmware.session import session
 
-    scheme, _, rest = args.into_vm.partition("://")
-    hv_name, _, vm_ref = rest.partition("/")
-    if scheme != "vmware" or not hv_name or not vm_ref:
-        raise BadInput(f"{args.into_vm!r} is not vmware://HYPERVISOR/VM")
+    hv_name, vm_ref = parse_target(args.into_vm, vm=True)
     if args.tar or not args.guest_user:
         raise BadInput("--into-vm needs --guest-user and cannot be used with --tar")
     password = _guest_password(args)

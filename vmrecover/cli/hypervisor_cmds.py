@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import getpass
-import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import AuthError, ExitCode
+from ..errors import ExitCode
 from ..hypervisors import Hypervisor, Registry, parse_url
 from ..hypervisors.connect import check
-from .common import repo_path
+from .common import read_secret, repo_path
 from .output import emit_json, stdout, table
 
 
@@ -52,18 +50,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _read_password(args: argparse.Namespace, hv: Hypervisor) -> str:
-    if args.password_stdin:
-        secret = sys.stdin.readline().rstrip("\r\n")
-    elif sys.stdin.isatty():
-        secret = getpass.getpass(f"Password of {hv.user} on {hv.host}: ")
-    else:
-        raise AuthError(
-            f"no password given for hypervisor {hv.name}",
-            hint="run on a terminal, or pipe it in with --password-stdin (never on the command line)",
-        )
-    if not secret:
-        raise AuthError("an empty password is not allowed")
-    return secret
+    return read_secret(f"Password of {hv.user} on {hv.host}: ", from_stdin=args.password_stdin, env=None,
+                       what=f"hypervisor {hv.name}", flag="--password-stdin")  # fmt: skip
 
 
 def cmd_add(args: argparse.Namespace) -> int:

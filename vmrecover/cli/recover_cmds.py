@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, ExitCode, NotFound
+from ..hypervisors import Registry, parse_target
 from ..recovery import qemu_boot, sessions
 from ..repo.keys import ask_passphrase
 from ..repo.repository import parse_size
@@ -107,17 +108,14 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def _hypervisor(repo: Any, url: str) -> Any:
-    from ..hypervisors import Registry
 
-    scheme, _, name = url.partition("://")
-    if scheme != "vmware" or not name or "/" in name.rstrip("/"):
-        raise BadInput(f"{url!r} is not vmware://HYPERVISOR", hint="e.g. --to vmware://vc1")
-    return Registry(repo.root).get(name.rstrip("/"))
+    name, _ = parse_target(url, vm=False)
+    return Registry(repo.root).get(name)
 
 
 @contextlib.contextmanager
 def _session_on(repo: Any, hv: Any) -> Iterator[Any]:
-    from ..hypervisors import Registry
+
     from ..hypervisors.vmware.session import session
 
     with session(hv, Registry(repo.root).password(hv)) as vs:
@@ -152,7 +150,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _migrate_on_hypervisor(args: argparse.Namespace) -> int:
-    from ..hypervisors import Registry
+
     from ..hypervisors.vmware import recovery
 
     with open_repo(args) as repo:
@@ -212,7 +210,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 def _unpublish(repo: Any, session: Any) -> None:
     """Undo what recover start --to did on the hypervisor, if it did anything."""
-    from ..hypervisors import Registry
+
     from ..hypervisors.vmware import recovery
 
     target = recovery.published(repo, session)

@@ -30,7 +30,6 @@ import tomli_w
 
 from ..errors import AuthError, BadInput, NotFound
 from ..fsutil import write_file
-from ..repo.catalog import check_name
 
 SCHEMES = {"vmware": 443}  # scheme -> default port
 FILE = "hypervisors.toml"
@@ -56,6 +55,20 @@ class Hypervisor:
         return "VMRECOVER_HYPERVISOR_" + re.sub(r"[^A-Z0-9]", "_", self.name.upper()) + "_PASSWORD"
 
 
+def parse_target(url: str, *, vm: bool) -> tuple[str, str | None]:
+    """``vmware://HYPERVISOR`` (*vm* False) or ``vmware://HYPERVISOR/VM_NAME_OR_MOREF`` (*vm* True), as
+    commands name what they act on -> (hypervisor name, VM or None)."""
+    scheme, sep, rest = url.partition("://")
+    name, _, ref = rest.strip("/").partition("/") if vm else (rest.strip("/"), "", "")
+    if not sep or scheme not in SCHEMES or not name or (vm and not ref) or (not vm and "/" in name):
+        shape = f"{scheme or 'vmware'}://HYPERVISOR" + ("/VM" if vm else "")
+        raise BadInput(
+            f"{url!r} is not {shape}",
+            hint="e.g. vmware://vc1" + ("/web01 or vmware://vc1/vm-42" if vm else ""),
+        )
+    return name, (ref or None)
+
+
 def parse_url(url: str) -> tuple[str, str, str, int]:
     """``vmware://[user@]host[:port]`` -> (scheme, user, host, port).  The user may contain '@'
     (``administrator@vsphere.local``): the host is what follows the last one."""
@@ -66,6 +79,11 @@ def parse_url(url: str) -> tuple[str, str, str, int]:
         )
     rest = rest.rstrip("/")
     user, _, hostport = rest.rpartition("@")
+    if ":" in user:
+        raise BadInput(
+            "a password does not belong in the URL (command lines show in ps and shell history)",
+            hint="give the URL without it; the password is asked for, or read with --password-stdin",
+        )
     m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?", hostport)
     if not m or "/" in user:
         raise BadInput(f"cannot read host and port in {url!r}", hint=f"write {scheme}://[user@]host[:port]")
@@ -112,8 +130,15 @@ class Registry:
 
     def add(self, hv: Hypervisor, password: str | None, *, replace: bool = False) -> None:
         """Store *hv* (and its password unless None: then it must come from the environment)."""
-        check_name("hypervisor", hv.name)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", hv.name):
+            raise BadInput(f"invalid hypervisor name {hv.name!r}", hint="letters, digits, '_', '.', '-'")
         table = self._load()
+        for other in self.all():
+            if other.name != hv.name and other.password_env == hv.password_env:
+                raise BadInput(
+                    f"hypervisor {hv.name!r} would share ${hv.password_env} with {other.name!r}",
+                    hint="choose a name that differs in more than punctuation",
+                )
         if hv.name in table and not replace:
             raise BadInput(
                 f"a hypervisor named {hv.name!r} exists", hint="remove it first, or choose another name"

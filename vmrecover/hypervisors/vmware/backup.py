@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from pyVmomi import vim
+
 from ...errors import BadInput, Unreachable
 from ...ingest.pipeline import DiskJob, DiskStats, run_backup
 from ...repo.catalog import Point, check_name
@@ -37,12 +39,6 @@ from .source import VmdkSource
 
 log = logging.getLogger("vmrecover.vmware")
 SNAPSHOT_PREFIX = "vmrecover-"  # our snapshots, and only ours, carry this name
-
-
-def _vim() -> Any:
-    from pyVmomi import vim
-
-    return vim
 
 
 @dataclass
@@ -127,7 +123,6 @@ def enable_cbt(vs: VSphere, vm: Any) -> bool:
     """Turn changed block tracking on; False if it already was."""
     if vs.prop(vm, "config.changeTrackingEnabled"):
         return False
-    vim = _vim()
     vs.wait(
         vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=True)),
         "enabling changed block tracking",
@@ -158,23 +153,6 @@ def changed_areas(vs: VSphere, vm: Any, snap: Any, disk: DiskInfo, change_id: st
 
 
 # ------------------------------------------------------------------------------------ the backup
-def datacenter_of(vs: VSphere, obj: Any) -> str:
-    """The inventory path of the datacenter holding *obj* (``dcPath`` of the /folder interface)."""
-    vim = _vim()
-    names = []
-    cur = vs.prop(obj, "parent")
-    while cur is not None and not isinstance(cur, vim.Datacenter):
-        cur = vs.prop(cur, "parent")
-    if cur is None:
-        return "ha-datacenter"
-    names.append(vs.prop(cur, "name"))
-    up = vs.prop(cur, "parent")
-    while up is not None and up != vs.content.rootFolder:
-        names.append(vs.prop(up, "name"))
-        up = vs.prop(up, "parent")
-    return "/".join(reversed(names))
-
-
 def plan(
     vs: VSphere, vm: Any, snap: Any, disks: list[DiskInfo], latest: Point | None,
     latest_tokens: dict[str, Any], *, uuid: str, cbt_fresh: bool, full: bool,
@@ -223,7 +201,7 @@ def back_up(
     cbt_fresh = enable_cbt(vs, vm)
     if cbt_fresh:
         log.warning("changed block tracking was off on %s: enabled now; this backup is full", info["name"])
-    files = DatastoreFiles(vs, datacenter_of(vs, vm))
+    files = DatastoreFiles(vs, vs.datacenter_path(vm))
     with repo.writer("backup"), snapshot(vs, vm, quiesce=options.quiesce, memory=options.memory) as snap:
         snap_config = vs.prop(snap, "config")
         devices = list(snap_config.hardware.device)

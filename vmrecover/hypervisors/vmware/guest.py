@@ -19,17 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import urllib3
+from pyVmomi import vim
 
 from ...errors import AuthError, BadInput, Unreachable
 from .session import VSphere, fault_text
 
 log = logging.getLogger("vmrecover.vmware")
-
-
-def _vim() -> Any:
-    from pyVmomi import vim
-
-    return vim
 
 
 @dataclass
@@ -42,7 +37,6 @@ class GuestFiles:
     """Guest file operations on one VM with one guest account."""
 
     def __init__(self, vs: VSphere, vm: Any, user: str, password: str) -> None:
-        vim = _vim()
         self.vs = vs
         self.vm = vm
         self.auth = vim.vm.guest.NamePasswordAuthentication(
@@ -54,7 +48,6 @@ class GuestFiles:
         self.pool = urllib3.PoolManager(ssl_context=vs.ssl, assert_hostname=False if vs.hv.insecure else None)
 
     def _call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
-        vim = _vim()
         try:
             return fn(self.vm, self.auth, *args, **kw)
         except vim.fault.InvalidGuestLogin:
@@ -78,7 +71,6 @@ class GuestFiles:
                        createParentDirectories=True)  # fmt: skip
 
     def put(self, local: Path, guest_path: str, *, overwrite: bool) -> None:
-        vim = _vim()
         st = local.stat()
         attrs: Any
         if self.windows:

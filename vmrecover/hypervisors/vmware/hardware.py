@@ -11,17 +11,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pyVmomi import vim
+
 from .http import DsPath
 
 
-def _vim() -> Any:
-    from pyVmomi import vim
-
-    return vim
-
-
 def _bus(controller: Any) -> str:
-    vim = _vim()
     if isinstance(controller, vim.vm.device.VirtualSCSIController):
         return "scsi"
     sata = (vim.vm.device.VirtualAHCIController, getattr(vim.vm.device, "VirtualSATAController", ()))
@@ -50,7 +45,6 @@ class DiskInfo:
 
 
 def disks(devices: list[Any]) -> list[DiskInfo]:
-    vim = _vim()
     controllers = {d.key: d for d in devices if isinstance(d, vim.vm.device.VirtualController)}
     out = []
     for d in devices:
@@ -80,7 +74,6 @@ def disks(devices: list[Any]) -> list[DiskInfo]:
 
 def summary(config: Any, devices: list[Any]) -> dict[str, Any]:
     """The hardware summary stored with a point (JSON-ready)."""
-    vim = _vim()
     hw = config.hardware
     controllers = [
         {"key": d.key, "type": type(d).__name__.rsplit(".", 1)[-1], "bus": _bus(d),

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pyVmomi import vim
+
 from ...beneath import Beneath
 from ...errors import BadInput, NotFound, Unreachable
 from ...recovery import exports, sessions
@@ -36,12 +38,6 @@ from . import vmx
 from .session import VSphere, fault_text
 
 log = logging.getLogger("vmrecover.vmware")
-
-
-def _vim() -> Any:
-    from pyVmomi import vim
-
-    return vim
 
 
 @dataclass
@@ -77,22 +73,6 @@ def _route_address(to: str) -> str:
         return str(s.getsockname()[0])
 
 
-def _host(vs: VSphere, name: str | None) -> Any:
-    vim = _vim()
-    hosts = vs.all_of(vim.HostSystem, ["name", "runtime.connectionState"])
-    ok = [h for h in hosts if h.get("runtime.connectionState") == "connected"]
-    if name is None:
-        if not ok:
-            raise Unreachable(f"no connected host on {vs.hv.name}")
-        return ok[0]["obj"]
-    for h in hosts:
-        if name in (h.get("name"), h["obj"]._moId):
-            return h["obj"]
-    raise NotFound(
-        f"no host {name!r} on {vs.hv.name}", hint="hosts: " + ", ".join(str(h.get("name")) for h in hosts)
-    )
-
-
 def _host_addresses(vs: VSphere, host: Any) -> list[str]:
     vnics = vs.prop(host, "config.network.vnic") or []
     return sorted({v.spec.ip.ipAddress for v in vnics if v.spec and v.spec.ip and v.spec.ip.ipAddress})
@@ -100,7 +80,6 @@ def _host_addresses(vs: VSphere, host: Any) -> list[str]:
 
 def _mount(vs: VSphere, host: Any, name: str, remote: str) -> Any:
     """The NFS datastore *name* on *host* for ``remote:/vmrecover``: found (reused) or created."""
-    vim = _vim()
     for ds in vs.prop(host, "datastore") or []:
         doc = vs.props([ds], ["summary.name", "info"])[0]
         if doc.get("summary.name") != name:
@@ -158,7 +137,7 @@ def publish(
     repo: Repository, vs: VSphere, session: Session, point: Point, *, host: str | None = None,
     datastore_name: str | None = None, power_on: bool = False, passphrase: str | None = None,
 ) -> Published:  # fmt: skip
-    h = _host(vs, host)
+    h = vs.host(host)
     host_ips = _host_addresses(vs, h)
     if not host_ips:
         raise Unreachable(f"host {vs.prop(h, 'name')} reports no IP address to allow on the NFS export")
@@ -181,7 +160,7 @@ def publish(
             os.fsync(f.fileno())
         undo.append(("the .vmx", lambda: upper.unlink(f"{vm_name}.vmx")))
         path = f"[{name}] recover/{session.name}/{vm_name}.vmx"
-        dc = _datacenter(vs, h)
+        dc = vs.datacenter(h)
         folder = vs.prop(dc, "vmFolder")
         pool = vs.prop(vs.prop(h, "parent"), "resourcePool")
         task = folder.RegisterVM_Task(path=path, name=vm_name, asTemplate=False, pool=pool, host=h)
@@ -198,22 +177,12 @@ def publish(
     raise AssertionError("unreachable")
 
 
-def _datacenter(vs: VSphere, obj: Any) -> Any:
-    vim = _vim()
-    cur = vs.prop(obj, "parent")
-    while cur is not None and not isinstance(cur, vim.Datacenter):
-        cur = vs.prop(cur, "parent")
-    if cur is None:
-        raise Unreachable(f"{obj._moId} is in no datacenter on {vs.hv.name}")
-    return cur
-
-
 def _release(repo: Repository, vs: VSphere, session: Session, target: Published) -> None:
     """Unmount the datastore and stop the export if no other session needs them; forget the target."""
     others = [p for s, p in _all_published(repo) if s.id != session.id]
     if not any(p.datastore == target.datastore and p.host == target.host for p in others):
         try:
-            _unmount(vs, vs.ref(_vim().HostSystem, target.host), target.datastore)
+            _unmount(vs, vs.ref(vim.HostSystem, target.host), target.datastore)
         except Exception as exc:
             log.error(
                 "could not remove datastore %s from %s: %s", target.datastore, target.host, fault_text(exc)
@@ -224,7 +193,6 @@ def _release(repo: Repository, vs: VSphere, session: Session, target: Published)
 
 
 def unpublish(repo: Repository, vs: VSphere, session: Session, target: Published) -> None:
-    vim = _vim()
     vm = vs.ref(vim.VirtualMachine, target.vm)
     try:
         state = vs.prop(vm, "runtime.powerState")
@@ -239,7 +207,6 @@ def unpublish(repo: Repository, vs: VSphere, session: Session, target: Published
 
 def migrate(repo: Repository, vs: VSphere, session: Session, target: Published, datastore: str) -> None:
     """Storage vMotion of the recovered VM to *datastore*, then the session is no longer needed."""
-    vim = _vim()
     vm = vs.ref(vim.VirtualMachine, target.vm)
     host = vs.ref(vim.HostSystem, target.host)
     ds = next((d for d in vs.prop(host, "datastore") or [] if vs.prop(d, "summary.name") == datastore), None)

@@ -26,24 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import urllib3
+from pyVmomi import vim
 
 from ...errors import BadInput, NotFound, Unreachable
 from ...repo.catalog import Point
 from ...repo.repository import Repository
 from ...restore import restore_disk
 from . import ovf
-from .recovery import _datacenter, _host
 from .session import VSphere, fault_text
 
 log = logging.getLogger("vmrecover.vmware")
 UPLOAD_BLOCK = 1 << 20
 LEASE_PROGRESS_SECONDS = 30.0
-
-
-def _vim() -> Any:
-    from pyVmomi import vim
-
-    return vim
 
 
 def _datastore(vs: VSphere, host: Any, name: str | None, hardware: dict[str, Any] | None) -> Any:
@@ -67,7 +61,6 @@ def _datastore(vs: VSphere, host: Any, name: str | None, hardware: dict[str, Any
 
 
 def _check_name(vs: VSphere, name: str) -> None:
-    vim = _vim()
     if any(d.get("name") == name for d in vs.all_of(vim.VirtualMachine, ["name"])):
         raise BadInput(
             f"a VM named {name!r} exists on {vs.hv.name}", hint="restore under another name with --name NEW"
@@ -118,12 +111,11 @@ def restore(
     host: str | None = None, no_network: bool = False, new_identity: bool = False, power_on: bool = False,
     progress: Callable[[int], None] = lambda n: None, progress_total: Callable[[int], None] = lambda n: None,
 ) -> dict[str, Any]:  # fmt: skip
-    vim = _vim()
     config = point.config or {}
     hardware = config.get("hardware")
     vm_name = name or config.get("name") or point.vm
     _check_name(vs, vm_name)
-    h = _host(vs, host)
+    h = vs.host(host)
     ds = _datastore(vs, h, datastore, hardware)
     disks = repo.catalog.disks(point.id)
     progress_total(sum(d.size for d in disks))
@@ -141,7 +133,7 @@ def restore(
         result = vs.content.ovfManager.CreateImportSpec(descriptor, pool, ds, params)
         if result.error:
             raise BadInput(f"{vs.hv.name} refuses the VM's description: {fault_text(result.error[0])}")
-        folder = vs.prop(_datacenter(vs, h), "vmFolder")
+        folder = vs.prop(vs.datacenter(h), "vmFolder")
         lease = pool.ImportVApp(result.importSpec, folder, h)
         _wait_lease(vs, lease)
         urls = {u.importKey: u.url for u in vs.prop(lease, "info").deviceUrl}
@@ -181,7 +173,6 @@ def restore(
 
 def _identity(vs: VSphere, vm: Any, config: dict[str, Any], *, new_identity: bool) -> None:
     """Give the imported VM the original's BIOS UUID and MACs (unless *new_identity*)."""
-    vim = _vim()
     if new_identity or not config:
         return
     spec = vim.vm.ConfigSpec()

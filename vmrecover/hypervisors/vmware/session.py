@@ -27,17 +27,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from pyVmomi import vim, vmodl
+
 from ...errors import AuthError, CertificateError, NotFound, Unreachable, VmrecoverError
 from .. import Hypervisor
 
 log = logging.getLogger("vmrecover.vmware")
 TIMEOUT = 60.0  # seconds for one SOAP call
-
-
-def _vim() -> Any:
-    from pyVmomi import vim
-
-    return vim
 
 
 def ssl_context(hv: Hypervisor) -> ssl.SSLContext:
@@ -68,7 +64,6 @@ def fingerprint(host: str, port: int) -> str | None:
 
 def classify(hv: Hypervisor, exc: BaseException) -> VmrecoverError:
     """The user's view of a failure to reach or log in to *hv*."""
-    vim = _vim()
     where = f"hypervisor {hv.name} ({hv.host}:{hv.port})"
     if isinstance(exc, ssl.SSLCertVerificationError) or (
         isinstance(exc, ssl.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc)
@@ -130,8 +125,6 @@ class VSphere:
         objs = list(objs)
         if not objs:
             return []
-        from pyVmomi import vmodl
-
         pcq = vmodl.query.PropertyCollector
         spec = pcq.FilterSpec(
             objectSet=[pcq.ObjectSpec(obj=o, skip=False) for o in objs],
@@ -148,8 +141,6 @@ class VSphere:
         return self.props([obj], [path])[0].get(path, default)
 
     def _retrieve(self, spec: Any) -> Iterator[Any]:
-        from pyVmomi import vmodl
-
         pc = self.content.propertyCollector
         res = pc.RetrievePropertiesEx([spec], vmodl.query.PropertyCollector.RetrieveOptions())
         while res is not None:
@@ -158,8 +149,6 @@ class VSphere:
 
     def all_of(self, vim_type: Any, paths: list[str]) -> list[dict[str, Any]]:
         """Every inventory object of *vim_type* with *paths*, through a container view."""
-        from pyVmomi import vmodl
-
         pcq = vmodl.query.PropertyCollector
         view = self.content.viewManager.CreateContainerView(self.content.rootFolder, [vim_type], True)
         try:
@@ -183,7 +172,6 @@ class VSphere:
     # ------------------------------------------------------------------ objects
     def vm(self, name_or_moref: str) -> Any:
         """A VM by its moref (``vm-42``) or its name (which must be unique)."""
-        vim = _vim()
         vms = self.all_of(vim.VirtualMachine, ["name"])
         by_ref = [d["obj"] for d in vms if d["obj"]._moId == name_or_moref]
         if by_ref:
@@ -207,6 +195,38 @@ class VSphere:
             host = f"[{self.hv.host}]" if ":" in self.hv.host else self.hv.host
             parts = parts._replace(netloc=f"{host}:{self.hv.port}")
         return urllib.parse.urlunsplit(parts)
+
+    def host(self, name: str | None = None) -> Any:
+        """The host named *name* (or by moref), else the first connected one."""
+        hosts = self.all_of(vim.HostSystem, ["name", "runtime.connectionState"])
+        if name is None:
+            ok = [h for h in hosts if h.get("runtime.connectionState") == "connected"]
+            if not ok:
+                raise Unreachable(f"no connected host on {self.hv.name}")
+            return ok[0]["obj"]
+        for h in hosts:
+            if name in (h.get("name"), h["obj"]._moId):
+                return h["obj"]
+        have = ", ".join(str(h.get("name")) for h in hosts)
+        raise NotFound(f"no host {name!r} on {self.hv.name}", hint=f"hosts: {have}")
+
+    def datacenter(self, obj: Any) -> Any:
+        """The datacenter holding *obj* (None on a standalone ESXi without one in its path)."""
+        cur = self.prop(obj, "parent")
+        while cur is not None and not isinstance(cur, vim.Datacenter):
+            cur = self.prop(cur, "parent")
+        return cur
+
+    def datacenter_path(self, obj: Any) -> str:
+        """The inventory path of *obj*'s datacenter: ``dcPath`` of the /folder interface."""
+        dc = self.datacenter(obj)
+        if dc is None:
+            return "ha-datacenter"
+        names, cur = [], dc
+        while cur is not None and cur != self.content.rootFolder:
+            names.append(self.prop(cur, "name"))
+            cur = self.prop(cur, "parent")
+        return "/".join(reversed(names))
 
     def ref(self, vim_type: Any, moref: str) -> Any:
         return vim_type(moref, self.si._stub)
@@ -263,8 +283,6 @@ def connect(hv: Hypervisor, password: str) -> VSphere:
 def session(hv: Hypervisor, password: str) -> Iterator[VSphere]:
     """A logged-in session for the block; a vSphere fault nothing handled becomes an Unreachable
     naming the hypervisor and the fault (no traceback for a server's refusal)."""
-    from pyVmomi import vmodl
-
     s = connect(hv, password)
     try:
         yield s

@@ -76,7 +76,7 @@ class Cli:
 
 
 def message(res: Result) -> str:
-    """stderr + stdout with rich's line folding undone (it wraps at 80 columns when not on a terminal)."""
+    """stderr + stdout as one line of single-spaced words (messages and hints span lines)."""
     return " ".join((res.stderr + " " + res.stdout).split())
 
 

@@ -45,6 +45,15 @@ def test_bad_urls(url: str) -> None:
         parse_url(url)
 
 
+def test_errors_are_printed_as_they_are(cli: Cli, tmp_path: Path) -> None:
+    """A fingerprint's ":CD:" is not an emoji code and a long path is not folded inside a word (both
+    broke the certificate error's fingerprint, depending on the random certificate)."""
+    where = tmp_path / "6E:CD:A0:smile:" / ("x" * 120)
+    res = cli.run("list", "--repo", where, check=False)
+    assert_clean_error(res, ExitCode.NOT_FOUND)
+    assert f"no repository at {where}\n" in res.stderr, res.stderr
+
+
 def test_vmdk_descriptor_extents() -> None:
     assert vmdk_extents(vmdk_descriptor("web01", 4 << 20, "id")) == [("RW", 8192, "VMFS", "web01-flat.vmdk")]
     two = (

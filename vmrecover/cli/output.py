@@ -23,9 +23,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-# Not a terminal (pipes, logs): wide lines rather than folded table cells.
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-stderr = Console(stderr=True, highlight=False)
+# Not a terminal (pipes, logs): wide lines rather than folded table cells, and messages unfolded.  No
+# emoji codes ever: names and fingerprints are printed as they are (":cd:" in "6E:CD:A0" is not a disc).
+stdout = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 200)
+stderr = Console(stderr=True, highlight=False, emoji=False, soft_wrap=not sys.stderr.isatty())
 
 
 class _JsonLogFormatter(logging.Formatter):

@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import random
 import signal
+import socket
 import stat
 import time
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +20,24 @@ import pytest
 
 from tests.conftest import Cli, assert_clean_error, sha256_file
 from vmrecover.errors import ExitCode
+from vmrecover.recovery import exports
 
 MiB = 1 << 20
 HV = "vc1"
 
 
 @pytest.fixture
-def vc(cli: Cli, vsphere: Any) -> Cli:
+def vc(cli: Cli, vsphere: Any) -> Iterator[Cli]:
     """The `cli` repository (64 KiB chunks) with the simulator added as hypervisor vc1 (TLS verified
-    against the test CA; the password through stdin)."""
+    against the test CA; the password through stdin).  A test that leaves the repository's NFS export
+    daemon running fails (it would hold ports 2049 and 111 for the rest of the run)."""
     cli.run("hypervisor", "add", HV, vsphere.vmware_url, "--ca-file", vsphere.ca_file, "--password-stdin",
             input=vsphere.password + "\n")  # fmt: skip
-    return cli
+    yield cli
+    left = exports.running(cli.repo)
+    if left is not None:
+        exports.stop(cli.repo)
+        pytest.fail(f"the test left the NFS export (pid {left.pid}) running")
 
 
 def disk_image(path: Path, size: int, *, seed: int) -> Path:
@@ -204,11 +213,11 @@ def test_wrong_password_and_untrusted_certificate(cli: Cli, vsphere: Any) -> Non
     res = cli.run("hypervisor", "add", HV, vsphere.vmware_url, "--ca-file", vsphere.ca_file,
                   "--password-stdin", input="not-the-password\n", check=False)  # fmt: skip
     assert_clean_error(res, ExitCode.AUTH, "refused the login of user administrator@vsphere.local")
+    assert "not-the-password" not in res.stdout + res.stderr
     res = cli.run("hypervisor", "add", HV, vsphere.vmware_url, "--password-stdin",
                   input=vsphere.password + "\n", check=False)  # fmt: skip
     assert_clean_error(res, ExitCode.CERTIFICATE, "not trusted", "fingerprint")
     assert cli.json("hypervisor", "list")["hypervisors"] == []
-    assert "not-the-password" not in res.stdout + res.stderr
 
 
 def test_unknown_vm_is_not_found_and_touches_nothing(vc: Cli, vsphere: Any) -> None:
@@ -219,14 +228,24 @@ def test_unknown_vm_is_not_found_and_touches_nothing(vc: Cli, vsphere: Any) -> N
 def test_someone_elses_snapshot_is_never_touched_and_ours_are_cleaned_up(
     vc: Cli, vsphere: Any, tmp_path: Path
 ) -> None:
-    """Must survive: the VM's own snapshot; a snapshot an interrupted vmrecover left is removed."""
+    """Must survive: the VM's own snapshot, and a vmrecover snapshot whose maker may still run (another
+    appliance's); one an interrupted backup of this repository left (its process gone) is removed."""
     img = disk_image(tmp_path / "s.raw", 4 * MiB, seed=5)
     vm = vsphere.make_vm("snappy", [img])
     obj = vsphere.obj("VirtualMachine", vm)
+    repo_id = tomllib.loads((vc.repo / "repo.toml").read_text())["repository"]["id"]
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+    def snap(name: str, owner: dict[str, Any]) -> None:
+        desc = f"made by vmrecover; owner={json.dumps(owner)}"
+        vsphere.wait(obj.CreateSnapshot_Task(name=name, description=desc, memory=False, quiesce=False))
+
     vsphere.wait(obj.CreateSnapshot_Task(name="before-upgrade", memory=False, quiesce=False))
-    vsphere.wait(obj.CreateSnapshot_Task(name="vmrecover-deadbeef", memory=False, quiesce=False))  # a crash's
+    crashed = {"repo": repo_id, "host": socket.gethostname(), "pid": 2**22 + 7, "boot": boot}
+    snap("vmrecover-deadbeef", crashed)  # ours, its process gone
+    snap("vmrecover-0ther001", {**crashed, "host": "other-appliance"})  # another appliance's, maybe running
     vc.json("backup", f"vmware://{HV}/snappy")
-    assert _snapshots(vsphere, vm) == ["before-upgrade"]
+    assert sorted(_snapshots(vsphere, vm)) == ["before-upgrade", "vmrecover-0ther001"]
     assert restored_sha(vc, "snappy", "scsi0-0", tmp_path) == sha256_file(img)
 
 
@@ -346,3 +365,78 @@ def test_passwords_never_reach_logs_argv_or_other_users(vc: Cli, vsphere: Any, t
         assert vsphere.password not in res.stderr + res.stdout
         assert "logged in to vc1" in res.stderr  # the debug log did run
     assert oct((vc.repo / "hypervisors.toml").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_second_backup_never_removes_the_snapshot_a_running_one_reads(
+    vc: Cli, vsphere: Any, tmp_path: Path
+) -> None:
+    """Found in review: the second backup removed 'stale' snapshots before taking the repository's lock,
+    so it deleted the one the first was reading.  Must survive: the first backup's snapshot and point."""
+    img = disk_image(tmp_path / "k.raw", 8 * MiB, seed=14)
+    vm = vsphere.make_vm("overlap", [img])
+    vsphere.proxy.delays["/folder"] = 0.1
+    first = vc.popen("backup", f"vmware://{HV}/overlap", "--json")
+    deadline = time.monotonic() + 60
+    while (
+        not any(n.startswith("vmrecover-") for n in _snapshots(vsphere, vm)) and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    ours = _snapshots(vsphere, vm)
+    res = vc.run("backup", f"vmware://{HV}/overlap", check=False)
+    assert_clean_error(res, ExitCode.LOCKED, "locked by backup")
+    assert _snapshots(vsphere, vm) == ours  # untouched
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert restored_sha(vc, "overlap", "scsi0-0", tmp_path) == sha256_file(img)
+
+
+def test_independent_disks_are_left_out_and_said_so(vc: Cli, vsphere: Any, tmp_path: Path) -> None:
+    """A snapshot does not freeze an independent disk: it is not backed up (as VADP products do)."""
+    from pyVmomi import vim
+
+    a, b = disk_image(tmp_path / "a.raw", 2 * MiB, seed=15), disk_image(tmp_path / "b.raw", 2 * MiB, seed=16)
+    vm = vsphere.make_vm("indep", [a, b])
+    obj = vsphere.obj("VirtualMachine", vm)
+    dev = sorted((d for d in vsphere.props(obj, "config.hardware.device")["config.hardware.device"]
+                  if isinstance(d, vim.vm.device.VirtualDisk)), key=lambda d: d.unitNumber)[1]  # fmt: skip
+    dev.backing.diskMode = "independent_persistent"
+    vsphere.wait(obj.ReconfigVM_Task(spec=vim.vm.ConfigSpec(
+        deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="edit", device=dev)])))  # fmt: skip
+    res = vc.run("backup", f"vmware://{HV}/indep", "--json")
+    assert "scsi0-1 of indep is independent_persistent" in res.stderr
+    assert [d["name"] for d in res.json()["disks"]] == ["scsi0-0"]
+    (point,) = vc.json("list", "indep")["points"]
+    assert "scsi0-1" in point["config"]["skipped_disks"]
+
+
+def test_recover_stop_when_the_vm_is_gone_or_the_hypervisor_unreachable(
+    vc: Cli, vsphere: Any, mounted: Any, port111: Any, tmp_path: Path
+) -> None:
+    """Must survive: the user's way out.  A VM someone already unregistered: stop still cleans up.  A
+    hypervisor that cannot be reached: stop says so and names what is left; --force drops the session."""
+    vsphere.make_vm("gone", [disk_image(tmp_path / "g.raw", 2 * MiB, seed=17)])
+    vc.json("backup", f"vmware://{HV}/gone")
+    vsphere.add_nfs_export(mounted.path)
+    start = ["--to", f"vmware://{HV}", "--host", "DC0_C0_H0", "--datastore-name", "vmrecover-gone"]
+    vm = vc.json("recover", "start", "gone", "--name", "g1", *start)["published"]["vm"]
+    vsphere.obj("VirtualMachine", vm).UnregisterVM()  # someone did it in vSphere
+    vc.json("recover", "stop", "g1")
+    assert vc.json("recover", "list") == [] and "vmrecover-gone" not in _datastores_of(vsphere)
+    vc.json("recover", "start", "gone", "--name", "g2", *start)
+    vc.run("hypervisor", "remove", HV)  # as good as unreachable
+    res = vc.run("recover", "stop", "g2", check=False)
+    assert_clean_error(res, ExitCode.NOT_FOUND, "cannot undo session g2", "--force")
+    assert [s["name"] for s in vc.json("recover", "list")] == ["g2"]
+    res = vc.run("recover", "stop", "g2", "--force")
+    assert "left on the hypervisor" in res.stderr and vc.json("recover", "list") == []
+    assert exports.running(vc.repo) is None  # the NFS export went with the last session
+    # what --force said is left is left; the administrator removes it (as this test must: the datastore
+    # of the export would clash with later tests' datastores of the same export)
+    assert "vmrecover-gone" in _datastores_of(vsphere)
+    vm2 = list(vsphere.props(vsphere.find("Datastore", "vmrecover-gone"), "vm")["vm"])
+    assert len(vm2) == 1
+    vm2[0].UnregisterVM()
+    h = vsphere.find("HostSystem", "DC0_C0_H0")
+    dss = vsphere.props(h, "configManager.datastoreSystem")["configManager.datastoreSystem"]
+    dss.RemoveDatastore(datastore=vsphere.find("Datastore", "vmrecover-gone"))
+    assert "vmrecover-gone" not in _datastores_of(vsphere)

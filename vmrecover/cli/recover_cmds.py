@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput, ExitCode, NotFound
+from ..errors import BadInput, ExitCode, NotFound, VmrecoverError
 from ..hypervisors import Registry, parse_target
 from ..recovery import qemu_boot, sessions
 from ..repo.keys import ask_passphrase
@@ -17,6 +18,8 @@ from ..repo.repository import parse_size
 from ..restore import RESTORE_FORMATS
 from .common import open_repo
 from .output import emit_json, human_bytes, progress, stdout, table
+
+log = logging.getLogger("vmrecover.recovery")
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -44,6 +47,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = rsub.add_parser("stop", parents=[common], help="end a session and discard everything it wrote")
     p.add_argument("session")
+    p.add_argument(
+        "--force", action="store_true",
+        help="drop the session even if its VM cannot be undone on the hypervisor (unreachable, removed)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_stop)
 
     p = rsub.add_parser(
@@ -100,8 +107,10 @@ def cmd_start(args: argparse.Namespace) -> int:
                         repo, vs, session, point, host=args.host, datastore_name=args.datastore_name,
                         power_on=args.power_on, passphrase=_passphrase(repo),
                     )  # fmt: skip
-            except BaseException:
-                sessions.stop(repo, session.name)  # nothing of the session stays without its VM
+            except BaseException:  # nothing of the session stays, on the host or here
+                with contextlib.suppress(Exception):
+                    _unpublish(repo, session)  # (published, then interrupted: undone as by stop)
+                sessions.stop(repo, session.name)
                 raise
         _print_info(args, sessions.info(repo, session), "started")
     return ExitCode.OK
@@ -140,7 +149,27 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     with open_repo(args) as repo:
-        _unpublish(repo, repo.catalog.session(args.session))
+        session = repo.catalog.session(args.session)
+        try:
+            _unpublish(repo, session)
+        except VmrecoverError as exc:
+            t = sessions.target(repo, session) or {}
+            left = (f"VM {t.get('vm')} ({t.get('vm_name')}) on host {t.get('host')} of "
+                    f"{t.get('hypervisor')}, datastore {t.get('datastore')}")  # fmt: skip
+            if not args.force:
+                err = VmrecoverError(
+                    f"cannot undo session {session.name} on its hypervisor: {exc.message}",
+                    hint=f"fix that and stop it again, or --force: drop the session here and remove {left} "
+                    "yourself",
+                )
+                err.exit_code = exc.exit_code
+                raise err from None
+            log.warning(
+                "dropping session %s anyway (--force); left on the hypervisor: %s", session.name, left
+            )
+            from ..hypervisors.vmware import recovery
+
+            recovery.forget(repo, session)
         s = sessions.stop(repo, args.session)
     if args.json:
         emit_json({"name": s.name, "id": s.id, "stopped": True})

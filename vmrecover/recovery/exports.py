@@ -42,11 +42,17 @@ class Export:
 
     @property
     def alive(self) -> bool:
+        """The recorded daemon runs: its pid is alive *and* is our ``nfs serve`` (after a reboot or pid
+        reuse, the record must never make us signal some other process)."""
         try:
             with open(f"/proc/{self.pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return False
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
         except (OSError, IndexError):
             return False
+        return b"vmrecover" in argv and b"nfs" in argv and b"serve" in argv and b"--repo" in argv
 
 
 def record_path(repo_root: Path) -> Path:
@@ -79,7 +85,10 @@ def _start(repo_root: Path, allow: list[str], passphrase: str | None) -> Export:
     argv = [sys.executable, "-m", "vmrecover", "nfs", "serve", "--repo", str(repo_root),
             "--listen", "0.0.0.0", "--port", str(NFS_PORT), "--portmapper", "--json",
             *[a for x in allow for a in ("--allow", x)]]  # fmt: skip
-    env = dict(os.environ, VMRECOVER_LOG_FORMAT="json")
+    # A minimal environment: the daemon outlives this command, and its environment is readable (by
+    # its owner) for as long as it runs, so no hypervisor or guest password may be in it.
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "HOME", "TMPDIR")}
+    env["VMRECOVER_LOG_FORMAT"] = "json"
     if passphrase is not None:
         env[PASSPHRASE_ENV] = passphrase
     with open(logfile, "ab") as logf:

@@ -27,8 +27,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pyVmomi import vim
+from pyVmomi import vim, vmodl
 
+from ... import interrupts
 from ...beneath import Beneath
 from ...errors import BadInput, NotFound, Unreachable
 from ...recovery import exports, sessions
@@ -163,14 +164,15 @@ def publish(
         dc = vs.datacenter(h)
         folder = vs.prop(dc, "vmFolder")
         pool = vs.prop(vs.prop(h, "parent"), "resourcePool")
-        task = folder.RegisterVM_Task(path=path, name=vm_name, asTemplate=False, pool=pool, host=h)
-        fault = vs.task_error(task)
-        if fault is not None:
-            raise Unreachable(f"registering {path} on {vs.hv.name} failed: {fault_text(fault)}")
-        vm = vs.props([task], ["info.result"])[0]["info.result"]
-        undo.append((f"VM {vm_name}", lambda: vm.UnregisterVM()))
-        target = Published("vmware", vs.hv.name, h._moId, name, vm._moId, vm_name, path, appliance)
-        sessions.set_target(repo, session, asdict(target))
+        with interrupts.deferred():  # a registered VM is always recorded, so that it can be undone
+            task = folder.RegisterVM_Task(path=path, name=vm_name, asTemplate=False, pool=pool, host=h)
+            fault = vs.task_error(task)
+            if fault is not None:
+                raise Unreachable(f"registering {path} on {vs.hv.name} failed: {fault_text(fault)}")
+            vm = vs.props([task], ["info.result"])[0]["info.result"]
+            undo.append((f"VM {vm_name}", lambda: vm.UnregisterVM()))
+            target = Published("vmware", vs.hv.name, h._moId, name, vm._moId, vm_name, path, appliance)
+            sessions.set_target(repo, session, asdict(target))
         if power_on:
             vs.wait(vm.PowerOnVM_Task(), f"powering on {vm_name}")
         return target
@@ -187,20 +189,31 @@ def _release(repo: Repository, vs: VSphere, session: Session, target: Published)
             log.error(
                 "could not remove datastore %s from %s: %s", target.datastore, target.host, fault_text(exc)
             )
-    if not others:
+    forget(repo, session)
+
+
+def forget(repo: Repository, session: Session) -> None:
+    """Forget where *session* is published; stop the NFS export when no other session needs it (also
+    when the hypervisor side could not be undone: ``recover stop --force``)."""
+    if not any(s.id != session.id for s, _ in _all_published(repo)):
         exports.stop(repo.root)
     sessions.set_target(repo, session, None)
 
 
 def unpublish(repo: Repository, vs: VSphere, session: Session, target: Published) -> None:
+    """Power off and unregister the recovered VM (only if it still runs from the appliance's datastore:
+    one an administrator moved to production storage is left alone), then release the datastore."""
     vm = vs.ref(vim.VirtualMachine, target.vm)
     try:
-        state = vs.prop(vm, "runtime.powerState")
-    except vim.fault.ManagedObjectNotFound:
-        state = None  # unregistered by someone already
-    if state == "poweredOn":
-        vs.wait(vm.PowerOffVM_Task(), f"powering off {target.vm_name}")
-    if state is not None:
+        doc = vs.props([vm], ["runtime.powerState", "config.files.vmPathName"])[0]
+    except vmodl.fault.ManagedObjectNotFound:
+        doc = {}  # unregistered by someone already
+    where = str(doc.get("config.files.vmPathName") or "")
+    if doc and not where.startswith(f"[{target.datastore}]"):
+        log.warning("VM %s now lives at %s, not on the appliance: left as it is", target.vm_name, where)
+    elif doc:
+        if doc.get("runtime.powerState") == "poweredOn":
+            vs.wait(vm.PowerOffVM_Task(), f"powering off {target.vm_name}")
         vm.UnregisterVM()
     _release(repo, vs, session, target)
 

@@ -168,9 +168,11 @@ def run_backup(
     progress_total: Progress = lambda n: None,
     workers: int | None = None,
     config: dict[str, Any] | None = None,
+    precommit: Callable[[], None] = lambda: None,
 ) -> tuple[Point, list[DiskStats]]:
     """Back up *jobs* as one new restore point of *vm*, with the VM's *config* (hypervisor backups).
-    Caller holds the writer lock."""
+    *precommit* may refuse the commit (raise) once everything is durable: a source that can tell
+    its data was not one moment's (a snapshot removed under it).  Caller holds the writer lock."""
     check_name("VM", vm)
     names = [check_name("disk", j.name) for j in jobs]
     if len(set(names)) != len(names):
@@ -231,6 +233,7 @@ def run_backup(
         point = Point(
             point_id, vm, now_iso(), parent_point.id if parent_point else None, kind, stats_doc, config
         )
+        precommit()
         faults.moment("backup.before-commit")
         repo.catalog.add_point(point, disks)
         committed = True

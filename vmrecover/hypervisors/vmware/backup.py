@@ -18,15 +18,19 @@ frozen disks, remove the snapshot.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import secrets
-import signal
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pyVmomi import vim
 
+from ... import interrupts
 from ...errors import BadInput, Unreachable
 from ...ingest.pipeline import DiskJob, DiskStats, run_backup
 from ...repo.catalog import Point, check_name
@@ -39,6 +43,7 @@ from .source import VmdkSource
 
 log = logging.getLogger("vmrecover.vmware")
 SNAPSHOT_PREFIX = "vmrecover-"  # our snapshots, and only ours, carry this name
+STALE_AFTER = timedelta(days=1)  # a vmrecover snapshot older than this is a leftover, whoever made it
 
 
 @dataclass
@@ -67,14 +72,54 @@ def _snapshot_tree(vs: VSphere, vm: Any) -> Iterator[Any]:
         todo.extend(node.childSnapshotList or [])
 
 
-def remove_stale_snapshots(vs: VSphere, vm: Any) -> list[str]:
-    """Remove the snapshots an interrupted vmrecover left on *vm* (ours by name); return their names."""
-    removed = []
+def _owner(repo: Repository) -> dict[str, Any]:
+    """Who makes a snapshot: written into its description, so that a later backup can tell a crash's
+    leftover (its process is gone) from a snapshot another backup is reading right now."""
+    return {"repo": repo.config.id, "host": socket.gethostname(), "pid": os.getpid(), "boot": _boot_id()}
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _stale(node: Any, me: dict[str, Any]) -> str | None:
+    """Why our snapshot *node* is a leftover that may be removed, or None while it may be in use."""
+    try:
+        owner = json.loads(str(node.description or "").split("owner=", 1)[1])
+    except (IndexError, ValueError):
+        owner = {}
+    created = getattr(node, "createTime", None)
+    if created is not None and datetime.now(UTC) - created > STALE_AFTER:
+        return f"made {created:%Y-%m-%d %H:%M} UTC, longer ago than any backup runs"
+    if owner.get("host") == me["host"] and owner.get("repo") == me["repo"]:
+        if owner.get("boot") != me["boot"]:
+            return "its maker ran before this machine last started"
+        if not os.path.exists(f"/proc/{owner.get('pid')}"):
+            return f"its maker (pid {owner.get('pid')}) is gone"
+    return None
+
+
+def remove_stale_snapshots(repo: Repository, vs: VSphere, vm: Any) -> list[str]:
+    """Remove the snapshots an interrupted vmrecover left on *vm* (ours by name, and only when their
+    maker is gone: another backup of the VM may be reading one); return their names."""
+    removed, me = [], _owner(repo)
     for node in list(_snapshot_tree(vs, vm)):
-        if node.name.startswith(SNAPSHOT_PREFIX):
-            log.warning("removing snapshot %r left on %s by an interrupted backup", node.name, vm._moId)
+        if not node.name.startswith(SNAPSHOT_PREFIX):
+            continue
+        why = _stale(node, me)
+        if why is None:
+            log.warning(
+                "snapshot %r of %s belongs to a backup that may still run: left alone", node.name, vm._moId
+            )
+            continue
+        log.warning("removing snapshot %r left on %s by an interrupted backup: %s", node.name, vm._moId, why)
+        with interrupts.deferred():
             _remove(vs, node.snapshot, node.name)
-            removed.append(node.name)
+        removed.append(node.name)
     return removed
 
 
@@ -83,14 +128,15 @@ def _remove(vs: VSphere, snap: Any, name: str) -> None:
 
 
 @contextlib.contextmanager
-def snapshot(vs: VSphere, vm: Any, *, quiesce: bool, memory: bool) -> Iterator[Any]:
-    """A snapshot of *vm* for the block: created, and removed whatever happens in the block."""
+def snapshot(vs: VSphere, vm: Any, *, owner: dict[str, Any], quiesce: bool, memory: bool) -> Iterator[Any]:
+    """A snapshot of *vm* for the block: created, and removed whatever happens in the block.  SIGTERM
+    and ^C wait while it is being created and while it is being removed, so that neither can leave it."""
     name = f"{SNAPSHOT_PREFIX}{secrets.token_hex(4)}"
-    task = vm.CreateSnapshot_Task(
-        name=name, description="made by vmrecover for a backup; removed when it ends",
-        memory=memory, quiesce=quiesce,
-    )  # fmt: skip
-    fault = vs.task_error(task)
+    description = f"made by vmrecover for a backup; removed when it ends; owner={json.dumps(owner)}"
+    with interrupts.deferred():
+        task = vm.CreateSnapshot_Task(name=name, description=description, memory=memory, quiesce=quiesce)
+        fault = vs.task_error(task)
+        snap = None if fault else next((n.snapshot for n in _snapshot_tree(vs, vm) if n.name == name), None)
     if fault is not None:
         hint = (
             "quiescing needs VMware Tools running in the guest; back up without --quiesce"
@@ -98,24 +144,30 @@ def snapshot(vs: VSphere, vm: Any, *, quiesce: bool, memory: bool) -> Iterator[A
             else None
         )
         raise Unreachable(f"cannot snapshot VM {vm._moId} on {vs.hv.name}: {fault_text(fault)}", hint=hint)
-    snap = next((n.snapshot for n in _snapshot_tree(vs, vm) if n.name == name), None)
     if snap is None:
         raise Unreachable(f"snapshot {name!r} of VM {vm._moId} vanished right after it was made")
     try:
         yield snap
     finally:
-        # SIGTERM or ^C during the removal would leave the snapshot: they wait until it is gone
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-        try:
-            _remove(vs, snap, name)
-            log.info("removed snapshot %r of %s", name, vm._moId)
-        except Exception as exc:
-            log.error(
-                "could not remove snapshot %r of VM %s on %s: %s; the next backup removes it, or remove "
-                "it in vSphere", name, vm._moId, vs.hv.name, exc,
-            )  # fmt: skip
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        with interrupts.deferred():
+            try:
+                _remove(vs, snap, name)
+                log.info("removed snapshot %r of %s", name, vm._moId)
+            except Exception as exc:
+                log.error(
+                    "could not remove snapshot %r of VM %s on %s: %s; the next backup removes it, or remove "
+                    "it in vSphere", name, vm._moId, vs.hv.name, exc,
+                )  # fmt: skip
+
+
+def still_there(vs: VSphere, vm: Any, snap: Any) -> None:
+    """Refuse to commit a point whose snapshot was removed while it was read (its bytes may mix)."""
+    if not any(n.snapshot == snap for n in _snapshot_tree(vs, vm)):
+        raise Unreachable(
+            f"the snapshot of VM {vm._moId} was removed on {vs.hv.name} while the backup read it: "
+            "what was read may mix two moments, so no point is kept",
+            hint="run the backup again; make sure nothing else removes vmrecover-* snapshots meanwhile",
+        )
 
 
 # ------------------------------------------------------------------------------------ CBT
@@ -197,17 +249,28 @@ def back_up(
     vm = vs.vm(vm_ref)
     info = vs.props([vm], ["name", "config.instanceUuid", "config.uuid", "config.files.vmPathName"])[0]
     vm_name = check_name("VM", name or info["name"])
-    remove_stale_snapshots(vs, vm)
-    cbt_fresh = enable_cbt(vs, vm)
-    if cbt_fresh:
-        log.warning("changed block tracking was off on %s: enabled now; this backup is full", info["name"])
     files = DatastoreFiles(vs, vs.datacenter_path(vm))
-    with repo.writer("backup"), snapshot(vs, vm, quiesce=options.quiesce, memory=options.memory) as snap:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(repo.writer("backup"))  # first: a second backup never touches our snapshot
+        remove_stale_snapshots(repo, vs, vm)
+        cbt_fresh = enable_cbt(vs, vm)
+        if cbt_fresh:
+            log.warning(
+                "changed block tracking was off on %s: enabled now; this backup is full", info["name"]
+            )
+        snap = stack.enter_context(
+            snapshot(vs, vm, owner=_owner(repo), quiesce=options.quiesce, memory=options.memory)
+        )
         snap_config = vs.prop(snap, "config")
         devices = list(snap_config.hardware.device)
-        disks = hardware.disks(devices)
+        skipped = {d.name: d.mode for d in hardware.disks(devices) if d.mode.startswith("independent")}
+        for disk, mode in skipped.items():
+            log.warning(
+                "disk %s of %s is %s: a snapshot does not freeze it; not backed up", disk, info["name"], mode
+            )
+        disks = [d for d in hardware.disks(devices) if d.name not in skipped]
         if not disks:
-            raise BadInput(f"VM {info['name']} has no virtual disks to back up")
+            raise BadInput(f"VM {info['name']} has no virtual disks to back up (independent disks are not)")
         latest = repo.catalog.latest_point(vm_name)
         tokens = {d.name: d for d in repo.catalog.disks(latest.id)} if latest else {}
         plans = plan(
@@ -223,6 +286,7 @@ def back_up(
             "hardware": hardware.summary(snap_config, devices),
             "snapshot": {"quiesced": options.quiesce, "memory": options.memory},
             "full_reads": {p.disk.name: p.why_full for p in plans if not p.incremental},
+            "skipped_disks": {d: f"{m}: snapshots do not freeze it" for d, m in skipped.items()},
         }  # fmt: skip
         sources = []
         try:
@@ -232,8 +296,9 @@ def back_up(
                 sources.append(src)
                 jobs.append(DiskJob(p.disk.name, src, p.areas if p.incremental else None, p.disk.change_id))
             point, stats = run_backup(
-                repo, vm_name, jobs, config=config, progress=progress, progress_total=progress_total
-            )
+                repo, vm_name, jobs, config=config, progress=progress, progress_total=progress_total,
+                precommit=lambda: still_there(vs, vm, snap),
+            )  # fmt: skip
         finally:
             for src in sources:
                 src.close()

@@ -42,6 +42,7 @@ class DiskInfo:
     thin: bool
     change_id: str | None
     chained: bool  # the backing has a parent: a delta of someone else's snapshot
+    mode: str = "persistent"  # diskMode; independent disks are left out of snapshots (and backups)
 
 
 def disks(devices: list[Any]) -> list[DiskInfo]:
@@ -67,6 +68,7 @@ def disks(devices: list[Any]) -> list[DiskInfo]:
                 thin=bool(getattr(b, "thinProvisioned", False)),
                 change_id=getattr(b, "changeId", None) or None,
                 chained=getattr(b, "parent", None) is not None,
+                mode=str(getattr(b, "diskMode", None) or "persistent"),
             )
         )
     return sorted(out, key=lambda x: (x.bus, x.bus_number, x.unit))

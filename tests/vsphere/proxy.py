@@ -128,6 +128,7 @@ class Proxy(ThreadingHTTPServer):
         self.cbt_piece = 16 << 20
         self.delays: dict[str, float] = {}  # method name (or "/folder", or "*") -> seconds
         self._drops: list[int] = []
+        self._misranges = 0  # the next ranged /folder GETs answered for a range 4 KiB further on
         self.folder_bytes: dict[str, int] = {}  # "GET path" / "PUT path" -> body bytes
         self.guest_dir = workdir / "guests"
         self.nas_dir = workdir / "nas"
@@ -193,9 +194,16 @@ class Proxy(ThreadingHTTPServer):
         with self.lock:
             self._drops += [after_bytes] * times
 
+    def misrange_folder_gets(self, times: int = 1) -> None:
+        """The next *times* ranged /folder GETs are answered for the range 4 KiB further on: a whole
+        206 of the asked length whose Content-Range (rightly) names the other range."""
+        with self.lock:
+            self._misranges += times
+
     def reset_faults(self) -> None:
         with self.lock:
             self._drops.clear()
+            self._misranges = 0
             self.delays.clear()
         self.tracker.reject_all = False
 
@@ -484,9 +492,23 @@ class Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.folder_bytes[key] = self.server.folder_bytes.get(key, 0) + n
 
+    def _misrange(self) -> None:
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        if self.command != "GET" or not self.path.startswith("/folder") or m is None:
+            return
+        with self.server.lock:
+            if not self.server._misranges:
+                return
+            self.server._misranges -= 1
+        start, end = int(m.group(1)) + 4096, int(m.group(2)) + 4096
+        del self.headers["Range"]
+        self.headers["Range"] = f"bytes={start}-{end}"
+        self.server.record("folder-misrange", path=self.path, start=start, end=end)
+
     def _relay(self) -> None:
         """Forward this request and stream the reply back (the /folder path), with the drop fault."""
         self._delay("/folder" if self.path.startswith("/folder") else self.path)
+        self._misrange()
         resp = self._forward_streaming()
         length = resp.getheader("Content-Length")
         if length is None and self.command != "HEAD":
@@ -879,7 +901,16 @@ class Handler(BaseHTTPRequestHandler):
         else:
             os.replace(tmp, flat)
         desc.write_text(vmdk_descriptor(flat.name, os.path.getsize(flat)))
-        s.record("nfc upload", lease=lease, vm=vm, disk=str(flat), bytes=n, stream_optimized=magic == b"KDMV")
+        s.record(
+            "nfc upload",
+            lease=lease,
+            vm=vm,
+            disk=str(flat),
+            bytes=n,
+            stream_optimized=magic == b"KDMV",
+            http_method=self.command,
+            content_type=self.headers.get("Content-Type"),
+        )
         self._send(200, b"", [("Content-Type", "text/plain")])
 
     # ------------------------------------------------------------------ guest operations

@@ -15,7 +15,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
@@ -73,22 +73,25 @@ class DatastoreFiles:
         return f"/folder/{quote(p.path)}?" + urlencode({"dcPath": self.datacenter, "dsName": p.datastore})
 
     def _request(
-        self, method: str, p: DsPath, *, headers: dict[str, str] | None = None, body: bytes | None = None
-    ) -> urllib3.BaseHTTPResponse:
+        self, method: str, p: DsPath, *, headers: dict[str, str] | None = None, body: bytes | None = None,
+        accept: Callable[[urllib3.BaseHTTPResponse], str | None] = lambda r: None,
+    ) -> urllib3.BaseHTTPResponse:  # fmt: skip
+        """One request, retried with backoff (the only retry loop) on a network error, a 5xx, or an
+        answer *accept* finds wanting (it says why; None: good).  Any other 4xx is the caller's."""
         hdrs = {"Cookie": self.vs.cookie, **(headers or {})}
         delay = BACKOFF
         for attempt in range(RETRIES + 1):
             try:
                 r = self.pool.request(method, self._url(p), headers=hdrs, body=body, preload_content=True)
             except (urllib3.exceptions.HTTPError, OSError) as exc:
-                err: str = str(exc)
+                err: str | None = str(exc)
             else:
-                if r.status < 500:
-                    with self._lock:
-                        self.received += len(r.data)
-                        self.sent += len(body or b"")
+                with self._lock:
+                    self.received += len(r.data)  # every byte that came in, retries too
+                    self.sent += len(body or b"")
+                err = f"HTTP {r.status}" if r.status >= 500 else accept(r) if r.status < 300 else None
+                if err is None:
                     return r
-                err = f"HTTP {r.status}"
             if attempt == RETRIES:
                 raise Unreachable(
                     f"{method} {p} on {self.vs.hv.name} failed {RETRIES + 1} times, last: {err}",
@@ -99,32 +102,38 @@ class DatastoreFiles:
             delay *= 2
         raise AssertionError("unreachable")
 
+    def _refused(self, method: str, p: DsPath, r: urllib3.BaseHTTPResponse) -> Exception:
+        if r.status == 404:
+            return NotFound(f"{p} does not exist on {self.vs.hv.name}")
+        return Unreachable(f"{method} {p} on {self.vs.hv.name}: HTTP {r.status} {r.data[:200]!r}")
+
     def get(self, p: DsPath, limit: int = 1 << 20) -> bytes:
         """A whole small file (a descriptor, a .vmx)."""
         r = self._request("GET", p)
-        if r.status == 404:
-            raise NotFound(f"{p} does not exist on {self.vs.hv.name}")
         if r.status != 200:
-            raise Unreachable(f"GET {p} on {self.vs.hv.name}: HTTP {r.status}")
+            raise self._refused("GET", p, r)
         if len(r.data) > limit:
             raise Unreachable(f"{p} on {self.vs.hv.name} has {len(r.data)} bytes, over {limit}")
         return r.data
 
     def read(self, p: DsPath, offset: int, length: int) -> bytes:
-        """Exactly *length* bytes at *offset*."""
+        """Exactly *length* bytes at *offset*: a 206 whose Content-Range and body are that range (or a
+        200 from a server ignoring Range at offset 0); anything else is retried."""
         end = offset + length - 1
-        for _ in range(RETRIES + 1):
-            r = self._request("GET", p, headers={"Range": f"bytes={offset}-{end}"})
-            if r.status == 206 and len(r.data) == length:
-                return r.data
-            if r.status == 200 and offset == 0 and len(r.data) >= length:  # a server ignoring Range
-                return r.data[:length]
-            if r.status == 404:
-                raise NotFound(f"{p} does not exist on {self.vs.hv.name}")
-            log.warning(
-                "GET %s bytes %d-%d: HTTP %d with %d bytes: retrying", p, offset, end, r.status, len(r.data)
-            )
-        raise Unreachable(f"{p} on {self.vs.hv.name} does not return bytes {offset}-{end} whole")
+        want = f"bytes {offset}-{end}/"
+
+        def whole(r: urllib3.BaseHTTPResponse) -> str | None:
+            got = r.headers.get("Content-Range", "")
+            if r.status == 206 and len(r.data) == length and got.startswith(want):
+                return None
+            if r.status == 200 and offset == 0 and len(r.data) >= length:
+                return None
+            return f"bytes {offset}-{end} came back as HTTP {r.status}, {len(r.data)} bytes, range {got!r}"
+
+        r = self._request("GET", p, headers={"Range": f"bytes={offset}-{end}"}, accept=whole)
+        if r.status >= 300:
+            raise self._refused("GET", p, r)
+        return r.data if r.status == 206 else r.data[:length]
 
     def put(self, p: DsPath, body: bytes | Iterable[bytes], length: int) -> None:
         """Write a whole file (replacing it)."""
@@ -132,4 +141,4 @@ class DatastoreFiles:
         assert len(data) == length
         r = self._request("PUT", p, headers={"Content-Type": "application/octet-stream"}, body=data)
         if r.status not in (200, 201, 204):
-            raise Unreachable(f"PUT {p} on {self.vs.hv.name}: HTTP {r.status} {r.data[:200]!r}")
+            raise self._refused("PUT", p, r)

@@ -80,8 +80,10 @@ def _wait_lease(vs: VSphere, lease: Any, timeout: float = 600) -> None:
         time.sleep(0.2)
 
 
-def _upload(vs: VSphere, url: str, path: Path, done: Callable[[int], None]) -> None:
-    """PUT the file at *path* to an NFC *url* (``https://*/nfc/...``: the host is the one we talk to)."""
+def _upload(vs: VSphere, url: str, path: Path, done: Callable[[int], None], *, create: bool) -> None:
+    """Send the file at *path* to an NFC *url* (``https://*/nfc/...``: the host is the one we talk to):
+    a disk (the lease's file item says create=false) is POSTed as a streamOptimized vmdk, any other
+    file PUT with ``Overwrite: t`` (as govmomi and ovftool do)."""
     url = vs.transfer_url(url)
     size = path.stat().st_size
 
@@ -93,10 +95,11 @@ def _upload(vs: VSphere, url: str, path: Path, done: Callable[[int], None]) -> N
 
     pool = urllib3.PoolManager(ssl_context=vs.ssl, assert_hostname=False if vs.hv.insecure else None)
     try:
+        kind = {"Overwrite": "t"} if create else {"Content-Type": "application/x-vnd.vmware-streamVmdk"}
         r = pool.request(
-            "PUT", url, body=body(), preload_content=True, timeout=urllib3.Timeout(connect=30, read=600),
-            headers={"Content-Type": "application/x-vnd.vmware-streamVmdk", "Content-Length": str(size),
-                     "Cookie": vs.cookie},
+            "PUT" if create else "POST", url, body=body(), preload_content=True,
+            timeout=urllib3.Timeout(connect=30, read=600),
+            headers={**kind, "Content-Length": str(size), "Cookie": vs.cookie},
         )  # fmt: skip
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise Unreachable(f"uploading {path.name} to {vs.hv.name} failed: {exc}") from None
@@ -146,12 +149,12 @@ def restore(
                 lease.HttpNfcLeaseProgress(int(100 * sent / max(total, 1)))
                 last = time.monotonic()
 
-        by_path = {f.path: f.deviceId for f in result.fileItem or []}
+        items = {f.path: f for f in result.fileItem or []}
         for f, d in zip(files, disks, strict=True):
-            key = by_path.get(f.href)
-            if key not in urls:
+            item = items.get(f.href)
+            if item is None or item.deviceId not in urls:
                 raise Unreachable(f"the import lease of {vs.hv.name} has no upload URL for {f.href}")
-            _upload(vs, urls[key], work / f.href, done)
+            _upload(vs, urls[item.deviceId], work / f.href, done, create=bool(item.create))
             progress(d.size)
         vm = vs.prop(lease, "info").entity  # (the lease is gone once complete)
         lease.HttpNfcLeaseComplete()

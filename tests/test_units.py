@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmrecover.errors import BadInput, CorruptChunk, IntegrityError, UsageError
-from vmrecover.ingest.extents import chunks_touching, load_changed_extents
+from vmrecover.ingest.extents import chunks_touching, load_changed_extents, merged
 from vmrecover.repo.blob import HEADER, ChunkCodec
 from vmrecover.repo.catalog import Point, check_name
 from vmrecover.repo.index import FixedIndex
@@ -102,6 +103,17 @@ def test_chunks_touching_matches_brute_force(extents: list[tuple[int, int]]) -> 
     cs, count = 512, 20
     expected = sorted({b // cs for off, n in extents for b in range(off, off + n) if b // cs < count})
     assert chunks_touching(extents, cs, count) == expected
+
+
+@given(st.lists(st.tuples(st.integers(-3000, 10_000), st.integers(-100, 3000)), max_size=20))
+def test_merged_extents_cover_exactly_the_bytes_inside_the_disk(extents: list[tuple[int, int]]) -> None:
+    """Changed areas from a hypervisor, untrusted: unsorted, overlapping, negative, past the end."""
+    size = 8000
+    out = merged(extents, size)
+    want = {b for off, n in extents for b in range(max(0, off), min(size, off + n))}
+    assert {b for off, n in out for b in range(off, off + n)} == want
+    assert all(n > 0 for _, n in out)
+    assert all(a[0] + a[1] < b[0] for a, b in itertools.pairwise(out))  # sorted, apart
 
 
 def test_changed_extents_file_validation(tmp_path: Path) -> None:

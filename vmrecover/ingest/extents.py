@@ -58,6 +58,21 @@ def check_within(disk: str, extents: Extents, size: int) -> None:
             )
 
 
+def merged(extents: Iterable[tuple[int, int]], size: int) -> Extents:
+    """*extents* clipped to a *size*-byte disk, sorted, with touching or overlapping ones joined (what a
+    hypervisor's changed block tracking answers is not trusted to be any of these)."""
+    spans = sorted((max(0, off), min(size, off + length)) for off, length in extents)
+    out: Extents = []
+    for start, end in spans:
+        if end <= start:
+            continue
+        if out and out[-1][0] + out[-1][1] >= start:
+            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], end) - out[-1][0])
+        else:
+            out.append((start, end - start))
+    return out
+
+
 def chunks_touching(extents: Iterable[tuple[int, int]], chunk_size: int, count: int) -> list[int]:
     """Sorted chunk numbers that overlap any of *extents* (clipped to *count* chunks)."""
     out: set[int] = set()

@@ -32,6 +32,7 @@ from pyVmomi import vim
 
 from ... import interrupts
 from ...errors import BadInput, Unreachable
+from ...ingest.extents import merged
 from ...ingest.pipeline import DiskJob, DiskStats, run_backup
 from ...repo.catalog import Point, check_name
 from ...repo.repository import Repository
@@ -183,25 +184,20 @@ def enable_cbt(vs: VSphere, vm: Any) -> bool:
 
 
 def changed_areas(vs: VSphere, vm: Any, snap: Any, disk: DiskInfo, change_id: str) -> list[tuple[int, int]]:
-    """``QueryChangedDiskAreas`` over the whole disk (the host answers in pieces), merged."""
-    out: list[tuple[int, int]] = []
+    """``QueryChangedDiskAreas`` over the whole disk (the host answers in pieces), clipped to the disk,
+    sorted and merged."""
+    raw: list[tuple[int, int]] = []
     start = 0
     while start < disk.capacity:
         info = vm.QueryChangedDiskAreas(
             snapshot=snap, deviceKey=disk.key, startOffset=start, changeId=change_id
         )
-        for a in info.changedArea or []:
-            off, n = int(a.start), int(a.length)
-            if out and out[-1][0] + out[-1][1] >= off:
-                end = max(out[-1][0] + out[-1][1], off + n)
-                out[-1] = (out[-1][0], end - out[-1][0])
-            else:
-                out.append((off, n))
+        raw.extend((int(a.start), int(a.length)) for a in info.changedArea or [])
         nxt = int(info.startOffset) + int(info.length)
         if nxt <= start:
             raise Unreachable(f"QueryChangedDiskAreas of disk {disk.name} made no progress at offset {start}")
         start = nxt
-    return out
+    return merged(raw, disk.capacity)
 
 
 # ------------------------------------------------------------------------------------ the backup
@@ -292,7 +288,9 @@ def back_up(
         try:
             jobs = []
             for p in plans:
-                src = VmdkSource(files, p.disk, p.areas, chunk_size=repo.config.chunk_size)
+                src = VmdkSource(
+                    files, p.disk, p.areas, chunk_size=repo.config.chunk_size, incremental=p.incremental
+                )
                 sources.append(src)
                 jobs.append(DiskJob(p.disk.name, src, p.areas if p.incremental else None, p.disk.change_id))
             point, stats = run_backup(

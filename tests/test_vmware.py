@@ -80,6 +80,41 @@ def test_full_then_incremental_backup_with_cbt(vc: Cli, vsphere: Any, tmp_path: 
     assert vsphere.props(vsphere.obj("VirtualMachine", vm), "snapshot").get("snapshot") is None  # removed
 
 
+def _nic_networks(vsphere: Any, vm: Any) -> list[str]:
+    """What each NIC of *vm* is connected to: a port group's name, a distributed port group's key."""
+    from pyVmomi import vim
+
+    devices = vsphere.props(vm, "config.hardware.device")["config.hardware.device"]
+    nics = sorted(
+        (d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)), key=lambda d: d.key
+    )
+    return [getattr(n.backing, "deviceName", None) or n.backing.port.portgroupKey for n in nics]
+
+
+def test_restored_nics_stay_on_their_networks(vc: Cli, vsphere: Any, tmp_path: Path) -> None:
+    """Found in review: without a network mapping the host puts every NIC on its first network (a
+    NIC of a distributed port group came back on "VM Network")."""
+    from pyVmomi import vim
+
+    vm = vsphere.obj("VirtualMachine", vsphere.make_vm("nets", [disk_image(tmp_path / "n.raw", MiB, seed=4)]))
+    pg = vsphere.find("DistributedVirtualPortgroup", "DC0_DVPG0")
+    dvs = vsphere.props(pg, "config.distributedVirtualSwitch")["config.distributedVirtualSwitch"]
+    port = vim.dvs.PortConnection(portgroupKey=pg._moId, switchUuid=vsphere.props(dvs, "uuid")["uuid"])
+    backings = [
+        vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(deviceName="VM Network"),
+        vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(port=port),
+    ]
+    vsphere.wait(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[
+        vim.vm.device.VirtualDeviceSpec(operation="add", device=vim.vm.device.VirtualVmxnet3(key=-10 - i,
+                                        backing=b)) for i, b in enumerate(backings)])))  # fmt: skip
+    before = _nic_networks(vsphere, vm)
+    assert sorted(before) == sorted(["VM Network", pg._moId])
+    vc.json("backup", f"vmware://{HV}/nets")
+    doc = vc.json("restore", "nets", "--to", f"vmware://{HV}", "--name", "nets-copy", "--new-identity")
+    assert sorted(_nic_networks(vsphere, vsphere.obj("VirtualMachine", doc["vm"]))) == sorted(before)
+    assert doc["networks"] == {"VM Network": "VM Network", pg._moId: "DC0_DVPG0"}
+
+
 def test_full_restore_to_vsphere_keeps_identity_or_makes_a_new_one(
     vc: Cli, vsphere: Any, tmp_path: Path
 ) -> None:

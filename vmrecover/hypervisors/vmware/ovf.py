@@ -50,6 +50,12 @@ def _q(ns: str, tag: str) -> str:
     return f"{{{ns}}}{tag}"
 
 
+def network_names(hardware: dict[str, Any] | None) -> list[str]:
+    """The OVF network names of the NICs in *hardware*: what each was connected to (a standard port
+    group's name, a distributed one's key), "VM Network" where that is unknown."""
+    return sorted({str(n.get("network") or "VM Network") for n in (hardware or {}).get("nics") or []})
+
+
 def descriptor(
     vm_name: str, hardware: dict[str, Any] | None, disks: list[DiskFile], *, connected: bool
 ) -> bytes:
@@ -67,7 +73,7 @@ def descriptor(
             _q(OVF, "format"): STREAM,
         })  # fmt: skip
     nics = hw.get("nics") or []
-    networks = sorted({str(n.get("network") or "VM Network") for n in nics})
+    networks = network_names(hw)
     net_section = ET.SubElement(env, _q(OVF, "NetworkSection"))
     ET.SubElement(net_section, _q(OVF, "Info")).text = "Networks"
     for net in networks:

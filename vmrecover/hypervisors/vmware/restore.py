@@ -132,7 +132,10 @@ def restore(
             files.append(ovf.DiskFile(d.name, d.size, out.name))
         descriptor = ovf.descriptor(vm_name, hardware, files, connected=not no_network).decode()
         pool = vs.prop(vs.prop(h, "parent"), "resourcePool")
-        params = vim.OvfManager.CreateImportSpecParams(entityName=vm_name, diskProvisioning="thin")
+        mapping = _network_mapping(vs, h, ovf.network_names(hardware))
+        params = vim.OvfManager.CreateImportSpecParams(
+            entityName=vm_name, diskProvisioning="thin", networkMapping=[m for m in mapping.values() if m]
+        )
         result = vs.content.ovfManager.CreateImportSpec(descriptor, pool, ds, params)
         if result.error:
             raise BadInput(f"{vs.hv.name} refuses the VM's description: {fault_text(result.error[0])}")
@@ -164,7 +167,8 @@ def restore(
             vs.wait(vm.PowerOnVM_Task(), f"powering on {vm_name}")
         return {"vm": vm._moId, "name": vm_name, "host": vs.prop(h, "name"),
                 "datastore": vs.prop(ds, "summary.name"), "new_identity": new_identity,
-                "network_connected": not no_network, "powered_on": power_on}  # fmt: skip
+                "network_connected": not no_network, "powered_on": power_on,
+                "networks": {n: m and vs.prop(m.network, "name") for n, m in mapping.items()}}  # fmt: skip
     except BaseException:
         if lease is not None:
             with contextlib.suppress(Exception):
@@ -172,6 +176,23 @@ def restore(
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _network_mapping(vs: VSphere, h: Any, names: list[str]) -> dict[str, Any]:
+    """Each OVF network name -> a mapping to the host's network of that name or moref (a distributed
+    port group is stored by its key), so every NIC lands where it was.  Without one the host would
+    put the NIC on its first network: a name it does not have is left to it and said so (None)."""
+    by: dict[str, Any] = {}
+    for net in vs.prop(h, "network") or []:
+        by.setdefault(net._moId, net)
+        by.setdefault(vs.prop(net, "name"), net)
+    out: dict[str, Any] = {}
+    for name in names:
+        net = by.get(name)
+        if net is None:
+            log.warning("network %r of the VM is not on the host: its NICs go to the host's default", name)
+        out[name] = vim.OvfManager.NetworkMapping(name=name, network=net) if net is not None else None
+    return out
 
 
 def _identity(vs: VSphere, vm: Any, config: dict[str, Any], *, new_identity: bool) -> None:

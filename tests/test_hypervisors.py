@@ -54,6 +54,18 @@ def test_errors_are_printed_as_they_are(cli: Cli, tmp_path: Path) -> None:
     assert f"no repository at {where}\n" in res.stderr, res.stderr
 
 
+def test_recovered_vmx_quotes_what_it_writes() -> None:
+    """A VM name may hold '"' and '|' (vSphere allows them): written raw, '"' would end the value."""
+    from vmrecover.hypervisors.vmware import vmx
+
+    original = 'displayName = "old"\nethernet0.address = "00:50:56:01:02:03"\nannotation = "a|22b|7Cc"\n'
+    text = vmx.recovered({"vmx": original}, ["scsi0-0"], 'db "prod"|2').decode()
+    got = vmx.parse(text)
+    assert got["displayName"] == "db |22prod|22|7C2" and got["nvram"] == "db |22prod|22|7C2.nvram"
+    assert got["annotation"] == "a|22b|7Cc"  # read values stay as VMware wrote them
+    assert got["scsi0:0.fileName"] == "scsi0-0.vmdk" and text.count('"') == 2 * len(got)
+
+
 def test_vmdk_descriptor_extents() -> None:
     assert vmdk_extents(vmdk_descriptor("web01", 4 << 20, "id")) == [("RW", 8192, "VMFS", "web01-flat.vmdk")]
     two = (

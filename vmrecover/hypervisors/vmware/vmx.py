@@ -41,6 +41,12 @@ def parse(text: str) -> dict[str, str]:
     return out
 
 
+def quote(value: str) -> str:
+    """A value as a .vmx holds it: VMware writes ``|`` as ``|7C`` and ``"`` as ``|22`` (values read by
+    :func:`parse` are already in this form; only values made here need it)."""
+    return value.replace("|", "|7C").replace('"', "|22")
+
+
 def render(entries: dict[str, str]) -> bytes:
     lines = ['.encoding = "UTF-8"'] + [f'{k} = "{v}"' for k, v in entries.items() if k.lower() != ".encoding"]
     return ("\n".join(lines) + "\n").encode()
@@ -86,9 +92,9 @@ def recovered(config: dict[str, Any] | None, disk_names: list[str], name: str) -
             entries.setdefault("scsi0.present", "TRUE")
             entries.setdefault("scsi0.virtualDev", "lsilogic")
         entries[f"{slot}.present"] = "TRUE"
-        entries[f"{slot}.fileName"] = f"{disk}.vmdk"
+        entries[f"{slot}.fileName"] = quote(f"{disk}.vmdk")
         entries.setdefault(f"{slot}.deviceType", "scsi-hardDisk" if slot.startswith("scsi") else "disk")
-    entries["displayName"] = name
-    entries["nvram"] = f"{name}.nvram"
+    entries["displayName"] = quote(name)
+    entries["nvram"] = quote(f"{name}.nvram")
     entries["uuid.action"] = "keep"
     return render(entries)

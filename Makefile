@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.  Both run `make setup`
 # first, which installs what is missing (apt packages, .venv/) and is a no-op when all is there.
-.PHONY: setup demo test lint bench bench-fuse bench-nfs bench-files
+.PHONY: setup demo test lint bench bench-fuse bench-nfs bench-files bench-vmware
 
 setup:
 	@scripts/setup.sh
@@ -29,3 +29,6 @@ bench-nfs: setup
 
 bench-files: setup
 	.venv/bin/python bench/files_bench.py
+
+bench-vmware: setup  # vcsim and its Go build come with setup (the tests use them too)
+	.venv/bin/python bench/vmware_bench.py

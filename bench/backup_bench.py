@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import sys
 from collections.abc import Callable
@@ -40,9 +39,9 @@ if not __package__:  # run as a file (.venv/bin/python bench/backup_bench.py): i
 
 from bench.common import (
     BORG_CREATE,
-    REGION,
     SEED,
     BenchError,
+    Change,
     Context,
     ImageInfo,
     Run,
@@ -56,10 +55,10 @@ from bench.common import (
     log,
     make_image,
     mb,
+    modify_image,
     parse_args,
     print_host,
     print_results,
-    pwrite_all,
     ratio,
     sha256_file,
     summary,
@@ -78,9 +77,7 @@ GROWTH_RATIO_MAX = 1.2  # repository growth / changed bytes
 RESTORE_MBPS_MIN = 400.0  # restore rate over the data (non-hole) bytes
 RSS_MB_MAX = 300.0  # peak RSS of one vmrecover process
 
-# How the image is modified for the incremental backup.
-CHANGED_SHARE = 0.05
-ALIGNED_SHARE = 0.7  # probability that a changed range is a whole run of 1 MiB regions
+CHANGED_SHARE = 0.05  # of the image modified for the incremental backup
 
 
 @dataclass
@@ -100,60 +97,6 @@ def du_bytes(path: Path) -> int:
         for name in dirnames + filenames:
             total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
     return total + os.lstat(path).st_blocks * 512
-
-
-# --- the incremental change ------------------------------------------------------------------------
-
-
-@dataclass
-class Change:
-    extents: list[tuple[int, int]]
-    changed_bytes: int
-    aligned: int
-    unaligned: int
-
-
-def modify_image(path: Path, size: int, share: float, seed: int) -> Change:
-    """Overwrite ~*share* of the image with random bytes at non-overlapping positions.
-
-    Most ranges are runs of 1-4 whole 1 MiB regions (chunk-aligned for 1 MiB chunks); the others start
-    at any byte offset and are 4 KiB..2 MiB long.  No two ranges touch the same 1 MiB region, so the
-    changed byte count is exact and every touched chunk holds one range only.
-    """
-    rng = random.Random(seed)
-    target = int(size * share)
-    slots = size // REGION
-    used = bytearray(slots)
-    extents: list[tuple[int, int]] = []
-    aligned = unaligned = total = 0
-    for _ in range(1_000_000):
-        if total >= target:
-            break
-        is_aligned = rng.random() < ALIGNED_SHARE
-        if is_aligned:
-            start, length = rng.randrange(slots) * REGION, rng.randint(1, 4) * REGION
-        else:
-            start, length = rng.randrange(size), rng.randint(4096, 2 * MiB)
-        length = min(length, target - total, size - start)
-        first, last = start // REGION, (start + length - 1) // REGION
-        if length <= 0 or any(used[first : last + 1]):
-            continue
-        used[first : last + 1] = b"\x01" * (last - first + 1)
-        extents.append((start, length))
-        total += length
-        if is_aligned and length % REGION == 0:
-            aligned += 1
-        else:
-            unaligned += 1
-    extents.sort()
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        for start, length in extents:
-            pwrite_all(fd, rng.randbytes(length), start)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return Change(extents, total, aligned, unaligned)
 
 
 # --- results ---------------------------------------------------------------------------------------

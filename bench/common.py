@@ -504,6 +504,63 @@ def borg_create_argv(borg: str, repo: Path, archive: str, image: Path, *, sparse
     return [*argv, *(["--sparse"] if sparse else []), f"{repo}::{archive}", str(image)]
 
 
+# --- the incremental change ------------------------------------------------------------------------
+
+
+@dataclass
+class Change:
+    extents: list[tuple[int, int]]
+    changed_bytes: int
+    aligned: int
+    unaligned: int
+
+
+ALIGNED_SHARE = 0.7  # probability that a changed range is a whole run of 1 MiB regions
+
+
+def modify_image(path: Path, size: int, share: float, seed: int) -> Change:
+    """Overwrite ~*share* of the image with random bytes at non-overlapping positions.
+
+    Most ranges are runs of 1-4 whole 1 MiB regions (chunk-aligned for 1 MiB chunks); the others start
+    at any byte offset and are 4 KiB..2 MiB long.  No two ranges touch the same 1 MiB region, so the
+    changed byte count is exact and every touched chunk holds one range only.
+    """
+    rng = random.Random(seed)
+    target = int(size * share)
+    slots = size // REGION
+    used = bytearray(slots)
+    extents: list[tuple[int, int]] = []
+    aligned = unaligned = total = 0
+    for _ in range(1_000_000):
+        if total >= target:
+            break
+        is_aligned = rng.random() < ALIGNED_SHARE
+        if is_aligned:
+            start, length = rng.randrange(slots) * REGION, rng.randint(1, 4) * REGION
+        else:
+            start, length = rng.randrange(size), rng.randint(4096, 2 * MiB)
+        length = min(length, target - total, size - start)
+        first, last = start // REGION, (start + length - 1) // REGION
+        if length <= 0 or any(used[first : last + 1]):
+            continue
+        used[first : last + 1] = b"\x01" * (last - first + 1)
+        extents.append((start, length))
+        total += length
+        if is_aligned and length % REGION == 0:
+            aligned += 1
+        else:
+            unaligned += 1
+    extents.sort()
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for start, length in extents:
+            pwrite_all(fd, rng.randbytes(length), start)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return Change(extents, total, aligned, unaligned)
+
+
 # --- the work directory ----------------------------------------------------------------------------
 
 

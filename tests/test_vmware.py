@@ -115,6 +115,23 @@ def test_restored_nics_stay_on_their_networks(vc: Cli, vsphere: Any, tmp_path: P
     assert doc["networks"] == {"VM Network": "VM Network", pg._moId: "DC0_DVPG0"}
 
 
+def test_a_step_after_the_import_fails_and_names_the_restored_vm(
+    vc: Cli, vsphere: Any, tmp_path: Path
+) -> None:
+    """Must survive: the imported VM and the user's knowledge of it.  Restoring the identity is refused
+    by the host after the disks went up: the error names the VM, which is there with its disks."""
+    img = disk_image(tmp_path / "i.raw", 2 * MiB, seed=5)
+    vsphere.make_vm("late", [img])
+    vc.json("backup", f"vmware://{HV}/late")
+    vsphere.proxy.refuse["ReconfigVM_Task"] = 1
+    res = vc.run("restore", "late", "--to", f"vmware://{HV}", "--name", "late-copy", check=False)
+    assert_clean_error(res, ExitCode.UNREACHABLE, r"VM late-copy \(vm-\d+\) was restored",
+                       "not allowed in the current state", "remove the VM and restore again")  # fmt: skip
+    assert vsphere.answered("refused", call="ReconfigVM_Task")
+    copy = vsphere.find("VirtualMachine", "late-copy")
+    assert sha256_file(vsphere.disk_file(copy._moId, 0)) == sha256_file(img)
+
+
 def test_full_restore_to_vsphere_keeps_identity_or_makes_a_new_one(
     vc: Cli, vsphere: Any, tmp_path: Path
 ) -> None:

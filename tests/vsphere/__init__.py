@@ -32,7 +32,8 @@ What a test has:
   ``connect()``: pyvmomi through the proxy.
 - ``answered(method, **match)`` / ``log``: what the proxy answered or completed itself, with the disk
   files and areas involved; ``proxy.folder_bytes``: body bytes of /folder GETs and PUTs per path.
-- Faults: ``proxy.drop_folder_gets(after_bytes, times=1)``, ``proxy.misrange_folder_gets(times=1)``
+- Faults: ``proxy.refuse[method] = n`` (the next n calls of a SOAP method fail with InvalidState),
+  ``proxy.drop_folder_gets(after_bytes, times=1)``, ``proxy.misrange_folder_gets(times=1)``
   (a whole 206 of another range, its Content-Range saying so), ``proxy.delays[method or "/folder" or
   "*"] = seconds``, ``proxy.tracker.reject_all = True`` (every changeId refused: FileFault),
   ``proxy.cbt_piece`` (bytes one QueryChangedDiskAreas answer covers, 16 MiB).

@@ -127,6 +127,7 @@ class Proxy(ThreadingHTTPServer):
         self.log: list[dict[str, Any]] = []
         self.cbt_piece = 16 << 20
         self.delays: dict[str, float] = {}  # method name (or "/folder", or "*") -> seconds
+        self.refuse: dict[str, int] = {}  # SOAP method -> how many more calls are refused (InvalidState)
         self._drops: list[int] = []
         self._misranges = 0  # the next ranged /folder GETs answered for a range 4 KiB further on
         self.folder_bytes: dict[str, int] = {}  # "GET path" / "PUT path" -> body bytes
@@ -205,6 +206,7 @@ class Proxy(ThreadingHTTPServer):
             self._drops.clear()
             self._misranges = 0
             self.delays.clear()
+            self.refuse.clear()
         self.tracker.reject_all = False
 
     def add_nfs_export(self, export: NfsExport) -> None:
@@ -578,6 +580,7 @@ class Handler(BaseHTTPRequestHandler):
         handler = getattr(self, f"_answer_{req.method}", None) if req else None
         hook = getattr(self, f"_before_{req.method}", None) if req else None
         try:
+            self._refuse(req.method if req else "")
             if req and (handler or hook):
                 self._check_session()
             if req and handler:
@@ -598,6 +601,15 @@ class Handler(BaseHTTPRequestHandler):
         except soap.VimError as e:  # vcsim's own fault for a look-up (e.g. ManagedObjectNotFound)
             status, out, headers = 500, e.body, None
         self._send(status, out, headers)
+
+    def _refuse(self, method: str) -> None:
+        with self.server.lock:
+            left = self.server.refuse.get(method, 0)
+            if left:
+                self.server.refuse[method] = left - 1
+        if left:
+            self.server.record("refused", call=method)
+            raise _fault("InvalidState", f"The operation is not allowed in the current state ({method}).")
 
     def _check_session(self) -> None:
         """Calls answered here need a logged-in session, as everywhere: ask vcsim about the cookie."""

@@ -28,7 +28,7 @@ from typing import Any
 import urllib3
 from pyVmomi import vim
 
-from ...errors import BadInput, NotFound, Unreachable
+from ...errors import BadInput, NotFound, Unreachable, VmrecoverError
 from ...repo.catalog import Point
 from ...repo.repository import Repository
 from ...restore import restore_disk
@@ -162,9 +162,19 @@ def restore(
         vm = vs.prop(lease, "info").entity  # (the lease is gone once complete)
         lease.HttpNfcLeaseComplete()
         lease = None
-        _identity(vs, vm, config, new_identity=new_identity)
-        if power_on:
-            vs.wait(vm.PowerOnVM_Task(), f"powering on {vm_name}")
+        try:
+            _identity(vs, vm, config, new_identity=new_identity)
+            if power_on:
+                vs.wait(vm.PowerOnVM_Task(), f"powering on {vm_name}")
+        except Exception as exc:  # the VM and its disks are there: say so rather than lose track of it
+            err = Unreachable(
+                f"VM {vm_name} ({vm._moId}) was restored on {vs.hv.name} with all its disks, but then: "
+                f"{exc.message if isinstance(exc, VmrecoverError) else fault_text(exc)}",
+                hint="finish that in vSphere (identity: UUID and MAC addresses; power), or remove the VM "
+                "and restore again (--new-identity gives it new ones)",
+            )
+            err.exit_code = exc.exit_code if isinstance(exc, VmrecoverError) else err.exit_code
+            raise err from None
         return {"vm": vm._moId, "name": vm_name, "host": vs.prop(h, "name"),
                 "datastore": vs.prop(ds, "summary.name"), "new_identity": new_identity,
                 "network_connected": not no_network, "powered_on": power_on,

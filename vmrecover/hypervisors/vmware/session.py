@@ -1,10 +1,7 @@
 """A logged-in connection to vCenter or a standalone ESXi host (pyvmomi), and the few helpers every
 VMware operation uses.
 
-- **TLS** is verified against the system's CAs (plus the hypervisor's ``ca_file``) unless it was added
-  with ``--insecure``, which logs a warning on every connection.  A certificate that is not trusted is
-  a :class:`CertificateError` that shows the server's SHA-256 fingerprint, so an administrator can
-  compare it with the one vCenter shows before trusting it.
+- **TLS** and the classification of connection errors are the ones of every platform (``net.py``).
 - **Properties are read through the PropertyCollector**, never as Python attributes of managed
   objects: one round trip for many objects and paths, an unset property is simply absent (reading
   one as an attribute makes pyvmomi fetch it, and some servers fail that request), and nothing is
@@ -16,9 +13,7 @@ VMware operation uses.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import socket
 import ssl
 import time
 import urllib.parse
@@ -29,60 +24,20 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from ...errors import AuthError, CertificateError, NotFound, Unreachable, VmrecoverError
-from .. import Hypervisor
+from ...errors import NotFound, Unreachable, VmrecoverError
+from .. import Hypervisor, net
+from ..net import ssl_context
 
 log = logging.getLogger("vmrecover.vmware")
 TIMEOUT = 60.0  # seconds for one SOAP call
 
 
-def ssl_context(hv: Hypervisor) -> ssl.SSLContext:
-    if hv.insecure:
-        log.warning(
-            "TLS certificate of hypervisor %s (%s) is NOT verified (--insecure): anyone on the network "
-            "path can read its password and the backups", hv.name, hv.host,
-        )  # fmt: skip
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    ctx = ssl.create_default_context()
-    if hv.ca_file:
-        ctx.load_verify_locations(cafile=hv.ca_file)
-    return ctx
-
-
-def fingerprint(host: str, port: int) -> str | None:
-    """SHA-256 fingerprint of the certificate the server presents (for an error message)."""
-    try:
-        pem = ssl.get_server_certificate((host, port), timeout=10)
-    except (OSError, ValueError):
-        return None
-    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
-    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
-
-
 def classify(hv: Hypervisor, exc: BaseException) -> VmrecoverError:
     """The user's view of a failure to reach or log in to *hv*."""
-    where = f"hypervisor {hv.name} ({hv.host}:{hv.port})"
-    if isinstance(exc, ssl.SSLCertVerificationError) or (
-        isinstance(exc, ssl.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc)
-    ):
-        fp = fingerprint(hv.host, hv.port)
-        return CertificateError(
-            f"the TLS certificate of {where} is not trusted: {getattr(exc, 'verify_message', exc)}"
-            + (f"; its SHA-256 fingerprint is {fp}" if fp else ""),
-            hint="compare the fingerprint with the one vCenter shows, then add the hypervisor again with "
-            "--ca-file (its CA certificate, e.g. VMCA's root) or, only on a trusted network, --insecure",
-        )
-    if isinstance(exc, vim.fault.InvalidLogin):
-        return AuthError(f"{where} refused the login of user {hv.user}", hint="check the user and password")
-    if isinstance(exc, socket.gaierror):
-        return Unreachable(f"cannot resolve the name of {where}: {exc.strerror}", hint="check the host name")
-    if isinstance(exc, (OSError, TimeoutError)):
-        return Unreachable(f"cannot reach {where}: {exc}", hint="check the address, port and firewall")
-    msg = getattr(exc, "msg", None) or str(exc)
-    return Unreachable(f"{where} failed: {msg}")
+    return net.classify(
+        hv, exc, login_refused=isinstance(exc, vim.fault.InvalidLogin), console="vCenter",
+        ca_example=", e.g. VMCA's root",
+    )  # fmt: skip
 
 
 @dataclass

@@ -54,6 +54,26 @@ def test_errors_are_printed_as_they_are(cli: Cli, tmp_path: Path) -> None:
     assert f"no repository at {where}\n" in res.stderr, res.stderr
 
 
+def test_a_target_must_name_a_hypervisor_of_its_platform(cli: Cli, tmp_path: Path) -> None:
+    """xen:// and vmware:// name platforms: a mismatch, or an operation a platform cannot do yet, is
+    said plainly; an unreachable pool master is exit 10 from the XenAPI session, like a vCenter."""
+    cli.run("hypervisor", "add", "pool1", "xen://root@127.0.0.1:1", "--password-stdin", "--no-check",
+            input="pw\n")  # fmt: skip
+    res = cli.run("backup", "vmware://pool1/web", check=False)
+    assert_clean_error(
+        res, ExitCode.BAD_INPUT, "pool1 is XenServer / XCP-ng, not VMware vSphere", "xen://pool1"
+    )
+    img = tmp_path / "web.raw"
+    img.write_bytes(b"x" * 65536)
+    cli.run("backup", img, "--vm", "web")
+    res = cli.run("restore", "web", "--to", "xen://pool1", check=False)
+    assert_clean_error(res, ExitCode.BAD_INPUT, "restore to a hypervisor is not available for XenServer")
+    res = cli.run("backup", "xen://pool1/web", check=False)
+    assert_clean_error(res, ExitCode.BAD_INPUT, "backup is not available for XenServer / XCP-ng", "VMware")
+    res = cli.run("hypervisor", "test", "pool1", check=False)
+    assert_clean_error(res, ExitCode.UNREACHABLE, r"cannot reach hypervisor pool1 \(127.0.0.1:1\)")
+
+
 def test_recovered_vmx_quotes_what_it_writes() -> None:
     """A VM name may hold '"' and '|' (vSphere allows them): written raw, '"' would end the value."""
     from vmrecover.hypervisors.vmware import vmx

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, ExitCode
-from ..hypervisors import Registry, parse_target
+from ..hypervisors import Registry, require
 from ..ingest.extents import load_changed_extents
 from ..ingest.pipeline import DiskJob, run_backup
 from ..ingest.sources import DiskSource, open_image
@@ -138,11 +138,11 @@ def _backup_vm(args: argparse.Namespace) -> int:
     if len(args.images) != 1 or args.disk_name or args.changed_extents or args.format or args.untrusted:
         raise BadInput("a hypervisor backup takes one vmware://HYPERVISOR/VM and no image options")
     url = args.images[0]
-    hv_name, vm_ref = parse_target(url, vm=True)
-    assert vm_ref is not None
     with open_repo(args) as repo:
         registry = Registry(repo.root)
-        hv = registry.get(hv_name)
+        hv, vm_ref = registry.target(url, vm=True)
+        assert vm_ref is not None
+        require(hv, "backup", "vmware")
         options = Options(quiesce=args.quiesce, memory=args.memory, full=args.full)
         with session(hv, registry.password(hv)) as vs, progress(f"backup {url}", enabled=not args.json) as (
             total, advance,
@@ -176,13 +176,13 @@ def _restore_vm(args: argparse.Namespace) -> int:
     from ..hypervisors.vmware.restore import restore
     from ..hypervisors.vmware.session import session
 
-    hv_name, _ = parse_target(args.to, vm=False)
     if args.disk or args.overwrite or args.format != "raw":
         raise BadInput("--disk, --format and --overwrite are for restores to a file")
     with open_repo(args) as repo:
         point = repo.catalog.resolve(args.target)
         registry = Registry(repo.root)
-        hv = registry.get(hv_name)
+        hv, _ = registry.target(args.to, vm=False)
+        require(hv, "restore to a hypervisor", "vmware")
         with (
             session(hv, registry.password(hv)) as vs,
             progress(f"restore {point.vm}@{point.id} to {hv.name}", enabled=not args.json) as (

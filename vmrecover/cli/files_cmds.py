@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, ExitCode
-from ..hypervisors import Registry, parse_target
+from ..hypervisors import Registry, require
 from ..repo.keys import PASSPHRASE_ENV, ask_passphrase
 from .common import open_repo, read_secret, repo_path
 from .output import emit_json, human_bytes, stderr, stdout, table
@@ -176,13 +176,13 @@ def _get_into_vm(args: argparse.Namespace) -> int:
     from ..hypervisors.vmware.guest import GuestFiles, Item
     from ..hypervisors.vmware.session import session
 
-    hv_name, vm_ref = parse_target(args.into_vm, vm=True)
     if args.tar or not args.guest_user:
         raise BadInput("--into-vm needs --guest-user and cannot be used with --tar")
     password = _guest_password(args)
     root = repo_path(args).resolve()
     registry = Registry(root)
-    hv = registry.get(hv_name)
+    hv, vm_ref = registry.target(args.into_vm, vm=True)
+    require(hv, "putting files into a guest", "vmware")
     with open_repo(args) as repo:  # private scratch space on the repository's disk
         work = Path(tempfile.mkdtemp(prefix="into-vm-", dir=repo.run_dir()))
     try:

@@ -23,8 +23,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "it is stored in the repository's hypervisors.toml (0600) unless --no-store-password, in which case "
         "it must be in $VMRECOVER_HYPERVISOR_<NAME>_PASSWORD whenever the hypervisor is used.",
     )  # fmt: skip
-    p.add_argument("name", help="a short name, used in vmware://NAME/VM")
-    p.add_argument("url", metavar="URL", help="vmware://[user@]host[:port]")
+    p.add_argument("name", help="a short name, used in vmware://NAME/VM or xen://NAME/VM")
+    p.add_argument(
+        "url", metavar="URL", help="vmware://[user@]host[:port] or xen://[user@]pool-master[:port]"
+    )
     p.add_argument(
         "--insecure", action="store_true", help="do not verify the TLS certificate (warns every time)"
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, ExitCode, NotFound, VmrecoverError
-from ..hypervisors import Registry, parse_target
+from ..hypervisors import Registry, require
 from ..recovery import qemu_boot, sessions
 from ..repo.keys import ask_passphrase
 from ..repo.repository import parse_size
@@ -117,9 +117,9 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def _hypervisor(repo: Any, url: str) -> Any:
-
-    name, _ = parse_target(url, vm=False)
-    return Registry(repo.root).get(name)
+    hv, _ = Registry(repo.root).target(url, vm=False)
+    require(hv, "instant recovery on a hypervisor", "vmware")
+    return hv
 
 
 @contextlib.contextmanager

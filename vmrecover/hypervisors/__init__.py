@@ -1,7 +1,7 @@
-"""Hypervisors: where backups come from and where recoveries go (VMware vSphere; XenServer next).
+"""Hypervisors: where backups come from and where recoveries go (VMware vSphere, XenServer / XCP-ng).
 
 This package holds what every platform shares; each platform has one module of its own
-(``vmware/``), which ``connect()`` reaches through the URL scheme.
+(``vmware/``, ``xen/``), which ``connect()`` reaches through the URL scheme.
 
 **The registry** is ``REPO/hypervisors.toml`` (0600, in the 0700 repository), one table per name::
 
@@ -31,7 +31,8 @@ import tomli_w
 from ..errors import AuthError, BadInput, NotFound
 from ..fsutil import write_file
 
-SCHEMES = {"vmware": 443}  # scheme -> default port
+SCHEMES = {"vmware": 443, "xen": 443}  # scheme -> default port
+PLATFORMS = {"vmware": "VMware vSphere", "xen": "XenServer / XCP-ng"}
 FILE = "hypervisors.toml"
 
 
@@ -56,17 +57,28 @@ class Hypervisor:
 
 
 def parse_target(url: str, *, vm: bool) -> tuple[str, str | None]:
-    """``vmware://HYPERVISOR`` (*vm* False) or ``vmware://HYPERVISOR/VM_NAME_OR_MOREF`` (*vm* True), as
-    commands name what they act on -> (hypervisor name, VM or None)."""
+    """``SCHEME://HYPERVISOR`` (*vm* False) or ``SCHEME://HYPERVISOR/VM_NAME_OR_ID`` (*vm* True), as
+    commands name what they act on -> (hypervisor name, VM or None).  :meth:`Registry.target` also
+    checks that the scheme is the hypervisor's."""
     scheme, sep, rest = url.partition("://")
     name, _, ref = rest.strip("/").partition("/") if vm else (rest.strip("/"), "", "")
     if not sep or scheme not in SCHEMES or not name or (vm and not ref) or (not vm and "/" in name):
-        shape = f"{scheme or 'vmware'}://HYPERVISOR" + ("/VM" if vm else "")
+        shape = f"{scheme if scheme in SCHEMES else 'vmware|xen'}://HYPERVISOR" + ("/VM" if vm else "")
         raise BadInput(
             f"{url!r} is not {shape}",
-            hint="e.g. vmware://vc1" + ("/web01 or vmware://vc1/vm-42" if vm else ""),
+            hint="e.g. vmware://vc1" + ("/web01 or xen://pool1/web01" if vm else " or xen://pool1"),
         )
     return name, (ref or None)
+
+
+def require(hv: Hypervisor, what: str, *platforms: str) -> None:
+    """Refuse *what* on a hypervisor whose platform cannot do it (yet), saying which can."""
+    if hv.scheme not in platforms:
+        can = " and ".join(PLATFORMS[p] for p in platforms)
+        raise BadInput(
+            f"{what} is not available for {PLATFORMS[hv.scheme]} (hypervisor {hv.name}) yet",
+            hint=f"it is for {can}",
+        )
 
 
 def parse_url(url: str) -> tuple[str, str, str, int]:
@@ -127,6 +139,19 @@ class Registry:
                 hint=f"known: {known}; add one with 'vmrecover hypervisor add'",
             )
         return self._make(name, doc)
+
+    def target(self, url: str, *, vm: bool) -> tuple[Hypervisor, str | None]:
+        """The hypervisor and VM (*vm*) a ``SCHEME://HYPERVISOR[/VM]`` names; its scheme must be the
+        hypervisor's (``xen://vc1`` for a vCenter is a mistake worth saying)."""
+        name, ref = parse_target(url, vm=vm)
+        hv = self.get(name)
+        scheme = url.partition("://")[0]
+        if scheme != hv.scheme:
+            raise BadInput(
+                f"hypervisor {name} is {PLATFORMS[hv.scheme]}, not {PLATFORMS[scheme]}",
+                hint=f"write {hv.scheme}://{name}" + ("/VM" if vm else ""),
+            )
+        return hv, ref
 
     def add(self, hv: Hypervisor, password: str | None, *, replace: bool = False) -> None:
         """Store *hv* (and its password unless None: then it must come from the environment)."""

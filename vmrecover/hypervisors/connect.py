@@ -20,4 +20,9 @@ def check(hv: Hypervisor, password: str) -> dict[str, Any]:
                 "product": str(about.fullName), "api": str(about.apiVersion), "type": str(about.apiType),
                 "hosts": len(vs.all_of(vim.HostSystem, ["name"])),
             }  # fmt: skip
+    if hv.scheme == "xen":
+        from .xen.session import session as xen_session
+
+        with xen_session(hv, password) as xs:
+            return xs.about()
     raise AssertionError(f"no platform for scheme {hv.scheme}")

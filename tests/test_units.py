@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmrecover.errors import BadInput, CorruptChunk, IntegrityError, UsageError
-from vmrecover.ingest.extents import chunks_touching, load_changed_extents, merged
+from vmrecover.ingest.extents import bitmap_extents, chunks_touching, load_changed_extents, merged
 from vmrecover.repo.blob import HEADER, ChunkCodec
 from vmrecover.repo.catalog import Point, check_name
 from vmrecover.repo.index import FixedIndex
@@ -103,6 +103,20 @@ def test_chunks_touching_matches_brute_force(extents: list[tuple[int, int]]) -> 
     cs, count = 512, 20
     expected = sorted({b // cs for off, n in extents for b in range(off, off + n) if b // cs < count})
     assert chunks_touching(extents, cs, count) == expected
+
+
+@given(st.lists(st.booleans(), max_size=70), st.integers(1, 80 * 16))
+def test_bitmap_extents_are_the_set_bits(bits: list[bool], size: int) -> None:
+    """A change bitmap (MSB first, as XenServer's list_changed_blocks) to byte ranges of the disk."""
+    block = 16
+    bitmap = bytearray(-(-len(bits) // 8))
+    for i, b in enumerate(bits):
+        if b:
+            bitmap[i // 8] |= 0x80 >> (i % 8)
+    want = {o for i, b in enumerate(bits) if b for o in range(i * block, min(size, (i + 1) * block))}
+    got = bitmap_extents(bytes(bitmap), block, size)
+    assert {o for off, n in got for o in range(off, off + n)} == want
+    assert got == merged(got, size)
 
 
 @given(st.lists(st.tuples(st.integers(-3000, 10_000), st.integers(-100, 3000)), max_size=20))

@@ -73,6 +73,24 @@ def merged(extents: Iterable[tuple[int, int]], size: int) -> Extents:
     return out
 
 
+def bitmap_extents(bitmap: bytes, block: int, size: int) -> Extents:
+    """The (offset, length) runs of set bits of a change bitmap (bit i: block i, the first bit the most
+    significant of byte 0, as XenServer's ``VDI.list_changed_blocks`` and NBD's dirty maps have it),
+    clipped to a *size*-byte disk."""
+    out: Extents = []
+    start = None
+    for i in range(min(len(bitmap) * 8, -(-size // block))):
+        if bitmap[i >> 3] & (0x80 >> (i & 7)):
+            if start is None:
+                start = i
+        elif start is not None:
+            out.append((start * block, (i - start) * block))
+            start = None
+    if start is not None:
+        out.append((start * block, min(size, -(-size // block) * block) - start * block))
+    return merged(out, size)
+
+
 def chunks_touching(extents: Iterable[tuple[int, int]], chunk_size: int, count: int) -> list[int]:
     """Sorted chunk numbers that overlap any of *extents* (clipped to *count* chunks)."""
     out: set[int] = set()

@@ -18,14 +18,9 @@ frozen disks, remove the snapshot.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import secrets
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pyVmomi import vim
@@ -36,6 +31,7 @@ from ...ingest.extents import merged
 from ...ingest.pipeline import DiskJob, DiskStats, run_backup
 from ...repo.catalog import Point, check_name
 from ...repo.repository import Repository
+from .. import snapshots
 from . import hardware
 from .hardware import DiskInfo
 from .http import DatastoreFiles, DsPath
@@ -43,8 +39,6 @@ from .session import VSphere, fault_text
 from .source import VmdkSource
 
 log = logging.getLogger("vmrecover.vmware")
-SNAPSHOT_PREFIX = "vmrecover-"  # our snapshots, and only ours, carry this name
-STALE_AFTER = timedelta(days=1)  # a vmrecover snapshot older than this is a leftover, whoever made it
 
 
 @dataclass
@@ -73,45 +67,14 @@ def _snapshot_tree(vs: VSphere, vm: Any) -> Iterator[Any]:
         todo.extend(node.childSnapshotList or [])
 
 
-def _owner(repo: Repository) -> dict[str, Any]:
-    """Who makes a snapshot: written into its description, so that a later backup can tell a crash's
-    leftover (its process is gone) from a snapshot another backup is reading right now."""
-    return {"repo": repo.config.id, "host": socket.gethostname(), "pid": os.getpid(), "boot": _boot_id()}
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _stale(node: Any, me: dict[str, Any]) -> str | None:
-    """Why our snapshot *node* is a leftover that may be removed, or None while it may be in use."""
-    try:
-        owner = json.loads(str(node.description or "").split("owner=", 1)[1])
-    except (IndexError, ValueError):
-        owner = {}
-    created = getattr(node, "createTime", None)
-    if created is not None and datetime.now(UTC) - created > STALE_AFTER:
-        return f"made {created:%Y-%m-%d %H:%M} UTC, longer ago than any backup runs"
-    if owner.get("host") == me["host"] and owner.get("repo") == me["repo"]:
-        if owner.get("boot") != me["boot"]:
-            return "its maker ran before this machine last started"
-        if not os.path.exists(f"/proc/{owner.get('pid')}"):
-            return f"its maker (pid {owner.get('pid')}) is gone"
-    return None
-
-
 def remove_stale_snapshots(repo: Repository, vs: VSphere, vm: Any) -> list[str]:
     """Remove the snapshots an interrupted vmrecover left on *vm* (ours by name, and only when their
     maker is gone: another backup of the VM may be reading one); return their names."""
-    removed, me = [], _owner(repo)
+    removed, me = [], snapshots.owner(repo)
     for node in list(_snapshot_tree(vs, vm)):
-        if not node.name.startswith(SNAPSHOT_PREFIX):
+        if not node.name.startswith(snapshots.PREFIX):
             continue
-        why = _stale(node, me)
+        why = snapshots.stale(str(node.description or ""), getattr(node, "createTime", None), me)
         if why is None:
             log.warning(
                 "snapshot %r of %s belongs to a backup that may still run: left alone", node.name, vm._moId
@@ -132,8 +95,8 @@ def _remove(vs: VSphere, snap: Any, name: str) -> None:
 def snapshot(vs: VSphere, vm: Any, *, owner: dict[str, Any], quiesce: bool, memory: bool) -> Iterator[Any]:
     """A snapshot of *vm* for the block: created, and removed whatever happens in the block.  SIGTERM
     and ^C wait while it is being created and while it is being removed, so that neither can leave it."""
-    name = f"{SNAPSHOT_PREFIX}{secrets.token_hex(4)}"
-    description = f"made by vmrecover for a backup; removed when it ends; owner={json.dumps(owner)}"
+    name = snapshots.new_name()
+    description = snapshots.description(owner)
     with interrupts.deferred():
         task = vm.CreateSnapshot_Task(name=name, description=description, memory=memory, quiesce=quiesce)
         fault = vs.task_error(task)
@@ -255,7 +218,7 @@ def back_up(
                 "changed block tracking was off on %s: enabled now; this backup is full", info["name"]
             )
         snap = stack.enter_context(
-            snapshot(vs, vm, owner=_owner(repo), quiesce=options.quiesce, memory=options.memory)
+            snapshot(vs, vm, owner=snapshots.owner(repo), quiesce=options.quiesce, memory=options.memory)
         )
         snap_config = vs.prop(snap, "config")
         devices = list(snap_config.hardware.device)

@@ -1,0 +1,263 @@
+"""The XAPI simulator as a test peer: server, NBD exports, inventory helpers and fault switches."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import xmlrpc.client
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from tests.testkit.tls import server_certs
+from tests.xapi.api import NULL, Xapi, sparse_copy
+from tests.xapi.nbd import NbdExports
+from tests.xapi.server import XapiServer
+
+USER = "root"
+
+
+def _session_class() -> type:
+    import XenAPI
+
+    class Session(XenAPI.Session):
+        """XenAPI.Session that is a context manager: logs out and closes its connection."""
+
+        def __enter__(self) -> Session:
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.close()
+
+        def close(self) -> None:
+            with suppress(Exception):
+                if self._session is not None:
+                    self.xenapi.session.logout()
+            self("close")()
+
+    return Session
+
+
+class XapiSim:
+    """A running XAPI simulator (one host, one pool); what a test and the product talk to."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.user = USER
+        self.password = secrets.token_urlsafe(12)
+        self.host = "127.0.0.1"
+        self.certs = server_certs(workdir, ca_name="vmrecover test XenServer CA")
+        self.ca_file = self.certs.ca_file
+        self.xapi = Xapi(workdir, self.user, self.password, self.certs.cert_pem)
+        self.nbd = NbdExports(workdir, self.certs, self.xapi.record)
+        self.xapi.nbd = self.nbd
+        self.server = XapiServer(self.xapi, self.certs.server_context())
+        self.server.start()
+        self.port = self.server.port
+        self.url = f"https://{self.host}:{self.port}/"
+        self._sessions: list[Any] = []
+
+    def close(self) -> None:
+        self.close_sessions()
+        self.server.stop()
+        self.xapi.wait_tasks()
+        self.nbd.close()
+
+    # ------------------------------------------------------------------ clients
+    def session(self, *, user: str | None = None, password: str | None = None, verify: bool = True) -> Any:
+        """A logged-in XenAPI.Session (the unmodified client), verifying the server against ``ca_file``
+        (``verify=False``: XenAPI's own ``ignore_ssl=True``).  Use it in a ``with`` (logout and close);
+        the fixture closes what a test left open."""
+        cls = _session_class()
+        if verify:
+            transport = xmlrpc.client.SafeTransport(context=self.certs.client_context())
+            s = cls(self.url, transport=transport)
+        else:
+            s = cls(self.url, ignore_ssl=True)
+        self._sessions.append(s)
+        try:
+            s.xenapi.login_with_password(
+                user or self.user, self.password if password is None else password, "2.21", "vmrecover-tests"
+            )
+        except BaseException:
+            s("close")()
+            raise
+        return s
+
+    def close_sessions(self) -> None:
+        for s in self._sessions:
+            s.close()
+        self._sessions.clear()
+
+    # ------------------------------------------------------------------ inventory
+    @property
+    def pool(self) -> str:
+        return self.xapi.pool
+
+    @property
+    def host_ref(self) -> str:
+        return self.xapi.host
+
+    @property
+    def local_sr(self) -> str:
+        return self.xapi.local_sr
+
+    def sr(self, name: str) -> str:
+        with self.xapi.lock:
+            (ref,) = self.xapi.find("SR", name_label=name)
+        return ref
+
+    def network(self, name: str) -> str:
+        with self.xapi.lock:
+            (ref,) = self.xapi.find("network", name_label=name)
+        return ref
+
+    def add_sr(self, name: str, type_: str = "nfs") -> str:
+        """Another SR (an "nfs" one is shared); its VDI files are in a folder of the workdir too.
+        SIMPLIFIED: no NFS server behind an "nfs" SR, no PBDs."""
+        with self.xapi.lock:
+            return self.xapi.add_sr(name, type_)
+
+    def add_network(self, name: str, bridge: str, purpose: list[str] | None = None) -> str:
+        with self.xapi.lock:
+            return self.xapi.add_network(name, bridge, purpose=purpose)
+
+    def make_vm(
+        self,
+        name: str,
+        disks: list[Path | int] | None = None,
+        *,
+        sr: str | None = None,
+        nics: list[str] | None = None,
+        power_state: str = "Running",
+        cbt: bool = False,
+        memory: int = 256 << 20,
+        vcpus: int = 1,
+        other_config: dict[str, str] | None = None,
+        cd: bool = False,
+    ) -> str:
+        """A VM as XAPI has one: disk i is a VDI (``name``-disk-i, userdevice i, bootable if 0) on *sr*
+        (default: local storage), a copy of the image (holes kept) or an empty disk of that size; one VIF
+        per network name in *nics* (default: the eth0 network); *cbt* enables CBT on every disk;
+        ``cd=True`` adds an empty CD drive (userdevice 3).  Returns the VM ref."""
+        x = self.xapi
+        with x.lock:
+            sr = sr or x.local_sr
+            vm = x.add(
+                "VM",
+                name_label=name,
+                memory_static_max=memory,
+                memory_dynamic_max=memory,
+                memory_dynamic_min=memory,
+                memory_static_min=memory,
+                VCPUs_max=vcpus,
+                VCPUs_at_startup=vcpus,
+                platform={
+                    "acpi": "1",
+                    "apic": "true",
+                    "pae": "true",
+                    "viridian": "false",
+                    "device-model": "qemu-upstream-compat",
+                },
+                other_config=dict(other_config or {}),
+            )
+            for i, d in enumerate(disks or []):
+                size = d if isinstance(d, int) else Path(d).stat().st_size
+                if size <= 0:
+                    raise ValueError(f"disk size {size} is not positive")
+                vdi = x.new_vdi(sr, size, name_label=f"{name}-disk-{i}", name_description="")
+                if not isinstance(d, int):
+                    sparse_copy(Path(d), x.vdi_path(vdi))
+                x.x_VBD__create(
+                    "",
+                    {
+                        "VM": vm,
+                        "VDI": vdi,
+                        "userdevice": str(i),
+                        "bootable": i == 0,
+                        "type": "Disk",
+                        "mode": "RW",
+                    },
+                )
+                if cbt:
+                    x.x_VDI__enable_cbt("", vdi)
+                x.rec("VDI", vdi)["physical_utilisation"] = x._allocated(vdi)
+            if cd:
+                x.x_VBD__create(
+                    "", {"VM": vm, "VDI": NULL, "userdevice": "3", "type": "CD", "mode": "RO", "empty": True}
+                )
+            for i, net in enumerate(nics if nics is not None else ["Pool-wide network associated with eth0"]):
+                (nref,) = x.find("network", name_label=net)
+                x.x_VIF__create("", {"VM": vm, "network": nref, "device": str(i), "MAC": "", "MTU": 1500})
+            if power_state in ("Running", "Paused"):
+                x._power_on(vm, power_state)
+            elif power_state != "Halted":
+                raise ValueError(f"power_state {power_state!r}: Running, Paused or Halted")
+        return vm
+
+    def vm_disks(self, vm: str) -> list[str]:
+        """The VM's disk VDIs in userdevice order."""
+        x = self.xapi
+        with x.lock:
+            vbds = [x.db["VBD"][b] for b in x.rec("VM", vm)["VBDs"]]
+            return [b["VDI"] for b in sorted(vbds, key=lambda b: int(b["userdevice"])) if b["type"] == "Disk"]
+
+    def vdi_file(self, vdi: str) -> Path:
+        """The file holding the VDI's bytes (write into it to change the disk between two backups)."""
+        with self.xapi.lock:
+            return self.xapi.vdi_path(vdi)
+
+    def record(self, cls: str, ref: str) -> dict[str, Any]:
+        """The record as the API gives it (int64 as strings)."""
+        with self.xapi.lock:
+            return self.xapi.public(cls, ref)
+
+    def exists(self, cls: str, ref: str) -> bool:
+        with self.xapi.lock:
+            return ref in self.xapi.db[cls]
+
+    # ------------------------------------------------------------------ log and faults
+    @property
+    def log(self) -> list[dict[str, Any]]:
+        return self.xapi.log
+
+    def calls(self, method: str, **match: Any) -> list[dict[str, Any]]:
+        """Log entries of what was answered: API calls by name (``args`` without the session, ``ok``,
+        ``result`` or ``error``), "GET /export_raw_vdi", "PUT /import_raw_vdi", "nbd-export",
+        "nbd-connect", "nbd-drop", "nbd-refused", "refused", "sessions-expired", "sim-error"."""
+        return self.xapi.calls(method, **match)
+
+    @property
+    def refuse(self) -> dict[str, Any]:
+        """``refuse["VM.snapshot"] = n``: the next n calls fail (OTHER_OPERATION_IN_PROGRESS, as when
+        another operation holds the object); ``= (n, ["CODE", ...])`` for another error."""
+        return self.xapi.refuse
+
+    def expire_sessions(self) -> None:
+        self.xapi.expire_sessions()
+
+    def nbd_drop_after(self, after_bytes: int, times: int = 1) -> None:
+        self.nbd.drop_after(after_bytes, times)
+
+    def disable_cbt_behind_back(self, vdi: str) -> None:
+        self.xapi.disable_cbt_behind_back(vdi)
+
+    def reset(self) -> None:
+        """Fault switches off and the test's own sessions closed (between tests); the inventory stays."""
+        self.close_sessions()
+        with self.xapi.lock:
+            self.xapi.refuse.clear()
+        self.nbd.reset_faults()
+        self.xapi.wait_tasks()
+
+
+@contextmanager
+def running(workdir: Path) -> Iterator[XapiSim]:
+    sim = XapiSim(workdir)
+    try:
+        yield sim
+    finally:
+        sim.close()
+        shutil.rmtree(workdir / "sr-mount", ignore_errors=True)

@@ -400,3 +400,28 @@ def vsphere(vsphere_session: Any) -> Iterator[Any]:
     vsphere_session.reset()
     new = vsphere_session.answered("proxy-error")[errors:]
     assert not new, f"the vSphere test proxy failed (a harness bug, see stderr): {new}"
+
+
+# --------------------------------------------------------------------------- XenServer (XAPI simulator)
+# tests/xapi/: a XAPI simulator (XML-RPC over HTTPS, raw VDI export/import, TLS NBD with qemu-nbd) started
+# once per run.  Tests take ``xapi`` (fault switches reset and the test's sessions closed after each
+# test); VMs made by one test stay for the run, so give them unique names.
+@pytest.fixture(scope="session")
+def xapi_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import shutil
+
+    from tests.xapi import running
+
+    if shutil.which("qemu-nbd") is None:
+        pytest.skip("qemu-nbd is missing (make setup installs qemu-utils)")
+    with running(tmp_path_factory.mktemp("xapi")) as sim:
+        yield sim
+
+
+@pytest.fixture
+def xapi(xapi_session: Any) -> Iterator[Any]:
+    errors = len(xapi_session.calls("sim-error"))
+    yield xapi_session
+    xapi_session.reset()
+    new = xapi_session.calls("sim-error")[errors:]
+    assert not new, f"the XAPI simulator failed (a harness bug): {new}"

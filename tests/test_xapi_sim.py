@@ -1,0 +1,556 @@
+"""The XAPI simulator (tests/xapi/) driven as the product drives a XenServer: the unmodified XenAPI client
+over HTTPS, http.client for the VDI handlers, libnbd with TLS for NBD."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import os
+import random
+import ssl
+import time
+import xmlrpc.client
+from pathlib import Path
+from typing import Any
+
+import pytest
+import XenAPI
+
+from tests.xapi.api import BLOCK
+
+MiB = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def image(path: Path, size: int, seed: int) -> Path:
+    """A disk image: random 64 KiB blocks here and there, holes elsewhere."""
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for b in rnd.sample(range(size // BLOCK), size // BLOCK // 4):
+            f.seek(b * BLOCK)
+            f.write(rnd.randbytes(BLOCK))
+    return path
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha(path: Path) -> str:
+    return sha256(path.read_bytes())
+
+
+def wait_task(x: Any, task: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while (status := x.task.get_status(task)) == "pending":
+        assert time.monotonic() < deadline, "task still pending"
+        time.sleep(0.01)
+    return status
+
+
+def bits(b64: str) -> set[int]:
+    """The blocks set in a list_changed_blocks bitmap (most significant bit of byte 0 = block 0)."""
+    raw = base64.b64decode(b64)
+    return {i for i in range(len(raw) * 8) if raw[i // 8] & (0x80 >> (i % 8))}
+
+
+def https(xapi: Any) -> http.client.HTTPSConnection:
+    ctx = ssl.create_default_context(cafile=str(xapi.ca_file))
+    return http.client.HTTPSConnection(xapi.host, xapi.port, context=ctx, timeout=60)
+
+
+def export(xapi: Any, session: str, vdi: str) -> tuple[int, bytes]:
+    conn = https(xapi)
+    try:
+        conn.request("GET", f"/export_raw_vdi?session_id={session}&vdi={vdi}&format=raw")
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def write_blocks(path: Path, blocks: list[int], seed: int) -> None:
+    rnd = random.Random(seed)
+    with open(path, "r+b") as f:
+        for b in blocks:
+            f.seek(b * BLOCK + 100)
+            f.write(rnd.randbytes(300))
+
+
+def snapshot_disks(xapi: Any, x: Any, snap: str) -> list[str]:
+    vbds = [x.VBD.get_record(v) for v in x.VM.get_VBDs(snap)]
+    return [v["VDI"] for v in sorted(vbds, key=lambda v: int(v["userdevice"])) if v["type"] == "Disk"]
+
+
+def nbd_read_all(info: dict[str, Any], tmp_path: Path, *, trust: str | None = None) -> bytes:
+    import nbd
+
+    certs = tmp_path / f"nbd-ca-{time.monotonic_ns()}"
+    certs.mkdir()
+    (certs / "ca-cert.pem").write_text(trust if trust is not None else info["cert"])
+    h = nbd.NBD()
+    try:
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(str(certs))
+        h.set_tls_verify_peer(True)
+        h.set_export_name(info["exportname"])
+        h.connect_tcp(info["address"], info["port"])
+        assert h.get_tls_negotiated()
+        size = h.get_size()
+        out = bytearray()
+        while len(out) < size:
+            out += h.pread(min(4 * MiB, size - len(out)), len(out))
+        h.shutdown()
+        return bytes(out)
+    finally:
+        del h
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+def test_login_wire_format_and_errors(xapi: Any) -> None:
+    with pytest.raises(XenAPI.Failure) as e:
+        xapi.session(password="wrong")
+    assert e.value.details == ["SESSION_AUTHENTICATION_FAILED", "root", "Authentication failure"]
+
+    # the raw answers: always a struct with Status, int64 as strings, refs as OpaqueRef:<uuid>
+    ctx = ssl.create_default_context(cafile=str(xapi.ca_file))
+    with xmlrpc.client.ServerProxy(xapi.url, context=ctx) as raw:
+        login = raw.session.login_with_password(xapi.user, xapi.password, "2.21", "raw")
+        assert login["Status"] == "Success"
+        sid = login["Value"]
+        assert sid.startswith("OpaqueRef:") and len(sid) == len("OpaqueRef:") + 36
+        vms = raw.VM.get_all_records(sid)["Value"]
+        dom0 = [r for r in vms.values() if r["is_control_domain"]]
+        assert len(dom0) == 1 and dom0[0]["power_state"] == "Running"
+        assert isinstance(dom0[0]["memory_static_max"], str) and int(dom0[0]["memory_static_max"]) > 0
+        assert raw.VM.get_record(sid, "OpaqueRef:bogus") == {
+            "Status": "Failure",
+            "ErrorDescription": ["HANDLE_INVALID", "VM", "OpaqueRef:bogus"],
+        }
+        assert raw.VM.get_by_uuid(sid, "nope")["ErrorDescription"] == ["UUID_INVALID", "VM", "nope"]
+        assert raw.VM.frobnicate(sid)["ErrorDescription"] == ["MESSAGE_METHOD_UNKNOWN", "VM.frobnicate"]
+        assert raw.VM.get_record(sid)["ErrorDescription"][0] == "MESSAGE_PARAMETER_COUNT_MISMATCH"
+        assert raw.session.logout(sid)["Status"] == "Success"
+        assert raw.VM.get_all(sid)["ErrorDescription"] == ["SESSION_INVALID", sid]
+
+    # the certificate: verified against ca_file; without it the TLS handshake fails
+    bad = XenAPI.Session(xapi.url)
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            bad.xenapi.login_with_password(xapi.user, xapi.password, "2.21", "t")
+    finally:
+        bad("close")()
+
+
+def test_inventory(xapi: Any) -> None:
+    with xapi.session() as s:
+        x = s.xenapi
+        (pool,) = x.pool.get_all()
+        host = x.pool.get_master(pool)
+        assert x.host.get_record(host)["address"] == "127.0.0.1"
+        assert x.host.get_enabled(host) is True
+        assert x.session.get_this_host(s.handle) == host
+        assert s.API_version == "2.21"
+        sr = x.pool.get_default_SR(pool)
+        assert x.SR.get_type(sr) == "ext" and x.SR.get_name_label(sr) == "Local storage"
+        assert x.SR.get_by_name_label("Local storage") == [sr]
+        nets = {r["name_label"]: r for r in x.network.get_all_records().values()}
+        assert nets["Pool-wide network associated with eth1"]["purpose"] == ["nbd"]
+        assert nets["Pool-wide network associated with eth0"]["bridge"] == "xenbr0"
+        templates = [r for r in x.VM.get_all_records().values() if r["is_a_template"]]
+        assert any(t["name_label"] == "Other install media" for t in templates)
+        assert "BEGIN CERTIFICATE" in x.host.get_server_certificate(host)
+
+
+def test_make_vm_records(xapi: Any, tmp_path: Path) -> None:
+    img = image(tmp_path / "d0.raw", 8 * MiB, 1)
+    vm = xapi.make_vm("inv-vm", [img, 16 * MiB], nics=["Pool-wide network associated with eth0"], cd=True)
+    with xapi.session() as s:
+        x = s.xenapi
+        r = x.VM.get_record(vm)
+        assert r["power_state"] == "Running" and r["resident_on"] == x.pool.get_master(x.pool.get_all()[0])
+        assert x.VM.get_by_name_label("inv-vm") == [vm] and x.VM.get_by_uuid(r["uuid"]) == vm
+        vbds = sorted((x.VBD.get_record(v) for v in r["VBDs"]), key=lambda v: int(v["userdevice"]))
+        assert [(v["userdevice"], v["type"], v["bootable"], v["empty"]) for v in vbds] == [
+            ("0", "Disk", True, False),
+            ("1", "Disk", False, False),
+            ("3", "CD", False, True),
+        ]
+        assert vbds[0]["device"] == "xvda" and vbds[2]["VDI"] == "OpaqueRef:NULL"
+        vdis = [x.VDI.get_record(v["VDI"]) for v in vbds[:2]]
+        assert [v["virtual_size"] for v in vdis] == [str(8 * MiB), str(16 * MiB)]
+        by_device = {x.VBD.get_userdevice(v): v for v in r["VBDs"]}
+        assert vdis[0]["VBDs"] == [by_device["0"]] and x.VBD.get_VM(by_device["0"]) == vm
+        (vif,) = r["VIFs"]
+        vr = x.VIF.get_record(vif)
+        assert vr["MAC_autogenerated"] is True and len(vr["MAC"].split(":")) == 6
+        assert x.network.get_bridge(vr["network"]) == "xenbr0"
+        assert file_sha(xapi.vdi_file(xapi.vm_disks(vm)[0])) == file_sha(img)
+        # setters and maps
+        x.VM.set_name_description(vm, "described")
+        x.VM.add_to_other_config(vm, "k", "v")
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VM.add_to_other_config(vm, "k", "w")
+        assert e.value.details == ["MAP_DUPLICATE_KEY", "VM", "other_config", vm, "k"]
+        x.VM.remove_from_other_config(vm, "k")
+        assert x.VM.get_name_description(vm) == "described" and "k" not in x.VM.get_other_config(vm)
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VM.set_memory_dynamic_max(vm, str(1 << 40))
+        assert e.value.details[0] == "MEMORY_CONSTRAINT_VIOLATION"
+
+
+def test_expired_sessions_log_in_again(xapi: Any) -> None:
+    with xapi.session() as s:
+        before = len(xapi.calls("session.login_with_password", ok=True))
+        old = s.handle
+        xapi.expire_sessions()
+        assert s.xenapi.pool.get_all()  # XenAPI gets SESSION_INVALID, logs in again, retries
+        assert s.handle != old
+        assert len(xapi.calls("session.login_with_password", ok=True)) == before + 1
+        assert xapi.calls("pool.get_all", ok=False, error=["SESSION_INVALID", old])
+
+
+# ---------------------------------------------------------------------------------------------- VM calls
+def test_snapshot_and_export_raw(xapi: Any, tmp_path: Path) -> None:
+    img = image(tmp_path / "d.raw", 8 * MiB, 2)
+    vm = xapi.make_vm("snap-vm", [img])
+    live = xapi.vm_disks(vm)[0]
+    with xapi.session() as s:
+        x = s.xenapi
+        snap = x.VM.snapshot(vm, "snap-vm backup")
+        r = x.VM.get_record(snap)
+        assert (r["is_a_snapshot"], r["is_a_template"], r["snapshot_of"]) == (True, True, vm)
+        assert r["power_state"] == "Halted" and x.VM.get_snapshots(vm) == [snap]
+        (svdi,) = snapshot_disks(xapi, x, snap)
+        vr = x.VDI.get_record(svdi)
+        assert vr["is_a_snapshot"] and vr["snapshot_of"] == live and x.VDI.get_snapshots(live) == [svdi]
+        # the live disk moves on; the snapshot keeps the bytes of its moment
+        write_blocks(xapi.vdi_file(live), [0, 7, 100], 3)
+        status, body = export(xapi, s.handle, svdi)
+        assert status == 200 and sha256(body) == file_sha(img)
+        status, body = export(xapi, s.handle, x.VDI.get_uuid(live))  # by uuid too
+        assert status == 200 and sha256(body) == file_sha(xapi.vdi_file(live)) != file_sha(img)
+        assert xapi.calls("GET /export_raw_vdi", vdi=svdi, bytes=8 * MiB)
+        assert export(xapi, "OpaqueRef:nobody", svdi)[0] == 401
+        assert export(xapi, s.handle, "OpaqueRef:none")[0] == 404
+        # the snapshot VM goes; its VDIs stay (as XAPI)
+        x.VM.destroy(snap)
+        assert x.VM.get_snapshots(vm) == [] and x.VDI.get_is_a_snapshot(svdi) is True
+
+
+def test_async_tasks(xapi: Any) -> None:
+    vm = xapi.make_vm("async-vm", [4 * MiB])
+    with xapi.session() as s:
+        x = s.xenapi
+        task = x.Async.VM.snapshot(vm, "async snap")
+        assert task.startswith("OpaqueRef:")
+        assert wait_task(x, task) == "success"
+        result = x.task.get_result(task)
+        assert result.startswith("<value>OpaqueRef:") and result.endswith("</value>")
+        snap = result[len("<value>") : -len("</value>")]
+        assert x.VM.get_snapshot_of(snap) == vm
+        rec = x.task.get_record(task)
+        assert rec["progress"] == 1.0 and rec["name_label"] == "Async.VM.snapshot" and rec["error_info"] == []
+        x.task.destroy(task)
+        with pytest.raises(XenAPI.Failure) as e:
+            x.task.get_status(task)
+        assert e.value.details == ["HANDLE_INVALID", "task", task]
+        # a failing call fails its task
+        task = x.Async.VM.start(vm, False, False)
+        assert wait_task(x, task) == "failure"
+        assert x.task.get_error_info(task) == ["VM_BAD_POWER_STATE", vm, "halted", "running"]
+        assert x.task.get_result(task) == ""
+        x.task.destroy(task)
+
+
+def test_power_and_lifecycle(xapi: Any) -> None:
+    vm = xapi.make_vm("life-vm", [4 * MiB], other_config={})
+    with xapi.session() as s:
+        x = s.xenapi
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VM.snapshot_with_quiesce(vm, "q")
+        assert e.value.details == ["VM_SNAPSHOT_WITH_QUIESCE_NOT_SUPPORTED", vm]
+        cp = x.VM.checkpoint(vm, "cp")
+        assert x.VM.get_power_state(cp) == "Suspended" and x.VM.get_power_state(vm) == "Running"
+        suspend = x.VM.get_suspend_VDI(cp)
+        assert x.VDI.get_type(suspend) == "suspend"
+        assert x.VDI.get_virtual_size(suspend) == x.VM.get_memory_static_max(vm)
+        x.VM.destroy(cp)
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.get_type(suspend)
+        assert e.value.details[0] == "HANDLE_INVALID"
+        disk = xapi.vm_disks(vm)[0]
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.destroy(disk)
+        assert e.value.details == ["VDI_IN_USE", disk, "destroy"]
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VM.destroy(vm)
+        assert e.value.details == ["VM_BAD_POWER_STATE", vm, "halted", "running"]
+        x.VM.clean_shutdown(vm)
+        assert x.VM.get_power_state(vm) == "Halted" and x.VM.get_resident_on(vm) == "OpaqueRef:NULL"
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VM.clean_shutdown(vm)
+        assert e.value.details == ["VM_BAD_POWER_STATE", vm, "running", "halted"]
+        x.VM.start(vm, True, False)
+        assert x.VM.get_power_state(vm) == "Paused"
+        x.VM.hard_shutdown(vm)
+        x.VDI.resize(disk, str(8 * MiB))
+        assert os.path.getsize(xapi.vdi_file(disk)) == 8 * MiB
+        assert x.VDI.get_virtual_size(disk) == str(8 * MiB)
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.resize(disk, str(MiB))
+        assert e.value.details[0] == "SR_BACKEND_FAILURE_79"
+        dom0 = next(v for v, r in x.VM.get_all_records().items() if r["is_control_domain"])
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VM.clean_shutdown(dom0)
+        assert e.value.details[0] == "OPERATION_NOT_ALLOWED"
+        x.VM.destroy(vm)
+        assert not xapi.exists("VM", vm) and xapi.exists("VDI", disk)  # VM.destroy keeps the VDIs
+
+
+def test_create_vm_as_a_restore_does(xapi: Any, tmp_path: Path) -> None:
+    img = image(tmp_path / "r.raw", 4 * MiB, 4)
+    with xapi.session() as s:
+        x = s.xenapi
+        sr = x.pool.get_default_SR(x.pool.get_all()[0])
+        vm = x.VM.create(
+            {
+                "name_label": "restored-vm",
+                "memory_static_max": str(512 * MiB),
+                "memory_dynamic_max": str(512 * MiB),
+                "memory_dynamic_min": str(256 * MiB),
+                "memory_static_min": str(128 * MiB),
+                "VCPUs_max": "2",
+                "VCPUs_at_startup": "2",
+                "HVM_boot_policy": "BIOS order",
+                "HVM_boot_params": {"order": "dc"},
+                "platform": {"viridian": "true"},
+                "other_config": {},
+                "PV_bootloader": "",
+            }
+        )
+        r = x.VM.get_record(vm)
+        assert r["power_state"] == "Halted" and r["memory_dynamic_min"] == str(256 * MiB)
+        assert r["platform"] == {"viridian": "true"} and r["VCPUs_max"] == "2"
+        vdi = x.VDI.create(
+            {
+                "name_label": "restored disk",
+                "SR": sr,
+                "virtual_size": str(4 * MiB),
+                "type": "user",
+                "sharable": False,
+                "read_only": False,
+                "other_config": {},
+            }
+        )
+        assert xapi.vdi_file(vdi).stat().st_blocks == 0  # a new, empty, sparse file
+        # the bytes in: PUT /import_raw_vdi (zero blocks stay holes), chunked as urllib3 streams it
+        conn = https(xapi)
+        try:
+            conn.request(
+                "PUT",
+                f"/import_raw_vdi?session_id={s.handle}&vdi={vdi}&format=raw",
+                body=iter([img.read_bytes()[i : i + 300_000] for i in range(0, 4 * MiB, 300_000)]),
+                encode_chunked=True,
+            )
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+        finally:
+            conn.close()
+        assert file_sha(xapi.vdi_file(vdi)) == file_sha(img)
+        assert xapi.vdi_file(vdi).stat().st_blocks * 512 <= img.stat().st_blocks * 512 + BLOCK
+        assert xapi.calls("PUT /import_raw_vdi", vdi=vdi, bytes=4 * MiB)
+        vbd = x.VBD.create(
+            {
+                "VM": vm,
+                "VDI": vdi,
+                "userdevice": "0",
+                "bootable": True,
+                "mode": "RW",
+                "type": "Disk",
+                "empty": False,
+                "other_config": {},
+                "qos_algorithm_type": "",
+                "qos_algorithm_params": {},
+            }
+        )
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VBD.create({"VM": vm, "VDI": vdi, "userdevice": "0", "type": "Disk", "mode": "RW"})
+        assert e.value.details == ["DEVICE_ALREADY_EXISTS", "0"]
+        net = x.network.get_by_name_label("Pool-wide network associated with eth0")[0]
+        mac = "aa:bb:cc:00:11:22"
+        vif = x.VIF.create({"VM": vm, "network": net, "device": "0", "MAC": mac, "MTU": "1500"})
+        assert x.VIF.get_MAC_autogenerated(vif) is False and x.VIF.get_MAC(vif) == "aa:bb:cc:00:11:22"
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VIF.create({"VM": vm, "network": net, "device": "1", "MAC": "zz"})
+        assert e.value.details == ["MAC_INVALID", "zz"]
+        x.VM.start(vm, False, False)
+        assert x.VBD.get_currently_attached(vbd) is True
+        x.VM.hard_shutdown(vm)
+        x.VBD.destroy(vbd)
+        file = xapi.vdi_file(vdi)
+        x.VDI.destroy(vdi)
+        assert not file.exists() and x.VM.get_VBDs(vm) == []
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.create({"SR": sr, "virtual_size": "1", "type": "cbt_metadata"})
+        assert e.value.details == ["VDI_INCOMPATIBLE_TYPE", "", "cbt_metadata"]
+
+
+# ---------------------------------------------------------------------------------------------- CBT
+def test_changed_blocks_are_what_was_written(xapi: Any, tmp_path: Path) -> None:
+    size = 32 * MiB
+    vm = xapi.make_vm("cbt-vm", [image(tmp_path / "c.raw", size, 5)], cbt=True)
+    live = xapi.vm_disks(vm)[0]
+    with xapi.session() as s:
+        x = s.xenapi
+        assert x.VDI.get_cbt_enabled(live) is True
+        (v1,) = snapshot_disks(xapi, x, x.VM.snapshot(vm, "b1"))
+        assert x.VDI.get_cbt_enabled(v1) is True
+        written = [0, 9, 10, 255, 511]
+        write_blocks(xapi.vdi_file(live), written, 6)
+        snap2 = x.VM.snapshot(vm, "b2")
+        (v2,) = snapshot_disks(xapi, x, snap2)
+        bitmap = x.VDI.list_changed_blocks(v1, v2)
+        assert len(base64.b64decode(bitmap)) == size // BLOCK // 8
+        assert bits(bitmap) == set(written)
+        assert base64.b64decode(bitmap)[0] & 0x80  # block 0 is the first byte's most significant bit
+        # later writes: v2 -> v3 has only them; v1 -> v3 has both
+        write_blocks(xapi.vdi_file(live), [300], 7)
+        (v3,) = snapshot_disks(xapi, x, x.VM.snapshot(vm, "b3"))
+        assert bits(x.VDI.list_changed_blocks(v2, v3)) == {300}
+        assert bits(x.VDI.list_changed_blocks(v1, v3)) == {*written, 300}
+        # backwards or same VDI: SM's CBTChangedBlocksError
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.list_changed_blocks(v3, v1)
+        assert e.value.details[0] == "SR_BACKEND_FAILURE_460" and "unrelated" in e.value.details[2]
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.list_changed_blocks(v1, v1)
+        assert "same" in e.value.details[2]
+        # against the live VDI: refused while the VM runs, the changes since v3 once it is halted
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.list_changed_blocks(v3, live)
+        assert e.value.details == ["VDI_IN_USE", live, "list_changed_blocks"]
+        write_blocks(xapi.vdi_file(live), [42], 8)
+        x.VM.clean_shutdown(vm)
+        assert bits(x.VDI.list_changed_blocks(v3, live)) == {42}
+        # the data of a snapshot goes, its CBT metadata stays usable
+        x.VDI.data_destroy(v2)
+        assert x.VDI.get_type(v2) == "cbt_metadata" and not xapi.vdi_file(v2).exists()
+        assert bits(x.VDI.list_changed_blocks(v2, v3)) == {300}
+        assert x.VM.get_VBDs(snap2) == [] and x.VDI.get_VBDs(v2) == []  # as XAPI: its VBDs went
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.get_nbd_info(v2)
+        assert e.value.details == ["VDI_INCOMPATIBLE_TYPE", v2, "cbt_metadata"]
+        assert export(xapi, s.handle, v2)[0] == 400
+        x.VM.start(vm, False, False)
+
+
+def test_cbt_errors(xapi: Any) -> None:
+    vm = xapi.make_vm("nocbt-vm", [4 * MiB], power_state="Halted")
+    live = xapi.vm_disks(vm)[0]
+    with xapi.session() as s:
+        x = s.xenapi
+        (a,) = snapshot_disks(xapi, x, x.VM.snapshot(vm, "n1"))
+        (b,) = snapshot_disks(xapi, x, x.VM.snapshot(vm, "n2"))
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.list_changed_blocks(a, b)  # CBT was off: no CBT logs
+        assert e.value.details[0] == "SR_BACKEND_FAILURE_460"
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.data_destroy(a)
+        assert e.value.details == ["VDI_NO_CBT_METADATA", a]
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.data_destroy(live)
+        assert e.value.details == ["OPERATION_NOT_ALLOWED", f"VDI is not a snapshot: {live}"]
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.enable_cbt(a)
+        assert e.value.details == ["OPERATION_NOT_ALLOWED", f"VDI is a snapshot: {a}"]
+        x.VDI.enable_cbt(live)
+        (c,) = snapshot_disks(xapi, x, x.VM.snapshot(vm, "n3"))
+        write_blocks(xapi.vdi_file(live), [5], 9)
+        (d,) = snapshot_disks(xapi, x, x.VM.snapshot(vm, "n4"))
+        assert bits(x.VDI.list_changed_blocks(c, d)) == {5}
+        # CBT turned off behind our back: what was tracked before stays; the new chain is unrelated
+        xapi.disable_cbt_behind_back(live)
+        assert x.VDI.get_cbt_enabled(live) is False
+        x.VDI.enable_cbt(live)
+        (f,) = snapshot_disks(xapi, x, x.VM.snapshot(vm, "n5"))
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.list_changed_blocks(d, f)
+        assert e.value.details[0] == "SR_BACKEND_FAILURE_460" and "unrelated" in e.value.details[2]
+        assert bits(x.VDI.list_changed_blocks(c, d)) == {5}
+        x.VDI.disable_cbt(live)
+        assert x.VDI.get_cbt_enabled(live) is False and x.VDI.get_cbt_enabled(f) is True
+
+
+# ---------------------------------------------------------------------------------------------- NBD
+def test_nbd_with_tls(xapi: Any, tmp_path: Path) -> None:
+    pytest.importorskip("nbd")
+    img = image(tmp_path / "n.raw", 8 * MiB, 10)
+    vm = xapi.make_vm("nbd-vm", [img], cbt=True)
+    with xapi.session() as s:
+        x = s.xenapi
+        (v,) = snapshot_disks(xapi, x, x.VM.snapshot(vm, "nbd"))
+        write_blocks(xapi.vdi_file(xapi.vm_disks(vm)[0]), [1, 2], 11)  # after the snapshot: not in it
+        (info,) = x.VDI.get_nbd_info(v)
+        assert info["address"] == "127.0.0.1" and info["subject"] == "localhost"
+        assert info["exportname"] == f"/{x.VDI.get_uuid(v)}?session_id={s.handle}"
+        assert sha256(nbd_read_all(info, tmp_path)) == file_sha(img)
+        assert xapi.calls("nbd-connect", vdi=v)
+        # a certificate that is not the host's: verification fails
+        import nbd
+
+        with pytest.raises(nbd.Error):
+            nbd_read_all(info, tmp_path, trust=_unrelated_cert(tmp_path / "other"))
+        # without an NBD network on the host: no NBD
+        net = xapi.network("Pool-wide network associated with eth1")
+        x.network.remove_purpose(net, "nbd")
+        try:
+            assert x.VDI.get_nbd_info(v) == []
+        finally:
+            x.network.add_purpose(net, "nbd")
+
+
+def _unrelated_cert(folder: Path) -> str:
+    from tests.testkit.tls import server_certs
+
+    return server_certs(folder).cert_pem
+
+
+def test_nbd_drop_and_ended_session(xapi: Any, tmp_path: Path) -> None:
+    nbd = pytest.importorskip("nbd")
+    img = image(tmp_path / "drop.raw", 16 * MiB, 12)
+    vm = xapi.make_vm("nbd-drop-vm", [img], power_state="Halted")
+    disk = xapi.vm_disks(vm)[0]
+    with xapi.session() as s:
+        (info,) = s.xenapi.VDI.get_nbd_info(disk)
+        xapi.nbd_drop_after(2 * MiB)
+        with pytest.raises(nbd.Error):
+            nbd_read_all(info, tmp_path)
+        assert xapi.calls("nbd-drop", vdi=disk, after=2 * MiB)
+        assert sha256(nbd_read_all(info, tmp_path)) == file_sha(img)  # the next connection is whole
+        handle = s.handle
+    # logged out: the export of that session takes no new connection
+    with pytest.raises(nbd.Error):
+        nbd_read_all(info, tmp_path)
+    assert xapi.calls("nbd-refused", vdi=disk, session=handle)
+
+
+# ---------------------------------------------------------------------------------------------- faults
+def test_refuse(xapi: Any) -> None:
+    vm = xapi.make_vm("refuse-vm", [4 * MiB])
+    with xapi.session() as s:
+        x = s.xenapi
+        xapi.refuse["VM.snapshot"] = 2
+        for _ in range(2):
+            with pytest.raises(XenAPI.Failure) as e:
+                x.VM.snapshot(vm, "r")
+            assert e.value.details == ["OTHER_OPERATION_IN_PROGRESS", "VM", vm]
+        assert x.VM.get_is_a_snapshot(x.VM.snapshot(vm, "r"))
+        xapi.refuse["VM.checkpoint"] = (1, ["SR_BACKEND_FAILURE_44", "", "There is insufficient space", ""])
+        task = x.Async.VM.checkpoint(vm, "c")
+        assert wait_task(x, task) == "failure"
+        assert x.task.get_error_info(task)[0] == "SR_BACKEND_FAILURE_44"
+        assert len(xapi.calls("refused")) >= 3

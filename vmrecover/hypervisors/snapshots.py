@@ -1,5 +1,6 @@
 """The snapshots vmrecover makes on a hypervisor for a backup, whatever the platform: their names, the
-owner written into their description, and when one is a leftover that a later backup may remove.
+owner written into their description, when one is a leftover that a later backup may remove, and when
+a disk's change-tracking chain from the previous point is broken (:func:`why_full`).
 
 Ours, and only ours, are named ``vmrecover-…``.  The description names the owner: repository, host,
 pid and boot id.  A later backup of the same repository removes one only once its maker is gone (its
@@ -16,6 +17,7 @@ import socket
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from ..repo.catalog import Point
 from ..repo.repository import Repository
 
 PREFIX = "vmrecover-"  # our snapshots, and only ours, carry this name
@@ -59,3 +61,22 @@ def stale(text: str, created: datetime | None, me: dict[str, Any]) -> str | None
         if not os.path.exists(f"/proc/{who.get('pid')}"):
             return f"its maker (pid {who.get('pid')}) is gone"
     return None
+
+
+def why_full(
+    *, full: bool, fresh: bool, latest: Point | None, same_vm: bool, prev: Any, size: int, token: str
+) -> str | None:
+    """Why a disk must be read whole rather than by its changes since the VM's *latest* point (None:
+    the chain holds, as far as the repository can tell; the hypervisor may still refuse it).  *prev* is
+    the latest point's disk of that name (None if it has none); *token* names the platform's change
+    token for the message ("changeId", "base snapshot")."""
+    return (
+        "--full" if full
+        else "changed block tracking was just enabled" if fresh
+        else "the VM has no earlier point" if latest is None
+        else "the latest point is not of this VM" if not same_vm
+        else "the latest point has no such disk" if prev is None
+        else "the disk's size changed" if prev.size != size
+        else f"the latest point has no {token} for it" if not prev.change_token
+        else None
+    )  # fmt: skip

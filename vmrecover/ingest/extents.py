@@ -79,7 +79,8 @@ def bitmap_extents(bitmap: bytes, block: int, size: int) -> Extents:
     clipped to a *size*-byte disk."""
     out: Extents = []
     start = None
-    for i in range(min(len(bitmap) * 8, -(-size // block))):
+    n = min(len(bitmap) * 8, -(-size // block))  # blocks the bitmap speaks of, within the disk
+    for i in range(n):
         if bitmap[i >> 3] & (0x80 >> (i & 7)):
             if start is None:
                 start = i
@@ -87,7 +88,7 @@ def bitmap_extents(bitmap: bytes, block: int, size: int) -> Extents:
             out.append((start * block, (i - start) * block))
             start = None
     if start is not None:
-        out.append((start * block, min(size, -(-size // block) * block) - start * block))
+        out.append((start * block, min(size, n * block) - start * block))
     return merged(out, size)
 
 

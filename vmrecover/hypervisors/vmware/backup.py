@@ -173,16 +173,8 @@ def plan(
     out = []
     for d in disks:
         prev = latest_tokens.get(d.name)
-        why = (
-            "--full" if full
-            else "changed block tracking was just enabled" if cbt_fresh
-            else "the VM has no earlier point" if latest is None
-            else "the latest point is not of this VM" if not same_vm
-            else "the latest point has no such disk" if prev is None
-            else "the disk's size changed" if prev.size != d.capacity
-            else "the latest point has no changeId for it" if not prev.change_token
-            else None
-        )  # fmt: skip
+        why = snapshots.why_full(full=full, fresh=cbt_fresh, latest=latest, same_vm=same_vm, prev=prev,
+                                 size=d.capacity, token="changeId")  # fmt: skip
         if why is None:
             try:
                 out.append(DiskPlan(d, changed_areas(vs, vm, snap, d, prev.change_token), True))

@@ -68,8 +68,10 @@ def test_a_target_must_name_a_hypervisor_of_its_platform(cli: Cli, tmp_path: Pat
     cli.run("backup", img, "--vm", "web")
     res = cli.run("restore", "web", "--to", "xen://pool1", check=False)
     assert_clean_error(res, ExitCode.BAD_INPUT, "restore to a hypervisor is not available for XenServer")
+    res = cli.run("backup", "xen://pool1/web", "--quiesce", check=False)
+    assert_clean_error(res, ExitCode.BAD_INPUT, "--quiesce and --memory are vSphere's", "--mode quiesced")
     res = cli.run("backup", "xen://pool1/web", check=False)
-    assert_clean_error(res, ExitCode.BAD_INPUT, "backup is not available for XenServer / XCP-ng", "VMware")
+    assert_clean_error(res, ExitCode.UNREACHABLE, r"cannot reach hypervisor pool1 \(127.0.0.1:1\)")
     res = cli.run("hypervisor", "test", "pool1", check=False)
     assert_clean_error(res, ExitCode.UNREACHABLE, r"cannot reach hypervisor pool1 \(127.0.0.1:1\)")
 

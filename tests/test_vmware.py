@@ -6,7 +6,6 @@ transfer, relocation that moves files, NFC uploads); every test says which of th
 from __future__ import annotations
 
 import json
-import random
 import signal
 import socket
 import stat
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Cli, assert_clean_error, sha256_file
+from tests.testkit.vmdisks import disk_image, restored_sha
 from vmrecover.errors import ExitCode
 from vmrecover.recovery import exports
 
@@ -38,24 +38,6 @@ def vc(cli: Cli, vsphere: Any) -> Iterator[Cli]:
     if left is not None:
         exports.stop(cli.repo)
         pytest.fail(f"the test left the NFS export (pid {left.pid}) running")
-
-
-def disk_image(path: Path, size: int, *, seed: int) -> Path:
-    """Random data in about half of the MiB-sized regions, holes elsewhere."""
-    rng = random.Random(seed)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off in range(0, size, MiB):
-            if rng.random() < 0.5:
-                f.seek(off)
-                f.write(rng.randbytes(MiB // 2))
-    return path
-
-
-def restored_sha(cli: Cli, target: str, disk: str, tmp_path: Path) -> str:
-    out = tmp_path / f"{disk}.raw"
-    cli.run("restore", target, "--disk", disk, "--to", out, "--overwrite")
-    return sha256_file(out)
 
 
 def test_full_then_incremental_backup_with_cbt(vc: Cli, vsphere: Any, tmp_path: Path) -> None:

@@ -21,17 +21,23 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "backup", parents=[common], help="back up a hypervisor's VM, or disk images, as one restore point",
         description="vmrecover backup vmware://HYPERVISOR/VM_NAME_OR_MOREF [--quiesce] [--memory] [--full] "
-        "[--vm NAME]  |  vmrecover backup IMAGE [IMAGE...] --vm NAME",
+        "[--vm NAME]  |  vmrecover backup xen://POOL/VM_NAME_OR_UUID [--mode M] [--full] [--vm NAME]  |  "
+        "vmrecover backup IMAGE [IMAGE...] --vm NAME",
     )  # fmt: skip
     p.add_argument(
         "images", nargs="+", metavar="SOURCE",
-        help="vmware://HYPERVISOR/VM (see 'vmrecover hypervisor add'), or image files: raw, qcow2, vmdk, "
-        "vhd, vhdx",
+        help="vmware://HYPERVISOR/VM or xen://POOL/VM (see 'vmrecover hypervisor add'), or image files: "
+        "raw, qcow2, vmdk, vhd, vhdx",
     )  # fmt: skip
     p.add_argument("--vm", help="VM name in the repository (needed for images; default: the VM's own name)")
     p.add_argument("--quiesce", action="store_true", help="hypervisor: a quiesced snapshot (guest tools)")
     p.add_argument("--memory", action="store_true", help="hypervisor: a snapshot with the VM's memory")
     p.add_argument("--full", action="store_true", help="hypervisor: read every disk whole, not what changed")
+    p.add_argument(
+        "--mode", choices=["normal", "quiesced", "offline", "memory"],
+        help="xen://: normal (a snapshot), quiesced (the guest's VSS), offline (shut down, read, start "
+        "again), memory (a checkpoint: memory too)",
+    )  # fmt: skip
     p.add_argument(
         "--disk-name",
         action="append",
@@ -94,8 +100,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
         return _backup_vm(args)
     if args.vm is None:
         raise BadInput("backing up images needs --vm NAME", hint="vmrecover backup IMAGE... --vm NAME")
-    if args.quiesce or args.memory or args.full:
-        raise BadInput("--quiesce, --memory and --full are for hypervisor backups (vmware://...)")
+    if args.quiesce or args.memory or args.full or args.mode:
+        raise BadInput(
+            "--quiesce, --memory, --mode and --full are for hypervisor backups (vmware://, xen://)"
+        )
     args.images = [Path(i) for i in args.images]
     if args.disk_name and len(args.disk_name) != len(args.images):
         raise BadInput(f"{len(args.images)} images but {len(args.disk_name)} --disk-name options")
@@ -130,38 +138,67 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _backup_vm(args: argparse.Namespace) -> int:
+Reads = dict[str, tuple[str | None, list[str]]]  # disk -> (why it was read whole, what it was read from)
 
+
+def _vmware_backup(repo: Any, hv: Any, password: str, vm_ref: str, args: argparse.Namespace, url: str,
+                   advance: Any, total: Any) -> tuple[Any, list[Any], Reads, int, str]:  # fmt: skip
     from ..hypervisors.vmware.backup import Options, back_up
     from ..hypervisors.vmware.session import session
 
+    if args.mode:
+        raise BadInput("--mode is for xen:// backups", hint="vSphere takes --quiesce and --memory")
+    with session(hv, password) as vs:
+        point, stats, plans, received = back_up(
+            repo, vs, vm_ref, name=args.vm, options=Options(quiesce=args.quiesce, memory=args.memory,
+            full=args.full), source_url=url, progress=advance, progress_total=total,
+        )  # fmt: skip
+    return point, stats, {p.disk.name: (p.why_full, [p.disk.file]) for p in plans}, received, "HTTP"
+
+
+def _xen_backup(repo: Any, hv: Any, password: str, vm_ref: str, args: argparse.Namespace, url: str,
+                advance: Any, total: Any) -> tuple[Any, list[Any], Reads, int, str]:  # fmt: skip
+    from ..hypervisors.xen.backup import Options, back_up
+    from ..hypervisors.xen.session import session
+
+    if args.quiesce or args.memory:
+        raise BadInput(
+            "--quiesce and --memory are vSphere's", hint="for xen:// give --mode quiesced or memory"
+        )
+    with session(hv, password) as xs:
+        point, stats, plans, received, used = back_up(
+            repo, xs, vm_ref, name=args.vm, options=Options(mode=args.mode or "normal", full=args.full),
+            source_url=url, progress=advance, progress_total=total,
+        )  # fmt: skip
+    reads = {p.disk.name: (p.why_full, [f"VDI {p.disk.vdi_uuid}"]) for p in plans}
+    return point, stats, reads, received, used
+
+
+def _backup_vm(args: argparse.Namespace) -> int:
     if len(args.images) != 1 or args.disk_name or args.changed_extents or args.format or args.untrusted:
-        raise BadInput("a hypervisor backup takes one vmware://HYPERVISOR/VM and no image options")
+        raise BadInput("a hypervisor backup takes one SCHEME://HYPERVISOR/VM and no image options")
     url = args.images[0]
     with open_repo(args) as repo:
         registry = Registry(repo.root)
         hv, vm_ref = registry.target(url, vm=True)
         assert vm_ref is not None
-        require(hv, "backup", "vmware")
-        options = Options(quiesce=args.quiesce, memory=args.memory, full=args.full)
-        with session(hv, registry.password(hv)) as vs, progress(f"backup {url}", enabled=not args.json) as (
-            total, advance,
-        ):  # fmt: skip
-            point, stats, plans, received = back_up(
-                repo, vs, vm_ref, name=args.vm, options=options, source_url=url, progress=advance,
-                progress_total=total,
-            )  # fmt: skip
-    why = {p.disk.name: p.why_full for p in plans}
-    disks = [{**s.__dict__, "read_whole": why.get(s.name), "files_read": [p.disk.file for p in plans
-              if p.disk.name == s.name]} for s in stats]  # fmt: skip
-    doc = {**point.summary(), **point.stats, "source": url, "http_bytes_received": received, "disks": disks}
+        run = _xen_backup if hv.scheme == "xen" else _vmware_backup
+        with progress(f"backup {url}", enabled=not args.json) as (total, advance):
+            point, stats, reads, received, transport = run(
+                repo, hv, registry.password(hv), vm_ref, args, url, advance, total
+            )
+    disks = [{**s.__dict__, "read_whole": reads[s.name][0], "files_read": reads[s.name][1]} for s in stats]
+    doc = {**point.summary(), **point.stats, "source": url, "transport": transport,
+           "bytes_received": received, "disks": disks}  # fmt: skip
+    if transport == "HTTP":
+        doc["http_bytes_received"] = received
     if args.json:
         emit_json(doc)
     else:
         stdout.print(
             f"{point.vm}@{point.id}: {point.kind} backup of {url} ({len(stats)} disk(s)) in "
             f"{doc['duration_s']} s; "
-            f"read {human_bytes(doc['bytes_read'])} ({human_bytes(received)} over HTTP), "
+            f"read {human_bytes(doc['bytes_read'])} ({human_bytes(received)} over {transport}), "
             f"new {human_bytes(doc['new_bytes'])}, stored {human_bytes(doc['stored_bytes'])}",
             markup=False,
         )

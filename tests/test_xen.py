@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -166,3 +168,61 @@ def test_wrong_password_and_unknown_vm(xc: Cli, xapi: Any) -> None:
 def _boot_id() -> str:
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()
+
+
+def _wait_for(what: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigterm_in_the_middle_destroys_the_snapshot_and_keeps_the_base(
+    xc: Cli, xapi: Any, tmp_path: Path
+) -> None:
+    """Must survive: the previous point and its base snapshot; no point and no new snapshot."""
+    vm = xapi.make_vm("xterm", [disk_image(tmp_path / "t.raw", 8 * MiB, seed=7)])
+    xc.json("backup", f"xen://{POOL}/xterm")
+    base = snapshots_of(xapi, vm)
+    xapi.nbd_slow(0.3)  # reads are slow: the backup is caught reading
+    connects = len(xapi.calls("nbd-connect"))
+    proc = xc.popen("backup", f"xen://{POOL}/xterm", "--full", "--json")
+    _wait_for(lambda: len(xapi.calls("nbd-connect")) > connects)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.INTERRUPTED, err
+    assert snapshots_of(xapi, vm) == base and len(xc.json("list", "xterm")["points"]) == 1
+
+
+def test_an_offline_backup_that_fails_starts_the_vm_again(xc: Cli, xapi: Any, tmp_path: Path) -> None:
+    """Must survive: the VM running.  The snapshot of an offline backup is refused by the pool."""
+    vm = xapi.make_vm("xoff", [disk_image(tmp_path / "o.raw", 2 * MiB, seed=8)])
+    xapi.refuse["VM.snapshot"] = 1
+    res = xc.run("backup", f"xen://{POOL}/xoff", "--mode", "offline", check=False)
+    assert_clean_error(res, ExitCode.UNREACHABLE, "cannot snapshot the VM", "OTHER_OPERATION_IN_PROGRESS")
+    assert xapi.calls("VM.clean_shutdown", ok=True) and xapi.record("VM", vm)["power_state"] == "Running"
+    assert (snapshots_of(xapi, vm) == [] and xc.json("list")["vms"] == []) or "xoff" not in str(
+        xc.json("list")
+    )
+
+
+def test_a_session_that_expires_mid_backup_is_renewed(xc: Cli, xapi: Any, tmp_path: Path) -> None:
+    """The pool ends every session while the backup reads, then the NBD connection drops: the XenAPI
+    client logs in again, the reader asks where the disk is served again (the old export refuses new
+    connections), and the backup completes."""
+    img = disk_image(tmp_path / "e.raw", 8 * MiB, seed=9)
+    vm = xapi.make_vm("xexp", [img])
+    xapi.nbd_slow(0.3)  # 256 KiB per 0.3 s: the first connection is cut after about 1.2 s
+    xapi.nbd_drop_after(1 * MiB, times=1)
+    connects = len(xapi.calls("nbd-connect"))
+    logins = len(xapi.calls("session.login_with_password", ok=True))
+    proc = xc.popen("backup", f"xen://{POOL}/xexp", "--json")
+    _wait_for(lambda: len(xapi.calls("nbd-connect")) > connects)
+    xapi.expire_sessions()  # before the cut: the reconnect needs a new session and a new export
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert xapi.calls("nbd-drop") and len(xapi.calls("session.login_with_password", ok=True)) == logins + 2
+    assert not xapi.calls("nbd-refused"), "the reader reconnected to the expired session's export"
+    (vdi,) = xapi.vm_disks(vm)
+    assert restored_sha(xc, "xexp", "xvda", tmp_path) == sha256_file(xapi.vdi_file(vdi))

@@ -44,7 +44,8 @@ What a test has:
   OTHER_OPERATION_IN_PROGRESS) or ``= (n, ["CODE", ...])``; ``expire_sessions()`` (every session becomes
   SESSION_INVALID: XenAPI.Session logs in again by itself, an NBD export of an old session refuses new
   connections); ``nbd_drop_after(bytes, times=1)`` (the next NBD connections are cut after that many
-  bytes from the server); ``disable_cbt_behind_back(vdi)`` (CBT off without an API call: the next
+  bytes from the server); ``nbd_slow(seconds)`` (each 256 KiB piece of NBD waits that long, so a
+  test can catch a backup reading); ``disable_cbt_behind_back(vdi)`` (CBT off without an API call: the next
   list_changed_blocks against a later snapshot is SR_BACKEND_FAILURE_460, "unrelated").
 
 Calls beyond the generic ``get_all``/``get_all_records``/``get_record``/``get_by_uuid``/

@@ -241,6 +241,10 @@ class XapiSim:
     def nbd_drop_after(self, after_bytes: int, times: int = 1) -> None:
         self.nbd.drop_after(after_bytes, times)
 
+    def nbd_slow(self, seconds_per_piece: float) -> None:
+        """Every NBD connection waits this long before relaying each 256 KiB piece (until reset)."""
+        self.nbd.delay = seconds_per_piece
+
     def disable_cbt_behind_back(self, vdi: str) -> None:
         self.xapi.disable_cbt_behind_back(vdi)
 

@@ -62,6 +62,7 @@ class NbdExports:
         self.lock = threading.Lock()
         self.exports: dict[tuple[str, str, bool], Export] = {}
         self._drops: list[int] = []
+        self.delay = 0.0  # seconds to wait before relaying each piece (a slow host: tests catch reads)
         self._n = 0
 
     # ------------------------------------------------------------------ what the API uses
@@ -97,6 +98,7 @@ class NbdExports:
     def reset_faults(self) -> None:
         with self.lock:
             self._drops.clear()
+            self.delay = 0.0
 
     # ------------------------------------------------------------------ processes
     def _start(self, vdi: str, session: str, name: str, path: Path, tls: bool) -> Export:
@@ -176,6 +178,8 @@ class NbdExports:
                     break
                 if not data:
                     break
+                if self.delay:
+                    time.sleep(self.delay)
                 if drop is not None and sent + len(data) >= drop:
                     with contextlib.suppress(OSError):
                         client.sendall(data[: drop - sent])

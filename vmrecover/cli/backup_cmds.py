@@ -68,29 +68,40 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser(
-        "restore", parents=[common], help="write a disk of a restore point to a file or device"
-    )
+        "restore", parents=[common],
+        help="write a disk of a restore point to a file or device, or create the whole VM on a hypervisor",
+        description="vmrecover restore VM[@POINT] --to PATH [--disk NAME] [--format F]  |  vmrecover restore "
+        "VM[@POINT] --to vmware://HYPERVISOR [--datastore DS] [--host HOST] [--name NEW] [--no-network] "
+        "[--new-identity] [--power-on]  |  vmrecover restore VM[@POINT] --to xen://POOL [--sr SR] "
+        "[--name NEW] [--no-network] [--new-identity] [--power-on]",
+    )  # fmt: skip
     p.add_argument(
         "target", metavar="VM[@POINT]", help="POINT: latest (default), a point id, or a time prefix"
     )
     p.add_argument("--disk", help="disk name (needed when the point has several disks)")
     p.add_argument(
-        "--to", required=True, metavar="PATH|vmware://HYPERVISOR",
-        help="a file or block device (one disk), or a hypervisor: the whole VM is created there",
+        "--to", required=True, metavar="PATH|vmware://HYPERVISOR|xen://POOL",
+        help="a file or block device (one disk), or a hypervisor: the whole VM is created there (xen:// "
+        "takes points of xen:// backups)",
     )  # fmt: skip
     p.add_argument("--format", default="raw", choices=list(RESTORE_FORMATS))
     p.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
     p.add_argument(
-        "--datastore", help="hypervisor: the datastore (default: the original's, else the roomiest)"
+        "--datastore", help="vmware://: the datastore (default: the original's, else the roomiest)"
     )
-    p.add_argument("--host", help="hypervisor: the host (default: the first connected one)")
+    p.add_argument("--host", help="vmware://: the host (default: the first connected one)")
+    p.add_argument("--sr", help="xen://: the SR, by name label or UUID (default: the pool's default SR)")
     p.add_argument(
         "--name", help="hypervisor: the new VM's name (default: the original's; a clash is refused)"
     )
-    p.add_argument("--no-network", action="store_true", help="hypervisor: NICs disconnected at power-on")
     p.add_argument(
-        "--new-identity", action="store_true", help="hypervisor: a new BIOS UUID and MAC addresses"
-    )
+        "--no-network", action="store_true",
+        help="hypervisor: NICs disconnected at power-on (vmware://), no NICs at all (xen://)",
+    )  # fmt: skip
+    p.add_argument(
+        "--new-identity", action="store_true",
+        help="hypervisor: new MAC addresses, and a new BIOS UUID (xen://: the VM's UUID is new anyway)",
+    )  # fmt: skip
     p.add_argument("--power-on", action="store_true", help="hypervisor: power the VM on")
     p.set_defaults(func=cmd_restore)
 
@@ -208,33 +219,65 @@ def _backup_vm(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _restore_vm(args: argparse.Namespace) -> int:
-
+def _vmware_restore(repo: Any, hv: Any, password: str, point: Any, args: argparse.Namespace, advance: Any,
+                    total: Any) -> dict[str, Any]:  # fmt: skip
     from ..hypervisors.vmware.restore import restore
     from ..hypervisors.vmware.session import session
 
+    if args.sr:
+        raise BadInput("--sr is for xen:// restores", hint="vSphere takes --datastore and --host")
+    with session(hv, password) as vs:
+        return restore(
+            repo, vs, point, name=args.name, datastore=args.datastore, host=args.host,
+            no_network=args.no_network, new_identity=args.new_identity, power_on=args.power_on,
+            progress=advance, progress_total=total,
+        )  # fmt: skip
+
+
+def _xen_restore(repo: Any, hv: Any, password: str, point: Any, args: argparse.Namespace, advance: Any,
+                 total: Any) -> dict[str, Any]:  # fmt: skip
+    from ..hypervisors.xen.restore import check_point, restore
+    from ..hypervisors.xen.session import session
+
+    if args.datastore or args.host:
+        raise BadInput("--datastore and --host are vSphere's", hint="for xen:// give --sr SR (default: the "
+                       "pool's default SR); XenServer picks the host when the VM starts")  # fmt: skip
+    check_point(point)  # before connecting: a point of another platform is refused offline
+    with session(hv, password) as xs:
+        return restore(
+            repo, xs, point, name=args.name, sr=args.sr, no_network=args.no_network,
+            new_identity=args.new_identity, power_on=args.power_on, progress=advance, progress_total=total,
+        )  # fmt: skip
+
+
+def _restore_vm(args: argparse.Namespace) -> int:
     if args.disk or args.overwrite or args.format != "raw":
         raise BadInput("--disk, --format and --overwrite are for restores to a file")
     with open_repo(args) as repo:
         point = repo.catalog.resolve(args.target)
         registry = Registry(repo.root)
         hv, _ = registry.target(args.to, vm=False)
-        require(hv, "restore to a hypervisor", "vmware")
-        with (
-            session(hv, registry.password(hv)) as vs,
-            progress(f"restore {point.vm}@{point.id} to {hv.name}", enabled=not args.json) as (
-                total,
-                advance,
-            ),
-        ):
-            doc = restore(
-                repo, vs, point, name=args.name, datastore=args.datastore, host=args.host,
-                no_network=args.no_network, new_identity=args.new_identity, power_on=args.power_on,
-                progress=advance, progress_total=total,
-            )  # fmt: skip
+        require(hv, "restore to a hypervisor", "vmware", "xen")
+        run = _xen_restore if hv.scheme == "xen" else _vmware_restore
+        what = f"restore {point.vm}@{point.id} to {hv.name}"
+        with progress(what, enabled=not args.json) as (total, advance):
+            doc = run(repo, hv, registry.password(hv), point, args, advance, total)
     doc = {**point.summary(), "hypervisor": hv.name, **doc}
     if args.json:
         emit_json(doc)
+    elif hv.scheme == "xen":
+        stdout.print(
+            f"restored {point.vm}@{point.id} to {hv.name} as VM {doc['name']} ({doc['vm']}) on SR {doc['sr']}"
+            + ("; powered on" if doc["powered_on"] else ""),
+            markup=False,
+        )
+        stdout.print(f"  {doc['uuid_note']}", markup=False)
+        for stored, used in doc["networks"].items():
+            if args.no_network:
+                stdout.print(f"  NICs on network {stored!r} left out (--no-network)", markup=False)
+            elif used != stored:
+                where = f"put on {used!r}" if used else "left out: the pool has no network for them"
+                stdout.print(f"  network {stored!r} is not in the pool: its NICs were {where}", markup=False)
     else:
         stdout.print(
             f"restored {point.vm}@{point.id} to {hv.name} as VM {doc['name']} ({doc['vm']}) on host "
@@ -251,12 +294,13 @@ def _files_doc(src: DiskSource) -> dict[str, Any]:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    vm_options = (args.datastore, args.host, args.name, args.no_network, args.new_identity, args.power_on)
+    vm_options = (args.datastore, args.host, args.sr, args.name, args.no_network, args.new_identity,
+                  args.power_on)  # fmt: skip
     if "://" in args.to:
         return _restore_vm(args)
     if any(vm_options):
-        raise BadInput("--datastore, --host, --name, --no-network, --new-identity and --power-on go with "
-                       "--to vmware://HYPERVISOR")  # fmt: skip
+        raise BadInput("--datastore, --host, --sr, --name, --no-network, --new-identity and --power-on go "
+                       "with --to vmware://HYPERVISOR or xen://POOL")  # fmt: skip
     args.to = Path(args.to)
     with open_repo(args) as repo:
         point = repo.catalog.resolve(args.target)

@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.  Both run `make setup`
 # first, which installs what is missing (apt packages, .venv/) and is a no-op when all is there.
-.PHONY: setup demo test lint bench bench-fuse bench-nfs bench-files bench-vmware
+.PHONY: setup demo test lint bench bench-fuse bench-nfs bench-files bench-vmware bench-xen
 
 setup:
 	@scripts/setup.sh
@@ -31,4 +31,7 @@ bench-files: setup
 	.venv/bin/python bench/files_bench.py
 
 bench-vmware: setup  # vcsim and its Go build come with setup (the tests use them too)
-	.venv/bin/python bench/vmware_bench.py
+	.venv/bin/python bench/hypervisor_bench.py --platform vmware
+
+bench-xen: setup  # the XAPI simulator of the tests, qemu-nbd from setup
+	.venv/bin/python bench/hypervisor_bench.py --platform xen

@@ -32,6 +32,17 @@ def xc(cli: Cli, xapi: Any) -> Iterator[Cli]:
     yield cli
 
 
+class Since:
+    """What the simulator logged from now on (its log spans the whole run, other tests included)."""
+
+    def __init__(self, xapi: Any) -> None:
+        self.xapi, self.start = xapi, len(xapi.log)
+
+    def calls(self, method: str, **match: Any) -> list[dict[str, Any]]:
+        new = self.xapi.log[self.start :]
+        return [e for e in new if e.get("method") == method and all(e.get(k) == v for k, v in match.items())]
+
+
 def snapshots_of(xapi: Any, vm: str) -> list[str]:
     return sorted(xapi.record("VM", s)["name_label"] for s in xapi.record("VM", vm)["snapshots"])
 
@@ -95,9 +106,10 @@ def test_modes_quiesced_offline_memory(xc: Cli, xapi: Any, tmp_path: Path) -> No
     res = xc.run("backup", f"xen://{POOL}/xmodes", "--mode", "quiesced", check=False)
     assert_clean_error(res, ExitCode.UNREACHABLE, "VM_SNAPSHOT_WITH_QUIESCE_NOT_SUPPORTED", "--mode normal")
     assert snapshots_of(xapi, vm) == []
+    since = Since(xapi)
     doc = xc.json("backup", f"xen://{POOL}/xmodes", "--mode", "offline")
     assert xapi.record("VM", vm)["power_state"] == "Running"
-    assert xapi.calls("VM.clean_shutdown", ok=True) and xapi.calls("VM.start", ok=True)
+    assert since.calls("VM.clean_shutdown", ok=True) and since.calls("VM.start", ok=True)
     assert doc["kind"] == "full"  # the first point of the VM
     doc = xc.json("backup", f"xen://{POOL}/xmodes", "--mode", "memory")
     assert [d["name"] for d in doc["disks"]] == ["xvda", "memory"]
@@ -110,12 +122,13 @@ def test_http_export_when_no_network_serves_nbd(xc: Cli, xapi: Any, tmp_path: Pa
     net = xapi.network("Pool-wide network associated with eth1")
     with xapi.session() as s:
         s.xenapi.network.remove_purpose(net, "nbd")
+    since = Since(xapi)
     try:
         doc = xc.json("backup", f"xen://{POOL}/xhttp")
     finally:
         with xapi.session() as s:
             s.xenapi.network.add_purpose(net, "nbd")
-    assert doc["transport"] == "HTTP" and xapi.calls("GET /export_raw_vdi")
+    assert doc["transport"] == "HTTP" and since.calls("GET /export_raw_vdi")
     (point,) = xc.json("list", "xhttp")["points"]
     assert point["config"]["transport"] == {"xvda": "http"}
     assert restored_sha(xc, "xhttp", "xvda", tmp_path) == sha256_file(xapi.vdi_file(xapi.vm_disks(vm)[0]))
@@ -127,8 +140,9 @@ def test_nbd_drops_are_retried_then_fail_cleanly(xc: Cli, xapi: Any, tmp_path: P
     img = disk_image(tmp_path / "n.raw", 8 * MiB, seed=5)
     vm = xapi.make_vm("xflaky", [img])
     xapi.nbd_drop_after(300_000, times=2)
+    since = Since(xapi)
     res = xc.run("backup", f"xen://{POOL}/xflaky")
-    assert xapi.calls("nbd-drop") and "NBD read of disk xvda failed" in res.stderr
+    assert since.calls("nbd-drop") and "NBD read of disk xvda failed" in res.stderr
     (vdi,) = xapi.vm_disks(vm)
     assert restored_sha(xc, "xflaky", "xvda", tmp_path) == sha256_file(xapi.vdi_file(vdi))
     base = snapshots_of(xapi, vm)
@@ -199,9 +213,10 @@ def test_an_offline_backup_that_fails_starts_the_vm_again(xc: Cli, xapi: Any, tm
     """Must survive: the VM running.  The snapshot of an offline backup is refused by the pool."""
     vm = xapi.make_vm("xoff", [disk_image(tmp_path / "o.raw", 2 * MiB, seed=8)])
     xapi.refuse["VM.snapshot"] = 1
+    since = Since(xapi)
     res = xc.run("backup", f"xen://{POOL}/xoff", "--mode", "offline", check=False)
     assert_clean_error(res, ExitCode.UNREACHABLE, "cannot snapshot the VM", "OTHER_OPERATION_IN_PROGRESS")
-    assert xapi.calls("VM.clean_shutdown", ok=True) and xapi.record("VM", vm)["power_state"] == "Running"
+    assert since.calls("VM.clean_shutdown", ok=True) and xapi.record("VM", vm)["power_state"] == "Running"
     assert (snapshots_of(xapi, vm) == [] and xc.json("list")["vms"] == []) or "xoff" not in str(
         xc.json("list")
     )
@@ -215,14 +230,13 @@ def test_a_session_that_expires_mid_backup_is_renewed(xc: Cli, xapi: Any, tmp_pa
     vm = xapi.make_vm("xexp", [img])
     xapi.nbd_slow(0.3)  # 256 KiB per 0.3 s: the first connection is cut after about 1.2 s
     xapi.nbd_drop_after(1 * MiB, times=1)
-    connects = len(xapi.calls("nbd-connect"))
-    logins = len(xapi.calls("session.login_with_password", ok=True))
+    since = Since(xapi)
     proc = xc.popen("backup", f"xen://{POOL}/xexp", "--json")
-    _wait_for(lambda: len(xapi.calls("nbd-connect")) > connects)
+    _wait_for(lambda: since.calls("nbd-connect"))
     xapi.expire_sessions()  # before the cut: the reconnect needs a new session and a new export
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert xapi.calls("nbd-drop") and len(xapi.calls("session.login_with_password", ok=True)) == logins + 2
-    assert not xapi.calls("nbd-refused"), "the reader reconnected to the expired session's export"
+    assert since.calls("nbd-drop") and len(since.calls("session.login_with_password", ok=True)) == 2
+    assert not since.calls("nbd-refused"), "the reader reconnected to the expired session's export"
     (vdi,) = xapi.vm_disks(vm)
     assert restored_sha(xc, "xexp", "xvda", tmp_path) == sha256_file(xapi.vdi_file(vdi))

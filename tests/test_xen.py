@@ -240,3 +240,18 @@ def test_a_session_that_expires_mid_backup_is_renewed(xc: Cli, xapi: Any, tmp_pa
     assert not since.calls("nbd-refused"), "the reader reconnected to the expired session's export"
     (vdi,) = xapi.vm_disks(vm)
     assert restored_sha(xc, "xexp", "xvda", tmp_path) == sha256_file(xapi.vdi_file(vdi))
+
+
+def test_passwords_and_session_refs_never_reach_logs(xc: Cli, xapi: Any, tmp_path: Path) -> None:
+    """Debug logs of a whole backup (JSON and text) hold neither the pool's password nor the session
+    reference (it authorizes as much as the password, and NBD export names carry it)."""
+    xapi.make_vm("xsecret", [disk_image(tmp_path / "s.raw", 2 * MiB, seed=10)])
+    for fmt in ("json", "text"):
+        since = Since(xapi)
+        logged = Cli(xc.repo, env={"VMRECOVER_LOG_FORMAT": fmt})
+        res = logged.run("backup", f"xen://{POOL}/xsecret", "--log-level", "debug")
+        sessions = [c["result"] for c in since.calls("session.login_with_password", ok=True)]
+        assert sessions and "logged in to pool1" in res.stderr  # the debug log did run
+        for secret in (xapi.password, *sessions):
+            assert secret not in res.stderr + res.stdout
+    assert oct((xc.repo / "hypervisors.toml").stat().st_mode & 0o777) == "0o600"

@@ -164,3 +164,53 @@ def test_boot_from_backup_twice_then_migrate(
         time.sleep(0.2)
     assert "rescue" not in os.listdir(mounted.path / "recover")
     assert point in json.dumps(cli.json("prune", "--keep-last", "1"))
+
+
+@needs_fuse
+def test_xenserver_sr_folder_shows_the_session_disks_as_the_nfs_sr_driver_expects(
+    cli: Cli, mounted: Mounted, tmp_path: Path
+) -> None:
+    """The folder named by the session's SR UUID lists each disk as <VDI uuid>.raw (the same file as
+    <disk>.raw: one overlay) beside the SR driver's own files; the driver's removal of a VDI file only
+    hides it; the disks and the SR folder itself cannot be removed, renamed or shadowed."""
+    import tomllib
+
+    from vmrecover.vfs import srlayout
+
+    image = random_image(tmp_path / "disk.img", 4 * MiB, seed=7)
+    cli.json("backup", "--vm", "vm1", image, "--format", "raw")
+    session = cli.json("recover", "start", "vm1", "--name", "s1")
+    repo_id = tomllib.loads((cli.repo / "repo.toml").read_text())["repository"]["id"]
+    sid = session["id"]
+    top = mounted.session_dir("s1")
+    sr = top / srlayout.sr_uuid(repo_id, sid)
+    vdi = srlayout.vdi_file(repo_id, sid, "disk")
+    assert not sr.exists()  # only a session published on a pool has one
+    sr.mkdir()
+    assert sorted(os.listdir(sr)) == [vdi]
+    assert sha256_file(sr / vdi) == sha256_file(image)
+    assert os.stat(sr / vdi).st_ino == os.stat(top / "disk.raw").st_ino
+
+    with open(sr / vdi, "r+b") as f:  # what tapdisk does for the running VM
+        f.seek(MiB)
+        f.write(b"written through the SR")
+    with open(top / "disk.raw", "rb") as f:
+        f.seek(MiB)
+        assert f.read(22) == b"written through the SR"
+    (sr / "sm-hardlink.conf").write_text("0")  # the driver's own files live beside the VDIs
+    assert sorted(os.listdir(sr)) == [vdi, "sm-hardlink.conf"]
+
+    for bad in (
+        lambda: (sr / vdi).rename(sr / "other.raw"),
+        lambda: os.close(os.open(sr / vdi, os.O_CREAT | os.O_EXCL | os.O_WRONLY)),
+        lambda: sr.rmdir(),
+        lambda: sr.rename(top / "elsewhere"),
+    ):
+        with pytest.raises(OSError) as e:
+            bad()
+        assert e.value.errno in (errno.EPERM, errno.EEXIST, errno.ENOTEMPTY)
+    (sr / vdi).unlink()  # the SR driver deleting the source of a storage migration
+    assert os.listdir(sr) == ["sm-hardlink.conf"]
+    with open(top / "disk.raw", "rb") as f:  # the session's disk is untouched
+        f.seek(MiB)
+        assert f.read(22) == b"written through the SR"

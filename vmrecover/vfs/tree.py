@@ -10,6 +10,8 @@
         vm.json                     the point's metadata
     recover/<session>/              a recovery session: the same disk views, writable (copy-on-write
                                     over the backup), plus any file or folder a hypervisor creates
+    recover/<session>/<SR uuid>/    once created (XenServer publishing): the disks again, as the
+                                    NFS SR driver names them (vfs/srlayout.py)
 
 **Inode numbers are structural**, so they are the same in every daemon run without any table:
 the top 4 bits give the kind, the rest the object (a point's 48-bit id, a disk's position, a view
@@ -50,6 +52,7 @@ from ..beneath import Beneath, safe_mode
 from ..errors import CorruptChunk, IntegrityError
 from ..repo.catalog import Disk, Point, Session
 from ..repo.repository import Repository
+from . import srlayout
 from .cache import ChunkCache
 from .disk import BackupDisk, SessionDisk, View, ViewKind, view_name
 from .lru import Lru
@@ -453,7 +456,10 @@ class Vfs:
             return self._view_entries(Kind.SVIEW, session.id, disks) + self._upper_list(session.id, "")
         if kind is Kind.UPPER:
             sid, rel = self._upper_path(ino)
-            return self._upper_list(sid, rel)
+            if rel != self._sr_folder(sid):
+                return self._upper_list(sid, rel)
+            own = [e for e in self._upper_list(sid, rel) if not e[0].startswith(srlayout.HIDDEN)]
+            return self._reserved(sid, rel) + own
         raise _err(errno.ENOTDIR, f"inode {ino}")
 
     def lookup(self, parent: int, name: str) -> Attr:
@@ -462,7 +468,7 @@ class Vfs:
         kind, payload = _split(parent)
         if kind in (Kind.SESSION, Kind.UPPER):
             sid, rel = self._dir_of(parent)
-            for n, ino in self._reserved(sid) if kind is Kind.SESSION else []:
+            for n, ino in self._reserved(sid, rel):
                 if n == name:
                     return self.getattr(ino)
             return self._upper_attr(sid, os.path.join(rel, name))
@@ -699,14 +705,37 @@ class Vfs:
         sid, rel = self._dir_of(parent)
         if "/" in name or name in (".", "..", "") or "\0" in name:
             raise _err(errno.EINVAL, f"name {name!r}")
-        if not rel and any(n == name for n, _ in self._reserved(sid)):
+        if any(n == name for n, _ in self._reserved(sid, rel)):
             raise _err(errno.EEXIST, f"{name} is a disk of the session")
         return sid, os.path.join(rel, name)
 
-    def _reserved(self, sid: str) -> list[tuple[str, int]]:
+    @staticmethod
+    def _raw_view(sid: str, d: Disk) -> int:
+        return _ino(Kind.SVIEW, int(sid, 16) << 12 | d.position << 4 | ViewKind.RAW)
+
+    def _sr_folder(self, sid: str) -> str:
+        return srlayout.sr_uuid(self.repo.config.id, sid)
+
+    def _reserved(self, sid: str, rel: str) -> list[tuple[str, int]]:
+        """The session's disks among the names of its folder *rel*: the views at its top, and in its
+        XenServer SR folder the raw views under their VDI names (less those the SR driver removed)."""
+        if rel and rel != self._sr_folder(sid):
+            return []
         session = self._session_by_id(sid)
         _, disks = self._point(session.point)
-        return self._view_entries(Kind.SVIEW, sid, disks)
+        if not rel:
+            return self._view_entries(Kind.SVIEW, sid, disks)
+        out = []
+        upper = self._beneath(sid)
+        for d in disks:
+            vdi = srlayout.vdi_uuid(self.repo.config.id, sid, d.name)
+            try:
+                upper.lstat(os.path.join(rel, srlayout.HIDDEN + vdi))
+                continue
+            except FileNotFoundError:
+                pass
+            out.append((vdi + srlayout.RAW, self._raw_view(sid, d)))
+        return out
 
     def create(self, parent: int, name: str, mode: int) -> Attr:
         """A new regular file with exactly *mode*'s permission bits (no umask; never setuid/setgid)."""
@@ -732,11 +761,18 @@ class Vfs:
 
     def _existing(self, parent: int, name: str) -> tuple[str, str]:
         sid, rel = self._dir_of(parent)
-        if not rel and any(n == name for n, _ in self._reserved(sid)):
+        if any(n == name for n, _ in self._reserved(sid, rel)):
             raise _err(errno.EPERM, f"{name} is a disk of the session; stop the session to discard it")
+        if not rel and name == self._sr_folder(sid):
+            raise _err(errno.EPERM, f"{name} is the session's XenServer SR; 'vmrecover recover stop' ends it")
         return sid, os.path.join(rel, name)
 
     def unlink(self, parent: int, name: str) -> None:
+        sid, rel = self._dir_of(parent)
+        if rel and any(n == name for n, _ in self._reserved(sid, rel)):  # the SR driver deletes a VDI (after
+            marker = os.path.join(rel, srlayout.HIDDEN + name.removesuffix(srlayout.RAW))  # moving it): the
+            self._beneath(sid).create(marker, 0o600)  # session keeps its disk
+            return
         sid, rel = self._existing(parent, name)
         upper = self._beneath(sid)
         if stat.S_ISDIR(upper.lstat(rel).st_mode):

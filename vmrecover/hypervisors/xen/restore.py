@@ -178,7 +178,7 @@ class _Created:
     what: str
 
 
-class _Undo:
+class Undo:
     """What this restore created, destroyed in reverse order if it fails."""
 
     def __init__(self, xs: Xen) -> None:
@@ -277,16 +277,8 @@ def _upload(
     return sent
 
 
-def restore(
-    repo: Repository, xs: Xen, point: Point, *, name: str | None = None, sr: str | None = None,
-    no_network: bool = False, new_identity: bool = False, power_on: bool = False,
-    progress: Callable[[int], None] = lambda n: None, progress_total: Callable[[int], None] = lambda n: None,
-) -> dict[str, Any]:  # fmt: skip
-    """Create the VM of *point* (a XenServer point) on *xs*'s pool; see the module doc."""
-    rec = check_point(point)
-    config = point.config or {}
-    vm_name = name or config.get("name") or rec.get("name_label") or point.vm
-    _check_name(xs, vm_name, chosen=name is not None)
+def vbd_disks(repo: Repository, point: Point, rec: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Disk]]:
+    """The stored VBDs of *rec* in userdevice order, and the point's disk of each."""
     by_name = {d.name: d for d in repo.catalog.disks(point.id)}
     vbds = sorted(
         rec.get("vbds", []), key=lambda b: int(b["userdevice"]) if b["userdevice"].isdigit() else 1 << 30
@@ -297,14 +289,27 @@ def restore(
             f"restore point {point.vm}@{point.id} lacks the disk(s) its VM record names: {missing}"
         )
     if "memory" in by_name:
-        log.warning("the memory image of %s@%s is not restored: the VM is created halted", point.vm, point.id)
-    disks = [by_name[b["name"]] for b in vbds]
+        log.warning("the memory image of %s@%s is not used: the VM starts from its disks", point.vm, point.id)
+    return vbds, [by_name[b["name"]] for b in vbds]
+
+
+def restore(
+    repo: Repository, xs: Xen, point: Point, *, name: str | None = None, sr: str | None = None,
+    no_network: bool = False, new_identity: bool = False, power_on: bool = False,
+    progress: Callable[[int], None] = lambda n: None, progress_total: Callable[[int], None] = lambda n: None,
+) -> dict[str, Any]:  # fmt: skip
+    """Create the VM of *point* (a XenServer point) on *xs*'s pool; see the module doc."""
+    rec = check_point(point)
+    config = point.config or {}
+    vm_name = name or config.get("name") or rec.get("name_label") or point.vm
+    _check_name(xs, vm_name, chosen=name is not None)
+    vbds, disks = vbd_disks(repo, point, rec)
     sr_ref, sr_rec = _sr(xs, sr, sizes=sum(d.size for d in disks),
                          data=sum(_data_bytes(repo, point, d) for d in disks))  # fmt: skip
     vifs = [] if no_network else list(rec.get("vifs", []))
     nets = _networks(xs, list(dict.fromkeys(v["network"] for v in vifs)))
     progress_total(sum(d.size for d in disks))
-    x, undo = xs.x, _Undo(xs)
+    x, undo = xs.x, Undo(xs)
     out_disks: list[dict[str, Any]] = []
     try:
         vdis = []
@@ -320,31 +325,8 @@ def restore(
             out_disks.append({"name": d.name, "vdi": x.VDI.get_uuid(vdi), "userdevice": b["userdevice"],
                               "bootable": bool(b.get("bootable")), "mode": b.get("mode", "RW"),
                               "size": d.size, "bytes_sent": sent})  # fmt: skip
-        other_config = dict(rec.get("other_config") or {})
-        if new_identity:
-            other_config.pop("mac_seed", None)  # XAPI derives generated MACs from it: the original's again
-        vm_record = {
-            **VM_DEFAULTS,
-            **{k: v for k, v in rec.items() if k not in ("uuid", "vifs", "vbds")},
-            "name_label": vm_name, "is_a_template": False, "other_config": other_config,
-        }  # fmt: skip
-        vm = undo.create("VM", vm_record, vm_name)
-        for b, vdi in zip(vbds, vdis, strict=True):
-            undo.create("VBD", {
-                "VM": vm, "VDI": vdi, "userdevice": b["userdevice"], "bootable": bool(b.get("bootable")),
-                "mode": b.get("mode", "RW"), "type": "Disk", "unpluggable": True, "empty": False,
-                "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {},
-            }, f"{vm_name} {b['name']}")  # fmt: skip
-        for v in vifs:
-            net = nets.get(v["network"])
-            if net is None:
-                continue
-            mtu = v.get("mtu") or x.network.get_MTU(net[0])
-            undo.create("VIF", {
-                "VM": vm, "network": net[0], "device": str(v["device"]),
-                "MAC": "" if new_identity else v["mac"], "MTU": str(mtu),
-                "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {},
-            }, f"{vm_name} NIC {v['device']}")  # fmt: skip
+        vm = create_vm(xs, undo, rec, vm_name, list(zip(vbds, vdis, strict=True)), vifs, nets,
+                       new_identity=new_identity)  # fmt: skip
         vm_uuid = x.VM.get_uuid(vm)
         macs = [x.VIF.get_MAC(ref) for ref in x.VM.get_VIFs(vm)]
     except BaseException:
@@ -372,3 +354,38 @@ def restore(
         "macs": macs, "network_connected": not no_network, "powered_on": power_on,
         "disks": out_disks,
     }  # fmt: skip
+
+
+def create_vm(
+    xs: Xen, undo: Undo, rec: dict[str, Any], vm_name: str, disks: list[tuple[dict[str, Any], str]],
+    vifs: list[dict[str, Any]], nets: dict[str, tuple[str, str] | None], *, new_identity: bool,
+) -> str:  # fmt: skip
+    """``VM.create`` from the stored record *rec*, then a VBD per (stored VBD, VDI ref) of *disks* and a
+    VIF per stored VIF on its network of *nets*; all recorded in *undo*.  The VM's ref."""
+    x = xs.x
+    other_config = dict(rec.get("other_config") or {})
+    if new_identity:
+        other_config.pop("mac_seed", None)  # XAPI derives generated MACs from it: the original's again
+    vm_record = {
+        **VM_DEFAULTS,
+        **{k: v for k, v in rec.items() if k not in ("uuid", "vifs", "vbds")},
+        "name_label": vm_name, "is_a_template": False, "other_config": other_config,
+    }  # fmt: skip
+    vm = undo.create("VM", vm_record, vm_name)
+    for b, vdi in disks:
+        undo.create("VBD", {
+            "VM": vm, "VDI": vdi, "userdevice": b["userdevice"], "bootable": bool(b.get("bootable")),
+            "mode": b.get("mode", "RW"), "type": "Disk", "unpluggable": True, "empty": False,
+            "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {},
+        }, f"{vm_name} {b['name']}")  # fmt: skip
+    for v in vifs:
+        net = nets.get(v["network"])
+        if net is None:
+            continue
+        mtu = v.get("mtu") or x.network.get_MTU(net[0])
+        undo.create("VIF", {
+            "VM": vm, "network": net[0], "device": str(v["device"]),
+            "MAC": "" if new_identity else v["mac"], "MTU": str(mtu),
+            "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {},
+        }, f"{vm_name} NIC {v['device']}")  # fmt: skip
+    return vm

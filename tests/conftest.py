@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import json
 import os
@@ -252,8 +253,6 @@ class NfsServer:
         self.cli = cli
         self.lock_fd: int | None = None
         if portmapper:
-            import fcntl
-
             self.lock_fd = os.open(PORTMAP_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
         argv = ["nfs", "serve", "--port", "0", "--json", "--cache-size", "64M", *args]
@@ -285,6 +284,17 @@ class NfsServer:
             os.close(self.lock_fd)
             self.lock_fd = None
         return err or ""
+
+
+@pytest.fixture
+def port111() -> Iterator[None]:
+    """The product's own NFS export (recovery/exports.py) takes ports 2049 and 111: one test at a time."""
+    fd = os.open(PORTMAP_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture

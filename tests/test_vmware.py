@@ -145,22 +145,6 @@ def test_full_restore_to_vsphere_keeps_identity_or_makes_a_new_one(
     )  # holes never sent
 
 
-@pytest.fixture
-def port111() -> Any:
-    """The product's NFS export takes port 2049 and the portmapper's 111: one test run at a time."""
-    import fcntl
-    import os
-
-    from tests.conftest import PORTMAP_LOCK
-
-    fd = os.open(PORTMAP_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        os.close(fd)
-
-
 def _datastores_of(vsphere: Any, host: str = "DC0_C0_H0") -> list[str]:
     h = vsphere.find("HostSystem", host)
     return [

@@ -19,11 +19,9 @@ then leaves it there and cleans up as ``unpublish`` does, without touching the V
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,6 +33,7 @@ from ...errors import BadInput, NotFound, Unreachable
 from ...recovery import exports, sessions
 from ...repo.catalog import Point, Session
 from ...repo.repository import Repository
+from .. import publishing
 from . import vmx
 from .session import VSphere, fault_text
 
@@ -59,19 +58,7 @@ def published(repo: Repository, session: Session) -> Published | None:
 
 
 def _all_published(repo: Repository) -> list[tuple[Session, Published]]:
-    out = []
-    for s in repo.catalog.sessions():
-        p = published(repo, s)
-        if p is not None:
-            out.append((s, p))
-    return out
-
-
-def _route_address(to: str) -> str:
-    """The address of this machine that *to* is reached from (what the host will mount)."""
-    with socket.socket(socket.AF_INET6 if ":" in to else socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((to, exports.NFS_PORT))
-        return str(s.getsockname()[0])
+    return [(s, Published(**doc)) for s, doc in publishing.targets(repo, "vmware")]
 
 
 def _host_addresses(vs: VSphere, host: Any) -> list[str]:
@@ -119,21 +106,6 @@ def _unmount(vs: VSphere, host: Any, name: str) -> None:
     log.info("datastore %s is not mounted on %s any more", name, host._moId)
 
 
-@contextlib.contextmanager
-def _undo_on_failure() -> Iterator[list[tuple[str, Callable[[], None]]]]:
-    """Steps register their undo; if the block fails, the undos run in reverse, each attempted."""
-    undo: list[tuple[str, Callable[[], None]]] = []
-    try:
-        yield undo
-    except BaseException:
-        for what, fn in reversed(undo):
-            try:
-                fn()
-            except Exception as exc:
-                log.error("could not undo %s: %s", what, exc)
-        raise
-
-
 def publish(
     repo: Repository, vs: VSphere, session: Session, point: Point, *, host: str | None = None,
     datastore_name: str | None = None, power_on: bool = False, passphrase: str | None = None,
@@ -142,11 +114,11 @@ def publish(
     host_ips = _host_addresses(vs, h)
     if not host_ips:
         raise Unreachable(f"host {vs.prop(h, 'name')} reports no IP address to allow on the NFS export")
-    appliance = _route_address(host_ips[0])
+    appliance = publishing.route_address(host_ips[0])
     name = datastore_name or f"vmrecover-{socket.gethostname().split('.')[0]}"
     disks = [d.name for d in repo.catalog.disks(point.id)]
     vm_name = session.name
-    with _undo_on_failure() as undo:
+    with publishing.undo_on_failure() as undo:
         was_running = exports.running(repo.root) is not None
         exports.ensure(repo.root, host_ips, passphrase=passphrase)
         if not was_running:
@@ -189,15 +161,7 @@ def _release(repo: Repository, vs: VSphere, session: Session, target: Published)
             log.error(
                 "could not remove datastore %s from %s: %s", target.datastore, target.host, fault_text(exc)
             )
-    forget(repo, session)
-
-
-def forget(repo: Repository, session: Session) -> None:
-    """Forget where *session* is published; stop the NFS export when no other session needs it (also
-    when the hypervisor side could not be undone: ``recover stop --force``)."""
-    if not any(s.id != session.id for s, _ in _all_published(repo)):
-        exports.stop(repo.root)
-    sessions.set_target(repo, session, None)
+    publishing.forget(repo, session)
 
 
 def unpublish(repo: Repository, vs: VSphere, session: Session, target: Published) -> None:

@@ -9,15 +9,21 @@ import http.client
 import os
 import random
 import ssl
+import struct
 import time
+import tomllib
 import xmlrpc.client
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import XenAPI
 
+from tests import nfsclient as nc
+from tests.conftest import Cli, NfsServer, random_image
 from tests.xapi.api import BLOCK
+from vmrecover.vfs import srlayout
 
 MiB = 1 << 20
 
@@ -554,3 +560,316 @@ def test_refuse(xapi: Any) -> None:
         assert wait_task(x, task) == "failure"
         assert x.task.get_error_info(task)[0] == "SR_BACKEND_FAILURE_44"
         assert len(xapi.calls("refused")) >= 3
+
+
+# ---------------------------------------------------------------------------------------------- NFS SRs
+# A recovery session of a real vmrecover repository served by `vmrecover nfs serve` (portmapper on 111),
+# attached as XenServer attaches an NFS SR: the simulator's PBD.plug mounts and checks it over the
+# network as sm's NFSSR does, SR.scan lists it, VM.start opens its VDIs, pool_migrate reads them.
+@dataclass
+class Published:
+    """A recovery session "s1" of vm1's one disk ("disk"), its SR folder made (as the product does)."""
+
+    img: Path
+    session: dict[str, Any]
+    sr_uuid: str
+    vdi_uuid: str
+    srv: NfsServer
+
+    @property
+    def device_config(self) -> dict[str, str]:
+        return {"server": "127.0.0.1", "serverpath": "/vmrecover/recover/s1", "nfsversion": "3"}
+
+    def folder(self, c: nc.NfsClient) -> bytes:
+        return c.walk(c.root(), f"recover/s1/{self.sr_uuid}")
+
+    def expected(self, writes: list[tuple[int, bytes]]) -> str:
+        data = bytearray(self.img.read_bytes())
+        for off, piece in writes:
+            data[off : off + len(piece)] = piece
+        return sha256(bytes(data))
+
+
+@pytest.fixture
+def published(cli: Cli, nfs_server: Any, tmp_path: Path) -> Published:
+    img = random_image(tmp_path / "disk.raw", 6 * MiB + 3 * 4096, seed=31)
+    cli.json("backup", "--vm", "vm1", img)
+    session = cli.json("recover", "start", "vm1", "--name", "s1")
+    repo_id = tomllib.loads((cli.repo / "repo.toml").read_text())["repository"]["id"]
+    srv: NfsServer = nfs_server(portmapper=True)
+    sr_uuid = srlayout.sr_uuid(repo_id, session["id"])
+    with nc.NfsClient(srv.port) as c:
+        assert c.mkdir(c.walk(c.root(), "recover/s1"), sr_uuid)[0] == nc.OK
+    return Published(img, session, sr_uuid, srlayout.vdi_uuid(repo_id, session["id"], "disk"), srv)
+
+
+def attach(xapi: Any, x: Any, p: Published, name: str) -> tuple[str, str]:
+    """SR.introduce + PBD.create + PBD.plug, as the product attaches a session: (SR, PBD)."""
+    sr = x.SR.introduce(p.sr_uuid, name, "vmrecover", "nfs", "user", True, {})
+    pbd = x.PBD.create(
+        {"host": xapi.host_ref, "SR": sr, "device_config": p.device_config, "other_config": {}}
+    )
+    x.PBD.plug(pbd)
+    return sr, pbd
+
+
+def vm_on(x: Any, name: str, vdi: str) -> tuple[str, str]:
+    vm = x.VM.create({"name_label": name})
+    vbd = x.VBD.create({"VM": vm, "VDI": vdi, "userdevice": "0", "bootable": True, "mode": "RW",
+                        "type": "Disk", "empty": False, "other_config": {}})  # fmt: skip
+    return vm, vbd
+
+
+VHD_UUID = "0b5c3c2e-8a55-4d7e-9a0c-5d0a3b1f7e21"
+
+
+def vhd_footer(size: int) -> bytes:
+    f = bytearray(512)
+    f[:8] = b"conectix"
+    struct.pack_into(">QQ", f, 40, size, size)  # original size, current size
+    return bytes(f)
+
+
+def test_nfs_sr_plug_scan_forget(xapi: Any, published: Published) -> None:
+    """SR.introduce, PBD.create/plug (the SM's checks, seen in the SR folder), SR.scan (raw and VHD
+    VDIs with their sizes; a removed file's VDI goes), SR.forget (refused while plugged; the files stay)."""
+    p = published
+    with xapi.session() as s:
+        x = s.xenapi
+        sr = x.SR.introduce(p.sr_uuid, "nfs-scan", "d", "nfs", "user", True, {})
+        rec = x.SR.get_record(sr)
+        assert (rec["PBDs"], rec["VDIs"], rec["type"], rec["shared"], rec["physical_size"]) == (
+            [],
+            [],
+            "nfs",
+            True,
+            "-1",
+        )
+        assert x.SR.get_by_uuid(p.sr_uuid) == sr and x.SR.get_by_name_label("nfs-scan") == [sr]
+        with pytest.raises(XenAPI.Failure) as e:
+            x.SR.introduce(p.sr_uuid, "again", "", "nfs", "user", True, {})
+        assert e.value.details == ["SR_UUID_EXISTS", p.sr_uuid]
+        pbd = x.PBD.create(
+            {"host": xapi.host_ref, "SR": sr, "device_config": p.device_config, "other_config": {}}
+        )
+        with pytest.raises(XenAPI.Failure) as e:
+            x.PBD.create({"host": xapi.host_ref, "SR": sr, "device_config": p.device_config})
+        assert e.value.details == ["PBD_EXISTS", sr, xapi.host_ref, pbd]
+        with pytest.raises(XenAPI.Failure) as e:
+            x.SR.scan(sr)
+        assert e.value.details == ["SR_HAS_NO_PBDS", sr]
+        assert x.SR.get_PBDs(sr) == [pbd] and x.PBD.get_currently_attached(pbd) is False
+        x.PBD.plug(pbd)
+        x.PBD.plug(pbd)  # plugged already: nothing to do
+        assert x.PBD.get_record(pbd)["currently_attached"] is True
+        assert x.PBD.get_device_config(pbd) == p.device_config
+        # the SM's checks left their mark: no LINK on this server, so sm-hardlink.conf says 0
+        (attached,) = [c for c in xapi.calls("sm", op="sr_attach", sr=sr)]
+        assert attached["ok"] is True and attached["hardlinks"] is False
+        assert xapi.calls("message", name="sr_does_not_support_hardlinks", obj_uuid=p.sr_uuid)
+        with nc.NfsClient(p.srv.port) as c:
+            folder = p.folder(c)
+            status, conf = c.lookup(folder, "sm-hardlink.conf")
+            assert status == nc.OK and c.read(conf, 0, 10)[1] == b"0"
+            # a VHD file and a file that is no VDI, as another writer could leave them
+            status, fh = c.create(folder, f"{VHD_UUID}.vhd")
+            assert status == nc.OK
+            assert c.write(fh, 0, vhd_footer(3 * MiB) * 2, nc.FILE_SYNC)[0] == nc.OK
+            assert c.create(folder, "notes.txt")[0] == nc.OK
+
+        x.SR.scan(sr)
+        vdis = {x.VDI.get_uuid(v): x.VDI.get_record(v) for v in x.SR.get_VDIs(sr)}
+        assert set(vdis) == {p.vdi_uuid, VHD_UUID}
+        raw = vdis[p.vdi_uuid]
+        assert raw["virtual_size"] == raw["physical_utilisation"] == str(p.img.stat().st_size)
+        assert (raw["location"], raw["type"], raw["managed"], raw["SR"]) == (p.vdi_uuid, "user", True, sr)
+        assert raw["sm_config"] == {"type": "raw"}
+        vhd = vdis[VHD_UUID]
+        assert (vhd["virtual_size"], vhd["physical_utilisation"], vhd["sm_config"]) == (
+            str(3 * MiB),
+            "1024",
+            {},
+        )
+        assert x.SR.get_virtual_allocation(sr) == str(p.img.stat().st_size + 3 * MiB)
+        assert int(x.SR.get_physical_size(sr)) > 0
+        raw_ref = x.VDI.get_by_uuid(p.vdi_uuid)
+        x.SR.scan(sr)  # again: the same records
+        assert x.VDI.get_by_uuid(p.vdi_uuid) == raw_ref
+        with nc.NfsClient(p.srv.port) as c:
+            assert c.remove(p.folder(c), f"{VHD_UUID}.vhd") == nc.OK
+        x.SR.scan(sr)
+        assert x.SR.get_VDIs(sr) == [raw_ref]
+
+        with pytest.raises(XenAPI.Failure) as e:
+            x.SR.forget(sr)
+        assert e.value.details == ["SR_HAS_PBD", sr]
+        with pytest.raises(XenAPI.Failure) as e:
+            x.PBD.destroy(pbd)
+        assert e.value.details == ["OPERATION_NOT_ALLOWED", "PBD is currently attached"]
+        x.PBD.unplug(pbd)
+        x.PBD.unplug(pbd)  # unplugged already: nothing to do
+        assert x.PBD.get_currently_attached(pbd) is False
+        x.PBD.plug(pbd)  # sm-hardlink.conf answers now: no second LINK test, no second message
+        assert len(xapi.calls("message", obj_uuid=p.sr_uuid)) == 1
+        x.PBD.unplug(pbd)
+        x.SR.forget(sr)
+        for cls, ref in (("SR", sr), ("PBD", pbd), ("VDI", raw_ref)):
+            assert not xapi.exists(cls, ref)
+        with pytest.raises(XenAPI.Failure) as e:
+            x.SR.get_by_uuid(p.sr_uuid)
+        assert e.value.details == ["UUID_INVALID", "SR", p.sr_uuid]
+    with nc.NfsClient(p.srv.port) as c:  # forgetting touched no file
+        assert c.lookup(p.folder(c), f"{p.vdi_uuid}.raw")[0] == nc.OK
+
+
+def test_nfs_sr_plug_failures(xapi: Any, published: Published) -> None:
+    """A plug that fails answers the SM's SR_BACKEND_FAILURE and leaves the PBD unplugged."""
+    p = published
+    with xapi.session() as s:
+        x = s.xenapi
+        sr = x.SR.introduce(p.sr_uuid, "nfs-fail", "", "nfs", "user", True, {})
+        cases = [
+            ({"server": "127.0.0.9", "serverpath": "/vmrecover/recover/s1"},  # nothing listens there
+             ["SR_BACKEND_FAILURE_108", "", "Unable to detect an NFS service on this target.", ""]),
+            ({"server": "127.0.0.1"},
+             ["SR_BACKEND_FAILURE_101", "", "The request is missing the serverpath parameter", ""]),
+            ({"server": "127.0.0.1", "serverpath": "/vmrecover/recover/nosuch"},
+             ["SR_BACKEND_FAILURE_73", "", "NFS mount error [opterr=mount failed on server `127.0.0.1` with "
+              "return code 32]", ""]),
+            ({"server": "127.0.0.1", "serverpath": "/vmrecover/recover/s1", "nfsversion": "2"},
+             ["SR_BACKEND_FAILURE_72", "", "Required NFS server version unsupported [opterr=Invalid "
+              "nfsversion.]", ""]),
+            ({"server": "127.0.0.1", "serverpath": "/vmrecover/recover/s1", "nfsversion": "4.1"},
+             ["SR_BACKEND_FAILURE_72", "", "Required NFS server version unsupported [opterr=Unsupported "
+              "NFS version: 4.1]", ""]),
+        ]  # fmt: skip
+        for config, error in cases:
+            pbd = x.PBD.create({"host": xapi.host_ref, "SR": sr, "device_config": config, "other_config": {}})
+            t0 = time.monotonic()
+            with pytest.raises(XenAPI.Failure) as e:
+                x.PBD.plug(pbd)
+            assert e.value.details == error, config
+            assert time.monotonic() - t0 < 5
+            assert x.PBD.get_currently_attached(pbd) is False
+            x.PBD.destroy(pbd)
+        # a session whose folder has no SR folder (the product did not make it): a mount error
+        sr2 = x.SR.introduce("", "nfs-nofolder", "", "nfs", "user", True, {})
+        pbd = x.PBD.create({"host": xapi.host_ref, "SR": sr2, "device_config": p.device_config})
+        with pytest.raises(XenAPI.Failure) as e:
+            x.PBD.plug(pbd)
+        assert e.value.details[0] == "SR_BACKEND_FAILURE_73"
+        x.PBD.destroy(pbd)
+        x.SR.forget(sr2)
+        x.SR.forget(sr)
+
+
+def test_nfs_sr_vm_guest_writes_and_pool_migrate(xapi: Any, published: Published, cli: Cli) -> None:
+    """A VM on the session's VDI: its writes land in the session; unplug refused while it runs;
+    VDI.pool_migrate to local storage copies the disk's bytes, moves the VBD and removes the source file
+    (the session keeps its disk)."""
+    p = published
+    writes = [(4096 + 17, b"\xab" * 10000), (5 * MiB, os.urandom(MiB))]
+    with xapi.session() as s:
+        x = s.xenapi
+        sr, pbd = attach(xapi, x, p, "nfs-migrate")
+        x.SR.scan(sr)
+        vdi = x.VDI.get_by_uuid(p.vdi_uuid)
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.pool_migrate(vdi, xapi.local_sr, {})
+        assert e.value.details == ["VDI_NEEDS_VM_FOR_MIGRATE", vdi]
+        vm, vbd = vm_on(x, "nfs-migrate-vm", vdi)
+        x.VM.start(vm, False, False)
+        for off, data in writes:
+            xapi.guest_write(vdi, off, data)
+        assert xapi.guest_read(vdi, 4096, 10100)[17:10017] == b"\xab" * 10000
+        with nc.NfsClient(p.srv.port) as c:  # the writes are the session's: its disk.raw has them
+            disk = c.walk(c.root(), "recover/s1/disk.raw")
+            assert c.read(disk, 5 * MiB, MiB)[1] == writes[1][1]
+        assert cli.json("recover", "list")[0]["written"]["disk"] >= MiB
+        with pytest.raises(XenAPI.Failure) as e:
+            x.PBD.unplug(pbd)
+        assert e.value.details == ["VDI_IN_USE", vdi]
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.copy(vdi, xapi.local_sr)
+        assert e.value.details == ["VDI_IN_USE", vdi, "copy"]
+
+        task = x.Async.VDI.pool_migrate(vdi, xapi.local_sr, {})
+        assert wait_task(x, task) == "success", x.task.get_error_info(task)
+        new = x.task.get_result(task).removeprefix("<value>").removesuffix("</value>")
+        x.task.destroy(task)
+        assert new != vdi and x.VDI.get_SR(new) == xapi.local_sr
+        assert x.VBD.get_VDI(vbd) == new and x.VDI.get_VBDs(new) == [vbd]
+        assert not xapi.exists("VDI", vdi)
+        assert x.VDI.get_virtual_size(new) == str(p.img.stat().st_size)
+        assert file_sha(xapi.vdi_file(new)) == p.expected(writes)
+        assert xapi.vdi_file(new).stat().st_blocks * 512 < p.img.stat().st_size  # holes stayed holes
+        assert xapi.calls("sm", op="vdi_delete", file=f"{p.vdi_uuid}.raw")
+        with nc.NfsClient(p.srv.port) as c:
+            assert c.lookup(p.folder(c), f"{p.vdi_uuid}.raw")[0] == nc.NOENT  # the SM removed it
+            disk = c.walk(c.root(), "recover/s1/disk.raw")  # the session still has its disk
+            assert c.read(disk, 5 * MiB, MiB)[1] == writes[1][1]
+        x.SR.scan(sr)
+        assert x.SR.get_VDIs(sr) == []
+        x.PBD.unplug(pbd)  # the VM runs on, from local storage
+        assert x.VM.get_power_state(vm) == "Running"
+        x.VM.hard_shutdown(vm)
+        x.VM.destroy(vm)
+        x.PBD.destroy(pbd)
+        x.SR.forget(sr)
+
+
+def test_nfs_sr_copy_and_start_checks(xapi: Any, published: Published) -> None:
+    """VDI.copy of a halted VM's VDI (XAPI's 2 and 4 argument forms), no snapshot of a raw VDI; VM.start
+    needs the SR plugged and opens each VDI over NFS: with boot_guests on, a VDI whose file is gone fails
+    the start cleanly."""
+    p = published
+    with xapi.session() as s:
+        x = s.xenapi
+        sr, pbd = attach(xapi, x, p, "nfs-copy")
+        x.SR.scan(sr)
+        vdi = x.VDI.get_by_uuid(p.vdi_uuid)
+        vm, _ = vm_on(x, "nfs-copy-vm", vdi)
+        vms = len(x.VM.get_all())
+        with pytest.raises(XenAPI.Failure) as e:  # FileVDI: a raw VDI has no snapshots
+            x.VM.snapshot(vm, "nfs-snap")
+        assert e.value.details == ["SR_BACKEND_FAILURE_38", "", "The requested method is not "
+                                   "supported/implemented", ""]  # fmt: skip
+        assert len(x.VM.get_all()) == vms
+        task = x.Async.VDI.copy(vdi, xapi.local_sr)
+        assert wait_task(x, task) == "success", x.task.get_error_info(task)
+        copy = x.task.get_result(task).removeprefix("<value>").removesuffix("</value>")
+        assert file_sha(xapi.vdi_file(copy)) == p.expected([]) and x.VDI.get_SR(copy) == xapi.local_sr
+        small = x.VDI.create({"SR": xapi.local_sr, "virtual_size": str(MiB), "type": "user"})
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.copy(vdi, xapi.local_sr, "OpaqueRef:NULL", small)
+        assert e.value.details == ["VDI_TOO_SMALL", small, str(p.img.stat().st_size)]
+        into = x.VDI.create({"SR": xapi.local_sr, "virtual_size": str(8 * MiB), "type": "user"})
+        xapi.guest_write(into, 7 * MiB, b"stays")
+        assert x.VDI.copy(vdi, xapi.local_sr, "OpaqueRef:NULL", into) == into
+        data = xapi.vdi_file(into).read_bytes()
+        assert (
+            sha256(data[: p.img.stat().st_size]) == p.expected([]) and data[7 * MiB : 7 * MiB + 5] == b"stays"
+        )
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VDI.copy(vdi, xapi.local_sr, "OpaqueRef:NULL", into, "extra")
+        assert e.value.details[0] == "MESSAGE_PARAMETER_COUNT_MISMATCH"
+        for v in (copy, small, into):
+            x.VDI.destroy(v)
+
+        x.PBD.unplug(pbd)
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VM.start(vm, False, False)
+        assert e.value.details == ["VM_REQUIRES_SR", vm, sr]
+        x.PBD.plug(pbd)
+        with nc.NfsClient(p.srv.port) as c:  # the VDI's file goes (as if the SM had deleted it)
+            assert c.remove(p.folder(c), f"{p.vdi_uuid}.raw") == nc.OK
+        xapi.boot_guests(True)
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VM.start(vm, False, False)
+        assert e.value.details == ["SR_BACKEND_FAILURE_46", "", f"The VDI is not available [opterr=VDI "
+                                   f"{p.vdi_uuid} not found]", ""]  # fmt: skip
+        assert x.VM.get_power_state(vm) == "Halted" and not xapi.calls("guest-start", vm=vm)
+        assert xapi.guest_serial(vm) == "" and xapi.guest_outcome(vm) == {}
+        x.VM.destroy(vm)
+        x.PBD.unplug(pbd)
+        x.SR.forget(sr)

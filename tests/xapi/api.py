@@ -2,9 +2,19 @@
 
 One :class:`Xapi` holds the pool's database (records as XAPI names their fields), the sessions, the tasks
 and the fault switches.  Every API call runs under one lock, so calls are atomic (XAPI has finer locking;
-a test cannot tell).  Values go out as XAPI's XML-RPC writes them: 64-bit integers as strings
-(``virtual_size`` is ``"1073741824"``), references as ``OpaqueRef:<uuid4>`` (``OpaqueRef:NULL`` for none),
-no nil anywhere.  Simplifications are marked "SIMPLIFIED" where they are made.
+a test cannot tell), except that VDI.copy and VDI.pool_migrate let it go while they copy bytes.  Values
+go out as XAPI's XML-RPC writes them: 64-bit integers as strings (``virtual_size`` is ``"1073741824"``),
+references as ``OpaqueRef:<uuid4>`` (``OpaqueRef:NULL`` for none), no nil anywhere.
+
+Storage: an SR is either a folder of the workdir (local storage, ``add_sr``'s SRs, an SR.introduce'd SR
+of a type other than "nfs"), its VDIs sparse ``<uuid>.raw`` files there, or remote: an SR.introduce'd
+"nfs" SR, whose PBD.plug mounts ``serverpath/<SR uuid>`` of a real NFS server as sm's NFSSR does
+(nfssr.py); SR.scan then makes its VDIs from the files there, VM.start opens them over NFS (and with
+the ``boot_guests`` knob boots the VM in qemu from nfs:// URLs), VDI.copy / VDI.pool_migrate read them
+over NFS into local VDIs, VDI.destroy (and a migration's source) removes the file over NFS.  Other VDI
+operations (snapshot, resize, CBT, NBD, the HTTP handlers) are for local VDIs only.
+
+Simplifications are marked "SIMPLIFIED" where they are made.
 """
 
 from __future__ import annotations
@@ -16,17 +26,24 @@ import datetime
 import hashlib
 import inspect
 import os
+import posixpath
 import random
+import shutil
+import signal
 import threading
 import time
 import uuid
 import xmlrpc.client
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
+from tests import nfsclient
 from tests.vsphere import cbt
+from tests.xapi import nfssr
+from tests.xapi.nfssr import NfsMount
 
 NULL = "OpaqueRef:NULL"
 BLOCK = cbt.BLOCK  # 64 KiB: XAPI's CBT block and the import's hole granularity
@@ -342,6 +359,14 @@ DEFAULTS: dict[str, Callable[[], dict[str, Any]]] = {
         "assigned_ips": {},
         "purpose": [],
     },
+    "PBD": lambda: {
+        "uuid": "",
+        "host": NULL,
+        "SR": NULL,
+        "device_config": {},
+        "currently_attached": False,
+        "other_config": {},
+    },
     "task": lambda: {
         "uuid": "",
         "name_label": "",
@@ -381,6 +406,7 @@ SETTABLE: dict[str, set[str]] = {
     "VBD": {"other_config", "userdevice", "bootable", "mode", "type", "qos_algorithm_params"},
     "VIF": {"other_config", "locking_mode", "qos_algorithm_params"},
     "network": {"name_label", "name_description", "other_config", "tags"},
+    "PBD": {"other_config", "device_config"},
     "VM": {
         "name_label",
         "name_description",
@@ -425,6 +451,7 @@ REF_FIELD_CLASS = {
     "VDI": "VDI",
     "SR": "SR",
     "network": "network",
+    "host": "host",
     "resident_on": "host",
     "affinity": "host",
     "master": "host",
@@ -485,6 +512,19 @@ def write_sparse(fd: int, pieces: Any, limit: int) -> int:
     return pos
 
 
+@dataclass
+class GuestRun:
+    """One qemu run of a VM booted for real (boot_guests)."""
+
+    vm: str
+    domid: int
+    serial: Path
+    pidfile: Path
+    drives: list[str]
+    thread: threading.Thread | None = None
+    outcome: dict[str, Any] = field(default_factory=dict)  # what qemu did, once it ended
+
+
 # ---------------------------------------------------------------------------------------------- the API
 class Xapi:
     """The pool: database, sessions, tasks, API calls, fault switches."""
@@ -502,7 +542,11 @@ class Xapi:
         self.nbd: Any = None  # tests.xapi.nbd.NbdExports, set by the harness
         self._cbt_seq = 0
         self._current_session: str | None = None
+        self._current_task: str | None = None
         self._domid = 0
+        self.boot_guests = False  # VM.start really boots (qemu) a VM whose first disk is on an NFS SR
+        self.guest_timeout = 300.0
+        self.guests: dict[str, GuestRun] = {}  # VM ref -> its last qemu run
         self._threads: list[threading.Thread] = []
         self.methods: dict[str, Callable[..., Any]] = {}
         for name, fn in inspect.getmembers(self, inspect.ismethod):
@@ -602,7 +646,47 @@ class Xapi:
 
     def vdi_path(self, vdi: str) -> Path:
         r = self.rec("VDI", vdi)
-        return self.rec("SR", r["SR"])["_dir"] / f"{r['uuid']}.raw"
+        sr = self.rec("SR", r["SR"])
+        if self.remote(sr):
+            # SIMPLIFIED: a VDI of an NFS SR is reached over NFS only by what nfssr.py does (scan,
+            # VM.start, copy, pool_migrate, destroy, the harness's guest I/O); snapshot, resize, CBT,
+            # NBD and the HTTP handlers are for the simulator's local-file SRs
+            raise XapiError("SR_OPERATION_NOT_SUPPORTED", r["SR"])
+        return sr["_dir"] / f"{r['uuid']}.raw"
+
+    @staticmethod
+    def remote(sr: dict[str, Any]) -> bool:
+        """An SR whose storage is really remote (an introduced "nfs" SR): its VDIs are files on an NFS
+        server, reached through the mount its plugged PBD holds.  Other SRs are folders of the workdir."""
+        return "_dir" not in sr
+
+    def mount_of(self, sr: str) -> NfsMount | None:
+        """The NFS mount of an SR's plugged PBD (None when no PBD of it is plugged)."""
+        for pbd in self.rec("SR", sr)["PBDs"]:
+            p = self.db["PBD"].get(pbd)
+            if p is not None and p["currently_attached"] and p.get("_mount") is not None:
+                return p["_mount"]
+        return None
+
+    def _remote_file(self, vdi: str) -> tuple[NfsMount, str] | None:
+        """(mount, file name) of a VDI of a remote SR, None for a local one; SR_HAS_NO_PBDS if its SR is
+        not plugged (as XAPI finds no host to run the SM on)."""
+        v = self.rec("VDI", vdi)
+        if not self.remote(self.rec("SR", v["SR"])):
+            return None
+        mount = self.mount_of(v["SR"])
+        if mount is None:
+            raise XapiError("SR_HAS_NO_PBDS", v["SR"])
+        return mount, v["location"] + v.get("_ext", ".raw")
+
+    @contextlib.contextmanager
+    def _unlocked(self) -> Iterator[None]:
+        """The API lock let go for a long data copy (a call holds it once); taken back after."""
+        self.lock.release()
+        try:
+            yield
+        finally:
+            self.lock.acquire()
 
     def attached_to_running(self, vdi: str) -> bool:
         for vbd in self.rec("VDI", vdi)["VBDs"]:
@@ -698,12 +782,15 @@ class Xapi:
         fn = self.resolve(method)
         ps = list(inspect.signature(fn).parameters.values())
         fixed = len([p for p in ps if p.kind is p.POSITIONAL_OR_KEYWORD]) - 1  # less the session
-        varargs = any(p.kind is p.VAR_POSITIONAL for p in ps)  # an optional trailing parameter
-        if len(params) < fixed or len(params) > fixed + varargs:
+        # optional trailing parameters (XAPI takes a call without the newest ones): *args, one unless
+        # the function says how many (its "optional" attribute)
+        optional = getattr(fn, "optional", 1) if any(p.kind is p.VAR_POSITIONAL for p in ps) else 0
+        if len(params) < fixed or len(params) > fixed + optional:
             raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, fixed, len(params))
         with self.lock:
             self._refused(method, params)
             self._current_session = session
+            self._current_task = task
             return marshal(fn(session, *params))
 
     def _refused(self, method: str, params: list[Any]) -> None:
@@ -871,8 +958,177 @@ class Xapi:
         if r["status"] != "pending":
             raise XapiError("OPERATION_NOT_ALLOWED", f"task {task} is {r['status']}")
 
+    # ------------------------------------------------------------------ SR, PBD
+    def x_SR__introduce(
+        self,
+        s: str,
+        uuid_: Any,
+        name_label: Any,
+        name_description: Any,
+        type_: Any,
+        content_type: Any,
+        shared: Any,
+        sm_config: Any,
+    ) -> str:
+        """An SR record with no PBDs (XAPI's SR.introduce is a database operation only)."""
+        for field_name, v in (("uuid", uuid_), ("name_label", name_label), ("type", type_)):
+            if not isinstance(v, str):
+                raise XapiError("FIELD_TYPE_ERROR", field_name)
+        u = uuid_ or str(uuid.uuid4())
+        if any(r["uuid"] == u for r in self.db["SR"].values()):
+            raise XapiError("SR_UUID_EXISTS", u)
+        ref = self.add(
+            "SR",
+            uuid=u,
+            name_label=name_label,
+            name_description=self._typed("SR", "name_description", name_description),
+            type=type_.lower(),
+            content_type=self._typed("SR", "content_type", content_type),
+            shared=self._typed("SR", "shared", shared),
+            sm_config=self._typed("SR", "sm_config", sm_config),
+            physical_size=-1,
+            physical_utilisation=-1,
+        )
+        if type_.lower() != "nfs":
+            # SIMPLIFIED: only "nfs" has a storage backend of its own (nfssr.py); an SR of another type
+            # is a folder of the workdir, as add_sr makes, and PBD.plug of it just says attached
+            self.rec("SR", ref)["_dir"] = self.workdir / "sr-mount" / u
+            self.rec("SR", ref)["_dir"].mkdir(parents=True, exist_ok=True)
+        return ref
+
+    def x_SR__forget(self, s: str, sr: str) -> None:
+        """The SR's records gone (PBDs, VDIs, the SR), never its storage; refused while a PBD is plugged.
+        As XAPI's Db.VDI.destroy, VBDs of its VDIs are left pointing at them."""
+        r = self.rec("SR", sr)
+        if any(self.db["PBD"][p]["currently_attached"] for p in r["PBDs"] if p in self.db["PBD"]):
+            raise XapiError("SR_HAS_PBD", sr)
+        for pbd in list(r["PBDs"]):
+            self._drop_pbd(pbd)
+        for vdi in list(r["VDIs"]):
+            if vdi in self.db["VDI"]:
+                self._drop_vdi(vdi, files=False, vbds=False)
+        del self.db["SR"][sr]
+
     def x_SR__scan(self, s: str, sr: str) -> None:
-        self.rec("SR", sr)
+        r = self.rec("SR", sr)
+        if not self.remote(r):
+            return  # the simulator's local-file SRs: the database already is what their folders hold
+        mount = self.mount_of(sr)
+        if mount is None:
+            raise XapiError("SR_HAS_NO_PBDS", sr)
+        try:
+            found = nfssr.scan(mount)
+        except nfssr.SmError as e:
+            raise XapiError(*e.description) from None
+        by_location = {self.db["VDI"][v]["location"]: v for v in r["VDIs"] if v in self.db["VDI"]}
+        seen = set()
+        for f in found:
+            seen.add(f.uuid)
+            sizes = {"virtual_size": f.virtual_size, "physical_utilisation": f.physical_utilisation}
+            ref = by_location.get(f.uuid)
+            if ref is not None:
+                self.db["VDI"][ref].update(sizes, _ext=f.ext)
+                continue
+            if any(v["uuid"] == f.uuid for v in self.db["VDI"].values()):
+                # SIMPLIFIED: the SM's VDI.db_introduce fails on the database's uniqueness; its scan
+                # then fails with that error (here it reaches the caller as it is)
+                raise XapiError("DB_UNIQUENESS_CONSTRAINT_VIOLATION", "VDI", "uuid", f.uuid)
+            ref = self.add(
+                "VDI",
+                uuid=f.uuid,
+                SR=sr,
+                location=f.uuid,
+                sm_config={"type": "raw"} if f.ext == ".raw" else {},  # FileVDI's sm_config_override
+                _ext=f.ext,
+                **sizes,
+            )
+            r["VDIs"].append(ref)
+        for location, ref in by_location.items():
+            # SIMPLIFIED: the SM forgets a VDI whose file is gone even if a running VM has it (leaving
+            # the VBD pointing at nothing); here such a VDI stays until it is detached
+            if location not in seen and not self.attached_to_running(ref):
+                self._drop_vdi(ref, files=False)
+        r["virtual_allocation"] = sum(f.virtual_size for f in found)
+        with contextlib.suppress(nfssr.NfsError):
+            total, free = mount.fsstat()
+            r.update(physical_size=total, physical_utilisation=total - free)
+        self.record("sm", op="sr_scan", sr=sr, files=sorted(f.uuid + f.ext for f in found))
+
+    def x_PBD__create(self, s: str, record: Any) -> str:
+        if not isinstance(record, dict):
+            raise XapiError("FIELD_TYPE_ERROR", "args")
+        host = record.get("host", NULL)
+        self.rec("host", host)
+        sr = record.get("SR", NULL)
+        srr = self.rec("SR", sr)
+        config = self._typed("PBD", "device_config", record.get("device_config", {}))
+        for p in srr["PBDs"]:
+            if self.db["PBD"][p]["host"] == host:
+                raise XapiError("PBD_EXISTS", sr, host, p)
+        if "SRmaster" in config:
+            raise XapiError(
+                "VALUE_NOT_SUPPORTED", "SRmaster", config["SRmaster"], "This key is for internal use only"
+            )
+        # as XAPI's PBD.create: the record's other_config is not kept
+        pbd = self.add(
+            "PBD", host=host, SR=sr, device_config=config, currently_attached=False, other_config={}
+        )
+        srr["PBDs"].append(pbd)
+        self.rec("host", host)["PBDs"].append(pbd)
+        return pbd
+
+    def x_PBD__plug(self, s: str, pbd: str) -> None:
+        """SR.attach on the PBD's host: for an NFS SR, what sm's NFSSR.attach does, over the network
+        (nfssr.attach); a failure is its SR_BACKEND_FAILURE and the PBD stays unplugged."""
+        p = self.rec("PBD", pbd)
+        if p["currently_attached"]:
+            return
+        srr = self.rec("SR", p["SR"])
+        if self.remote(srr):
+
+            def message(name: str, body: str) -> None:
+                self.record("message", name=name, cls="SR", obj_uuid=srr["uuid"], body=body)
+
+            try:
+                p["_mount"] = nfssr.attach(p["device_config"], srr["uuid"], message)
+            except nfssr.SmError as e:
+                self.record("sm", op="sr_attach", sr=p["SR"], ok=False, error=e.description)
+                raise XapiError(*e.description) from None
+            self.record("sm", op="sr_attach", sr=p["SR"], ok=True, hardlinks=p["_mount"].hardlinks)
+        p["currently_attached"] = True
+
+    def x_PBD__unplug(self, s: str, pbd: str) -> None:
+        p = self.rec("PBD", pbd)
+        if not p["currently_attached"]:
+            return
+        # as XAPI: refused while a VM on the PBD's host has a VDI of the SR attached
+        active = []
+        for vm in self.rec("host", p["host"])["resident_VMs"]:
+            for vbd in self.db["VM"].get(vm, {}).get("VBDs", []):
+                b = self.db["VBD"].get(vbd)
+                if b is None or not b["currently_attached"] or b["empty"]:
+                    continue
+                if self.db["VDI"].get(b["VDI"], {}).get("SR") == p["SR"]:
+                    active.append(b["VDI"])
+        if active:
+            raise XapiError("VDI_IN_USE", *active)
+        mount = p.pop("_mount", None)
+        if mount is not None:
+            mount.umount()
+            self.record("sm", op="sr_detach", sr=p["SR"])
+        p["currently_attached"] = False
+
+    def x_PBD__destroy(self, s: str, pbd: str) -> None:
+        if self.rec("PBD", pbd)["currently_attached"]:
+            raise XapiError("OPERATION_NOT_ALLOWED", "PBD is currently attached")
+        self._drop_pbd(pbd)
+
+    def _drop_pbd(self, pbd: str) -> None:
+        p = self.db["PBD"].pop(pbd)
+        with contextlib.suppress(KeyError, ValueError):
+            self.db["SR"][p["SR"]]["PBDs"].remove(pbd)
+        with contextlib.suppress(KeyError, ValueError):
+            self.db["host"][p["host"]]["PBDs"].remove(pbd)
 
     # ------------------------------------------------------------------ VM
     def _vm(self, vm: str) -> dict[str, Any]:
@@ -924,7 +1180,137 @@ class Xapi:
             raise XapiError("VM_IS_TEMPLATE", vm)
         if r["power_state"] != "Halted":
             raise self._bad_power(vm, "halted")
+        self._open_disks(vm)
+        boot = self._boot_drives(vm) if self.boot_guests and not paused else None
         self._power_on(vm, "Paused" if paused else "Running")
+        if boot is not None:
+            self._boot(vm, boot)
+
+    def _open_disks(self, vm: str) -> None:
+        """What attaching the VM's disks does on the host: each VDI of an NFS SR needs its SR plugged
+        (VM_REQUIRES_SR otherwise) and is opened as tapdisk does, reading its first 4 KiB over NFS (the
+        SM's VDIUnavailable if the file is gone, TapdiskFailed if it cannot be read)."""
+        for vbd in self._vm(vm)["VBDs"]:
+            b = self.db["VBD"][vbd]
+            if b["empty"] or b["VDI"] == NULL:
+                continue
+            v = self.rec("VDI", b["VDI"])
+            if not self.remote(self.rec("SR", v["SR"])):
+                continue
+            if self.mount_of(v["SR"]) is None:
+                raise XapiError("VM_REQUIRES_SR", vm, v["SR"])
+            remote = self._remote_file(b["VDI"])
+            assert remote is not None
+            mount, name = remote
+            try:
+                mount.read(name, 0, 4096)
+            except nfssr.NfsError as e:
+                err = (
+                    nfssr.SmError("VDIUnavailable", f"VDI {v['uuid']} not found")
+                    if e.status == nfsclient.NOENT
+                    else nfssr.SmError("TapdiskFailed", f"{mount.remotepath}/{name}: {e}")
+                )
+                raise XapiError(*err.description) from None
+
+    def _boot_drives(self, vm: str) -> list[str] | None:
+        """The qemu ``-drive`` values of a VM to boot for real (boot_guests): its disks in userdevice
+        order, those of an NFS SR as qemu's nfs:// URLs of their files (what tapdisk opens), others as
+        their local files; None if its first disk is not on an NFS SR (such a VM is only simulated)."""
+        vbds = sorted(
+            (self.db["VBD"][b] for b in self._vm(vm)["VBDs"]),
+            key=lambda b: int(b["userdevice"]) if b["userdevice"].isdigit() else 99,
+        )
+        drives = []
+        for b in vbds:
+            if b["type"] != "Disk" or b["empty"] or b["VDI"] == NULL:
+                continue
+            remote = self._remote_file(b["VDI"])
+            if remote is None:
+                if not drives:
+                    return None
+                drives.append(f"file={self.vdi_path(b['VDI'])},format=raw,if=virtio")
+                continue
+            if remote[1].endswith(".vhd"):
+                raise XapiError("INTERNAL_ERROR", "the simulator boots raw VDIs only (boot_guests)")
+            mount = remote[0]
+            url = f"nfs://{mount.server}{posixpath.join(mount.remotepath, remote[1])}"
+            drives.append(f"file={url},format=raw,if=virtio,cache=none")
+        if not drives:
+            return None
+        if shutil.which("qemu-system-x86_64") is None:
+            raise XapiError("INTERNAL_ERROR", "qemu-system-x86_64 is not installed (boot_guests)")
+        return drives
+
+    def _boot(self, vm: str, drives: list[str]) -> None:
+        """Run the VM in qemu (tests/testkit/guest.py's boot) in a thread; when qemu ends, the VM is
+        Halted, as a guest that powered itself off.  SIMPLIFIED: memory, vCPUs and NICs of the VM are
+        not used (the test guest's own 512 MiB, one vCPU, no network)."""
+        r = self._vm(vm)
+        folder = self.workdir / "guests"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{r['uuid']}-{r['domid']}"
+        run = GuestRun(vm, r["domid"], folder / f"{stem}.serial.log", folder / f"{stem}.pid", drives)
+        run.serial.write_bytes(b"")
+        self.guests[vm] = run
+        run.thread = threading.Thread(target=self._guest_main, args=(run,), name=f"guest {stem}", daemon=True)
+        self.record("guest-start", vm=vm, drives=drives, serial=str(run.serial))
+        run.thread.start()
+
+    def _guest_main(self, run: GuestRun) -> None:
+        from tests.testkit import guest
+
+        outcome: dict[str, Any]
+        try:
+            res = guest.boot(
+                None,
+                serial_log=run.serial,
+                timeout=self.guest_timeout,
+                drive_args=run.drives[0],
+                extra_args=[
+                    *(a for d in run.drives[1:] for a in ("-drive", d)),
+                    "-pidfile",
+                    str(run.pidfile),
+                ],
+            )
+            outcome = {"returncode": res.returncode, "boots_seen": res.boots_seen, "seconds": res.seconds}
+            outcome["powered_off"] = res.powered_off
+            if res.returncode != 0:
+                outcome["qemu_output"] = res.qemu_output[-2000:]
+        except guest.GuestBootTimeout as e:
+            outcome = {"timeout": True, "boots_seen": e.result.boots_seen}
+        except Exception as e:  # qemu could not start
+            outcome = {"error": repr(e)}
+        with self.lock:
+            run.outcome = outcome
+            r = self.db["VM"].get(run.vm)
+            if r is not None and r["domid"] == run.domid and r["power_state"] != "Halted":
+                self._power_off(run.vm)
+        self.record("guest-exit", vm=run.vm, **outcome)
+
+    def _stop_guest(self, vm: str) -> None:
+        """Kill the VM's qemu if it runs (a hard shutdown); only the process this simulator started."""
+        run = self.guests.get(vm)
+        if run is None or run.thread is None or not run.thread.is_alive():
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and run.thread.is_alive():
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(run.pidfile.read_text().strip())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if str(run.pidfile).encode() in cmdline:
+                    os.kill(pid, signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+    def stop_guests(self) -> None:
+        """Kill every qemu still running (between tests, at the end) and wait for their threads."""
+        with self.lock:
+            runs = list(self.guests.values())
+            for run in runs:
+                self._stop_guest(run.vm)
+        for run in runs:
+            if run.thread is not None:
+                run.thread.join(30)
 
     def _power_on(self, vm: str, state: str) -> None:
         r = self._vm(vm)
@@ -949,6 +1335,7 @@ class Xapi:
     def x_VM__clean_shutdown(self, s: str, vm: str) -> None:
         if self._not_dom0(vm)["power_state"] != "Running":
             raise self._bad_power(vm, "running")
+        self._stop_guest(vm)  # SIMPLIFIED: a booted guest is not asked to shut down: its qemu is killed
         self._power_off(vm)
 
     def x_VM__hard_shutdown(self, s: str, vm: str) -> None:
@@ -958,6 +1345,7 @@ class Xapi:
         if r["power_state"] == "Suspended" and r["suspend_VDI"] != NULL:
             self._drop_vdi(r["suspend_VDI"])
             r["suspend_VDI"] = NULL
+        self._stop_guest(vm)
         self._power_off(vm)
 
     def x_VM__snapshot(self, s: str, vm: str, new_name: str, *ignore_vdis: Any) -> str:
@@ -985,6 +1373,10 @@ class Xapi:
         if r["is_a_snapshot"] or r["is_a_template"]:
             # SIMPLIFIED: XAPI's allowed_operations of a snapshot/template lack "snapshot"
             raise XapiError("OPERATION_NOT_ALLOWED", "VM is a snapshot or a template")
+        for vbd in r["VBDs"]:  # before anything is made
+            b = self.db["VBD"][vbd]
+            if b["type"] == "Disk" and not b["empty"] and b["VDI"] != NULL and b["VDI"] not in ignore:
+                self._snapshottable(b["VDI"])
         when = now()
         copy = {
             k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
@@ -1194,23 +1586,30 @@ class Xapi:
         return self.new_vdi(sr, size, **vals)
 
     def new_vdi(self, sr: str, size: int, **vals: Any) -> str:
+        if self.remote(self.rec("SR", sr)):
+            # SIMPLIFIED: no VDI.create on an NFS SR (the SM would create <uuid>.vhd over NFS)
+            raise XapiError("SR_OPERATION_NOT_SUPPORTED", sr)
         vdi = self.add("VDI", SR=sr, virtual_size=size, **vals)
         self.rec("SR", sr)["VDIs"].append(vdi)
         with open(self.vdi_path(vdi), "wb") as f:
             f.truncate(size)
         return vdi
 
-    def _drop_vdi(self, vdi: str) -> None:
+    def _drop_vdi(self, vdi: str, *, files: bool = True, vbds: bool = True) -> None:
+        """The VDI's record gone; with *files*, a local VDI's file too; with *vbds*, its VBDs too (else
+        they are left pointing at it, as XAPI's Db.VDI.destroy leaves them)."""
         v = self.db["VDI"].pop(vdi)
         if self.nbd is not None:
             self.nbd.vdi_gone(vdi)
-        with contextlib.suppress(FileNotFoundError):
-            (self.db["SR"][v["SR"]]["_dir"] / f"{v['uuid']}.raw").unlink()
+        sr = self.db["SR"].get(v["SR"], {})
+        if files and "_dir" in sr:
+            with contextlib.suppress(FileNotFoundError):
+                (sr["_dir"] / f"{v['uuid']}.raw").unlink()
         with contextlib.suppress(KeyError, ValueError):
             self.db["SR"][v["SR"]]["VDIs"].remove(vdi)
         with contextlib.suppress(KeyError, ValueError):
             self.db["VDI"][v["snapshot_of"]]["snapshots"].remove(vdi)
-        for vbd in list(v["VBDs"]):
+        for vbd in list(v["VBDs"]) if vbds else []:
             if vbd in self.db["VBD"]:
                 self._drop_vbd(vbd)
 
@@ -1218,7 +1617,168 @@ class Xapi:
         self.rec("VDI", vdi)
         if self.attached_to_running(vdi):
             raise XapiError("VDI_IN_USE", vdi, "destroy")
-        self._drop_vdi(vdi)  # as XAPI: the VDI's (unplugged) VBDs go with it
+        self._delete_vdi(vdi)  # as XAPI: the VDI's (unplugged) VBDs go with it
+
+    def _delete_vdi(self, vdi: str) -> None:
+        """The SM's vdi_delete, then the record: an NFS SR's VDI file is removed over NFS (a file already
+        gone is no error, as FileVDI.delete)."""
+        remote = self._remote_file(vdi)
+        if remote is not None:
+            mount, name = remote
+            try:
+                mount.remove(name)
+            except nfssr.NfsError as e:
+                if e.status != nfsclient.NOENT:
+                    err = nfssr.SmError("VDIDelete", f"Failed to unlink file during deleting VDI: {e}")
+                    raise XapiError(*err.description) from None
+            self.record("sm", op="vdi_delete", sr=self.rec("VDI", vdi)["SR"], file=name)
+        self._drop_vdi(vdi)
+
+    def x_VDI__copy(self, s: str, vdi: str, sr: str, *rest: Any) -> str:
+        """VDI.copy(vdi, sr[, base_vdi, into_vdi]) (the last two are XAPI's newer, optional parameters):
+        the VDI's bytes into a new VDI on *sr*, or into *into_vdi*.  SIMPLIFIED: with base_vdi the whole
+        VDI is copied (XAPI copies only the blocks that differ from base_vdi: the same result when
+        into_vdi holds base_vdi's bytes, which is what base_vdi is for)."""
+        base_vdi = rest[0] if rest else NULL
+        into_vdi = rest[1] if len(rest) > 1 else NULL
+        src = self._not_cbt_metadata(vdi)
+        if not src["managed"]:
+            raise XapiError("VDI_NOT_MANAGED", vdi)
+        if any(
+            self.db["VBD"][b]["currently_attached"] and self.db["VBD"][b]["mode"] == "RW"
+            for b in src["VBDs"]
+            if b in self.db["VBD"]
+        ):
+            raise XapiError("VDI_IN_USE", vdi, "copy")
+        if base_vdi != NULL:
+            self.rec("VDI", base_vdi)
+        if into_vdi != NULL:
+            dst = self.rec("VDI", into_vdi)
+            if dst["read_only"]:
+                raise XapiError("VDI_READONLY", into_vdi)
+            if dst["virtual_size"] < src["virtual_size"]:
+                raise XapiError("VDI_TOO_SMALL", into_vdi, str(src["virtual_size"]))
+            self.vdi_path(into_vdi)  # a VDI of a local-file SR (see vdi_path)
+            self._copy_bytes(vdi, into_vdi, lambda e: XapiError("VDI_COPY_FAILED", str(e)))
+            return into_vdi
+        self.rec("SR", sr)
+        new = self.new_vdi(
+            sr,
+            src["virtual_size"],
+            name_label=src["name_label"],
+            name_description=src["name_description"],
+            type=src["type"],
+            sharable=src["sharable"],
+            read_only=False,  # as XAPI: the copy is writable even if the source is not
+            other_config=dict(src["other_config"]),
+            xenstore_data=dict(src["xenstore_data"]),
+            tags=list(src["tags"]),
+        )
+        try:
+            self._copy_bytes(vdi, new, lambda e: XapiError("VDI_COPY_FAILED", str(e)))
+        except BaseException:
+            if new in self.db["VDI"]:
+                self._drop_vdi(new)
+            raise
+        return new
+
+    x_VDI__copy.optional = 2  # type: ignore[attr-defined]
+
+    def x_VDI__pool_migrate(self, s: str, vdi: str, sr: str, options: Any) -> str:
+        """Live storage migration of a VDI of a VM (running or not, as current XAPI): its bytes into a
+        new VDI on *sr*, the VM's VBD moved to it, the source deleted as the SM deletes (for an NFS SR:
+        REMOVE of its file).  The new VDI's ref is the result.  SIMPLIFIED: the bytes are copied once,
+        the VBD then moved (XAPI mirrors the guest's writes meanwhile); a guest really booted
+        (boot_guests) keeps the drive it started with until it powers off."""
+        v = self.rec("VDI", vdi)
+        self.rec("SR", sr)
+        if not isinstance(options, dict):
+            raise XapiError("FIELD_TYPE_ERROR", "options")
+        vbds = [b for b in v["VBDs"] if b in self.db["VBD"]]
+        if not vbds:
+            raise XapiError("VDI_NEEDS_VM_FOR_MIGRATE", vdi)
+        if v["type"] == "cbt_metadata":
+            raise XapiError("VDI_INCOMPATIBLE_TYPE", vdi, "cbt_metadata")
+        if v["cbt_enabled"]:
+            raise XapiError("VDI_CBT_ENABLED", vdi)
+        vm = self.db["VBD"][vbds[0]]["VM"]
+        if self._vm(vm)["power_state"] == "Paused":
+            raise self._bad_power(vm, "running")
+        if v["SR"] == sr:
+            return vdi  # nothing to move
+        if self.remote(self.rec("SR", sr)):
+            raise XapiError("SR_OPERATION_NOT_SUPPORTED", sr)  # SIMPLIFIED: see new_vdi
+        new = self.new_vdi(
+            sr,
+            v["virtual_size"],
+            name_label=v["name_label"],
+            name_description=v["name_description"],
+            type=v["type"],
+            sharable=v["sharable"],
+            read_only=v["read_only"],
+            other_config=dict(v["other_config"]),
+            xenstore_data=dict(v["xenstore_data"]),
+            tags=list(v["tags"]),
+        )
+        try:
+            self._copy_bytes(vdi, new, lambda e: XapiError("MIRROR_FAILED", vdi))
+            if vdi not in self.db["VDI"]:
+                raise XapiError("HANDLE_INVALID", "VDI", vdi)  # destroyed while it was being copied
+        except BaseException:
+            if new in self.db["VDI"]:
+                self._drop_vdi(new)
+            raise
+        for b in list(v["VBDs"]):
+            rb = self.db["VBD"].get(b)
+            if rb is not None and rb["VM"] == vm:
+                rb["VDI"] = new
+                v["VBDs"].remove(b)
+                self.rec("VDI", new)["VBDs"].append(b)
+        self.rec("VDI", new)["physical_utilisation"] = self._allocated(new)
+        self._delete_vdi(vdi)
+        return new
+
+    def _copy_bytes(self, vdi: str, dst: str, failure: Callable[[Exception], XapiError]) -> None:
+        """The bytes of *vdi* (over NFS for a VDI of an NFS SR, READ by READ; else its file) into the
+        local file of *dst*, all-zero 64 KiB blocks left as holes.  The API lock is let go meanwhile
+        (the task's progress moves); *failure* makes the error of a failed read."""
+        size = self.rec("VDI", vdi)["virtual_size"]
+        task = self._current_task
+        remote = self._remote_file(vdi)
+        if remote is not None and not remote[1].endswith(".raw"):
+            raise XapiError("VDI_COPY_FAILED", "the simulator copies raw VDIs only")  # SIMPLIFIED
+        dst_path = self.vdi_path(dst)
+        limit = self.rec("VDI", dst)["virtual_size"]
+
+        def progress(done: int) -> None:
+            with self.lock:
+                t = self.db["task"].get(task) if task else None
+                if t is not None and size:
+                    t["progress"] = round(0.95 * done / size, 3)
+
+        def local_pieces(path: Path) -> Iterator[bytes]:
+            with open(path, "rb") as f:
+                pos = 0
+                while pos < size:
+                    piece = f.read(min(PIECE, size - pos)) or bytes(min(PIECE, size - pos))
+                    pos += len(piece)
+                    progress(pos)
+                    yield piece
+
+        pieces = (
+            remote[0].pieces(remote[1], size, progress)
+            if remote is not None
+            else local_pieces(self.vdi_path(vdi))
+        )  # generators: nothing is read before the lock is let go
+        with self._unlocked():
+            fd = os.open(dst_path, os.O_WRONLY)
+            try:
+                copied = write_sparse(fd, pieces, limit)
+            except (nfssr.NfsError, OSError, ValueError) as e:
+                raise failure(e) from None
+            finally:
+                os.close(fd)
+        self.record("vdi-copy", vdi=vdi, dst=dst, bytes=copied, nfs=remote is not None)
 
     def _not_cbt_metadata(self, vdi: str) -> dict[str, Any]:
         v = self.rec("VDI", vdi)
@@ -1241,7 +1801,15 @@ class Xapi:
 
     def x_VDI__snapshot(self, s: str, vdi: str, driver_params: Any) -> str:
         self._not_cbt_metadata(vdi)
+        self._snapshottable(vdi)
         return self._snapshot_vdi(vdi, now())
+
+    def _snapshottable(self, vdi: str) -> None:
+        """FileVDI._do_snapshot refuses a raw VDI (an NFS SR's VDI the simulator has is raw, or a VHD it
+        does not snapshot: see vdi_path)."""
+        remote = self._remote_file(vdi)
+        if remote is not None and remote[1].endswith(".raw"):
+            raise XapiError(*nfssr.SmError("Unimplemented").description)
 
     def x_VDI__enable_cbt(self, s: str, vdi: str) -> None:
         v = self._cbt_switchable(vdi)

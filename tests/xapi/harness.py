@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
+import time
 import xmlrpc.client
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -63,6 +65,7 @@ class XapiSim:
         self.close_sessions()
         self.server.stop()
         self.xapi.wait_tasks()
+        self.xapi.stop_guests()
         self.nbd.close()
 
     # ------------------------------------------------------------------ clients
@@ -116,7 +119,8 @@ class XapiSim:
 
     def add_sr(self, name: str, type_: str = "nfs") -> str:
         """Another SR (an "nfs" one is shared); its VDI files are in a folder of the workdir too.
-        SIMPLIFIED: no NFS server behind an "nfs" SR, no PBDs."""
+        SIMPLIFIED: no NFS server behind an "nfs" SR made here, no PBDs (an SR made as the product
+        makes one, SR.introduce + PBD.create + PBD.plug, has a real NFS server behind it)."""
         with self.xapi.lock:
             return self.xapi.add_sr(name, type_)
 
@@ -209,6 +213,78 @@ class XapiSim:
         with self.xapi.lock:
             return self.xapi.vdi_path(vdi)
 
+    def vm_ref(self, vm: str) -> str:
+        """A VM's ref from its ref or uuid."""
+        with self.xapi.lock:
+            if vm in self.xapi.db["VM"]:
+                return vm
+            return self.xapi._by_uuid("VM", vm)
+
+    # ------------------------------------------------------------------ guests
+    def boot_guests(self, on: bool = True, *, timeout: float = 300) -> None:
+        """Knob (off again after each test): VM.start of a VM whose first disk is a VDI of an NFS SR
+        boots it for real: qemu (tests/testkit/guest.py) with the VDIs as nfs:// drives in userdevice
+        order, its serial console in the workdir (``guest_serial``); when qemu ends (the test guest
+        powers itself off) the VM is Halted.  A guest still running after *timeout* seconds is killed."""
+        with self.xapi.lock:
+            self.xapi.boot_guests = on
+            self.xapi.guest_timeout = timeout
+
+    def guest_serial(self, vm: str) -> str:
+        """The serial console text of the VM's last real boot (by ref or uuid; "" if it never booted)."""
+        with self.xapi.lock:
+            run = self.xapi.guests.get(self.vm_ref(vm))
+        if run is None or not run.serial.exists():
+            return ""
+        return run.serial.read_bytes().decode(errors="replace")
+
+    def guest_outcome(self, vm: str) -> dict[str, Any]:
+        """What the VM's last qemu run did once it ended: ``returncode``, ``boots_seen``, ``powered_off``,
+        ``seconds`` (or ``timeout``/``error``); {} while it runs or if it never booted."""
+        with self.xapi.lock:
+            run = self.xapi.guests.get(self.vm_ref(vm))
+            return dict(run.outcome) if run is not None else {}
+
+    def wait_halted(self, vm: str, timeout: float = 300) -> None:
+        """Wait until the VM is Halted (a booted guest powered itself off); TimeoutError otherwise."""
+        ref = self.vm_ref(vm)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.xapi.lock:
+                state = self.xapi.rec("VM", ref)["power_state"]
+            if state == "Halted":
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"VM {vm} still {state} after {timeout:g} s")
+            time.sleep(0.1)
+
+    def guest_write(self, vdi: str, offset: int, data: bytes) -> None:
+        """Write into a VDI as a running guest's tapdisk does: for a VDI of an NFS SR, NFS WRITEs and a
+        COMMIT to its file (the SR must be plugged); for another, its local file."""
+        target = self._guest_target(vdi)
+        if isinstance(target, Path):
+            fd = os.open(target, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
+        else:
+            target[0].write(target[1], offset, data)
+
+    def guest_read(self, vdi: str, offset: int, length: int) -> bytes:
+        """Read a VDI as tapdisk does (NFS READs of its file for a VDI of an NFS SR)."""
+        target = self._guest_target(vdi)
+        if isinstance(target, Path):
+            with open(target, "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        return target[0].read(target[1], offset, length)
+
+    def _guest_target(self, vdi: str) -> Any:
+        with self.xapi.lock:
+            remote = self.xapi._remote_file(vdi)
+            return remote if remote is not None else self.xapi.vdi_path(vdi)
+
     def record(self, cls: str, ref: str) -> dict[str, Any]:
         """The record as the API gives it (int64 as strings)."""
         with self.xapi.lock:
@@ -226,7 +302,10 @@ class XapiSim:
     def calls(self, method: str, **match: Any) -> list[dict[str, Any]]:
         """Log entries of what was answered: API calls by name (``args`` without the session, ``ok``,
         ``result`` or ``error``), "GET /export_raw_vdi", "PUT /import_raw_vdi", "nbd-export",
-        "nbd-connect", "nbd-drop", "nbd-refused", "refused", "sessions-expired", "sim-error"."""
+        "nbd-connect", "nbd-drop", "nbd-refused", "refused", "sessions-expired", "sim-error"; the
+        storage of NFS SRs: "sm" (``op`` sr_attach, sr_detach, sr_scan, vdi_delete; ``sr``), "message"
+        (an XAPI message the SM created, ``name``), "vdi-copy" (``vdi``, ``dst``, ``bytes``, ``nfs``);
+        real boots: "guest-start" (``vm``, ``drives``), "guest-exit" (``vm`` and what qemu did)."""
         return self.xapi.calls(method, **match)
 
     @property
@@ -249,12 +328,15 @@ class XapiSim:
         self.xapi.disable_cbt_behind_back(vdi)
 
     def reset(self) -> None:
-        """Fault switches off and the test's own sessions closed (between tests); the inventory stays."""
+        """Fault switches and knobs off, guests still running killed and the test's own sessions closed
+        (between tests); the inventory stays."""
         self.close_sessions()
         with self.xapi.lock:
             self.xapi.refuse.clear()
+            self.xapi.boot_guests = False
         self.nbd.reset_faults()
         self.xapi.wait_tasks()
+        self.xapi.stop_guests()
 
 
 @contextmanager

@@ -238,6 +238,8 @@ class XapiSim:
             return ""
         return run.serial.read_bytes().decode(errors="replace")
 
+    serial = guest_serial  # the same, shorter
+
     def guest_outcome(self, vm: str) -> dict[str, Any]:
         """What the VM's last qemu run did once it ended: ``returncode``, ``boots_seen``, ``powered_off``,
         ``seconds`` (or ``timeout``/``error``); {} while it runs or if it never booted."""

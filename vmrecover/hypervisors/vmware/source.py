@@ -7,26 +7,25 @@ on VMFS and NFS datastores).  A delta (someone else's snapshot under ours), a vS
 descriptor with several extents is refused with an explanation.
 
 The pipeline reads whole chunks in disk order; while it hashes and compresses one, this source has
-the next ones (of the extents it was told to read) in flight: ``window`` HTTP ranges at once, each of
-up to REQUEST_BYTES of adjacent chunks (fewer, larger requests cost the host and the client less per
-byte: about a third less CPU on the simulator between 1 MiB and 4 MiB ranges).
+the next ones (of the extents it was told to read) in flight (ingest/readahead.py): ``window`` HTTP
+ranges at once, each of up to 4 MiB of adjacent chunks (fewer, larger requests cost the host and the
+client less per byte: about a third less CPU on the simulator between 1 MiB and 4 MiB ranges).
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ...errors import BadInput
+from ...ingest.readahead import ReadAhead
 from ...vfs.formats import vmdk_extents
 from .hardware import DiskInfo
 from .http import DatastoreFiles, DsPath
 
 log = logging.getLogger("vmrecover.vmware")
 FLAT_TYPES = {"VMFS", "FLAT"}
-REQUEST_BYTES = 4 << 20  # adjacent chunks are asked for together, up to this much in one GET
 
 
 class VmdkSource:
@@ -64,12 +63,12 @@ class VmdkSource:
             )
         self.flat = descriptor.sibling(extents[0][3])
         self.files_read = [str(self.flat)]
-        self._area_ends = [a + n for a, n in areas]
         self._pool = ThreadPoolExecutor(window, thread_name_prefix=f"vmdk-{disk.name}")
-        # chunk (offset, length) -> the request that fetches it, and where in that request's bytes
-        self._ahead: dict[tuple[int, int], tuple[Future[bytes], int]] = {}
-        self.window = window
-        self.span = max(1, REQUEST_BYTES // chunk_size)
+        self._ahead: ReadAhead[Future[bytes]] = ReadAhead(
+            areas, chunk_size=chunk_size, size=self.size, window=window,
+            issue=lambda off, n: self._pool.submit(self.files.read, self.flat, off, n),
+            collect=lambda fut: fut.result(), drop=lambda fut: fut.cancel(),
+        )  # fmt: skip
 
     def data_extents(self) -> Iterator[tuple[int, int]]:
         """Where the disk holds data: the allocated areas; for an incremental plan the whole disk (its
@@ -80,59 +79,9 @@ class VmdkSource:
         else:
             yield from self.areas
 
-    def _chunks_after(self, offset: int) -> Iterator[tuple[int, int]]:
-        """The (offset, length) of the chunks the pipeline will read after the one at *offset*:
-        every chunk touching an area, in order."""
-        cs = self.chunk_size
-        last = offset // cs
-        for a, n in self.areas[bisect.bisect_right(self._area_ends, offset) :]:
-            for i in range(max(a // cs, last + 1), (a + n - 1) // cs + 1):
-                last = i
-                yield i * cs, min(cs, self.size - i * cs)
-
-    def _requests_after(self, offset: int) -> Iterator[list[tuple[int, int]]]:
-        """The chunks after *offset*, grouped into requests of up to ``span`` adjacent chunks."""
-        group: list[tuple[int, int]] = []
-        for o, n in self._chunks_after(offset):
-            if group and (group[-1][0] + group[-1][1] != o or len(group) == self.span):
-                yield group
-                group = []
-            group.append((o, n))
-        if group:
-            yield group
-
-    def _fetch(self, group: list[tuple[int, int]]) -> bytes:
-        start, end = group[0][0], group[-1][0] + group[-1][1]
-        return self.files.read(self.flat, start, end - start)
-
-    def _fill(self, offset: int) -> None:
-        """Keep ``window`` requests in flight over the chunks after *offset* (and after those already
-        asked for)."""
-        inflight = {id(f) for f, _ in self._ahead.values()}
-        if len(inflight) >= self.window:
-            return
-        for group in self._requests_after(max([offset, *(o for o, _ in self._ahead)])):
-            fut = self._pool.submit(self._fetch, group)
-            for o, n in group:
-                self._ahead[(o, n)] = (fut, o - group[0][0])
-            inflight.add(id(fut))
-            if len(inflight) >= self.window:
-                break
-
     def read(self, offset: int, length: int) -> bytes:
-        got = self._ahead.pop((offset, length), None)
-        if got is None:  # reads went elsewhere: drop what was asked for ahead
-            for fut, _ in self._ahead.values():
-                fut.cancel()
-            self._ahead.clear()
-        self._fill(offset)
-        if got is None:
-            return self.files.read(self.flat, offset, length)
-        fut, pos = got
-        data = fut.result()
-        return data if pos == 0 and len(data) == length else data[pos : pos + length]
+        return self._ahead.read(offset, length, lambda o, n: self.files.read(self.flat, o, n))
 
     def close(self) -> None:
-        for fut, _ in self._ahead.values():
-            fut.cancel()
+        self._ahead.clear()
         self._pool.shutdown(wait=True)

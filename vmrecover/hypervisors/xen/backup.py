@@ -234,7 +234,7 @@ def _retire(xs: Xen, latest: Point | None, tokens: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------ the backup
-def _source(xs: Xen, p: DiskPlan, transports: dict[str, str]) -> NbdSource | ExportSource:
+def _source(xs: Xen, p: DiskPlan, transports: dict[str, str], chunk_size: int) -> NbdSource | ExportSource:
     """NBD where a host serves the disk that way, else XAPI's HTTP export (and the log says so)."""
     d = p.disk
 
@@ -247,7 +247,7 @@ def _source(xs: Xen, p: DiskPlan, transports: dict[str, str]) -> NbdSource | Exp
     if xs.x.VDI.get_nbd_info(d.vdi):
         transports[d.name] = "nbd"
         return NbdSource(nbd_info, name=d.name, vdi_uuid=d.vdi_uuid, size=d.size, areas=p.areas,
-                         verify=not xs.hv.insecure)  # fmt: skip
+                         verify=not xs.hv.insecure, chunk_size=chunk_size)  # fmt: skip
     log.warning(
         "no host of %s serves disk %s over NBD (no network with purpose 'nbd' reaches it): reading it over "
         "HTTP /export_raw_vdi, whole", xs.hv.name, d.name,
@@ -307,7 +307,7 @@ def back_up(
         try:
             jobs = []
             for p in plans:
-                src = _source(xs, p, transports)
+                src = _source(xs, p, transports, repo.config.chunk_size)
                 sources.append(src)
                 jobs.append(
                     DiskJob(p.disk.name, src, p.areas, None if p.disk.name == "memory" else p.disk.vdi_uuid)

@@ -32,12 +32,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="VM[@POINT]")
     p.add_argument("--name", help="session name (default: <vm>-<6 hex>); shown as recover/<name>/")
     p.add_argument(
-        "--to", metavar="vmware://HYPERVISOR",
-        help="run the VM there: mount this appliance's NFS export on a host and register the VM from it",
+        "--to", metavar="vmware://HYPERVISOR|xen://POOL",
+        help="run the VM there: vmware:// mounts this appliance's NFS export on a host as a datastore and "
+        "registers the VM from it; xen:// attaches the session to the pool as an NFS SR and creates the VM "
+        "on its VDIs",
     )  # fmt: skip
-    p.add_argument("--host", help="with --to: the host (default: the first connected one)")
+    p.add_argument("--host", help="with --to vmware://: the host (default: the first connected one)")
     p.add_argument(
-        "--datastore-name", help="with --to: the NFS datastore's name (default: vmrecover-<appliance>)"
+        "--datastore-name",
+        help="with --to vmware://: the NFS datastore's name (default: vmrecover-<appliance>)",
     )
     p.add_argument("--power-on", action="store_true", help="with --to: power the VM on")
     p.set_defaults(func=cmd_start)
@@ -74,8 +77,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     dest.add_argument("--to", type=Path, metavar="PATH", help="write the disk as an image here")
     dest.add_argument(
         "--to-datastore", metavar="DS",
-        help="a session running on a hypervisor: move the VM to this datastore (Storage vMotion), then end "
+        help="a session running on vSphere: move the VM to this datastore (Storage vMotion), then end "
         "the session, leaving the VM running there",
+    )  # fmt: skip
+    dest.add_argument(
+        "--to-sr", metavar="SR",
+        help="a session running on a XenServer pool: move the VM's disks to this SR (name or UUID; live "
+        "storage migration if it runs), then end the session, leaving the VM there",
     )  # fmt: skip
     p.add_argument("--disk", help="disk name (needed when the VM has several disks)")
     p.add_argument("--format", default="qcow2", choices=list(RESTORE_FORMATS))
@@ -93,19 +101,29 @@ def _print_info(args: argparse.Namespace, info: sessions.SessionInfo, verb: str)
 
 def cmd_start(args: argparse.Namespace) -> int:
     if not args.to and (args.host or args.datastore_name or args.power_on):
-        raise BadInput("--host, --datastore-name and --power-on go with --to vmware://HYPERVISOR")
+        raise BadInput(
+            "--host, --datastore-name and --power-on go with --to vmware://HYPERVISOR or xen://POOL"
+        )
     with open_repo(args) as repo:
         point = repo.catalog.resolve(args.target)
         hv = _hypervisor(repo, args.to) if args.to else None
+        if hv is not None and hv.scheme == "xen":
+            if args.host or args.datastore_name:
+                raise BadInput("--host and --datastore-name are vSphere's", hint="a pool needs neither")
+            from ..hypervisors.xen.restore import check_point
+
+            check_point(point)  # before anything is made
         session = sessions.start(repo, point, args.name)
         if hv is not None:
-            from ..hypervisors.vmware import recovery
-
+            recovery = _platform(hv.scheme)
             try:
-                with _session_on(repo, hv) as vs:
+                with _session_on(repo, hv) as conn:
+                    extra = {} if hv.scheme == "xen" else {
+                        "host": args.host, "datastore_name": args.datastore_name
+                    }  # fmt: skip
                     recovery.publish(
-                        repo, vs, session, point, host=args.host, datastore_name=args.datastore_name,
-                        power_on=args.power_on, passphrase=_passphrase(repo),
+                        repo, conn, session, point, power_on=args.power_on, passphrase=_passphrase(repo),
+                        **extra,
                     )  # fmt: skip
             except BaseException:  # nothing of the session stays, on the host or here
                 with contextlib.suppress(Exception):
@@ -118,17 +136,46 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def _hypervisor(repo: Any, url: str) -> Any:
     hv, _ = Registry(repo.root).target(url, vm=False)
-    require(hv, "instant recovery on a hypervisor", "vmware")
+    require(hv, "instant recovery on a hypervisor", "vmware", "xen")
     return hv
+
+
+def _platform(scheme: str) -> Any:
+    """The instant recovery module of a platform (vmware, xen): published, publish, unpublish, migrate."""
+    if scheme == "xen":
+        from ..hypervisors.xen import recovery
+    else:
+        from ..hypervisors.vmware import recovery  # type: ignore[no-redef]
+    return recovery
 
 
 @contextlib.contextmanager
 def _session_on(repo: Any, hv: Any) -> Iterator[Any]:
+    if hv.scheme == "xen":
+        from ..hypervisors.xen.session import session
+    else:
+        from ..hypervisors.vmware.session import session  # type: ignore[assignment]
 
-    from ..hypervisors.vmware.session import session
+    with session(hv, Registry(repo.root).password(hv)) as conn:
+        yield conn
 
-    with session(hv, Registry(repo.root).password(hv)) as vs:
-        yield vs
+
+def _published(repo: Any, session: Any) -> tuple[Any, Any] | None:
+    """(platform module, target) of a session published on a hypervisor, else None."""
+    doc = sessions.target(repo, session)
+    if doc is None:
+        return None
+    recovery = _platform(str(doc.get("platform")))
+    return recovery, recovery.published(repo, session)
+
+
+def _left(doc: dict[str, Any]) -> str:
+    """What a session published on a hypervisor may have left there (what --force leaves to the admin)."""
+    if doc.get("platform") == "xen":
+        return (f"VM {doc.get('vm_name') or '-'} ({doc.get('vm') or 'not created'}) and SR "
+                f"{doc.get('sr_name')} ({doc.get('sr')}) on {doc.get('hypervisor')}")  # fmt: skip
+    return (f"VM {doc.get('vm')} ({doc.get('vm_name')}) on host {doc.get('host')} of "
+            f"{doc.get('hypervisor')}, datastore {doc.get('datastore')}")  # fmt: skip
 
 
 def _passphrase(repo: Any) -> str | None:
@@ -153,9 +200,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         try:
             _unpublish(repo, session)
         except VmrecoverError as exc:
-            t = sessions.target(repo, session) or {}
-            left = (f"VM {t.get('vm')} ({t.get('vm_name')}) on host {t.get('host')} of "
-                    f"{t.get('hypervisor')}, datastore {t.get('datastore')}")  # fmt: skip
+            left = _left(sessions.target(repo, session) or {})
             if not args.force:
                 err = VmrecoverError(
                     f"cannot undo session {session.name} on its hypervisor: {exc.message}",
@@ -167,9 +212,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
             log.warning(
                 "dropping session %s anyway (--force); left on the hypervisor: %s", session.name, left
             )
-            from ..hypervisors.vmware import recovery
+            from ..hypervisors import publishing
 
-            recovery.forget(repo, session)
+            publishing.forget(repo, session)
         s = sessions.stop(repo, args.session)
     if args.json:
         emit_json({"name": s.name, "id": s.id, "stopped": True})
@@ -179,31 +224,31 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _migrate_on_hypervisor(args: argparse.Namespace) -> int:
-
-    from ..hypervisors.vmware import recovery
-
+    platform, option, dest = (
+        ("xen", "--to-sr", args.to_sr) if args.to_sr else ("vmware", "--to-datastore", args.to_datastore)
+    )
     with open_repo(args) as repo:
         session = repo.catalog.session(args.session)
-        target = recovery.published(repo, session)
-        if target is None:
+        found = _published(repo, session)
+        if found is None or found[1].platform != platform:
+            scheme = {"xen": "xen://POOL", "vmware": "vmware://HYPERVISOR"}[platform]
+            where = "XenServer pool" if platform == "xen" else "vSphere host"
             raise BadInput(
-                f"session {session.name} does not run on a hypervisor",
-                hint="--to-datastore is for sessions started with --to vmware://...; use --to PATH here",
+                f"session {session.name} does not run on a {where}",
+                hint=f"{option} is for sessions started with --to {scheme}; use --to PATH for a disk image",
             )
-        with _session_on(repo, Registry(repo.root).get(target.hypervisor)) as vs:
-            recovery.migrate(repo, vs, session, target, args.to_datastore)
+        recovery, target = found
+        with _session_on(repo, Registry(repo.root).get(target.hypervisor)) as conn:
+            moved = recovery.migrate(repo, conn, session, target, dest)
         sessions.stop(repo, session.name)
-    doc = {
-        "session": session.name,
-        "vm": target.vm,
-        "vm_name": target.vm_name,
-        "datastore": args.to_datastore,
-    }
+    doc = {"session": session.name, "vm": target.vm, "vm_name": target.vm_name,
+           "datastore" if platform == "vmware" else "sr": dest, **(moved or {})}  # fmt: skip
     if args.json:
         emit_json(doc)
     else:
+        where = f"datastore {dest}" if platform == "vmware" else f"SR {dest}"
         stdout.print(
-            f"moved {target.vm_name} to datastore {args.to_datastore} on {target.hypervisor}; session "
+            f"moved {target.vm_name} to {where} on {target.hypervisor}; session "
             f"{session.name} ended (the VM no longer needs this appliance)",
             markup=False,
         )
@@ -239,17 +284,15 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 def _unpublish(repo: Any, session: Any) -> None:
     """Undo what recover start --to did on the hypervisor, if it did anything."""
-
-    from ..hypervisors.vmware import recovery
-
-    target = recovery.published(repo, session)
-    if target is not None:
-        with _session_on(repo, Registry(repo.root).get(target.hypervisor)) as vs:
-            recovery.unpublish(repo, vs, session, target)
+    found = _published(repo, session)
+    if found is not None:
+        recovery, target = found
+        with _session_on(repo, Registry(repo.root).get(target.hypervisor)) as conn:
+            recovery.unpublish(repo, conn, session, target)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    if args.to_datastore:
+    if args.to_datastore or args.to_sr:
         return _migrate_on_hypervisor(args)
     with open_repo(args) as repo:
         session = repo.catalog.session(args.session)

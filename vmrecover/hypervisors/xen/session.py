@@ -13,14 +13,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import ssl
+import time
 import xmlrpc.client
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
+from xml.etree import ElementTree
 
 import XenAPI
 
@@ -30,6 +33,7 @@ from .. import Hypervisor, net
 log = logging.getLogger("vmrecover.xen")
 TIMEOUT = 60.0  # seconds for one XML-RPC call
 ORIGINATOR = "vmrecover"
+TASK_TIMEOUT = 6 * 3600.0  # an Async call (a storage migration of a big disk) may take hours
 
 
 class _Transport(xmlrpc.client.SafeTransport):
@@ -89,6 +93,26 @@ class Xen:
         product = f"{version.get('product_brand', 'XenServer')} {version.get('product_version', '?')}"
         api = f"{self.x.host.get_API_version_major(master)}.{self.x.host.get_API_version_minor(master)}"
         return {"product": product, "api": api, "type": "pool", "hosts": len(self.x.host.get_all())}
+
+    def wait(self, task: str, what: str, *, timeout: float = TASK_TIMEOUT) -> str:
+        """The result of the ``Async.*`` call's *task* (a ref, or ""), once it ends; its failure is raised
+        as the ``XenAPI.Failure`` the synchronous call would raise.  The task is destroyed either way."""
+        x, deadline, pause = self.x, time.monotonic() + timeout, 0.1
+        try:
+            while (status := x.task.get_status(task)) == "pending":
+                if time.monotonic() > deadline:
+                    with contextlib.suppress(XenAPI.Failure):
+                        x.task.cancel(task)
+                    raise Unreachable(f"{what} on {self.hv.name} did not finish within {timeout:.0f} s")
+                time.sleep(pause)
+                pause = min(pause * 1.5, 2.0)
+            if status != "success":
+                raise XenAPI.Failure(x.task.get_error_info(task) or [f"task {status}"])
+            result = str(x.task.get_result(task) or "")
+        finally:
+            with contextlib.suppress(XenAPI.Failure):
+                x.task.destroy(task)
+        return (ElementTree.fromstring(result).text or "") if result.startswith("<value>") else result
 
     def close(self) -> None:
         try:

@@ -75,7 +75,7 @@ def check_point(point: Point) -> dict[str, Any]:
     return dict(config["record"])
 
 
-def _check_name(xs: Xen, name: str, *, chosen: bool) -> None:
+def check_name(xs: Xen, name: str, *, chosen: bool) -> None:
     x = xs.x
     for ref in x.VM.get_by_name_label(name):
         r = x.VM.get_record(ref)
@@ -96,7 +96,7 @@ def _not_disks(r: dict[str, Any]) -> bool:
     return r.get("type") in NOT_DISK_SR or r.get("content_type") in NOT_DISK_SR
 
 
-def _sr(xs: Xen, wanted: str | None, *, sizes: int, data: int) -> tuple[str, dict[str, Any]]:
+def pick_sr(xs: Xen, wanted: str | None, *, sizes: int, data: int) -> tuple[str, dict[str, Any]]:
     """The SR *wanted* (name label or UUID), else the pool's default SR; refused if it holds no virtual
     disks or lacks the space: *sizes* (the disks' sizes) on a thick SR, *data* (their data) on a thin
     one."""
@@ -148,7 +148,7 @@ def _usable(r: dict[str, Any]) -> bool:
     return not internal and r.get("bridge") != "xenapi"
 
 
-def _networks(xs: Xen, names: list[str]) -> dict[str, tuple[str, str] | None]:
+def networks(xs: Xen, names: list[str]) -> dict[str, tuple[str, str] | None]:
     """Each stored network name -> (ref, name) of the pool's network of that name, else of its first
     usable network (said in the log), else None."""
     recs = xs.x.network.get_all_records()
@@ -302,12 +302,12 @@ def restore(
     rec = check_point(point)
     config = point.config or {}
     vm_name = name or config.get("name") or rec.get("name_label") or point.vm
-    _check_name(xs, vm_name, chosen=name is not None)
+    check_name(xs, vm_name, chosen=name is not None)
     vbds, disks = vbd_disks(repo, point, rec)
-    sr_ref, sr_rec = _sr(xs, sr, sizes=sum(d.size for d in disks),
+    sr_ref, sr_rec = pick_sr(xs, sr, sizes=sum(d.size for d in disks),
                          data=sum(_data_bytes(repo, point, d) for d in disks))  # fmt: skip
     vifs = [] if no_network else list(rec.get("vifs", []))
-    nets = _networks(xs, list(dict.fromkeys(v["network"] for v in vifs)))
+    nets = networks(xs, list(dict.fromkeys(v["network"] for v in vifs)))
     progress_total(sum(d.size for d in disks))
     x, undo = xs.x, Undo(xs)
     out_disks: list[dict[str, Any]] = []

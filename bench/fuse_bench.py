@@ -599,7 +599,10 @@ def build_many_points(
         f"{human(mem.index_bytes)} index each) in {repo}"
     )
     expected: dict[tuple[str, str], tuple[int, bytes]] = {}
-    with Repository.open(repo) as r, r.writer("backup"):
+    with (
+        Repository.open(repo) as r,
+        r.backing_up("fuse-bench"),
+    ):  # the bench's points, of several VMs, one at a time
         for k in range(mem.points):
             v, nth = k % mem.vms, k // mem.vms
             image, changes = images[v]

@@ -653,11 +653,15 @@ def _lock_info(repo: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_second_writer_is_refused_while_backup_runs(tmp_path: Path) -> None:
-    """Two writers at once: a long backup runs; a second backup (and prune, gc) on the same repository.
+def test_backups_of_other_vms_run_beside_a_backup_while_prune_gc_and_the_same_vm_wait_or_refuse(
+    tmp_path: Path,
+) -> None:
+    """A long backup of VM 'big' runs.  Beside it: a backup of another VM runs and commits at once;
+    prune and gc are refused (they remove what backups may use); a backup of 'big' with --no-wait is
+    refused, without it waits, saying for whom, and runs once the first is done.
 
-    Must survive: the running backup (it completes, lists, verifies and restores byte-identical); the
-    others exit 4 at once with a message naming the holder (op and pid) and change nothing.
+    Must survive: every point (each lists, verifies and restores byte-identical); the refused commands
+    change nothing and name the holder (op and pid).
     """
     # zstd level 19 makes a backup of random data slow enough (seconds) to overlap reliably
     cli = Cli(tmp_path / "repo")
@@ -667,25 +671,86 @@ def test_second_writer_is_refused_while_backup_runs(tmp_path: Path) -> None:
 
     first = cli.popen("backup", big, "--vm", "big", "--json")
     try:
-        wait_for(lambda: _lock_info(cli.repo).get("pid") == first.pid, "the writer lock", first)
-        results = [
-            cli.run("backup", small, "--vm", "other", check=False),
+        wait_for(lambda: (cli.repo / "locks" / f"writer.{first.pid}").exists(), "the backup's lock", first)
+        other = cli.run("backup", small, "--vm", "other", "--json", check=False)
+        refused = [
             cli.run("prune", "--keep-last", "1", check=False),
             cli.run("gc", check=False),
+            cli.run("backup", small, "--vm", "big", "--no-wait", check=False),
         ]
+        second = cli.popen("backup", small, "--vm", "big", "--json")
         overlapped = first.poll() is None
     finally:
         out, err = first.communicate(timeout=300)
+    out2, err2 = second.communicate(timeout=300)
     assert first.returncode == 0, err
     assert overlapped, "the first backup finished before the others ran: the test proves nothing"
-    for res in results:
-        assert_clean_error(res, LOCKED, "locked", rf"backup \(pid {first.pid}\b")
+    assert other.returncode == 0, other.stderr
+    for res in refused:
+        assert_clean_error(res, LOCKED, "locked", rf"backup of big \(pid {first.pid}\b")
+    assert second.returncode == 0, err2
+    assert re.search(
+        rf"backup of big waits: the repository is locked by backup of big \(pid {first.pid}\b", err2
+    )
 
-    assert all_points(cli) == {"big": {json.loads(out)["point"]}}
+    points = all_points(cli)
+    assert set(points) == {"big", "other"} and len(points["big"]) == 2
+    assert json.loads(out)["point"] in points["big"] and json.loads(out2)["point"] in points["big"]
     assert cli.run("verify", check=False).returncode == 0
-    assert restore_sha(cli, "big", tmp_path / "out.raw") == sha256_file(big)
-    cli.run("backup", small, "--vm", "other")  # and now the second writer gets its turn
+    assert restore_sha(cli, f"big@{json.loads(out)['point']}", tmp_path / "out.raw") == sha256_file(big)
+    assert restore_sha(cli, "big", tmp_path / "out.raw") == sha256_file(small)
     assert restore_sha(cli, "other", tmp_path / "out.raw") == sha256_file(small)
+    cli.run("prune", "--vm", "big", "--keep-last", "1")  # and now prune gets its turn
+
+
+class _FailingSource:
+    """Random chunks, then an error at *fail_at* (a source that breaks in the middle of a backup)."""
+
+    format, path, backing_not_read = "raw", "failing", None
+
+    def __init__(self, size: int, fail_at: int, seed: int) -> None:
+        self.size, self.fail_at, self.files_read = size, fail_at, ["failing"]
+        self.rng = random.Random(seed)
+
+    def data_extents(self) -> Iterator[tuple[int, int]]:
+        yield (0, self.size)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.fail_at:
+            raise OSError(5, "the source broke")
+        return self.rng.randbytes(length)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failed_backup_keeps_its_chunks_while_another_backup_may_use_them(cli: Cli) -> None:
+    """A failed backup deletes the chunks it created (the space a full disk needs back) only when no
+    other backup runs: a concurrent one may have found them, and would commit a point missing them."""
+    from vmrecover.ingest.pipeline import DiskJob, run_backup
+    from vmrecover.repo.repository import Repository
+
+    def chunk_files() -> int:
+        return sum(1 for f in (cli.repo / "chunks").rglob("*") if f.is_file() and TMP_MARK not in f.name)
+
+    before = chunk_files()
+    with Repository.open(cli.repo) as other, other.backing_up("running"):  # a backup of another VM runs
+        with (
+            Repository.open(cli.repo) as repo,
+            repo.backing_up("broken"),
+            pytest.raises(OSError, match="the source broke"),
+        ):
+            run_backup(repo, "broken", [DiskJob("d", _FailingSource(2 * MiB, MiB, seed=1), None)])
+        kept = chunk_files() - before
+    assert kept == MiB // CHUNK  # nothing deleted: "running" might have found them
+    with (  # alone: its chunks are removed
+        Repository.open(cli.repo) as repo,
+        repo.backing_up("broken"),
+        pytest.raises(OSError, match="the source broke"),
+    ):
+        run_backup(repo, "broken", [DiskJob("d", _FailingSource(2 * MiB, MiB, seed=2), None)])
+    assert chunk_files() - before == kept
+    assert cli.json("gc")["removed_chunks"] == kept  # the first run's are garbage: gc frees them
 
 
 @contextlib.contextmanager
@@ -787,7 +852,9 @@ def test_lock_conflict_names_the_holder_even_before_it_wrote_its_record(cli: Cli
     )  # fmt: skip
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        res = cli.run("backup", random_raw(tmp_path / "x.raw", 1 * MiB, seed=17), "--vm", "x", check=False)
+        res = cli.run(
+            "backup", random_raw(tmp_path / "x.raw", 1 * MiB, seed=17), "--vm", "x", "--no-wait", check=False
+        )
         assert_clean_error(res, LOCKED, rf"locked by .*python.* \(pid {holder.pid}\)")
         assert "?" not in message(res) and "elsewhere" not in message(res)
     finally:

@@ -407,8 +407,8 @@ def test_a_second_backup_never_removes_the_snapshot_a_running_one_reads(
     ):
         time.sleep(0.05)
     ours = _snapshots(vsphere, vm)
-    res = vc.run("backup", f"vmware://{HV}/overlap", check=False)
-    assert_clean_error(res, ExitCode.LOCKED, "locked by backup")
+    res = vc.run("backup", f"vmware://{HV}/overlap", "--no-wait", check=False)
+    assert_clean_error(res, ExitCode.LOCKED, "locked by backup of overlap")
     assert _snapshots(vsphere, vm) == ours  # untouched
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err

@@ -34,6 +34,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", action="store_true", help="hypervisor: a snapshot with the VM's memory")
     p.add_argument("--full", action="store_true", help="hypervisor: read every disk whole, not what changed")
     p.add_argument(
+        "--no-wait", action="store_true",
+        help="fail at once if a backup of the same VM, prune or gc holds the repository (default: wait, "
+        "saying for whom)",
+    )  # fmt: skip
+    p.add_argument(
         "--mode", choices=["normal", "quiesced", "offline", "memory"],
         help="xen://: normal (a snapshot), quiesced (the guest's VSS), offline (shut down, read, start "
         "again), memory (a checkpoint: memory too)",
@@ -119,7 +124,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.disk_name and len(args.disk_name) != len(args.images):
         raise BadInput(f"{len(args.images)} images but {len(args.disk_name)} --disk-name options")
     names = args.disk_name or [img.name.split(".")[0] or img.name for img in args.images]
-    with open_repo(args) as repo, repo.writer("backup"), contextlib.ExitStack() as stack:
+    with open_repo(args) as repo, repo.backing_up(args.vm, wait=_wait(args)), contextlib.ExitStack() as stack:
         changed = load_changed_extents(args.changed_extents, names) if args.changed_extents else {}
         jobs = []
         sources = {}
@@ -152,6 +157,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
 Reads = dict[str, tuple[str | None, list[str]]]  # disk -> (why it was read whole, what it was read from)
 
 
+def _wait(args: argparse.Namespace) -> float | None:
+    return 0.0 if args.no_wait else None
+
+
 def _vmware_backup(repo: Any, hv: Any, password: str, vm_ref: str, args: argparse.Namespace, url: str,
                    advance: Any, total: Any) -> tuple[Any, list[Any], Reads, int, str]:  # fmt: skip
     from ..hypervisors.vmware.backup import Options, back_up
@@ -161,8 +170,8 @@ def _vmware_backup(repo: Any, hv: Any, password: str, vm_ref: str, args: argpars
         raise BadInput("--mode is for xen:// backups", hint="vSphere takes --quiesce and --memory")
     with session(hv, password) as vs:
         point, stats, plans, received = back_up(
-            repo, vs, vm_ref, name=args.vm, options=Options(quiesce=args.quiesce, memory=args.memory,
-            full=args.full), source_url=url, progress=advance, progress_total=total,
+            repo, vs, vm_ref, name=args.vm, source_url=url, progress=advance, progress_total=total,
+            options=Options(quiesce=args.quiesce, memory=args.memory, full=args.full, wait=_wait(args)),
         )  # fmt: skip
     return point, stats, {p.disk.name: (p.why_full, [p.disk.file]) for p in plans}, received, "HTTP"
 
@@ -178,8 +187,8 @@ def _xen_backup(repo: Any, hv: Any, password: str, vm_ref: str, args: argparse.N
         )
     with session(hv, password) as xs:
         point, stats, plans, received, used = back_up(
-            repo, xs, vm_ref, name=args.vm, options=Options(mode=args.mode or "normal", full=args.full),
-            source_url=url, progress=advance, progress_total=total,
+            repo, xs, vm_ref, name=args.vm, source_url=url, progress=advance, progress_total=total,
+            options=Options(mode=args.mode or "normal", full=args.full, wait=_wait(args)),
         )  # fmt: skip
     reads = {p.disk.name: (p.why_full, [f"VDI {p.disk.vdi_uuid}"]) for p in plans}
     return point, stats, reads, received, used

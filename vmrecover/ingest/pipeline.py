@@ -172,7 +172,7 @@ def run_backup(
 ) -> tuple[Point, list[DiskStats]]:
     """Back up *jobs* as one new restore point of *vm*, with the VM's *config* (hypervisor backups).
     *precommit* may refuse the commit (raise) once everything is durable: a source that can tell
-    its data was not one moment's (a snapshot removed under it).  Caller holds the writer lock."""
+    its data was not one moment's (a snapshot removed under it).  Caller holds ``repo.backing_up(vm)``."""
     check_name("VM", vm)
     names = [check_name("disk", j.name) for j in jobs]
     if len(set(names)) != len(names):
@@ -243,14 +243,22 @@ def run_backup(
         if not committed and _listed(repo, point_id, vm):
             committed = True  # the interrupt came after the COMMIT: the point exists and keeps its data
         if not committed:
-            # Safe under the writer lock: no committed point can reference a chunk this run created.
-            # (A SIGKILL skips this; gc removes those.)  Frees the space a full disk needs back.
             shutil.rmtree(tmpdir, ignore_errors=True)
             if final.exists():
                 shutil.rmtree(final, ignore_errors=True)
-            for digest in shared.created:
-                with contextlib.suppress(OSError):
-                    os.unlink(repo.chunks.path(digest))
+            # The chunks this run created free the space a full disk needs back, but only while no other
+            # backup runs: one may have found them and be about to commit a point that uses them.  Else
+            # (and after a SIGKILL) gc removes them.
+            if shared.created and repo.sole_writer():
+                for digest in shared.created:
+                    with contextlib.suppress(OSError):
+                        os.unlink(repo.chunks.path(digest))
+            elif shared.created:
+                log.info(
+                    "%d chunks of the failed backup of %s stay for gc: other backups run",
+                    len(shared.created),
+                    vm,
+                )
 
 
 def _listed(repo: Repository, point_id: str, vm: str) -> bool:

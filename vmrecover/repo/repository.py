@@ -12,6 +12,7 @@ REPO/
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import tomllib
@@ -93,6 +94,7 @@ class Repository:
         self.codec = ChunkCodec(keys=keys, level=config.compression_level)
         self.chunks = ChunkStore(root / "chunks", self.codec)
         self.catalog = Catalog(root / "catalog.sqlite")
+        self._backup_fd: int | None = None  # the writer lock of the backup this process runs
 
     # --- lifecycle -----------------------------------------------------------------------------
     @classmethod
@@ -224,8 +226,43 @@ class Repository:
             raise
 
     # --- locks ---------------------------------------------------------------------------------
-    def writer(self, op: str) -> contextlib.AbstractContextManager[None]:
+    def writer(self, op: str) -> contextlib.AbstractContextManager[int]:
+        """Exclusive: prune and gc (no backup runs meanwhile).  See lock.py."""
         return lock.hold(self.root / "locks" / "writer", exclusive=True, op=op, repo=self.root)
+
+    @contextlib.contextmanager
+    def backing_up(
+        self, vm: str, *, wait: float | None = None, waiting: Callable[[str], None] | None = None
+    ) -> Iterator[None]:
+        """A backup of *vm*: the VM's own lock, then the writer lock shared with backups of other VMs
+        (see lock.py).  *wait*: seconds, None for as long as it takes (*waiting* is told for whom; by
+        default the log says it)."""
+        op = f"backup of {vm}"
+        if waiting is None:
+            waiting = lambda who: log.warning("backup of %s waits: the repository is locked by %s", vm, who)  # noqa: E731
+        vm_lock = self.root / "locks" / f"vm-{hashlib.sha256(vm.encode()).hexdigest()[:16]}"
+        with (
+            lock.hold(vm_lock, exclusive=True, op=op, repo=self.root, wait=wait, waiting=waiting),
+            lock.hold(
+                self.root / "locks" / "writer",
+                exclusive=False,
+                op=op,
+                repo=self.root,
+                wait=wait,
+                waiting=waiting,
+            ) as fd,  # fmt: skip
+        ):
+            self._backup_fd = fd
+            try:
+                yield
+            finally:
+                self._backup_fd = None
+
+    def sole_writer(self) -> bool:
+        """Within :meth:`backing_up`: is this backup the only writer at this moment?  If so it now holds
+        the writer lock exclusively (nothing else can start using what it wrote); if not, it must write
+        nothing more (its shared hold may be gone).  A failed backup asks before deleting its chunks."""
+        return self._backup_fd is not None and lock.upgrade(self._backup_fd)
 
     def session_folders(
         self, op: str, *, exclusive: bool, wait: float

@@ -46,6 +46,7 @@ class Options:
     quiesce: bool = False
     memory: bool = False
     full: bool = False
+    wait: float | None = None  # for the repository's locks: seconds, None as long as it takes
 
 
 @dataclass
@@ -202,7 +203,8 @@ def back_up(
     vm_name = check_name("VM", name or info["name"])
     files = DatastoreFiles(vs, vs.datacenter_path(vm))
     with contextlib.ExitStack() as stack:
-        stack.enter_context(repo.writer("backup"))  # first: a second backup never touches our snapshot
+        stack.enter_context(repo.backing_up(vm_name, wait=options.wait))  # first: a second backup of
+        # the VM never touches our snapshot
         remove_stale_snapshots(repo, vs, vm)
         cbt_fresh = enable_cbt(vs, vm)
         if cbt_fresh:

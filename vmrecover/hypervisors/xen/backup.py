@@ -51,6 +51,7 @@ CBT_BLOCK = 64 * 1024  # the granularity of list_changed_blocks
 class Options:
     mode: str = "normal"
     full: bool = False
+    wait: float | None = None  # for the repository's locks: seconds, None as long as it takes
 
 
 @dataclass
@@ -273,7 +274,8 @@ def back_up(
     sources: list[NbdSource | ExportSource] = []
     transports: dict[str, str] = {}  # disk -> "nbd" or "http"
     with contextlib.ExitStack() as stack:
-        stack.enter_context(repo.writer("backup"))  # first: a second backup never touches our snapshot
+        stack.enter_context(repo.backing_up(point_vm, wait=options.wait))  # first: a second backup of
+        # the VM never touches our snapshot
         remove_stale_snapshots(repo, xs, rec)
         live = disks(xs, rec)
         if not live:

@@ -1,0 +1,80 @@
+"""The service's configuration file: the example is valid and complete, and every kind of mistake is
+refused naming the file, the line and the key (what `serve --check-config` and a reload report)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from vmrecover.service import config
+
+EXAMPLE = config.EXAMPLE.read_text()
+
+
+def test_the_example_is_valid_and_mentions_every_key() -> None:
+    c = config.load(config.EXAMPLE)
+    assert [j.name for j in c.jobs] == ["web-nightly", "images", "weekly-gc", "monthly-verify"]
+    assert c.jobs[0].retention == config.Retention(keep_last=3, daily=7, weekly=4, monthly=6)
+
+    def fields(model: type[config.BaseModel]) -> set[str]:
+        out = set(model.model_fields)
+        for f in model.model_fields.values():
+            for t in (*getattr(f.annotation, "__args__", ()), f.annotation):
+                if isinstance(t, type) and issubclass(t, config.BaseModel):
+                    out |= fields(t)
+        return out
+
+    keys = set(re.findall(r"^\s*#?\s*(\w+) =", EXAMPLE, re.M)) | set(re.findall(r"[{,] (\w+) =", EXAMPLE))
+    tables = {p for h in re.findall(r"^\[\[?([\w.]+)\]\]?", EXAMPLE, re.M) for p in h.split(".")}
+    missing = sorted(fields(config.Config) - keys - tables)
+    assert not missing, f"keys the example does not show: {missing}"
+
+
+CASES = [  # (text in the example, what it becomes, the error's pattern, the start of the line it names)
+    ('schedule = "30 1 * * *"', 'schedule = "61 1 * * *"',
+     r"jobs\[1\]\.schedule: '61 1 \* \* \*' is not a cron", "schedule ="),
+    ("per_host = 1 ", "per_hots = 1 ", r"scheduler\.per_hots: unknown key", "per_hots ="),
+    ('role = "admin"  ', 'role = "root"  ', r"api\.tokens\[0\]\.role: Input should be 'admin' or 'read-only'",
+     "role ="),
+    ("[fuse]", "[fuse\n", r"Expected '\]' at the end of a table declaration \(at line \d+", None),
+    ('name = "images"', 'name = "web-nightly"', r"jobs\[1\]\.name: two jobs are named 'web-nightly'",
+     'name = "web-nightly"'),
+    ('name = "images"', 'name = "../etc"', r"jobs\[1\]\.name: invalid job name", 'name = "../etc"'),
+    ('retry_backoff = "5m"', 'retry_backoff = "soon"', r"scheduler\.retry_backoff: cannot read duration",
+     "retry_backoff ="),
+    ('vm = "build01"\n', "", r"jobs\[1\]: a backup job of images names the vm", "[[jobs]]"),
+    ('listen = ["0.0.0.0:8443"]', 'listen = ["0.0.0.0"]',
+     r"api\.listen: listen address '0\.0\.0\.0' is not HOST:PORT", "listen ="),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("old", "new", "where", "on"), CASES)
+def test_mistakes_name_the_line_and_the_key(
+    tmp_path: Path, old: str, new: str, where: str, on: str | None
+) -> None:
+    assert old in EXAMPLE
+    path = tmp_path / "vmrecover.toml"
+    path.write_text(EXAMPLE.replace(old, new, 1))
+    with pytest.raises(config.ConfigError) as e:
+        config.load(path)
+    assert str(path) in e.value.message and re.search(where, e.value.message), e.value.message
+    m = re.search(rf"{re.escape(str(path))}:(\d+):", e.value.message)
+    if on is not None:  # the line named is the one the mistake is on
+        assert m is not None
+        assert EXAMPLE.replace(old, new, 1).splitlines()[int(m.group(1)) - 1].startswith(on)
+
+
+def test_a_passphrase_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "passphrase"
+    secret.write_text("s3cret")
+    secret.chmod(0o644)
+    path = tmp_path / "vmrecover.toml"
+    path.write_text(
+        EXAMPLE.replace('# passphrase_file = "/etc/vmrecover/passphrase"', f'passphrase_file = "{secret}"')
+    )
+    with pytest.raises(config.ConfigError, match="readable by others"):
+        config.load(path)
+    secret.chmod(0o600)
+    assert config.load(path).repository.passphrase_file == secret

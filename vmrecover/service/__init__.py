@@ -1,0 +1,1 @@
+"""``vmrecover serve``: one long-running process for the appliance (see core.py for its shared state)."""

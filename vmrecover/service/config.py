@@ -1,0 +1,321 @@
+"""The service's configuration: one TOML file (``/etc/vmrecover/vmrecover.toml``), read and checked here.
+
+The schema is the pydantic models below (unknown keys are errors, so a typo never silently does
+nothing); ``service/example.toml`` is the documented example, and a test keeps the two in step.  An
+error names the file, the line and the key (``vmrecover.toml:14: jobs[1].schedule: ...``): TOML
+syntax errors come with tomllib's line, schema errors are located by :func:`_line_of`, which finds the
+key's line in the text.  Secrets never live in this file: API tokens are stored as SHA-256 digests,
+and the repository's passphrase is read from ``passphrase_file`` (which must not be readable by
+others).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import stat
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import BadInput
+from ..repo.catalog import check_name
+from ..repo.repository import parse_size
+
+DEFAULT_PATH = Path("/etc/vmrecover/vmrecover.toml")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: str | float) -> float:
+    """'90s', '5m', '2h', '1d', 30 -> seconds."""
+    if isinstance(text, int | float):
+        return float(text)
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"cannot read duration {text!r}: write it like 30s, 5m, 2h or 1d")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Repository(_Strict):
+    path: Path
+    passphrase_file: Path | None = None  # an encrypted repository's passphrase (mode 0600 or 0400)
+    cache_size: str = "1G"  # the chunk cache shared by the datastores, the NFS export and restores
+
+    @field_validator("cache_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+
+class Token(_Strict):
+    name: str
+    role: Literal["admin", "read-only"]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # of the token; the token itself is never stored
+
+
+class Api(_Strict):
+    enabled: bool = True
+    listen: list[str] = ["0.0.0.0:8443"]  # HOST:PORT, [IPv6]:PORT
+    tls_cert: Path | None = None  # default: a self-signed certificate generated at first start
+    tls_key: Path | None = None
+    tokens: list[Token] = []
+
+    @field_validator("listen")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for a in v:
+            host, _, port = a.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"listen address {a!r} is not HOST:PORT")
+        return v
+
+    @model_validator(mode="after")
+    def _pair(self) -> Api:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        names = [t.name for t in self.tokens]
+        if len(set(names)) != len(names):
+            raise ValueError("two tokens have the same name")
+        return self
+
+
+class Nfs(_Strict):
+    enabled: bool = True
+    listen: str = "0.0.0.0"
+    port: int = 2049
+    portmapper: bool = True
+    allow: list[str] = []  # networks (CIDR) of the hypervisors' hosts; also grown by recoveries
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for n in v:
+            ipaddress.ip_network(n, strict=False)
+        return v
+
+
+class Fuse(_Strict):
+    mountpoint: Path | None = None  # where the datastore is mounted; none: no FUSE mount
+
+
+class Scheduler(_Strict):
+    max_streams: Annotated[int, Field(ge=1)] = 4  # backups running at once, all hosts together
+    per_host: Annotated[int, Field(ge=1)] = 1  # backups at once against one physical host
+    per_datastore: Annotated[int, Field(ge=1)] = 1  # ... and against one datastore / SR
+    retries: Annotated[int, Field(ge=0)] = 2  # a failed run is tried again this often ...
+    retry_backoff: str | float = "5m"  # ... after this long, doubled each time
+
+    @field_validator("retry_backoff")
+    @classmethod
+    def _duration(cls, v: str | float) -> str | float:
+        parse_duration(v)
+        return v
+
+
+class Retention(_Strict):
+    keep_last: Annotated[int, Field(ge=0)] = 0
+    daily: Annotated[int, Field(ge=0)] = 0
+    weekly: Annotated[int, Field(ge=0)] = 0
+    monthly: Annotated[int, Field(ge=0)] = 0
+
+
+class Job(_Strict):
+    name: str
+    kind: Literal["backup", "gc", "verify"] = "backup"
+    schedule: str  # cron: minute hour day-of-month month day-of-week
+    enabled: bool = True
+    # backup: a hypervisor's VMs (by name, folder:PATH or tag:TAG where the platform has them), or images
+    hypervisor: str | None = None
+    vms: list[str] = []
+    images: list[Path] = []
+    vm: str | None = None  # images: the VM name in the repository
+    mode: str | None = None  # xen: normal|quiesced|offline|memory; vmware: normal|quiesce|memory
+    full: bool = False
+    retention: Retention | None = None  # applied after each run (to the job's VMs)
+    compression_level: Annotated[int, Field(ge=1, le=22)] | None = None
+    bandwidth: str | None = None  # bytes per second read from the source, e.g. "100M"
+    pre_hook: list[str] | None = None  # argv run on the appliance before the snapshot
+    post_hook: list[str] | None = None  # argv run after the backup
+    hook_timeout: str | float = "5m"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            check_name("job", v)
+        except BadInput as exc:
+            raise ValueError(exc.message) from None
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if not croniter.is_valid(v) or len(v.split()) != 5:
+            raise ValueError(
+                f"{v!r} is not a cron schedule (minute hour day month weekday, e.g. '0 2 * * *')"
+            )
+        return v
+
+    @field_validator("bandwidth")
+    @classmethod
+    def _bandwidth(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_size(v)
+        return v
+
+    @field_validator("hook_timeout")
+    @classmethod
+    def _timeout(cls, v: str | float) -> str | float:
+        parse_duration(v)
+        return v
+
+    @model_validator(mode="after")
+    def _what(self) -> Job:
+        if self.kind != "backup":
+            if self.hypervisor or self.vms or self.images:
+                raise ValueError(f"a {self.kind} job takes no hypervisor, vms or images")
+            return self
+        if bool(self.hypervisor) == bool(self.images):
+            raise ValueError("a backup job names either a hypervisor (with vms) or images (with vm)")
+        if self.hypervisor and not self.vms:
+            raise ValueError("a backup job of a hypervisor lists its vms")
+        if self.images and not self.vm:
+            raise ValueError("a backup job of images names the vm they are")
+        return self
+
+
+class Config(_Strict):
+    repository: Repository
+    api: Api = Api()
+    nfs: Nfs = Nfs()
+    fuse: Fuse = Fuse()
+    scheduler: Scheduler = Scheduler()
+    jobs: list[Job] = []
+
+    @model_validator(mode="after")
+    def _unique(self) -> Config:
+        names = [j.name for j in self.jobs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"two jobs are named {dup[0]!r}")
+        return self
+
+    def job(self, name: str) -> Job:
+        for j in self.jobs:
+            if j.name == name:
+                return j
+        raise KeyError(name)
+
+
+class ConfigError(BadInput):
+    """The configuration file is wrong: the message names the file, line and key."""
+
+
+def _lines(text: str) -> dict[tuple[Any, ...], int]:
+    """Where each table and key is set in the TOML *text*: ("jobs", 1, "schedule") -> line (1-based).
+    ``[[a]]`` headers count their elements; ``[a.b]`` after ``[[a]]`` belongs to a's last element."""
+    where: dict[tuple[Any, ...], int] = {}
+    counts: dict[tuple[Any, ...], int] = {}
+    table: tuple[Any, ...] = ()
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        m = re.match(r"^(\[\[?)\s*([\w.\-]+)\s*\]\]?$", line)
+        if m:
+            path: tuple[Any, ...] = ()
+            for part in m.group(2).split("."):
+                path += (part,)
+                if path in counts and not (m.group(1) == "[[" and path == tuple(m.group(2).split("."))):
+                    path += (counts[path],)  # inside the last element of an array of tables
+            if m.group(1) == "[[":
+                counts[path] = counts.get(path, -1) + 1
+                path += (counts[path],)
+            table = path
+            where.setdefault(table, n)
+            continue
+        k = re.match(r"^([\w\-]+)\s*=", line)
+        if k:
+            where.setdefault((*table, k.group(1)), n)
+    return where
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """The line that sets *loc*, or the nearest enclosing key or table that the text has."""
+    where = _lines(text)
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in where:
+            return where[loc[:end]]
+    return None
+
+
+class _Located(Exception):
+    """A problem found before the schema (with its location, as pydantic reports them)."""
+
+    def __init__(self, loc: tuple[Any, ...], msg: str) -> None:
+        self.loc, self.msg = loc, msg
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [{"loc": self.loc, "msg": self.msg, "type": "value_error"}]
+
+
+def _check_unique_jobs(doc: dict[str, Any]) -> None:
+    seen: set[Any] = set()
+    for i, job in enumerate(doc.get("jobs") or []):
+        name = job.get("name") if isinstance(job, dict) else None
+        if name in seen:
+            raise _Located(("jobs", i, "name"), f"two jobs are named {name!r}")
+        seen.add(name)
+
+
+def load(path: Path) -> Config:
+    """Read and check *path*; ConfigError naming the line and key of the first problem."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read configuration {path}: {exc.strerror}", hint=f"create it: see {EXAMPLE}"
+        ) from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}", hint="fix the TOML syntax there") from None
+    try:
+        _check_unique_jobs(doc)
+        config = Config.model_validate(doc)
+    except (ValidationError, _Located) as exc:
+        e = exc.errors()[0]
+        loc = tuple(e["loc"])
+        where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        line = _line_of(text, loc)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (a typo?)"
+        elif e["type"] == "missing":
+            msg = "missing"
+        raise ConfigError(
+            f"{path}:{line if line else '?'}: {where or '(top)'}: {msg}",
+            hint=f"see the commented example {EXAMPLE}",
+        ) from None
+    pf = config.repository.passphrase_file
+    if pf is not None:
+        try:
+            mode = pf.stat().st_mode
+        except OSError as exc:
+            raise ConfigError(f"{path}: repository.passphrase_file {pf}: {exc.strerror}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"{path}: repository.passphrase_file {pf} is readable by others",
+                hint=f"chmod 600 {pf}",
+            )
+    return config
+
+
+EXAMPLE = Path(__file__).with_name("example.toml")

@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import os
 import random
+import socket
 import ssl
 import struct
 import time
@@ -22,7 +23,7 @@ import XenAPI
 
 from tests import nfsclient as nc
 from tests.conftest import Cli, NfsServer, random_image
-from tests.xapi.api import BLOCK
+from tests.xapi.api import BLOCK, XapiError
 from vmrecover.vfs import srlayout
 
 MiB = 1 << 20
@@ -129,7 +130,7 @@ def test_login_wire_format_and_errors(xapi: Any) -> None:
         assert sid.startswith("OpaqueRef:") and len(sid) == len("OpaqueRef:") + 36
         vms = raw.VM.get_all_records(sid)["Value"]
         dom0 = [r for r in vms.values() if r["is_control_domain"]]
-        assert len(dom0) == 1 and dom0[0]["power_state"] == "Running"
+        assert len(dom0) == 2 and {d["power_state"] for d in dom0} == {"Running"}  # one per host
         assert isinstance(dom0[0]["memory_static_max"], str) and int(dom0[0]["memory_static_max"]) > 0
         assert raw.VM.get_record(sid, "OpaqueRef:bogus") == {
             "Status": "Failure",
@@ -216,6 +217,117 @@ def test_expired_sessions_log_in_again(xapi: Any) -> None:
         assert s.handle != old
         assert len(xapi.calls("session.login_with_password", ok=True)) == before + 1
         assert xapi.calls("pool.get_all", ok=False, error=["SESSION_INVALID", old])
+
+
+# ---------------------------------------------------------------------------------------------- the pool
+def test_two_hosts_and_a_member_that_names_its_master(xapi: Any) -> None:
+    """The master and a member, each with its dom0 and its certificate (one CA, each naming its own
+    address); the member answers XML-RPC on the same port, and a login there with HOST_IS_SLAVE and the
+    master's address, as XAPI does."""
+    h1, h2 = xapi.hosts
+    with xapi.session() as s:
+        x = s.xenapi
+        (pool,) = x.pool.get_all()
+        assert x.pool.get_master(pool) == h1 == xapi.host_ref and h2 == xapi.member_ref
+        hosts = x.host.get_all_records()
+        assert sorted(hosts) == sorted(xapi.hosts)
+        assert [(hosts[h]["name_label"], hosts[h]["address"]) for h in (h1, h2)] == [
+            ("xcp-sim-host", "127.0.0.1"),
+            ("xcp-sim-host2", "127.0.0.2"),
+        ]
+        dom0s = {r["resident_on"]: v for v, r in x.VM.get_all_records().items() if r["is_control_domain"]}
+        assert set(dom0s) == {h1, h2} and all(dom0s[h] in hosts[h]["resident_VMs"] for h in (h1, h2))
+        assert x.VM.get_name_label(dom0s[h2]) == "Control domain on host: xcp-sim-host2"
+        pems = [x.host.get_server_certificate(h) for h in (h1, h2)]
+    ctx = ssl.create_default_context(cafile=str(xapi.ca_file))
+    for address, pem in zip(("127.0.0.1", "127.0.0.2"), pems, strict=True):
+        with (
+            socket.create_connection((address, xapi.port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname=address) as tls,  # verified, under its own address
+        ):
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None and ssl.DER_cert_to_PEM_cert(der).split() == pem.split()
+    with (
+        socket.create_connection(("127.0.0.1", xapi.port), timeout=10) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),  # the master's certificate does not name .2
+    ):
+        ctx.wrap_socket(raw, server_hostname="127.0.0.2")
+
+    with pytest.raises(XenAPI.Failure) as e:
+        xapi.session(url=xapi.member_url)
+    assert e.value.details == ["HOST_IS_SLAVE", "127.0.0.1"]
+    refused = [c for c in xapi.calls("session.login_with_password", ok=False) if c.get("at") == "127.0.0.2"]
+    assert refused[-1]["error"] == ["HOST_IS_SLAVE", "127.0.0.1"]
+    with xapi.session() as s, xmlrpc.client.ServerProxy(xapi.member_url, context=ctx) as member:
+        assert xapi.calls("session.login_with_password", ok=True)[-1]["at"] == "127.0.0.1"
+        # a member answers a session of the pool (XAPI forwards the call to the master)
+        assert member.pool.get_all(s.handle) == {"Status": "Success", "Value": [pool]}
+        assert xapi.calls("pool.get_all", session=s.handle)[-1]["at"] == "127.0.0.2"
+        local = member.session.slave_local_login_with_password(xapi.user, xapi.password)
+        assert local["Status"] == "Success"
+        assert member.session.logout(local["Value"])["Status"] == "Success"
+
+
+def test_vm_placement_pool_migrate_and_failover(xapi: Any) -> None:
+    h1, h2 = xapi.hosts
+    vm = xapi.make_vm("pool-mig-vm", [4 * MiB])
+    halted = xapi.make_vm("pool-halted-vm", [MiB], power_state="Halted")
+    with xapi.session() as s:
+        x = s.xenapi
+
+        def where(v: str) -> tuple[str, bool, bool]:
+            return x.VM.get_resident_on(v), v in x.host.get_resident_VMs(h1), v in x.host.get_resident_VMs(h2)
+
+        assert where(vm) == (h1, True, False)
+        domid = x.VM.get_domid(vm)
+        x.VM.pool_migrate(vm, h2, {"live": "true"})
+        assert where(vm) == (h2, False, True) and x.VM.get_power_state(vm) == "Running"
+        assert x.VM.get_domid(vm) != domid
+        x.VM.pool_migrate(vm, h2, {})  # where it runs already: nothing to do
+        task = x.Async.VM.pool_migrate(vm, h1, {})
+        assert wait_task(x, task) == "success", x.task.get_error_info(task)
+        assert where(vm) == (h1, True, False)
+
+        dom0 = next(v for v, r in x.VM.get_all_records().items() if r["is_control_domain"])
+        for args, error in [
+            ((halted, h2, {}), ["VM_BAD_POWER_STATE", halted, "running", "halted"]),
+            ((dom0, h2, {}), ["OPERATION_NOT_ALLOWED", "Operations on the control domain are not allowed"]),
+            ((vm, "OpaqueRef:NULL", {}), ["HANDLE_INVALID", "host", "OpaqueRef:NULL"]),
+        ]:
+            with pytest.raises(XenAPI.Failure) as e:
+                x.VM.pool_migrate(*args)
+            assert e.value.details == error
+        x.host.disable(h2)
+        assert x.host.get_enabled(h2) is False
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VM.pool_migrate(vm, h2, {})
+        assert e.value.details == ["HOST_DISABLED", h2]
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VM.start_on(halted, h2, False, False)
+        assert e.value.details == ["HOST_DISABLED", h2]
+        x.VM.set_affinity(halted, h2)
+        x.VM.start(halted, False, False)  # its affinity host is disabled: the master
+        assert where(halted) == (h1, True, False)
+        x.VM.hard_shutdown(halted)
+        x.host.enable(h2)
+        x.VM.start(halted, False, False)  # on its affinity host
+        assert where(halted) == (h2, False, True)
+        x.VM.clean_shutdown(halted)
+        assert where(halted) == ("OpaqueRef:NULL", False, False)
+        x.VM.start_on(halted, h2, True, False)
+        assert where(halted) == (h2, False, True) and x.VM.get_power_state(halted) == "Paused"
+        x.VM.hard_shutdown(halted)
+
+        # HA restarts the VM on the other host: no API call, a new domain there
+        domid = x.VM.get_domid(vm)
+        xapi.move_vm(vm, h2)
+        assert where(vm) == (h2, False, True) and xapi.resident_on(vm) == h2
+        assert x.VM.get_domid(vm) != domid and x.VM.get_power_state(vm) == "Running"
+        assert xapi.calls("ha-restart", vm=vm, host=h2, previous=h1)
+        with pytest.raises(ValueError):
+            xapi.move_vm(halted, h1)
+        x.VM.clean_shutdown(vm)
+        assert where(vm) == ("OpaqueRef:NULL", False, False)
 
 
 # ---------------------------------------------------------------------------------------------- VM calls
@@ -590,17 +702,28 @@ class Published:
         return sha256(bytes(data))
 
 
-@pytest.fixture
-def published(cli: Cli, nfs_server: Any, tmp_path: Path) -> Published:
+def _publish(cli: Cli, nfs_server: Any, tmp_path: Path, *args: str) -> Published:
     img = random_image(tmp_path / "disk.raw", 6 * MiB + 3 * 4096, seed=31)
     cli.json("backup", "--vm", "vm1", img)
     session = cli.json("recover", "start", "vm1", "--name", "s1")
     repo_id = tomllib.loads((cli.repo / "repo.toml").read_text())["repository"]["id"]
-    srv: NfsServer = nfs_server(portmapper=True)
+    srv: NfsServer = nfs_server(*args, portmapper=True)
     sr_uuid = srlayout.sr_uuid(repo_id, session["id"])
     with nc.NfsClient(srv.port) as c:
         assert c.mkdir(c.walk(c.root(), "recover/s1"), sr_uuid)[0] == nc.OK
     return Published(img, session, sr_uuid, srlayout.vdi_uuid(repo_id, session["id"], "disk"), srv)
+
+
+@pytest.fixture
+def published(cli: Cli, nfs_server: Any, tmp_path: Path) -> Published:
+    """Served to this machine only (127.0.0.1: the master's address, not the member's)."""
+    return _publish(cli, nfs_server, tmp_path)
+
+
+@pytest.fixture
+def published_to_pool(cli: Cli, nfs_server: Any, tmp_path: Path) -> Published:
+    """Served to both hosts of the pool (127.0.0.1 and 127.0.0.2)."""
+    return _publish(cli, nfs_server, tmp_path, "--allow", "127.0.0.1", "--allow", "127.0.0.2")
 
 
 def attach(xapi: Any, x: Any, p: Published, name: str) -> tuple[str, str]:
@@ -872,4 +995,75 @@ def test_nfs_sr_copy_and_start_checks(xapi: Any, published: Published) -> None:
         assert xapi.guest_serial(vm) == "" and xapi.guest_outcome(vm) == {}
         x.VM.destroy(vm)
         x.PBD.unplug(pbd)
+        x.SR.forget(sr)
+
+
+def test_nfs_sr_on_both_hosts_and_a_vm_that_moves(xapi: Any, published_to_pool: Published) -> None:
+    """A PBD per host, each mounting from its host's address; a VM reaches its VDI through the PBD of
+    the host it runs on: it cannot move where the SR is not plugged, its writes go through the new
+    host's mount, and only that host's PBD is busy."""
+    p = published_to_pool
+    h1, h2 = xapi.hosts
+    with xapi.session() as s:
+        x = s.xenapi
+        sr, pbd1 = attach(xapi, x, p, "nfs-pool")
+        pbd2 = x.PBD.create({"host": h2, "SR": sr, "device_config": p.device_config, "other_config": {}})
+        assert sorted(x.SR.get_PBDs(sr)) == sorted([pbd1, pbd2]) and x.host.get_PBDs(h2) == [pbd2]
+        x.SR.scan(sr)
+        vdi = x.VDI.get_by_uuid(p.vdi_uuid)
+        vm, _ = vm_on(x, "nfs-pool-vm", vdi)
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VM.start_on(vm, h2, False, False)
+        assert e.value.details == ["VM_REQUIRES_SR", vm, sr]
+        x.VM.start(vm, False, False)
+        with pytest.raises(XenAPI.Failure) as e:
+            x.VM.pool_migrate(vm, h2, {})
+        assert e.value.details == ["VM_REQUIRES_SR", vm, sr]
+        assert x.VM.get_resident_on(vm) == h1
+        x.PBD.plug(pbd2)
+        attached = {c["host"]: c for c in xapi.calls("sm", op="sr_attach", sr=sr, ok=True)}
+        assert {h: c["source"] for h, c in attached.items()} == {h1: "127.0.0.1", h2: "127.0.0.2"}
+        x.VM.pool_migrate(vm, h2, {})
+        assert x.VM.get_resident_on(vm) == h2
+        xapi.guest_write(vdi, 3 * MiB, b"from host 2")  # through host 2's mount
+        assert xapi.guest_read(vdi, 3 * MiB, 11) == b"from host 2"
+        with nc.NfsClient(p.srv.port) as c:
+            assert c.read(c.walk(c.root(), "recover/s1/disk.raw"), 3 * MiB, 11)[1] == b"from host 2"
+        with pytest.raises(XenAPI.Failure) as e:
+            x.PBD.unplug(pbd2)
+        assert e.value.details == ["VDI_IN_USE", vdi]
+        x.PBD.unplug(pbd1)  # nothing of the SR runs on host 1
+        with pytest.raises(XapiError) as f:
+            xapi.move_vm(vm, h1)  # HA cannot restart it where its SR is not plugged
+        assert f.value.description == ["VM_REQUIRES_SR", vm, sr]
+        x.VM.hard_shutdown(vm)
+        x.VM.destroy(vm)
+        x.PBD.unplug(pbd2)
+        assert [c["host"] for c in xapi.calls("sm", op="sr_detach", sr=sr)] == [h1, h2]
+        for pbd in (pbd1, pbd2):
+            x.PBD.destroy(pbd)
+        x.SR.forget(sr)
+
+
+def test_a_member_the_nfs_server_does_not_allow_cannot_plug(xapi: Any, published: Published) -> None:
+    """The member mounts from 127.0.0.2, which a server allowing only 127.0.0.1 refuses: the plug fails
+    there as the SM's does, and works on the master."""
+    p = published
+    h1, h2 = xapi.hosts
+    with xapi.session() as s:
+        x = s.xenapi
+        sr = x.SR.introduce(p.sr_uuid, "nfs-member-refused", "", "nfs", "user", True, {})
+        pbds = [
+            x.PBD.create({"host": h, "SR": sr, "device_config": p.device_config, "other_config": {}})
+            for h in (h1, h2)
+        ]
+        x.PBD.plug(pbds[0])
+        with pytest.raises(XenAPI.Failure) as e:
+            x.PBD.plug(pbds[1])
+        assert e.value.details[0].startswith("SR_BACKEND_FAILURE_"), e.value.details
+        assert x.PBD.get_currently_attached(pbds[1]) is False
+        assert xapi.calls("sm", op="sr_attach", sr=sr, host=h2, ok=False)
+        x.PBD.unplug(pbds[0])
+        for pbd in pbds:
+            x.PBD.destroy(pbd)
         x.SR.forget(sr)

@@ -1,7 +1,10 @@
-"""The XAPI simulator as a test peer: server, NBD exports, inventory helpers and fault switches."""
+"""The XAPI simulator as a test peer: servers, NBD exports, inventory helpers and fault switches."""
 
 from __future__ import annotations
 
+import datetime
+import errno
+import ipaddress
 import os
 import secrets
 import shutil
@@ -12,7 +15,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from tests.testkit.tls import server_certs
+from tests.testkit.tls import ServerCerts
 from tests.xapi.api import NULL, Xapi, sparse_copy
 from tests.xapi.nbd import NbdExports
 from tests.xapi.server import XapiServer
@@ -41,44 +44,144 @@ def _session_class() -> type:
     return Session
 
 
+def host_certs(workdir: Path, hosts: list[tuple[str, list[str]]]) -> list[ServerCerts]:
+    """One test CA (``ca.pem``) and, per host (common name, names and IP addresses), a server certificate
+    it signed (``<cn>-cert.pem``, ``<cn>-key.pem``, ``<cn>.pem``): what a pool whose hosts have
+    certificates of the user's CA looks like.  One ``ca_file`` verifies every host, each under its own
+    address only.  (tests/testkit/tls.py's certificates name 127.0.0.1 only.)"""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    valid = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=7))
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vmrecover test XenServer CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    ca_file = workdir / "ca.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out = []
+    for cn, names in hosts:
+        sans: list[x509.GeneralName] = []
+        for n in names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                sans.append(x509.DNSName(n))
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(valid[0])
+            .not_valid_after(valid[1])
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        files = [workdir / f"{cn}-cert.pem", workdir / f"{cn}-key.pem", workdir / f"{cn}.pem"]
+        files[0].write_bytes(cert_pem)
+        for path, data in ((files[1], key_pem), (files[2], cert_pem + key_pem)):
+            path.write_bytes(data)
+            os.chmod(path, 0o600)
+        out.append(ServerCerts(ca_file, *files))
+    return out
+
+
 class XapiSim:
-    """A running XAPI simulator (one host, one pool); what a test and the product talk to."""
+    """A running XAPI simulator (a pool of two hosts); what a test and the product talk to."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.user = USER
         self.password = secrets.token_urlsafe(12)
-        self.host = "127.0.0.1"
-        self.certs = server_certs(workdir, ca_name="vmrecover test XenServer CA")
+        self.host = "127.0.0.1"  # the master's address
+        self.member_address = "127.0.0.2"
+        self.certs, self.member_certs = host_certs(
+            workdir,
+            [
+                ("localhost", ["localhost", "xcp-sim-host", self.host, "::1"]),
+                ("xcp-sim-host2", ["xcp-sim-host2", self.member_address]),
+            ],
+        )
         self.ca_file = self.certs.ca_file
-        self.xapi = Xapi(workdir, self.user, self.password, self.certs.cert_pem)
+        self.xapi = Xapi(workdir, self.user, self.password, self.certs.cert_pem, self.member_certs.cert_pem)
         self.nbd = NbdExports(workdir, self.certs, self.xapi.record)
         self.xapi.nbd = self.nbd
-        self.server = XapiServer(self.xapi, self.certs.server_context())
-        self.server.start()
+        self.server, self.member_server = self._listen()
+        for srv in (self.server, self.member_server):
+            srv.start()
         self.port = self.server.port
         self.url = f"https://{self.host}:{self.port}/"
+        self.member_url = f"https://{self.member_address}:{self.port}/"
         self._sessions: list[Any] = []
+
+    def _listen(self) -> tuple[XapiServer, XapiServer]:
+        """The master's server on a free port, the member's on the same port of its address (as the
+        product follows HOST_IS_SLAVE: same port, the master's address)."""
+        for _ in range(50):
+            master = XapiServer(self.xapi, self.certs.server_context())
+            try:
+                member = XapiServer(
+                    self.xapi, self.member_certs.server_context(), host=self.xapi.member, port=master.port
+                )
+            except OSError as e:
+                master.server_close()
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            return master, member
+        raise OSError(errno.EADDRINUSE, "no port free on both 127.0.0.1 and 127.0.0.2")
 
     def close(self) -> None:
         self.close_sessions()
+        self.member_server.stop()
         self.server.stop()
         self.xapi.wait_tasks()
         self.xapi.stop_guests()
         self.nbd.close()
 
     # ------------------------------------------------------------------ clients
-    def session(self, *, user: str | None = None, password: str | None = None, verify: bool = True) -> Any:
-        """A logged-in XenAPI.Session (the unmodified client), verifying the server against ``ca_file``
-        (``verify=False``: XenAPI's own ``ignore_ssl=True``).  Use it in a ``with`` (logout and close);
-        the fixture closes what a test left open."""
+    def session(
+        self, *, user: str | None = None, password: str | None = None, verify: bool = True, url: str = ""
+    ) -> Any:
+        """A logged-in XenAPI.Session (the unmodified client) to the master (or *url*: ``member_url``
+        answers HOST_IS_SLAVE), verifying the server against ``ca_file`` (``verify=False``: XenAPI's
+        own ``ignore_ssl=True``).  Use it in a ``with`` (logout and close); the fixture closes what a
+        test left open."""
         cls = _session_class()
         if verify:
             transport = xmlrpc.client.SafeTransport(context=self.certs.client_context())
-            s = cls(self.url, transport=transport)
+            s = cls(url or self.url, transport=transport)
         else:
-            s = cls(self.url, ignore_ssl=True)
+            s = cls(url or self.url, ignore_ssl=True)
         self._sessions.append(s)
         try:
             s.xenapi.login_with_password(
@@ -101,7 +204,18 @@ class XapiSim:
 
     @property
     def host_ref(self) -> str:
+        """The master (xcp-sim-host, 127.0.0.1)."""
         return self.xapi.host
+
+    @property
+    def member_ref(self) -> str:
+        """The pool member (xcp-sim-host2, 127.0.0.2)."""
+        return self.xapi.member
+
+    @property
+    def hosts(self) -> list[str]:
+        """Every host of the pool, the master first."""
+        return list(self.xapi.hosts)
 
     @property
     def local_sr(self) -> str:
@@ -141,11 +255,13 @@ class XapiSim:
         vcpus: int = 1,
         other_config: dict[str, str] | None = None,
         cd: bool = False,
+        host: str | None = None,
     ) -> str:
         """A VM as XAPI has one: disk i is a VDI (``name``-disk-i, userdevice i, bootable if 0) on *sr*
         (default: local storage), a copy of the image (holes kept) or an empty disk of that size; one VIF
         per network name in *nics* (default: the eth0 network); *cbt* enables CBT on every disk;
-        ``cd=True`` adds an empty CD drive (userdevice 3).  Returns the VM ref."""
+        ``cd=True`` adds an empty CD drive (userdevice 3); a running or paused VM runs on *host*
+        (default: the master).  Returns the VM ref."""
         x = self.xapi
         with x.lock:
             sr = sr or x.local_sr
@@ -196,10 +312,21 @@ class XapiSim:
                 (nref,) = x.find("network", name_label=net)
                 x.x_VIF__create("", {"VM": vm, "network": nref, "device": str(i), "MAC": "", "MTU": 1500})
             if power_state in ("Running", "Paused"):
-                x._power_on(vm, power_state)
+                x._power_on(vm, power_state, host or x.host)
             elif power_state != "Halted":
                 raise ValueError(f"power_state {power_state!r}: Running, Paused or Halted")
         return vm
+
+    def move_vm(self, vm: str, host: str) -> None:
+        """Fail the VM over to *host*, as HA restarts a VM whose host died: it runs there with a new
+        domain id, ``resident_on`` and both hosts' ``resident_VMs`` say so (no API call; a log entry
+        "ha-restart" with ``vm``, ``host``, ``previous``).  A guest booted for real is booted again."""
+        self.xapi.move_vm(self.vm_ref(vm), host)
+
+    def resident_on(self, vm: str) -> str:
+        """The host ref the VM runs on (``OpaqueRef:NULL`` when halted)."""
+        with self.xapi.lock:
+            return str(self.xapi.rec("VM", self.vm_ref(vm))["resident_on"])
 
     def vm_disks(self, vm: str) -> list[str]:
         """The VM's disk VDIs in userdevice order."""
@@ -262,7 +389,8 @@ class XapiSim:
 
     def guest_write(self, vdi: str, offset: int, data: bytes) -> None:
         """Write into a VDI as a running guest's tapdisk does: for a VDI of an NFS SR, NFS WRITEs and a
-        COMMIT to its file (the SR must be plugged); for another, its local file."""
+        COMMIT to its file through the mount of the host the VM runs on (any plugged PBD's if no running
+        VM has it); for another, its local file."""
         target = self._guest_target(vdi)
         if isinstance(target, Path):
             fd = os.open(target, os.O_WRONLY)
@@ -284,7 +412,7 @@ class XapiSim:
 
     def _guest_target(self, vdi: str) -> Any:
         with self.xapi.lock:
-            remote = self.xapi._remote_file(vdi)
+            remote = self.xapi._remote_file(vdi, self.xapi.guest_host(vdi))
             return remote if remote is not None else self.xapi.vdi_path(vdi)
 
     def record(self, cls: str, ref: str) -> dict[str, Any]:
@@ -303,11 +431,13 @@ class XapiSim:
 
     def calls(self, method: str, **match: Any) -> list[dict[str, Any]]:
         """Log entries of what was answered: API calls by name (``args`` without the session, ``ok``,
-        ``result`` or ``error``), "GET /export_raw_vdi", "PUT /import_raw_vdi", "nbd-export",
-        "nbd-connect", "nbd-drop", "nbd-refused", "refused", "sessions-expired", "sim-error"; the
-        storage of NFS SRs: "sm" (``op`` sr_attach, sr_detach, sr_scan, vdi_delete; ``sr``), "message"
-        (an XAPI message the SM created, ``name``), "vdi-copy" (``vdi``, ``dst``, ``bytes``, ``nfs``);
-        real boots: "guest-start" (``vm``, ``drives``), "guest-exit" (``vm`` and what qemu did)."""
+        ``result`` or ``error``, ``at``: the address of the host that answered), "GET /export_raw_vdi",
+        "PUT /import_raw_vdi" (``at`` too), "nbd-export", "nbd-connect", "nbd-drop", "nbd-refused",
+        "refused", "sessions-expired", "sim-error"; the storage of NFS SRs: "sm" (``op`` sr_attach,
+        sr_detach, sr_scan, vdi_delete; ``sr``; attach and detach with ``host``, a successful attach with
+        ``source``, the address it mounted from), "message" (an XAPI message the SM created, ``name``),
+        "vdi-copy" (``vdi``, ``dst``, ``bytes``, ``nfs``); real boots: "guest-start" (``vm``,
+        ``drives``), "guest-exit" (``vm`` and what qemu did); "ha-restart" (``move_vm``)."""
         return self.xapi.calls(method, **match)
 
     @property
@@ -330,12 +460,14 @@ class XapiSim:
         self.xapi.disable_cbt_behind_back(vdi)
 
     def reset(self) -> None:
-        """Fault switches and knobs off, guests still running killed and the test's own sessions closed
-        (between tests); the inventory stays."""
+        """Fault switches and knobs off, every host enabled again, guests still running killed and the
+        test's own sessions closed (between tests); the inventory stays."""
         self.close_sessions()
         with self.xapi.lock:
             self.xapi.refuse.clear()
             self.xapi.boot_guests = False
+            for h in self.xapi.hosts:
+                self.xapi.rec("host", h)["enabled"] = True
         self.nbd.reset_faults()
         self.xapi.wait_tasks()
         self.xapi.stop_guests()

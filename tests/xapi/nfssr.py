@@ -20,6 +20,10 @@ portmapper does not answer), so test servers on other ports work; NFS over TCP o
 NFSv4: ``nfsversion`` 4 fails as against a server without v4); ``options``, ``nfs-timeout`` and
 ``nfs-retrans`` are not used; one TCP connection per operation (the kernel keeps one per mount); VHD
 files are sized from their footer only (no parents, no hidden flag, no CBT logs).
+
+Each host of the simulated pool mounts from its own address (``attach(..., source=)``: every connection,
+the portmapper's included, is bound to it), so an NFS server that allows only some hosts refuses the
+others as it would refuse those hosts.
 """
 
 from __future__ import annotations
@@ -99,10 +103,13 @@ class _Client(nc.NfsClient):
 
 
 @contextmanager
-def _rpc(server: str, port: int, cls: type[nc.RpcClient] = nc.RpcClient) -> Iterator[Any]:
-    """A connection from a privileged port (NFS servers want one; we are root), failures as NfsError."""
+def _rpc(
+    server: str, port: int, cls: type[nc.RpcClient] = nc.RpcClient, *, source: str | None = None
+) -> Iterator[Any]:
+    """A connection from a privileged port (NFS servers want one; we are root) of *source* (an address
+    of this machine: the mounting host's; None, the kernel's choice), failures as NfsError."""
     try:
-        c = cls(port, host=server, timeout=TIMEOUT)
+        c = cls(port, host=server, timeout=TIMEOUT, source=source)
     except OSError as e:
         raise NfsError(f"cannot connect to {server}:{port}: {e.strerror or e}") from None
     try:
@@ -113,21 +120,23 @@ def _rpc(server: str, port: int, cls: type[nc.RpcClient] = nc.RpcClient) -> Iter
         c.close()
 
 
-def getport(server: str, prog: int, vers: int) -> int:
+def getport(server: str, prog: int, vers: int, *, source: str | None = None) -> int:
     """PMAPPROC_GETPORT over TCP: the port of *prog* version *vers*, 0 if the portmapper has none."""
     p = Packer()
     for v in (prog, vers, IPPROTO_TCP, 0):
         p.u32(v)
-    with _rpc(server, PORTMAP_PORT) as c:
+    with _rpc(server, PORTMAP_PORT, source=source) as c:
         r = c.call(nc.PMAP, 2, PMAPPROC_GETPORT, p.getvalue())
         if not (r.accepted and r.stat == nc.SUCCESS):
             raise NfsError(f"portmapper of {server} refused GETPORT")
         return int(r.body.u32())
 
 
-def _reachable(server: str, port: int) -> bool:
+def _reachable(server: str, port: int, source: str | None = None) -> bool:
     try:
-        with socket.create_connection((server, port), timeout=TIMEOUT):
+        with socket.create_connection(
+            (server, port), timeout=TIMEOUT, source_address=(source, 0) if source else None
+        ):
             return True
     except OSError:
         return False
@@ -152,10 +161,11 @@ class NfsMount:
     mount_port: int
     root: bytes  # the SR folder's file handle
     hardlinks: bool
+    source: str | None = None  # the mounting host's address: every connection comes from it
 
     @contextmanager
     def client(self) -> Iterator[_Client]:
-        with _rpc(self.server, self.nfs_port, _Client) as c:
+        with _rpc(self.server, self.nfs_port, _Client, source=self.source) as c:
             yield c
 
     # ------------------------------------------------------------------ namespace
@@ -278,16 +288,21 @@ class NfsMount:
         """MOUNTPROC3_UMNT (what umount does for an NFSv3 mount); best effort."""
         p = Packer()
         p.string(self.remotepath)
-        with suppress(NfsError), _rpc(self.server, self.mount_port) as c:
+        with suppress(NfsError), _rpc(self.server, self.mount_port, source=self.source) as c:
             c.call(nc.MOUNT, 3, MOUNTPROC3_UMNT, p.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------- attach
 def attach(
-    device_config: dict[str, str], sr_uuid: str, message: Callable[[str, str], None] | None = None
+    device_config: dict[str, str],
+    sr_uuid: str,
+    message: Callable[[str, str], None] | None = None,
+    *,
+    source: str | None = None,
 ) -> NfsMount:
-    """NFSSR.attach: mount ``serverpath/<sr_uuid>`` of ``server`` and check it as the SM does; the mount,
-    or SmError.  *message* gets XAPI messages the SM would create (``sr_does_not_support_hardlinks``)."""
+    """NFSSR.attach on the host whose address is *source*: mount ``serverpath/<sr_uuid>`` of ``server``
+    and check it as the SM does; the mount, or SmError.  *message* gets XAPI messages the SM would
+    create (``sr_does_not_support_hardlinks``)."""
     server = device_config.get("server")
     if not server:
         raise SmError("ConfigServerMissing")
@@ -304,14 +319,14 @@ def attach(
 
     # util._testHost(server, 2049), SIMPLIFIED: the port the portmapper gives for NFS v3 (see the doc)
     try:
-        nfs_port = getport(server, nc.NFS, 3)
+        nfs_port = getport(server, nc.NFS, 3, source=source)
         versions = ["3"] if nfs_port else []
-        if getport(server, nc.NFS, 4):
+        if getport(server, nc.NFS, 4, source=source):
             versions.append("4")
         pmap = True
     except NfsError:
         nfs_port, versions, pmap = 0, [], False
-    if not _reachable(server, nfs_port or NFS_PORT):
+    if not _reachable(server, nfs_port or NFS_PORT, source):
         raise SmError("NFSTarget")
     # check_server: rpcinfo -s lists the NFS versions (a v4-only server is probed by a v4 mount)
     if not pmap or not versions:
@@ -322,23 +337,23 @@ def attach(
     # mount.nfs server:remotepath (exit status 32: mount failure)
     failed = SmError("NFSMount", f"mount failed on server `{server}` with return code 32")
     try:
-        mount_port = getport(server, nc.MOUNT, 3)
+        mount_port = getport(server, nc.MOUNT, 3, source=source)
         if not mount_port:
             raise failed
         p = Packer()
         p.string(remotepath)
-        with _rpc(server, mount_port) as c:
+        with _rpc(server, mount_port, source=source) as c:
             r = c.call(nc.MOUNT, 3, MOUNTPROC3_MNT, p.getvalue())
             if not (r.accepted and r.stat == nc.SUCCESS) or r.body.u32() != 0:
                 raise failed
             root = r.body.opaque(64)
-        with _rpc(server, nfs_port, _Client) as c:
+        with _rpc(server, nfs_port, _Client, source=source) as c:
             status, attrs = c.getattr(root)
             if status or attrs is None or attrs["type"] != 2:  # NF3DIR
                 raise failed
     except NfsError:
         raise failed from None
-    mount = NfsMount(server, remotepath, nfs_port, mount_port, root, hardlinks=False)
+    mount = NfsMount(server, remotepath, nfs_port, mount_port, root, hardlinks=False, source=source)
     try:
         _check_writable(mount)
         mount.hardlinks = _check_hardlinks(mount, sr_uuid, message)

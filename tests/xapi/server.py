@@ -5,6 +5,13 @@ other call is ``Class.method(session_ref, *args)``; the answer is always a struc
 "Value": v}`` or ``{"Status": "Failure", "ErrorDescription": [CODE, ...]}`` (never an XML-RPC fault, as
 XAPI).  ``Async.Class.method`` answers a task ref (see api.py).
 
+Every host of the pool listens (one server per host address, the same port on each): the master answers
+everything; a member refuses ``session.login_with_password`` with ``HOST_IS_SLAVE [<master address>]``
+as XAPI does (a client logs in to the master instead).  SIMPLIFIED: a member answers the other calls
+itself from the pool's database (XAPI on a member forwards them to the master: the same answers), and
+``session.slave_local_login_with_password`` gives an ordinary session.  Log entries say which host
+answered (``at``: its address).
+
 HTTP: ``GET /export_raw_vdi?session_id=&vdi=<ref or uuid>&format=raw[&task_id=]`` streams the VDI's
 bytes with a Content-Length; ``PUT /import_raw_vdi?...`` writes the body (Content-Length or chunked) from
 offset 0, all-zero 64 KiB blocks left (or punched) holes.  No or a bad session: 401, as XAPI.
@@ -32,13 +39,18 @@ class XapiServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, xapi: Xapi, tls: ssl.SSLContext) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
+    def __init__(self, xapi: Xapi, tls: ssl.SSLContext, *, host: str | None = None, port: int = 0) -> None:
+        """The server of *host* (a host ref; default: the master) on its address and *port* (0: any)."""
         self.xapi = xapi
+        self.host_ref = host or xapi.host
+        with xapi.lock:
+            self.address = xapi.address(self.host_ref)
+        super().__init__((self.address, port), Handler)
         self.tls = tls
         self.conns: set[Any] = set()
         self.conn_lock = threading.Lock()
-        self._thread = threading.Thread(target=self.serve_forever, name="xapi-sim", daemon=True)
+        name = f"xapi-sim {self.address}"
+        self._thread = threading.Thread(target=self.serve_forever, name=name, daemon=True)
 
     @property
     def port(self) -> int:
@@ -78,7 +90,7 @@ class XapiServer(ThreadingHTTPServer):
         exc = sys.exc_info()[1]
         if isinstance(exc, ConnectionError | ssl.SSLError | TimeoutError):
             return
-        self.xapi.record("sim-error", error=repr(exc))
+        self.xapi.record("sim-error", error=repr(exc), at=self.address)
         super().handle_error(request, client_address)
 
 
@@ -143,11 +155,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _answer(self, method: str, params: list[Any]) -> dict[str, Any]:
         x = self.server.xapi
+        at = self.server.address
         session = params[0] if params else None
-        entry: dict[str, Any] = {"args": params[1:], "session": session}
+        entry: dict[str, Any] = {"args": params[1:], "session": session, "at": at}
         try:
             if method in ("session.login_with_password", "session.slave_local_login_with_password"):
-                entry = {"args": [params[0] if params else None], "session": None}  # no password in the log
+                # no password in the log
+                entry = {"args": [params[0] if params else None], "session": None, "at": at}
+                if method == "session.login_with_password" and self.server.host_ref != x.host:
+                    with x.lock:
+                        master = x.address(x.host)
+                    raise XapiError("HOST_IS_SLAVE", master)
                 value: Any = x.login(params, originator=self.headers.get("originator", ""))
             elif method == "session.logout":
                 x.logout(session)
@@ -166,7 +184,7 @@ class Handler(BaseHTTPRequestHandler):
             x.record(method, ok=False, error=e.description, **entry)
             return {"Status": "Failure", "ErrorDescription": e.description}
         except Exception as e:  # a harness bug: XAPI's INTERNAL_ERROR, and logged for the fixture
-            x.record("sim-error", call=method, error=repr(e))
+            x.record("sim-error", call=method, error=repr(e), at=at)
             return {"Status": "Failure", "ErrorDescription": ["INTERNAL_ERROR", repr(e)]}
         x.record(method, ok=True, result=value, **entry)
         return {"Status": "Success", "Value": value}
@@ -193,7 +211,7 @@ class Handler(BaseHTTPRequestHandler):
     def _transfer_target(self, q: dict[str, str], verb: str) -> tuple[str, Any] | None:
         x = self.server.xapi
         if not self._authorised(q):
-            x.record(verb, ok=False, status=401, vdi=q.get("vdi"))
+            x.record(verb, ok=False, status=401, vdi=q.get("vdi"), at=self.server.address)
             self._send(401, b"Unauthorized")
             return None
         if q.get("format", "raw") != "raw":
@@ -202,7 +220,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             vdi = x.vdi_for_http(q.get("vdi", ""))
         except XapiError:
-            x.record(verb, ok=False, status=404, vdi=q.get("vdi"))
+            x.record(verb, ok=False, status=404, vdi=q.get("vdi"), at=self.server.address)
             self._send(404, b"VDI not found")
             return None
         with x.lock:
@@ -211,7 +229,7 @@ class Handler(BaseHTTPRequestHandler):
             path = x.vdi_path(vdi)
             size = r["virtual_size"]
         if kind == "cbt_metadata":
-            x.record(verb, ok=False, status=400, vdi=vdi)
+            x.record(verb, ok=False, status=400, vdi=vdi, at=self.server.address)
             self._send(400, b"VDI_INCOMPATIBLE_TYPE: the VDI has no data (cbt_metadata)")
             return None
         return vdi, (path, size)
@@ -246,8 +264,9 @@ class Handler(BaseHTTPRequestHandler):
                 sent += len(piece)
         self._finish_task(q, True)
         self.server.xapi.record(
-            "GET /export_raw_vdi", ok=True, vdi=vdi, bytes=sent, session=q.get("session_id")
-        )
+            "GET /export_raw_vdi", ok=True, vdi=vdi, bytes=sent, session=q.get("session_id"),
+            at=self.server.address,
+        )  # fmt: skip
 
     def do_PUT(self) -> None:
         path, q = self._http_args()
@@ -277,6 +296,7 @@ class Handler(BaseHTTPRequestHandler):
             os.close(fd)
         self._finish_task(q, True)
         self.server.xapi.record(
-            "PUT /import_raw_vdi", ok=True, vdi=vdi, bytes=written, session=q.get("session_id")
-        )
+            "PUT /import_raw_vdi", ok=True, vdi=vdi, bytes=written, session=q.get("session_id"),
+            at=self.server.address,
+        )  # fmt: skip
         self._send(200, b"", "text/plain")

@@ -22,9 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 from ..errors import BadInput, LockedError, NotFound, VmrecoverError
 from ..fsutil import write_file
 from ..repo.repository import Repository
+from ..vfs.tree import Vfs
 
 log = logging.getLogger("vmrecover.mount")
 
@@ -173,29 +176,19 @@ def _tune_readahead(mountpoint: Path) -> None:
         log.info("cannot raise the mount's readahead: %s", exc)
 
 
-def serve(
-    repo: Repository,
-    mountpoint: Path,
-    *,
-    cache_size: int,
-    allow_other: bool = False,
-    ready: Callable[[], None] = lambda: None,
-    threads: int = 8,
-) -> None:
-    """Mount and serve in this process until unmounted or SIGTERM/SIGINT."""
-    import signal
-
+async def run_mount(
+    vfs: Vfs, mountpoint: Path, *, allow_other: bool = False, threads: int = 8,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:  # fmt: skip
+    """Mount *vfs* at *mountpoint* and serve it in this trio loop until cancelled (then unmounted) or
+    unmounted from outside (``fusermount3 -u``: returns).  One per process (libfuse's session is
+    global).  ``vmrecover mount`` runs it alone; ``vmrecover serve`` beside its other parts."""
     import pyfuse3
-    import trio
 
-    from ..vfs.cache import ChunkCache, limit_malloc_arenas
-    from ..vfs.tree import Vfs
     from .ops import Operations
 
+    repo = vfs.repo
     prepare_mountpoint(mountpoint)
-    limit_malloc_arenas()
-    cache = ChunkCache(repo.chunks, cache_size)
-    vfs = Vfs(repo, cache)
     ops = Operations(vfs, limiter=trio.CapacityLimiter(threads))
     options = set(pyfuse3.default_options) | {
         f"fsname=vmrecover:{repo.root.resolve()}",
@@ -213,40 +206,63 @@ def serve(
     pyfuse3.init(ops, str(mountpoint), options)
     unmount_at_exit = True  # unless the kernel already unmounted us (fusermount3 -u)
     try:
-        record = MountRecord(
-            where, os.getpid(), time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            logfile,
-        )  # fmt: skip
+        record = MountRecord(where, os.getpid(), time.strftime("%Y-%m-%dT%H:%M:%S%z"), logfile)
         write_file(rec_path, json.dumps(record.__dict__).encode(), what="mount record")
-
-        signalled = False
-
-        async def main() -> None:
-            nonlocal unmount_at_exit
-            async with trio.open_nursery() as nursery:
-
-                async def on_signals() -> None:
-                    nonlocal signalled
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                        async for sig in signals:
-                            log.info("signal %s: unmounting %s", sig, mountpoint)
-                            signalled = True
-                            pyfuse3.terminate()
-                            return
-
-                nursery.start_soon(on_signals)
-                nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint)
-                nursery.start_soon(ops.watch_pruned)
-                ready()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint)
+            nursery.start_soon(ops.watch_pruned)
+            log.info("serving %s at %s", repo.root, mountpoint)
+            task_status.started()
+            try:
                 await pyfuse3.main(min_tasks=2, max_tasks=threads * 2)
-                unmount_at_exit = signalled
-                nursery.cancel_scope.cancel()
-
-        log.info("serving %s at %s", repo.root, mountpoint)
-        trio.run(main)
+            except trio.Cancelled:
+                raise
+            else:  # pyfuse3.main returns when the kernel ended the session: unmounted from outside
+                unmount_at_exit = False
+            nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=unmount_at_exit)
         with contextlib.suppress(FileNotFoundError):
             rec_path.unlink()
+
+
+def serve(
+    repo: Repository,
+    mountpoint: Path,
+    *,
+    cache_size: int,
+    allow_other: bool = False,
+    ready: Callable[[], None] = lambda: None,
+    threads: int = 8,
+) -> None:
+    """Mount and serve in this process until unmounted or SIGTERM/SIGINT."""
+    import signal
+
+    from ..vfs.cache import ChunkCache, limit_malloc_arenas
+
+    limit_malloc_arenas()
+    cache = ChunkCache(repo.chunks, cache_size)
+    vfs = Vfs(repo, cache)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def mounted(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                await run_mount(
+                    vfs, mountpoint, allow_other=allow_other, threads=threads, task_status=task_status
+                )
+                nursery.cancel_scope.cancel()  # unmounted from outside: the daemon ends
+
+            await nursery.start(mounted)
+            ready()
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for sig in signals:
+                    log.info("signal %s: unmounting %s", sig, mountpoint)
+                    nursery.cancel_scope.cancel()
+                    return
+
+    try:
+        trio.run(main)
+    finally:
         vfs.close()
         cache.close()

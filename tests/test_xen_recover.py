@@ -90,11 +90,12 @@ def test_the_guest_boots_from_the_nfs_sr_then_moves_to_local_storage(
     assert sr is not None
     r = xapi.record("SR", sr)
     assert (r["type"], r["shared"], r["name_label"]) == ("nfs", True, "vmrecover-xg-ir")
-    (pbd,) = r["PBDs"]
-    p = xapi.record("PBD", pbd)
-    assert p["currently_attached"] and p["device_config"] == {
-        "server": "127.0.0.1", "serverpath": "/vmrecover/recover/xg-ir", "nfsversion": "3"
-    }  # fmt: skip
+    pbds = [xapi.record("PBD", pbd) for pbd in r["PBDs"]]
+    assert sorted(p["host"] for p in pbds) == sorted(xapi.hosts)  # one per host of the pool
+    for p in pbds:
+        assert p["currently_attached"] and p["device_config"] == {
+            "server": "127.0.0.1", "serverpath": "/vmrecover/recover/xg-ir", "nfsversion": "3"
+        }  # fmt: skip
     new_vm = _vm(xapi, "xg-ir")
     assert new_vm is not None and new_vm != vm
     (disk,) = _vbd_vdis(xapi, new_vm)

@@ -18,7 +18,16 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import ExitCode, VmrecoverError
-from . import backup_cmds, files_cmds, hypervisor_cmds, mount_cmds, nfs_cmds, recover_cmds, repo_cmds
+from . import (
+    backup_cmds,
+    files_cmds,
+    hypervisor_cmds,
+    mount_cmds,
+    nfs_cmds,
+    recover_cmds,
+    repo_cmds,
+    serve_cmds,
+)
 from .common import common_options
 from .output import emit_json, setup_logging, stderr
 
@@ -41,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     nfs_cmds.register(sub, common)
     files_cmds.register(sub, common)
     hypervisor_cmds.register(sub, common)
+    serve_cmds.register(sub, common)
     return parser
 
 

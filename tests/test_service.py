@@ -1,0 +1,158 @@
+"""`vmrecover serve`: one process serving the FUSE datastore and the NFS export over one model, with
+systemd's notify protocol, SIGHUP reloads (a bad file keeps the running configuration) and a clean
+SIGTERM.  Real parts: kernel FUSE, libnfs' tools, a real unix datagram socket as systemd's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, assert_clean_error, needs_fuse, random_image, sha256_file
+from vmrecover.errors import ExitCode
+
+MiB = 1 << 20
+
+
+def _config(tmp_path: Path, cli: Cli, **extra: str) -> Path:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir(exist_ok=True)
+    text = f"""
+[repository]
+path = "{cli.repo}"
+cache_size = "64M"
+
+[api]
+enabled = false
+
+[nfs]
+listen = "127.0.0.1"
+port = 0
+portmapper = false
+allow = ["127.0.0.1/32"]
+
+[fuse]
+mountpoint = "{mnt}"
+{extra.get("tail", "")}
+"""
+    path = tmp_path / "vmrecover.toml"
+    path.write_text(text)
+    return path
+
+
+class Served:
+    def __init__(self, cli: Cli, config: Path, notify: socket.socket) -> None:
+        self.cli, self.notify = cli, notify
+        env = {**cli.env, "NOTIFY_SOCKET": notify.getsockname()}
+        self.proc = subprocess.Popen(
+            [*_python(), "-m", "vmrecover", "serve", "--config", str(config), "--log-level", "info"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert self.said(timeout=60) == "READY=1", self.stop()
+        self.record = json.loads((cli.repo / "run" / "service.json").read_text())
+
+    def said(self, timeout: float = 30) -> str:
+        self.notify.settimeout(timeout)
+        try:
+            return self.notify.recv(4096).decode()
+        except TimeoutError:
+            return f"(nothing within {timeout} s; exit {self.proc.poll()})"
+
+    def nfs_url(self, path: str) -> str:
+        n = self.record["nfs"]
+        return (
+            f"nfs://127.0.0.1/vmrecover/{path}?version=3&nfsport={n['nfs_port']}&mountport={n['mount_port']}"
+        )
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
+
+
+def _python() -> list[str]:
+    import sys
+
+    return [sys.executable]
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[socket.socket]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(tmp_path / "notify.sock"))
+    yield s
+    s.close()
+
+
+def _nfs(tool: str, url: str) -> bytes:
+    return subprocess.run([tool, url], check=True, capture_output=True, timeout=60).stdout
+
+
+@needs_fuse
+def test_one_process_serves_fuse_and_nfs_reloads_and_stops_cleanly(
+    cli: Cli, tmp_path: Path, notify: socket.socket
+) -> None:
+    image = random_image(tmp_path / "disk.img", 4 * MiB, seed=3)
+    point = cli.json("backup", "--vm", "vm1", image, "--format", "raw")["point"]
+    config = _config(tmp_path, cli)
+    s = Served(cli, config, notify)
+    try:
+        mnt = Path(s.record["fuse"])
+        assert s.record["pid"] == s.proc.pid and s.record["repository"] == str(cli.repo)
+        assert sha256_file(mnt / "vms" / "vm1" / point / "disk.raw") == sha256_file(image)
+        assert _nfs("nfs-cat", s.nfs_url(f"vms/vm1/{point}/disk.raw")) == image.read_bytes()
+
+        # a session started by the CLI is the same object on both: a write over NFS reads back via FUSE
+        cli.run("recover", "start", "vm1", "--name", "s1")
+        src = tmp_path / "note.txt"
+        src.write_bytes(b"written over NFS")
+        subprocess.run(
+            ["nfs-cp", str(src), s.nfs_url("recover/s1/note.txt")], check=True, capture_output=True
+        )
+        assert (mnt / "recover" / "s1" / "note.txt").read_bytes() == b"written over NFS"
+
+        # SIGHUP: a bad file is refused and the running configuration stays; a good one is taken
+        good = config.read_text()
+        config.write_text(good + "\n[scheduler]\nmax_streams = 0\n")
+        s.proc.send_signal(signal.SIGHUP)
+        assert s.said() == "RELOADING=1" and s.said() == "READY=1"
+        config.write_text(good.replace('cache_size = "64M"', 'cache_size = "128M"'))
+        s.proc.send_signal(signal.SIGHUP)
+        assert s.said() == "RELOADING=1" and s.said() == "READY=1"
+        assert sha256_file(mnt / "vms" / "vm1" / point / "disk.raw") == sha256_file(image)  # still serving
+    finally:
+        err = s.stop()
+    assert s.proc.returncode == 0, err
+    assert "reload refused, the running configuration stays" in err and "scheduler.max_streams" in err
+    assert "repository changed; that takes effect at the next restart" in err
+    assert "configuration" in err and "reloaded" in err
+    assert not os.path.ismount(tmp_path / "mnt")  # unmounted on SIGTERM
+    assert not (cli.repo / "run" / "service.json").exists()
+    assert s.said(timeout=1) == "STOPPING=1"
+
+
+def test_check_config_says_good_or_names_the_line(cli: Cli, tmp_path: Path) -> None:
+    config = _config(tmp_path, cli)
+    doc = cli.json("serve", "--config", config, "--check-config")
+    assert doc == {"config": str(config), "ok": True, "jobs": []}
+    config.write_text(config.read_text().replace("portmapper = false", "portmaper = false"))
+    res = cli.run("serve", "--config", config, "--check-config", check=False)
+    assert_clean_error(res, ExitCode.BAD_INPUT, rf"{config}:\d+: nfs\.portmaper: unknown key")
+
+
+def test_a_missing_repository_or_passphrase_file_is_a_clear_error(cli: Cli, tmp_path: Path) -> None:
+    config = _config(tmp_path, cli)
+    config.write_text(config.read_text().replace(str(cli.repo), str(tmp_path / "nowhere")))
+    res = cli.run("serve", "--config", config, check=False)
+    assert_clean_error(res, ExitCode.NOT_FOUND, "no repository at", "vmrecover init")

@@ -1,0 +1,169 @@
+"""``vmrecover serve``: the appliance's one long-running process.
+
+It reads the configuration (service/config.py), opens the repository once, builds one datastore
+model and chunk cache (core.Service), and runs its parts side by side in one trio loop:
+
+- the NFS export (nfs_export/server.py) and the FUSE mount (fuse/mount.py ``run_mount``), both over
+  that one model, so a session started through the API, the CLI or a hypervisor recovery is the same
+  object everywhere;
+- the HTTP API (service/api.py) and the scheduler (service/scheduler.py), once those parts are given.
+
+Signals: SIGTERM/SIGINT stop it (the parts are cancelled: the mount is unmounted, the export closed);
+SIGHUP reads the configuration again: a file with an error is refused (logged with its line and key)
+and the running configuration stays; parts whose settings changed are told (the scheduler), the
+listeners keep their addresses until a restart (said in the log).  With systemd (``Type=notify``)
+it says READY=1 once everything listens, RELOADING=1/READY=1 around a reload and STOPPING=1.
+
+``run/service.json`` in the repository records the running service (pid, API addresses, NFS ports),
+for the CLI to find it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..errors import AuthError
+from ..fsutil import write_file
+from ..repo.repository import Repository, parse_size
+from ..vfs.cache import ChunkCache, limit_malloc_arenas
+from ..vfs.tree import Vfs
+from . import config as configuration
+from .core import Service
+
+log = logging.getLogger("vmrecover.service")
+RECORD = "service.json"  # in the repository's run/
+
+# A part is started with the service and may report what it serves (an address, ports).
+Part = Callable[..., Awaitable[None]]
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (``Type=notify``) *state*, e.g. "READY=1"; nothing without $NOTIFY_SOCKET."""
+    where = os.environ.get("NOTIFY_SOCKET")
+    if not where:
+        return
+    addr = "\0" + where[1:] if where.startswith("@") else where
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s, suppress(OSError):
+        s.sendto(state.encode(), addr)
+
+
+def read_passphrase(cfg: configuration.Config) -> str | None:
+    pf = cfg.repository.passphrase_file
+    if pf is None:
+        return None
+    text = pf.read_text().rstrip("\r\n")
+    if not text:
+        raise AuthError(f"repository.passphrase_file {pf} is empty", hint="write the passphrase into it")
+    return text
+
+
+def open_service(config_path: Path) -> Service:
+    """Read the configuration, open the repository, build the shared model (nothing runs yet)."""
+    cfg = configuration.load(config_path)
+    passphrase = read_passphrase(cfg)
+    repo = Repository.open(cfg.repository.path, passphrase=(lambda: passphrase) if passphrase else None)
+    limit_malloc_arenas()
+    cache = ChunkCache(repo.chunks, parse_size(cfg.repository.cache_size))
+    vfs = Vfs(repo, cache)
+    return Service(repo, cfg, config_path, cache, vfs, started=time.time(), passphrase=passphrase)
+
+
+def close_service(service: Service) -> None:
+    service.vfs.close()
+    service.cache.close()
+    service.repo.close()
+
+
+def _nfs_config(cfg: configuration.Config) -> Any:
+    from nfs_export.server import ExportConfig
+
+    allow = list(cfg.nfs.allow) or ["127.0.0.1/32", "::1/128"]
+    return ExportConfig(listen=cfg.nfs.listen, port=cfg.nfs.port, portmapper=cfg.nfs.portmapper, allow=allow)
+
+
+async def run(
+    service: Service, *, parts: dict[str, Part] | None = None,
+    task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED,
+) -> None:  # fmt: skip
+    """Run the service until SIGTERM/SIGINT (or cancelled).  *parts*: more parts to start, by name,
+    each an async function ``part(service, task_status=...)`` that reports what it serves."""
+    from nfs_export.server import serve as nfs_serve
+
+    from ..fuse.mount import run_mount
+
+    cfg = service.config
+    serving: dict[str, Any] = {"pid": os.getpid(), "repository": str(service.repo.root)}
+    record = service.repo.root / "run" / RECORD
+    async with trio.open_nursery() as nursery:
+        if cfg.nfs.enabled:
+            info = await nursery.start(nfs_serve, service.vfs, _nfs_config(cfg))
+            serving["nfs"] = asdict(info)
+            log.info("NFS export %s on %s port %d", info.export, info.address, info.nfs_port)
+        if cfg.fuse.mountpoint is not None:
+            await nursery.start(run_mount, service.vfs, cfg.fuse.mountpoint)
+            serving["fuse"] = str(cfg.fuse.mountpoint)
+        for name, part in (parts or {}).items():
+            serving[name] = await nursery.start(part, service)
+        record.parent.mkdir(mode=0o700, exist_ok=True)
+        write_file(record, json.dumps(serving).encode(), what=RECORD)
+        try:
+            sd_notify("READY=1")
+            log.info("service ready: %s", serving)
+            task_status.started(serving)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for sig in signals:
+                    if sig == signal.SIGHUP:
+                        await reload(service)
+                        continue
+                    log.info("signal %s: stopping", signal.Signals(sig).name)
+                    sd_notify("STOPPING=1")
+                    nursery.cancel_scope.cancel()
+                    return
+        finally:
+            with suppress(FileNotFoundError):
+                record.unlink()
+
+
+async def reload(service: Service) -> bool:
+    """SIGHUP: the configuration again; a bad file leaves the running one in force.  True if taken."""
+    sd_notify("RELOADING=1")
+    try:
+        new = await trio.to_thread.run_sync(configuration.load, service.config_path)
+    except configuration.ConfigError as exc:
+        log.error("reload refused, the running configuration stays: %s", exc.message)
+        sd_notify("READY=1")
+        return False
+    old = service.config
+    fixed = [k for k in ("repository", "nfs", "fuse") if getattr(old, k) != getattr(new, k)]
+    if old.api.listen != new.api.listen or old.api.tls_cert != new.api.tls_cert:
+        fixed.append("api listen/TLS")
+    if fixed:
+        log.warning("reload: %s changed; that takes effect at the next restart", ", ".join(fixed))
+    service.config = new
+    if service.scheduler is not None:
+        service.scheduler.reload(new)
+    log.info("configuration %s reloaded (%d jobs)", service.config_path, len(new.jobs))
+    sd_notify("READY=1")
+    return True
+
+
+def running(repo_root: Path) -> dict[str, Any] | None:
+    """The record of the service running on *repo_root*, if its process lives."""
+    try:
+        doc: dict[str, Any] = json.loads((repo_root / "run" / RECORD).read_text())
+        os.kill(int(doc["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return doc

@@ -1,4 +1,5 @@
-"""The catalog (``catalog.sqlite``): VMs, restore points and their disks.  Schema in one place.
+"""The catalog (``catalog.sqlite``): VMs, restore points and their disks, recovery sessions, and the
+service's job runs.  Schema in one place.
 
 The catalog is the only thing that makes a restore point exist: a point is visible exactly when its
 ``points`` row and all its ``disks`` rows are committed, which happens in one transaction after its
@@ -28,10 +29,13 @@ from .. import faults
 from ..errors import BadInput, NotFound
 from ..fsutil import raise_if_no_space
 
-SCHEMA_VERSION = 3  # 2 added `sessions`, 3 `points.config` and `disks.change_token`; upgraded in place
+SCHEMA_VERSION = 4  # 2 added `sessions`, 3 `points.config` and `disks.change_token`, 4 `job_runs` and
+# `job_slots`; upgraded in place
 
 # Table -> (columns, primary key, not-null columns, foreign keys).  Every column is described here.
-NULLABLE = {"parent", "config", "change_token"}
+NULLABLE = {"parent", "config", "change_token", "started", "ended", "error", "vms", "retry_of"}
+RUN_STATES = ("queued", "running", "waiting", "succeeded", "failed", "interrupted")
+UNFINISHED = ("queued", "running", "waiting")
 SCHEMA: dict[str, dict[str, Any]] = {
     "meta": {
         # key/value facts about the catalog itself: 'schema_version'
@@ -101,7 +105,79 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "pk": "name",
         "foreign_keys": [("point", "points", "id")],
     },
+    "job_runs": {
+        # One run of a job of the service's configuration (service/scheduler.py), kept as history.
+        # id: increasing (rows are never deleted, so an id is never given twice)
+        # job: the job's name; kind: 'backup', 'gc' or 'verify'
+        # trigger: 'schedule' (a cron slot, or the one run of slots missed while the service was down),
+        #          'manual' (run now: API or `job run`), 'retry' (after a failure, with backoff),
+        #          'resume' (the one retry of a run the service's death interrupted)
+        # state: queued, running, waiting (for a host, a datastore, a stream or the repository's lock),
+        #        then succeeded, failed or interrupted (its process died or was stopped during the run)
+        # scheduled_for: ISO 8601 UTC: the slot (schedule), the request (manual), the backoff's end (retry)
+        # started, ended: ISO 8601 UTC, NULL until then
+        # attempt: 1 for a first run; a retry or resume counts on from the run it repeats (retry_of)
+        # vms: JSON list of the job's VMs this run backs up when not all of them (a retry of those that
+        #      failed); NULL: all
+        # error: why the run failed (the first failure, and how many VMs failed), NULL otherwise
+        # stats: JSON: per VM its state, point, figures, host, datastores and per-disk figures (as
+        #        `backup --json` prints them), error; retention's removals; gc's or verify's report; log
+        # pid, host: the process (and machine) that owns the run: a run still unfinished whose process
+        #            is gone is what a crash left (the next service start marks it interrupted)
+        "columns": {
+            "id": int,
+            "job": str,
+            "kind": str,
+            "trigger": str,
+            "state": str,
+            "scheduled_for": str,
+            "started": str,
+            "ended": str,
+            "attempt": int,
+            "retry_of": int,
+            "vms": str,
+            "error": str,
+            "stats": str,
+            "pid": int,
+            "host": str,
+        },
+        "pk": "id",
+    },
+    "job_slots": {
+        # job: a job's name; schedule: its cron schedule when last_slot was handled
+        # last_slot: ISO 8601 UTC of the latest cron slot the scheduler handled (ran, or merged into a run
+        #            that was still going); first seen, a job starts from that moment, so slots from before
+        #            it existed (or before its schedule changed) are not "missed"
+        "columns": {"job": str, "schedule": str, "last_slot": str},
+        "pk": "job",
+    },
 }
+
+
+@dataclass(frozen=True)
+class JobRun:
+    id: int
+    job: str
+    kind: str
+    trigger: str
+    state: str
+    scheduled_for: str
+    started: str | None
+    ended: str | None
+    attempt: int
+    retry_of: int | None
+    vms: list[str] | None
+    error: str | None
+    stats: dict[str, Any]
+    pid: int
+    host: str
+
+    @property
+    def finished(self) -> bool:
+        return self.state not in UNFINISHED
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -199,6 +275,7 @@ class Catalog:
         for name in SCHEMA:
             self._create_table(name)
         self.db["points"].create_index(["vm", "created"])  # type: ignore[union-attr]
+        self._job_indexes()
         self.db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def _create_table(self, name: str) -> None:
@@ -220,6 +297,16 @@ class Catalog:
                 self.db.execute("ALTER TABLE points ADD COLUMN config TEXT")
                 self.db.execute("ALTER TABLE disks ADD COLUMN change_token TEXT")
                 self.db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+            if self.schema_version() == 3:
+                for table in ("job_runs", "job_slots"):
+                    if not self.db[table].exists():  # (a catalog made at version 4 and set back has them)
+                        self._create_table(table)
+                self._job_indexes()
+                self.db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+
+    def _job_indexes(self) -> None:
+        self.db.execute("CREATE INDEX IF NOT EXISTS idx_job_runs_job_id ON job_runs (job, id)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS idx_job_runs_state ON job_runs (state)")
 
     def schema_version(self) -> int:
         try:
@@ -391,8 +478,92 @@ class Catalog:
             ex("DELETE FROM vms WHERE name NOT IN (SELECT vm FROM points)")
         return deleted
 
+    # --- job runs (service/scheduler.py) ----------------------------------------------------------
+    def add_job_run(
+        self, job: str, kind: str, *, trigger: str, scheduled_for: str, attempt: int = 1,
+        retry_of: int | None = None, vms: list[str] | None = None, pid: int, host: str,
+    ) -> int:  # fmt: skip
+        """A new run in state 'queued'; its id."""
+        with self.transaction("job"):
+            cur = self.db.execute(
+                "INSERT INTO job_runs (job, kind, trigger, state, scheduled_for, attempt, retry_of, vms, "
+                "stats, pid, host) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, '{}', ?, ?)",
+                (job, kind, trigger, scheduled_for, attempt, retry_of,
+                 None if vms is None else json.dumps(vms), pid, host),
+            )  # fmt: skip
+            return int(cur.lastrowid or 0)
+
+    def update_job_run(self, run_id: int, **changes: Any) -> None:
+        """Set columns of run *run_id*: state, started, ended, error, stats (a dict), pid, host."""
+        allowed = {"state", "started", "ended", "error", "stats", "pid", "host"}
+        if not changes or set(changes) - allowed:
+            raise ValueError(f"cannot change {sorted(set(changes) - allowed) or 'nothing'} of a job run")
+        if "state" in changes and changes["state"] not in RUN_STATES:
+            raise ValueError(f"unknown job run state {changes['state']!r}")
+        if "stats" in changes:
+            changes["stats"] = json.dumps(changes["stats"], sort_keys=True, default=str)
+        cols = ", ".join(f"{k} = ?" for k in changes)
+        with self.transaction("job"):
+            self.db.execute(f"UPDATE job_runs SET {cols} WHERE id = ?", (*changes.values(), run_id))
+
+    def job_run(self, run_id: int) -> JobRun | None:
+        r = self.db.execute(f"SELECT {_RUN_COLUMNS} FROM job_runs WHERE id = ?", (run_id,)).fetchone()
+        return None if r is None else _job_run(r)
+
+    def job_runs(
+        self, job: str | None = None, *, limit: int = 50, states: Iterable[str] | None = None
+    ) -> list[JobRun]:
+        """Runs (of *job*, in *states*), newest first."""
+        where, args = [], []
+        if job is not None:
+            where.append("job = ?")
+            args.append(job)
+        if states is not None:
+            states = list(states)
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args += states
+        sql = f"SELECT {_RUN_COLUMNS} FROM job_runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self.db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [_job_run(r) for r in rows]
+
+    def latest_job_runs(self) -> dict[str, JobRun]:
+        """Each job's newest run."""
+        rows = self.db.execute(
+            f"SELECT {_RUN_COLUMNS} FROM job_runs WHERE id IN (SELECT MAX(id) FROM job_runs GROUP BY job)"
+        ).fetchall()
+        return {r.job: r for r in map(_job_run, rows)}
+
+    def retried(self, run_id: int) -> bool:
+        """Is there a run that repeats run *run_id* (a retry or a resume)?"""
+        return self.db.execute("SELECT 1 FROM job_runs WHERE retry_of = ?", (run_id,)).fetchone() is not None
+
+    def job_slots(self) -> dict[str, tuple[str, str]]:
+        """job -> (schedule, last slot handled)."""
+        rows = self.db.execute("SELECT job, schedule, last_slot FROM job_slots").fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def set_job_slot(self, job: str, schedule: str, last_slot: str) -> None:
+        with self.transaction("job"):
+            self.db.execute(
+                "INSERT INTO job_slots (job, schedule, last_slot) VALUES (?, ?, ?) ON CONFLICT (job) "
+                "DO UPDATE SET schedule = excluded.schedule, last_slot = excluded.last_slot",
+                (job, schedule, last_slot),
+            )
+
 
 _POINT_COLUMNS = "id, vm, created, parent, kind, stats, config"
+_RUN_COLUMNS = (
+    "id, job, kind, trigger, state, scheduled_for, started, ended, attempt, retry_of, vms, error, stats, "
+    "pid, host"
+)
+
+
+def _job_run(r: tuple[Any, ...]) -> JobRun:
+    return JobRun(
+        *r[:10], None if r[10] is None else json.loads(r[10]), r[11], json.loads(r[12] or "{}"), r[13], r[14]
+    )
 
 
 def _point(r: tuple[Any, ...]) -> Point:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, ExitCode
-from ..hypervisors import Registry, require
+from ..hypervisors import Hypervisor, Registry, require
 from ..ingest.extents import load_changed_extents
-from ..ingest.pipeline import DiskJob, run_backup
+from ..ingest.pipeline import DiskJob, DiskStats, Progress, run_backup
 from ..ingest.sources import DiskSource, open_image
+from ..repo.catalog import Point
+from ..repo.repository import Repository
 from ..restore import RESTORE_FORMATS, pick_disk, restore_disk
 from .common import open_repo
 from .output import emit_json, human_bytes, progress, stdout
@@ -123,20 +128,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
     args.images = [Path(i) for i in args.images]
     if args.disk_name and len(args.disk_name) != len(args.images):
         raise BadInput(f"{len(args.images)} images but {len(args.disk_name)} --disk-name options")
-    names = args.disk_name or [img.name.split(".")[0] or img.name for img in args.images]
-    with open_repo(args) as repo, repo.backing_up(args.vm, wait=_wait(args)), contextlib.ExitStack() as stack:
-        changed = load_changed_extents(args.changed_extents, names) if args.changed_extents else {}
-        jobs = []
-        sources = {}
-        for name, img in zip(names, args.images, strict=True):
-            src = open_image(img, args.format, trusted=not args.untrusted)
-            stack.callback(src.close)
-            sources[name] = src
-            jobs.append(DiskJob(name, src, changed.get(name) if args.changed_extents else None))
-        with progress(f"backup {args.vm}", enabled=not args.json) as (total, advance):
-            point, stats = run_backup(repo, args.vm, jobs, progress=advance, progress_total=total)
-    disks = [{**s.__dict__, **_files_doc(sources[s.name])} for s in stats]
-    doc = {**point.summary(), **point.stats, "untrusted": args.untrusted, "disks": disks}
+    names = args.disk_name or image_disk_names(args.images)
+    with open_repo(args) as repo:
+        done = back_up_images(
+            repo, args.vm, args.images, names, fmt=args.format, trusted=not args.untrusted,
+            changed_extents=args.changed_extents, wait=_wait(args),
+            meter=lambda: progress(f"backup {args.vm}", enabled=not args.json),
+        )  # fmt: skip
+    point, stats, doc = done.point, done.stats, done.doc()
+    disks = doc["disks"]
     if args.json:
         emit_json(doc)
     else:
@@ -155,43 +155,129 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 Reads = dict[str, tuple[str | None, list[str]]]  # disk -> (why it was read whole, what it was read from)
+Meter = Callable[[], AbstractContextManager[tuple[Progress, Progress]]]  # -> (set_total, advance)
+
+
+def _no_meter() -> AbstractContextManager[tuple[Progress, Progress]]:
+    return contextlib.nullcontext(((lambda n: None), (lambda n: None)))
 
 
 def _wait(args: argparse.Namespace) -> float | None:
     return 0.0 if args.no_wait else None
 
 
-def _vmware_backup(repo: Any, hv: Any, password: str, vm_ref: str, args: argparse.Namespace, url: str,
-                   advance: Any, total: Any) -> tuple[Any, list[Any], Reads, int, str]:  # fmt: skip
+# --- the backups themselves, shared with the service's job runner (service/runner.py) ------------------
+def image_disk_names(images: list[Path]) -> list[str]:
+    """Each image's disk name when none is given: its file name without extension."""
+    return [img.name.split(".")[0] or img.name for img in images]
+
+
+@dataclass
+class ImageBackup:
+    """What a backup of image files made: the point, each disk's figures and where it was read from."""
+
+    point: Point
+    stats: list[DiskStats]
+    files: dict[str, dict[str, Any]]  # disk -> {"files_read": [...], "backing_not_read": ...}
+    untrusted: bool
+
+    def doc(self) -> dict[str, Any]:
+        """What `backup --json` prints."""
+        disks = [{**s.__dict__, **self.files[s.name]} for s in self.stats]
+        return {**self.point.summary(), **self.point.stats, "untrusted": self.untrusted, "disks": disks}
+
+
+def back_up_images(
+    repo: Repository, vm: str, images: list[Path], names: list[str], *, fmt: str | None = None,
+    trusted: bool = True, changed_extents: Path | None = None, wait: float | None = None,
+    meter: Meter = _no_meter,
+) -> ImageBackup:  # fmt: skip
+    """Back up *images* (disks *names*, in order) as one restore point of *vm*: the VM's lock (waiting
+    *wait* seconds, None: as long as it takes), the changed extents file if given, then the images
+    opened (*trusted*: their backing files are read too) and read, with *meter*'s progress."""
+    with repo.backing_up(vm, wait=wait), contextlib.ExitStack() as stack:
+        changed = load_changed_extents(changed_extents, names) if changed_extents else {}
+        jobs = []
+        sources = {}
+        for name, img in zip(names, images, strict=True):
+            src = open_image(img, fmt, trusted=trusted)
+            stack.callback(src.close)
+            sources[name] = src
+            jobs.append(DiskJob(name, src, changed.get(name) if changed_extents else None))
+        with meter() as (total, advance):
+            point, stats = run_backup(repo, vm, jobs, progress=advance, progress_total=total)
+    return ImageBackup(point, stats, {n: _files_doc(src) for n, src in sources.items()}, not trusted)
+
+
+@dataclass
+class VmBackup:
+    """What a backup of a hypervisor's VM made: the point, each disk's figures, what was read of each
+    disk and why, the bytes the transport delivered, and which transport ("HTTP", "NBD", "NBD+HTTP")."""
+
+    point: Point
+    stats: list[DiskStats]
+    reads: Reads
+    received: int
+    transport: str
+
+    def doc(self, url: str) -> dict[str, Any]:
+        """What `backup vmware://... --json` prints."""
+        reads = self.reads
+        disks = [{**s.__dict__, "read_whole": reads[s.name][0], "files_read": reads[s.name][1]}
+                 for s in self.stats]  # fmt: skip
+        doc = {**self.point.summary(), **self.point.stats, "source": url, "transport": self.transport,
+               "bytes_received": self.received, "disks": disks}  # fmt: skip
+        if self.transport == "HTTP":
+            doc["http_bytes_received"] = self.received
+        return doc
+
+
+def back_up_vm(
+    repo: Repository, hv: Hypervisor, password: str, vm_ref: str, *, url: str, name: str | None = None,
+    quiesce: bool = False, memory: bool = False, mode: str | None = None, full: bool = False,
+    wait: float | None = None, progress: Progress = lambda n: None, progress_total: Progress = lambda n: None,
+) -> VmBackup:  # fmt: skip
+    """Back up VM *vm_ref* of *hv* (``url`` names it: ``SCHEME://HYPERVISOR/VM``) as a restore point of
+    *name* (default: the VM's own name).  vSphere takes *quiesce* and *memory*, XenServer *mode*; the
+    other platform's options are refused before connecting."""
+    run = _xen_backup if hv.scheme == "xen" else _vmware_backup
+    return run(repo, hv, password, vm_ref, url=url, name=name, quiesce=quiesce, memory=memory, mode=mode,
+               full=full, wait=wait, advance=progress, total=progress_total)  # fmt: skip
+
+
+def _vmware_backup(repo: Repository, hv: Hypervisor, password: str, vm_ref: str, *, url: str,
+                   name: str | None, quiesce: bool, memory: bool, mode: str | None, full: bool,
+                   wait: float | None, advance: Progress, total: Progress) -> VmBackup:  # fmt: skip
     from ..hypervisors.vmware.backup import Options, back_up
     from ..hypervisors.vmware.session import session
 
-    if args.mode:
+    if mode:
         raise BadInput("--mode is for xen:// backups", hint="vSphere takes --quiesce and --memory")
     with session(hv, password) as vs:
         point, stats, plans, received = back_up(
-            repo, vs, vm_ref, name=args.vm, source_url=url, progress=advance, progress_total=total,
-            options=Options(quiesce=args.quiesce, memory=args.memory, full=args.full, wait=_wait(args)),
+            repo, vs, vm_ref, name=name, source_url=url, progress=advance, progress_total=total,
+            options=Options(quiesce=quiesce, memory=memory, full=full, wait=wait),
         )  # fmt: skip
-    return point, stats, {p.disk.name: (p.why_full, [p.disk.file]) for p in plans}, received, "HTTP"
+    return VmBackup(point, stats, {p.disk.name: (p.why_full, [p.disk.file]) for p in plans}, received, "HTTP")
 
 
-def _xen_backup(repo: Any, hv: Any, password: str, vm_ref: str, args: argparse.Namespace, url: str,
-                advance: Any, total: Any) -> tuple[Any, list[Any], Reads, int, str]:  # fmt: skip
+def _xen_backup(repo: Repository, hv: Hypervisor, password: str, vm_ref: str, *, url: str,
+                name: str | None, quiesce: bool, memory: bool, mode: str | None, full: bool,
+                wait: float | None, advance: Progress, total: Progress) -> VmBackup:  # fmt: skip
     from ..hypervisors.xen.backup import Options, back_up
     from ..hypervisors.xen.session import session
 
-    if args.quiesce or args.memory:
+    if quiesce or memory:
         raise BadInput(
             "--quiesce and --memory are vSphere's", hint="for xen:// give --mode quiesced or memory"
         )
     with session(hv, password) as xs:
         point, stats, plans, received, used = back_up(
-            repo, xs, vm_ref, name=args.vm, source_url=url, progress=advance, progress_total=total,
-            options=Options(mode=args.mode or "normal", full=args.full, wait=_wait(args)),
+            repo, xs, vm_ref, name=name, source_url=url, progress=advance, progress_total=total,
+            options=Options(mode=mode or "normal", full=full, wait=wait),
         )  # fmt: skip
     reads = {p.disk.name: (p.why_full, [f"VDI {p.disk.vdi_uuid}"]) for p in plans}
-    return point, stats, reads, received, used
+    return VmBackup(point, stats, reads, received, used)
 
 
 def _backup_vm(args: argparse.Namespace) -> int:
@@ -202,16 +288,15 @@ def _backup_vm(args: argparse.Namespace) -> int:
         registry = Registry(repo.root)
         hv, vm_ref = registry.target(url, vm=True)
         assert vm_ref is not None
-        run = _xen_backup if hv.scheme == "xen" else _vmware_backup
         with progress(f"backup {url}", enabled=not args.json) as (total, advance):
-            point, stats, reads, received, transport = run(
-                repo, hv, registry.password(hv), vm_ref, args, url, advance, total
-            )
-    disks = [{**s.__dict__, "read_whole": reads[s.name][0], "files_read": reads[s.name][1]} for s in stats]
-    doc = {**point.summary(), **point.stats, "source": url, "transport": transport,
-           "bytes_received": received, "disks": disks}  # fmt: skip
-    if transport == "HTTP":
-        doc["http_bytes_received"] = received
+            done = back_up_vm(
+                repo, hv, registry.password(hv), vm_ref, url=url, name=args.vm, quiesce=args.quiesce,
+                memory=args.memory, mode=args.mode, full=args.full, wait=_wait(args), progress=advance,
+                progress_total=total,
+            )  # fmt: skip
+    point, stats, received, transport = done.point, done.stats, done.received, done.transport
+    doc = done.doc(url)
+    disks = doc["disks"]
     if args.json:
         emit_json(doc)
     else:

@@ -47,11 +47,11 @@ mountpoint = "{mnt}"
 
 
 class Served:
-    def __init__(self, cli: Cli, config: Path, notify: socket.socket) -> None:
+    def __init__(self, cli: Cli, config: Path, notify: socket.socket, *extra: str) -> None:
         self.cli, self.notify = cli, notify
         env = {**cli.env, "NOTIFY_SOCKET": notify.getsockname()}
         self.proc = subprocess.Popen(
-            [*_python(), "-m", "vmrecover", "serve", "--config", str(config), "--log-level", "info"],
+            [*_python(), "-m", "vmrecover", "serve", "--config", str(config), "--log-level", "info", *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         assert self.said(timeout=60) == "READY=1", self.stop()
@@ -156,3 +156,37 @@ def test_a_missing_repository_or_passphrase_file_is_a_clear_error(cli: Cli, tmp_
     config.write_text(config.read_text().replace(str(cli.repo), str(tmp_path / "nowhere")))
     res = cli.run("serve", "--config", config, check=False)
     assert_clean_error(res, ExitCode.NOT_FOUND, "no repository at", "vmrecover init")
+
+
+def test_the_systemd_unit_is_valid(tmp_path: Path) -> None:
+    """systemd-analyze checks the unit the appliance installs (with the binary where it is here)."""
+    import shutil
+    import sys
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (Debian: systemd)")
+    unit = (Path(__file__).parents[1] / "appliance" / "systemd" / "vmrecover.service").read_text()
+    assert "Type=notify" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    here = tmp_path / "vmrecover.service"
+    here.write_text(
+        unit.replace("/usr/local/bin/vmrecover", str(Path(sys.executable).with_name("vmrecover")))
+    )
+    res = subprocess.run(["systemd-analyze", "verify", str(here)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_a_log_file_moved_away_by_logrotate_is_reopened(
+    cli: Cli, tmp_path: Path, notify: socket.socket
+) -> None:
+    config = _config(tmp_path, cli)
+    config.write_text(config.read_text().replace('mountpoint = "', '# mountpoint = "'))
+    log = tmp_path / "service.log"
+    s = Served(cli, config, notify, "--log-file", str(log))
+    try:
+        assert "service ready" in log.read_text()
+        log.rename(tmp_path / "service.log.1")  # what logrotate does
+        s.proc.send_signal(signal.SIGHUP)
+        assert s.said() == "RELOADING=1" and s.said() == "READY=1"
+    finally:
+        s.stop()
+    assert "reloaded" in log.read_text() and "reloaded" not in (tmp_path / "service.log.1").read_text()

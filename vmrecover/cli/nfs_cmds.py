@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import errno
 import ipaddress
-import logging
 import signal
 from typing import Any
 
@@ -106,11 +105,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..vfs.cache import ChunkCache, limit_malloc_arenas
     from ..vfs.tree import Vfs
 
-    # nfs_export logs under its own name: the same handler and --log-level as vmrecover's own logs
-    ours, theirs = logging.getLogger("vmrecover"), logging.getLogger("nfs_export")
-    theirs.handlers[:] = ours.handlers
-    theirs.setLevel(ours.level)
-    theirs.propagate = False
     config = ExportConfig(
         listen=_listen_address(args.listen, args.allow), port=args.port, mount_port=args.mount_port,
         portmapper=args.portmapper, allow=_networks(args.allow), insecure_ports=args.insecure_ports,

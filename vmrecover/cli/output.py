@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -43,16 +45,22 @@ class _JsonLogFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
-def setup_logging(level: str) -> None:
-    """Logs go to stderr; ``VMRECOVER_LOG_FORMAT=json`` makes them one JSON object per line."""
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str, *, path: Path | None = None) -> None:
+    """Logs go to stderr, or to *path* (reopened when logrotate moves it away: WatchedFileHandler);
+    ``VMRECOVER_LOG_FORMAT=json`` makes them one JSON object per line.  nfs_export's logs go the same
+    way."""
+    handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr) if path is None else logging.handlers.WatchedFileHandler(path)
+    )
     if os.environ.get("VMRECOVER_LOG_FORMAT") == "json":
         handler.setFormatter(_JsonLogFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("vmrecover")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    for name in ("vmrecover", "nfs_export"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level.upper())
+    logging.getLogger("nfs_export").propagate = False
 
 
 def emit_json(doc: Any, *, indent: int | None = 2) -> None:

@@ -23,6 +23,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--check-config", action="store_true", help="check the configuration file and exit (0: good)"
     )
+    p.add_argument(
+        "--log-file", type=Path,
+        help="log here instead of stderr (reopened after logrotate moves it; default: stderr, the journal)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
 
@@ -36,7 +40,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
     from ..service import config, daemon
+    from .output import setup_logging
 
+    if args.log_file:
+        setup_logging(args.log_level, path=args.log_file)
     path = config_path(args)
     if args.check_config:
         cfg = config.load(path)

@@ -106,23 +106,12 @@ async def run(
     cfg = service.config
     serving: dict[str, Any] = {"pid": os.getpid(), "repository": str(service.repo.root)}
     record = service.repo.root / "run" / RECORD
-    async with trio.open_nursery() as nursery:
-        if cfg.nfs.enabled:
-            info = await nursery.start(nfs_serve, service.vfs, _nfs_config(cfg))
-            serving["nfs"] = asdict(info)
-            log.info("NFS export %s on %s port %d", info.export, info.address, info.nfs_port)
-        if cfg.fuse.mountpoint is not None:
-            await nursery.start(run_mount, service.vfs, cfg.fuse.mountpoint)
-            serving["fuse"] = str(cfg.fuse.mountpoint)
-        for name, part in (parts or {}).items():
-            serving[name] = await nursery.start(part, service)
-        record.parent.mkdir(mode=0o700, exist_ok=True)
-        write_file(record, json.dumps(serving).encode(), what=RECORD)
-        try:
-            sd_notify("READY=1")
-            log.info("service ready: %s", serving)
-            task_status.started(serving)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    # Signals are ours from the start: a SIGTERM while the parts start up stops them cleanly too, and
+    # a SIGHUP right after READY=1 is a reload, not the default action (death).
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signals() -> None:
                 async for sig in signals:
                     if sig == signal.SIGHUP:
                         await reload(service)
@@ -131,9 +120,27 @@ async def run(
                     sd_notify("STOPPING=1")
                     nursery.cancel_scope.cancel()
                     return
-        finally:
-            with suppress(FileNotFoundError):
-                record.unlink()
+
+            nursery.start_soon(on_signals)
+            if cfg.nfs.enabled:
+                info = await nursery.start(nfs_serve, service.vfs, _nfs_config(cfg))
+                serving["nfs"] = asdict(info)
+                log.info("NFS export %s on %s port %d", info.export, info.address, info.nfs_port)
+            if cfg.fuse.mountpoint is not None:
+                await nursery.start(run_mount, service.vfs, cfg.fuse.mountpoint)
+                serving["fuse"] = str(cfg.fuse.mountpoint)
+            for name, part in (parts or {}).items():
+                serving[name] = await nursery.start(part, service)
+            record.parent.mkdir(mode=0o700, exist_ok=True)
+            write_file(record, json.dumps(serving).encode(), what=RECORD)
+            try:
+                log.info("service ready: %s", serving)
+                sd_notify("READY=1")
+                task_status.started(serving)
+                await trio.sleep_forever()
+            finally:
+                with suppress(FileNotFoundError):
+                    record.unlink()
 
 
 async def reload(service: Service) -> bool:
@@ -155,7 +162,7 @@ async def reload(service: Service) -> bool:
     if service.scheduler is not None:
         service.scheduler.reload(new)
     log.info("configuration %s reloaded (%d jobs)", service.config_path, len(new.jobs))
-    sd_notify("READY=1")
+    sd_notify("READY=1")  # after the log line: a reader of the log who was told READY finds it
     return True
 
 

@@ -1,0 +1,696 @@
+"""The service's HTTP API: JSON under ``/api/v1`` over HTTPS (FastAPI, served by Hypercorn's trio
+worker), and ``/metrics`` for Prometheus.
+
+The endpoints are thin: each validates its names, then calls what the CLI calls (the catalog,
+recovery/sessions.py, the file-restore service, the scheduler) and answers what the matching CLI
+command prints with ``--json``, so a script may use either.  Blocking work runs in worker threads
+(``trio.to_thread.run_sync(..., limiter=service.limiter)``), each with a repository handle of its own
+from :class:`RepoViews` (its own catalog connection: one SQLite connection is not shared by threads,
+and the datastores see the API's commits as another connection's, see ``Vfs._refresh``).
+
+- Auth, roles, the rate limit of wrong tokens and the audit log of mutations: service/auth.py.
+  ``/api/v1/health`` and ``/api/v1/openapi.json`` need no token; everything else does.
+- Errors are JSON with the CLI's shape (``{"error", "message", "hint", "exit_code"}``): a
+  VmrecoverError by its exit code (not found 404, bad input 400, locked 409, no space 507, hypervisor
+  502, anything else 500), a malformed body 400 (not JSON) or 422 (wrong fields or types), a body over
+  :data:`MAX_BODY` 413, an unknown path 404.
+- Every name a path or body carries (VM, point, session, job, disk, guest path) is checked before it
+  is used: ``check_name`` for VM, session, job and disk names (no ``/``, ``\\``, ``..``, NUL...), a
+  plain pattern for point selectors, no ``..`` component in guest paths and migrate destinations.
+- Single-file restore goes through the repository's file-restore service (files/service.py, the
+  appliances the CLI's ``files`` commands use): a download is copied out by it into a private folder
+  under ``REPO/run/api-downloads/`` as a tar (its safety rules: no device nodes, no setuid bits),
+  opened, the folder removed, and then streamed: a file as itself, a folder as the tar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import IO, Annotated, Any, Literal, TypeVar
+
+import sqlite_utils
+import trio
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..errors import BadInput, ExitCode, NotFound, VmrecoverError
+from ..recovery import sessions
+from ..repo.catalog import Catalog, check_name
+from ..repo.keys import PASSPHRASE_ENV
+from ..repo.repository import Repository
+from . import metrics, tls
+from .auth import AuthMiddleware, FailureLimiter, Message, Receive, Scope, Send, error_doc, send_json
+from .core import JobScheduler, Service
+
+log = logging.getLogger("vmrecover.api")
+T = TypeVar("T")
+
+API = "/api/v1"
+MAX_BODY = 64 * 1024  # bytes of a request body (push ingest's routes will set their own limit)
+STREAM_BLOCK = 1 << 20
+PUBLIC = frozenset({f"{API}/health", f"{API}/openapi.json"})
+STATUS = {
+    ExitCode.NOT_FOUND: 404, ExitCode.BAD_INPUT: 400, ExitCode.USAGE: 400, ExitCode.LOCKED: 409,
+    ExitCode.INCOMPATIBLE: 409, ExitCode.NO_SPACE: 507, ExitCode.UNREACHABLE: 502, ExitCode.CERTIFICATE: 502,
+}  # fmt: skip
+_POINT = re.compile(r"[0-9A-Za-z][0-9A-Za-z:.\-]{0,63}")
+MigrateFormat = Literal["raw", "qcow2", "vmdk", "vmdk-stream", "vhd", "vhdx"]  # restore.RESTORE_FORMATS
+
+
+# ------------------------------------------------------------------------------------------ state
+class Unavailable(VmrecoverError):
+    """A part of the service the request needs is not running (HTTP 503)."""
+
+    http_status = 503
+
+
+class _Connection(Catalog):
+    """Another connection to an open repository's catalog.
+
+    ``Catalog.__init__`` opens and closes the database file first (to create it 0600).  In a process
+    that already has a connection to it, that close drops every POSIX lock the process holds on the
+    file, among them SQLite's SHARED lock of WAL mode; the next other process to close its connection
+    then takes itself for the last one, checkpoints and deletes the WAL and -shm under this process's
+    connections, and this process's later commits are seen by no one else (found by
+    test_service_api).  Until Catalog creates the file only when it is missing, connections made here
+    skip that step (the file exists: the repository is open) and set up the rest as Catalog does."""
+
+    def __init__(self, path: Path) -> None:  # Catalog.__init__ without its os.open/os.close
+        self.path = path
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON"):
+            conn.execute(f"PRAGMA {pragma}")
+        self.db = sqlite_utils.Database(conn)
+
+
+class RepoViews:
+    """Handles on the service's repository for worker threads: each a shallow copy of it with a
+    catalog connection of its own, lent to one call at a time and kept for the next (at most as many
+    as calls ran at once, i.e. the service's limiter)."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.base = repo
+        self._lock = threading.Lock()
+        self._free: list[Repository] = []
+        self._all: list[Repository] = []
+
+    @contextlib.contextmanager
+    def view(self) -> Iterator[Repository]:
+        with self._lock:
+            repo = self._free.pop() if self._free else None
+        if repo is None:
+            repo = copy.copy(self.base)
+            repo.catalog = _Connection(self.base.root / "catalog.sqlite")
+            with self._lock:
+                self._all.append(repo)
+        try:
+            yield repo
+        finally:
+            with self._lock:
+                self._free.append(repo)
+
+    def close(self) -> None:
+        with self._lock:
+            for repo in self._all:
+                repo.catalog.close()
+            self._all.clear()
+            self._free.clear()
+
+
+@dataclass
+class ApiState:
+    """What the routes of one app share (``app.state.vmrecover``)."""
+
+    service: Service
+    repos: RepoViews
+    failures: FailureLimiter = field(default_factory=FailureLimiter)
+    chunk_usage: metrics.ChunkUsage = field(default_factory=metrics.ChunkUsage)
+    # (method, path pattern, limit or None for none) of routes that take larger bodies than MAX_BODY
+    # (push ingest's disk streams); the first that matches a request applies
+    body_limits: list[tuple[str, re.Pattern[str], int | None]] = field(default_factory=list)
+
+    def body_limit(self, scope: Scope) -> int | None:
+        for method, pattern, limit in self.body_limits:
+            if scope["method"] == method and pattern.fullmatch(scope["path"]):
+                return limit
+        return MAX_BODY
+
+    async def blocking(self, fn: Callable[[Repository], T]) -> T:
+        """fn(a repository handle) in a worker thread, within the service's limiter."""
+
+        def run() -> T:
+            with self.repos.view() as repo:
+                return fn(repo)
+
+        return await trio.to_thread.run_sync(run, limiter=self.service.limiter)
+
+    async def thread(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self.service.limiter)
+
+    def scheduler(self) -> JobScheduler:
+        if self.service.scheduler is None:
+            raise Unavailable(
+                "the scheduler is not running", hint="jobs need 'vmrecover serve' with its scheduler"
+            )
+        return self.service.scheduler
+
+    def downloads(self) -> Path:
+        """``REPO/run/api-downloads/``: private scratch space of file downloads (blocking)."""
+        d = self.service.repo.run_dir() / "api-downloads"
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d
+
+    def files_env(self) -> dict[str, str]:
+        """The environment the file-restore service starts with (an encrypted repository's passphrase)."""
+        env = dict(os.environ)
+        if self.service.passphrase is not None:
+            env.setdefault(PASSPHRASE_ENV, self.service.passphrase)
+        return env
+
+    def close(self) -> None:
+        self.repos.close()
+
+
+# ------------------------------------------------------------------------------------------ names
+def _vm(name: str) -> str:
+    return check_name("VM", name)
+
+
+def _point(selector: str) -> str:
+    if not _POINT.fullmatch(selector) or ".." in selector:
+        raise BadInput(
+            f"invalid restore point {selector!r}",
+            hint="use 'latest', a point id (or a prefix of it), or a prefix of its time",
+        )
+    return selector
+
+
+def _target(vm: str, point: str) -> str:
+    return f"{_vm(vm)}@{_point(point)}"
+
+
+def _guest_path(path: str) -> str:
+    bad = (
+        not path or len(path) > 4096 or not path.isprintable()
+        or ".." in re.split(r"[/\\]", path)
+    )  # fmt: skip
+    if bad:
+        raise BadInput(
+            f"invalid guest path {path!r}",
+            hint="an absolute path in the guest (/etc/hosts, C:\\Users), without '..' components",
+        )
+    return path
+
+
+def _destination(to: str) -> Path:
+    if not to.startswith("/") or "\0" in to or ".." in to.split("/") or not to.isprintable():
+        raise BadInput(f"invalid destination {to!r}", hint="an absolute path on the appliance, without '..'")
+    return Path(to)
+
+
+# ------------------------------------------------------------------------------------------ responses
+def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(doc, default=str), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+def _status(exc: VmrecoverError) -> int:
+    return int(getattr(exc, "http_status", 0)) or STATUS.get(exc.exit_code, 500)
+
+
+def _error(exc: VmrecoverError) -> Response:
+    doc = exc.to_json()
+    doc.setdefault("hint", None)
+    return _json(doc, _status(exc))
+
+
+def _disposition(name: str) -> str:
+    ascii_name = re.sub(r"[^A-Za-z0-9._-]", "_", name) or "download"
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
+
+
+class _Streaming(StreamingResponse):
+    """A StreamingResponse that only streams.  Starlette's also listens for the client's disconnect in
+    an anyio task group that it cancels with ``CancelScope.cancel(reason)``, which this system's trio
+    (0.22; anyio wants 0.32) does not take.  A client gone mid-stream makes Hypercorn drop the rest."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.stream_response(send)
+
+
+class ErrorDoc(BaseModel):
+    error: str = Field(description="the error's class, as the CLI's --json names it (NotFound, BadInput...)")
+    message: str
+    hint: str | None
+    exit_code: int = Field(description="the CLI's exit code for this error")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SessionStart(_Body):
+    vm: str = Field(description="the VM's name in the repository")
+    point: str = Field("latest", description="'latest', a point id or prefix, or a prefix of its time")
+    name: str | None = Field(None, description="the session's name (default: <vm>-<6 hex>)")
+
+
+class SessionMigrate(_Body):
+    to: str = Field(description="where to write the disk image, an absolute path on the appliance")
+    disk: str | None = Field(None, description="the disk (needed when the VM has several)")
+    format: MigrateFormat = "qcow2"
+    overwrite: bool = False
+
+
+# ------------------------------------------------------------------------------------------ the app
+def build_app(service: Service) -> FastAPI:
+    """The API of *service* as an ASGI application (serve_api serves it; tests may too)."""
+    state = ApiState(service, RepoViews(service.repo))
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorDoc, "description": what}
+        for code, what in [(400, "bad input"), (401, "no token, or a wrong one"), (403, "a read-only token"),
+                           (404, "not found"), (422, "wrong fields or types"), (429, "too many wrong tokens")]
+    }  # fmt: skip
+    app = FastAPI(
+        title="vmrecover", version=__version__, openapi_url=f"{API}/openapi.json", docs_url=None,
+        redoc_url=None, responses=errors,
+        description="Restore points, jobs, recovery sessions and single-file restore of a vmrecover "
+        "appliance. Every endpoint but health takes 'Authorization: Bearer TOKEN'.",
+    )  # fmt: skip
+    app.state.vmrecover = state
+    app.add_middleware(_BodyLimit, limit_for=state.body_limit)
+    app.add_middleware(
+        AuthMiddleware, tokens=lambda: service.config.api.tokens, limiter=state.failures, public=PUBLIC
+    )
+    app.add_middleware(_Count)
+    _handlers(app)
+    _openapi(app)
+    _repository_routes(app, state)
+    _session_routes(app, state)
+    _job_routes(app, state)
+    _file_routes(app, state)
+    return app
+
+
+class _BodyLimit:
+    """Request bodies larger than their route's limit (ApiState.body_limit) are refused with a JSON
+    413: at once when Content-Length says so, else when the reading passes the limit."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Any], *, limit_for: Callable[[Scope], int | None]
+                 ) -> None:  # fmt: skip
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.limit_for(scope) if scope["type"] == "http" else None
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        declared = next((bytes(v).decode("latin-1") for k, v in scope.get("headers") or ()
+                         if k.lower() == b"content-length"), None)  # fmt: skip
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            too_large = declared.isdigit()
+            doc = error_doc("BadInput", f"the request body is larger than {limit} bytes" if too_large
+                            else f"Content-Length {declared!r} is not a number", exit_code=ExitCode.BAD_INPUT,
+                            hint="send less" if too_large else None)  # fmt: skip
+            await send_json(send, 413 if too_large else 400, doc, [(b"connection", b"close")])
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class _Count:
+    """Counts answered requests (metrics.api_requests), refusals included."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Any]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                metrics.api_requests.labels(scope["method"], str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, watch)
+
+
+def _handlers(app: FastAPI) -> None:
+    @app.exception_handler(VmrecoverError)
+    async def vmrecover_error(request: Request, exc: VmrecoverError) -> Response:
+        if _status(exc) >= 500 and not isinstance(exc, Unavailable):
+            log.error("%s %s failed: %s", request.method, request.url.path, exc)
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        errs = list(exc.errors())
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": "?"}
+        if first.get("type") == "json_invalid":
+            ctx = first.get("ctx") or {}
+            pos = first["loc"][-1] if first.get("loc") else "?"
+            doc = error_doc("BadInput", f"the body is not valid JSON: {ctx.get('error', '?')} (at character "
+                            f"{pos})", hint="send a JSON object", exit_code=ExitCode.BAD_INPUT)  # fmt: skip
+            return _json(doc, 400)
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        doc = error_doc("BadInput", f"{where}: {first.get('msg')}", exit_code=ExitCode.BAD_INPUT,
+                        hint=f"see {API}/openapi.json for what this endpoint takes")  # fmt: skip
+        doc["details"] = {"errors": [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errs]}
+        return _json(doc, 422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = exc.status_code
+        if code == 404:
+            doc = error_doc("NotFound", f"no such endpoint: {request.method} {request.url.path}",
+                            hint=f"see {API}/openapi.json", exit_code=ExitCode.NOT_FOUND)  # fmt: skip
+        elif code == 405:
+            doc = error_doc("UsageError", f"{request.method} is not allowed on {request.url.path}",
+                            hint=f"see {API}/openapi.json", exit_code=ExitCode.USAGE)  # fmt: skip
+        elif code == 413:
+            doc = error_doc("BadInput", f"the request body is larger than {MAX_BODY} bytes",
+                            hint="send less", exit_code=ExitCode.BAD_INPUT)  # fmt: skip
+        elif code < 500:
+            doc = error_doc("BadInput", str(exc.detail), exit_code=ExitCode.BAD_INPUT)
+        else:
+            doc = error_doc("VmrecoverError", str(exc.detail))
+        return _json(doc, code, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> Response:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _json(error_doc("VmrecoverError", f"internal error ({type(exc).__name__})",
+                               hint="see the service's log"), 500)  # fmt: skip
+
+
+def _openapi(app: FastAPI) -> None:
+    """The document says how to authenticate: a bearer token everywhere but health."""
+
+    def document() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description,
+                              routes=app.routes)  # fmt: skip
+            doc.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "vmrecover token new NAME"}
+            }
+            doc["security"] = [{"bearer": []}]
+            for path, ops in doc.get("paths", {}).items():
+                if path in PUBLIC:
+                    for op in ops.values():
+                        op["security"] = []
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = document  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------------------------------------ routes
+def _point_doc(repo: Repository, point: Any) -> dict[str, Any]:
+    from ..cli.repo_cmds import _point_doc as doc  # what `vmrecover list VM --json` shows of a point
+
+    return doc(repo, point)
+
+
+def _repository_routes(app: FastAPI, st: ApiState) -> None:
+    service = st.service
+
+    @app.get(f"{API}/health", tags=["service"])
+    async def health() -> Response:
+        """Whether the service answers (no token needed)."""
+        uptime = round(time.time() - service.started, 3) if service.started else None
+        return _json({"status": "ok", "version": __version__, "uptime_s": uptime})
+
+    @app.get(f"{API}/repository", tags=["service"])
+    async def repository(fresh: bool = False) -> Response:
+        """Usage: contents (from the catalog), stored chunks (a walk of chunks/, reused for 5 minutes
+        unless fresh=true) and the filesystem."""
+        return _json(await st.blocking(lambda repo: metrics.usage(repo, st.chunk_usage, fresh=fresh)))
+
+    @app.get("/metrics", tags=["service"], include_in_schema=True)
+    async def prometheus() -> Response:
+        """Prometheus text exposition (a token is needed, of either role)."""
+        sched = service.scheduler
+        jobs = sched.jobs() if sched is not None else None
+        runs = sched.history(None, 500) if sched is not None else None
+        known = {"uptime": time.time() - service.started if service.started else 0.0, "cache": service.cache,
+                 "jobs": jobs, "runs": runs}  # fmt: skip
+        facts = await st.blocking(lambda repo: metrics.gather(repo, st.chunk_usage, **known))
+        body = await st.thread(lambda: metrics.exposition(facts))
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(f"{API}/vms", tags=["restore points"])
+    async def vms() -> Response:
+        """The VMs (as `vmrecover list --json`)."""
+        return _json({"vms": await st.blocking(lambda repo: repo.catalog.vms())})
+
+    @app.get(f"{API}/vms/{{vm}}/points", tags=["restore points"])
+    async def points(vm: str) -> Response:
+        """A VM's restore points with their disks (as `vmrecover list VM --json`)."""
+        name = _vm(vm)
+
+        def run(repo: Repository) -> dict[str, Any]:
+            if not repo.catalog.has_vm(name):
+                raise NotFound(f"no VM named {name!r} in the repository")
+            return {"vm": name, "points": [_point_doc(repo, p) for p in repo.catalog.points(name)]}
+
+        return _json(await st.blocking(run))
+
+    @app.get(f"{API}/vms/{{vm}}/points/{{point}}", tags=["restore points"])
+    async def point(vm: str, point: str) -> Response:
+        """One restore point ('latest', an id or prefix, a time prefix) with its disks."""
+        target = _target(vm, point)
+        return _json(await st.blocking(lambda repo: _point_doc(repo, repo.catalog.resolve(target))))
+
+
+def _session_routes(app: FastAPI, st: ApiState) -> None:
+    @app.get(f"{API}/sessions", tags=["recovery sessions"])
+    async def list_sessions() -> Response:
+        """Recovery sessions, however started (as `vmrecover recover list --json`)."""
+        return _json(await st.blocking(lambda repo: [sessions.info(repo, s).__dict__
+                                                     for s in repo.catalog.sessions()]))  # fmt: skip
+
+    @app.post(f"{API}/sessions", tags=["recovery sessions"], status_code=201)
+    async def start_session(body: SessionStart) -> Response:
+        """Start a recovery session of a restore point (served by the datastores: FUSE, NFS)."""
+        target = _target(body.vm, body.point)
+        name = None if body.name is None else check_name("session", body.name)
+
+        def run(repo: Repository) -> dict[str, Any]:
+            point = repo.catalog.resolve(target)
+            return sessions.info(repo, sessions.start(repo, point, name)).__dict__
+
+        return _json(await st.blocking(run), 201)
+
+    @app.delete(f"{API}/sessions/{{name}}", tags=["recovery sessions"])
+    async def stop_session(name: str) -> Response:
+        """Stop a session: its writes are discarded; one running on a hypervisor is undone there first."""
+        check_name("session", name)
+
+        def run(repo: Repository) -> dict[str, Any]:
+            session = repo.catalog.session(name)
+            if sessions.target(repo, session) is not None:
+                from ..cli.recover_cmds import _unpublish  # how `recover stop` undoes `recover start --to`
+
+                try:
+                    _unpublish(repo, session)
+                except VmrecoverError as exc:
+                    err = VmrecoverError(
+                        f"cannot undo session {name} on its hypervisor: {exc.message}",
+                        hint=f"fix that and stop it again, or 'vmrecover recover stop {name} --force'",
+                    )
+                    err.exit_code = exc.exit_code
+                    raise err from None
+            s = sessions.stop(repo, name)
+            return {"name": s.name, "id": s.id, "stopped": True}
+
+        return _json(await st.blocking(run))
+
+    @app.post(f"{API}/sessions/{{name}}/migrate", tags=["recovery sessions"])
+    async def migrate_session(name: str, body: SessionMigrate) -> Response:
+        """Write a session's current disk as a standalone image on the appliance (as `vmrecover recover
+        migrate NAME --to PATH --json`); answers when it is written."""
+        check_name("session", name)
+        disk = None if body.disk is None else check_name("disk", body.disk)
+        dest = _destination(body.to)
+
+        def run(repo: Repository) -> dict[str, Any]:
+            session = repo.catalog.session(name)
+            res = sessions.migrate(repo, session, disk, dest, fmt=body.format, overwrite=body.overwrite)
+            return dict(res.__dict__)
+
+        return _json(await st.blocking(run))
+
+
+def _job_routes(app: FastAPI, st: ApiState) -> None:
+    def known(name: str) -> str:
+        check_name("job", name)
+        names = [j.name for j in st.service.config.jobs]
+        if name not in names:
+            raise NotFound(f"no job named {name!r}", hint=f"jobs: {', '.join(names) or 'none'}")
+        return name
+
+    @app.get(f"{API}/jobs", tags=["jobs"])
+    async def jobs() -> Response:
+        """Every configured job: schedule, next run, state and its latest run."""
+        return _json(st.scheduler().jobs())
+
+    @app.post(f"{API}/jobs/{{name}}/run", tags=["jobs"], status_code=202)
+    async def run_job(name: str) -> Response:
+        """Queue a run of the job now; answers its run id at once (see /runs/{id})."""
+        sched = st.scheduler()
+        known(name)
+        try:
+            run_id = await sched.run_now(name)
+        except KeyError:
+            raise NotFound(f"no job named {name!r}") from None
+        return _json({"job": name, "run": run_id}, 202)
+
+    @app.get(f"{API}/jobs/{{name}}/history", tags=["jobs"])
+    async def history(name: str, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Response:
+        """The job's latest runs, newest first."""
+        sched = st.scheduler()
+        return _json(sched.history(known(name), limit))
+
+    @app.get(f"{API}/runs/{{run_id}}", tags=["jobs"])
+    async def run(run_id: int) -> Response:
+        """One run: state, progress while it runs, figures, error and log lines."""
+        try:
+            return _json(st.scheduler().run(run_id))
+        except KeyError:
+            raise NotFound(f"no run {run_id}", hint="see /api/v1/jobs/{name}/history") from None
+
+
+def _file_routes(app: FastAPI, st: ApiState) -> None:
+    files = f"{API}/vms/{{vm}}/points/{{point}}/files"
+
+    def call(req: dict[str, Any], on_entries: Callable[[list[dict[str, Any]]], None] = lambda e: None) -> Any:
+        from ..files.service import request
+
+        return request(st.service.repo.root, req, progress=lambda text: log.debug("files: %s", text),
+                       on_entries=on_entries, env=st.files_env())  # fmt: skip
+
+    @app.get(files, tags=["single-file restore"])
+    async def list_folder(vm: str, point: str, path: str = "/") -> Response:
+        """List a guest folder (as `vmrecover files ls VM@POINT PATH --json`); the first request of a
+        point starts its libguestfs appliance (about 20 s under TCG)."""
+        target, guest = _target(vm, point), _guest_path(path)
+        entries: list[dict[str, Any]] = []
+        doc = await st.thread(lambda: call({"op": "ls", "target": target, "path": guest}, entries.extend))
+        return _json(doc | {"entries": entries})
+
+    @app.get(f"{files}/content", tags=["single-file restore"])
+    async def download(vm: str, point: str, path: str) -> Response:
+        """Download a guest file, or a folder as a tar (modes, times and numeric owners kept; no device
+        nodes, no setuid/setgid bits)."""
+        target, guest = _target(vm, point), _guest_path(path)
+
+        def fetch() -> tuple[IO[bytes], int, str, str, list[IO[bytes]]]:
+            work = Path(tempfile.mkdtemp(prefix="get-", dir=st.downloads()))
+            try:
+                doc = call({"op": "get", "target": target, "paths": [guest], "to": str(work), "tar": True,
+                            "overwrite": False})  # fmt: skip
+                w = doc["written"][0]
+                f = open(w["to"], "rb")  # noqa: SIM115 (streamed, closed by the response)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)  # the open file stays readable
+            try:
+                name = os.path.basename(w["guest_path"].rstrip("/")) or "root"
+                if w["kind"] != "file":
+                    return f, os.fstat(f.fileno()).st_size, f"{name}.tar", "application/x-tar", [f]
+                tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115
+                member = next(m for m in tar if m.isfile())
+                inner = tar.extractfile(member)
+                assert inner is not None
+                return inner, member.size, name, "application/octet-stream", [inner, f]
+            except BaseException:
+                f.close()
+                raise
+
+        src, size, name, kind, opened = await st.thread(fetch)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                while block := await st.thread(partial(src.read, STREAM_BLOCK)):
+                    yield block
+            finally:
+                for f in opened:
+                    f.close()
+
+        headers = {"content-disposition": _disposition(name), "content-length": str(size)}
+        return _Streaming(body(), media_type=kind, headers=headers)
+
+
+# ------------------------------------------------------------------------------------------ serving
+def _address(bind: str) -> tuple[str, int]:
+    host, _, port = bind.split("://", 1)[-1].rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def serve_api(service: Service, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the API on ``service.config.api.listen`` over HTTPS until cancelled.  Started (for
+    ``nursery.start``) once listening, with the bound (host, port) of each listen address (port 0 in
+    the configuration: a free one).  The certificate: see service/tls.py."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve
+
+    api = service.config.api
+    if not api.enabled:
+        log.info("the HTTP API is disabled (api.enabled = false)")
+        task_status.started([])
+        return
+    cert = await trio.to_thread.run_sync(tls.ensure, api, service.config_path, limiter=service.limiter)
+    app = build_app(service)
+    state: ApiState = app.state.vmrecover
+    downloads = await trio.to_thread.run_sync(state.downloads, limiter=service.limiter)
+    for leftover in downloads.iterdir():  # of a service killed while copying out
+        shutil.rmtree(leftover, ignore_errors=True)
+    config = HypercornConfig()
+    config.bind = list(api.listen)
+    config.certfile, config.keyfile = str(cert.cert), str(cert.key)
+    config.errorlog = logging.getLogger("vmrecover.api.http")
+    config.accesslog = None
+    config.include_server_header = False
+    try:
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(partial(serve, app, config, mode="asgi"))
+            addresses = [_address(b) for b in binds]
+            log.info("HTTP API on %s (TLS certificate SHA-256 %s)", ", ".join(binds), cert.fingerprint)
+            task_status.started(addresses)
+    finally:
+        state.close()

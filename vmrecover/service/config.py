@@ -5,8 +5,8 @@ nothing); ``service/example.toml`` is the documented example, and a test keeps t
 error names the file, the line and the key (``vmrecover.toml:14: jobs[1].schedule: ...``): TOML
 syntax errors come with tomllib's line, schema errors are located by :func:`_line_of`, which finds the
 key's line in the text.  Secrets never live in this file: API tokens are stored as SHA-256 digests,
-and the repository's passphrase is read from ``passphrase_file`` (which must not be readable by
-others).
+and the repository's passphrase, the SMTP password and the webhook's token are read from their
+``*_file`` (which must not be readable by others).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -193,12 +194,158 @@ class Job(_Strict):
         return self
 
 
+Outcome = Literal["failure", "success"]
+
+
+def parse_syslog(text: str) -> tuple[str, str, int]:
+    """A syslog destination -> (kind, address, port): ("none", "", 0), ("unix", "/dev/log", 0) for
+    "local" or "unix:///path", ("udp" | "tcp", host, port) for "udp://host[:port]" (port 514 by default)."""
+    if text in ("none", ""):
+        return ("none", "", 0)
+    if text == "local":
+        return ("unix", "/dev/log", 0)
+    u = urlsplit(text)
+    if u.scheme == "unix" and not u.netloc and u.path.startswith("/"):
+        return ("unix", u.path, 0)
+    try:
+        port = u.port or 514
+    except ValueError:
+        port = 0
+    if u.scheme in ("udp", "tcp") and u.hostname and 0 < port < 65536 and u.path in ("", "/"):
+        if u.username or u.password or u.query or u.fragment:
+            raise ValueError(f"syslog destination {text!r} takes only a host and a port")
+        return (u.scheme, u.hostname, port)
+    raise ValueError(
+        f"syslog destination {text!r} is not one of: local, unix:///PATH, udp://HOST[:PORT], "
+        "tcp://HOST[:PORT], none"
+    )
+
+
+def parse_smtp(text: str) -> tuple[str, int]:
+    """ "host", "host:port" or "[v6]:port" -> (host, port); port 25 by default."""
+    u = urlsplit(f"//{text}")
+    try:
+        port = u.port or 25
+    except ValueError:
+        port = 0
+    if not u.hostname or not 0 < port < 65536 or u.path or u.username or u.password or u.query:
+        raise ValueError(f"smtp server {text!r} is not HOST[:PORT]")
+    return (u.hostname, port)
+
+
+def _on(v: list[str]) -> list[str]:
+    if len(set(v)) != len(v):
+        raise ValueError("an outcome is listed twice")
+    return v
+
+
+class Email(_Strict):
+    smtp: str  # HOST[:PORT] of the mail server (port 25 by default; 587 is the usual submission port)
+    starttls: bool = True  # upgrade the connection to TLS (required before a password is sent)
+    ca_file: Path | None = None  # the CA(s) that signed the server's certificate; default: the system's
+    user: str | None = None  # log in as (with the password of password_file)
+    password_file: Path | None = None  # the SMTP password, in a file only root may read (chmod 600)
+    from_: str = Field(alias="from")  # the sender address
+    to: Annotated[list[str], Field(min_length=1)]  # the recipients
+    on: list[Outcome] = ["failure"]  # which outcomes are mailed
+    timeout: str | float = "30s"  # per network operation; a run's notification never waits much longer
+
+    @field_validator("smtp")
+    @classmethod
+    def _server(cls, v: str) -> str:
+        parse_smtp(v)
+        return v
+
+    @field_validator("from_", "to")
+    @classmethod
+    def _addresses(cls, v: str | list[str]) -> str | list[str]:
+        for a in [v] if isinstance(v, str) else v:
+            if "@" not in a or any(c in a for c in "\r\n\0,;<>") or a != a.strip():
+                raise ValueError(f"{a!r} is not a mail address (user@domain)")
+        return v
+
+    @field_validator("on")
+    @classmethod
+    def _outcomes(cls, v: list[str]) -> list[str]:
+        return _on(v)
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: str | float) -> str | float:
+        if parse_duration(v) <= 0:
+            raise ValueError("timeout must be more than 0")
+        return v
+
+    @model_validator(mode="after")
+    def _login(self) -> Email:
+        if (self.user is None) != (self.password_file is None):
+            raise ValueError("user and password_file go together")
+        if self.password_file is not None and not self.starttls:
+            raise ValueError("a password is only sent over TLS: set starttls = true")
+        return self
+
+
+class Webhook(_Strict):
+    url: str  # https://... (http:// only to this machine): a JSON document is POSTed there
+    on: list[Outcome] = ["failure"]
+    ca_file: Path | None = None  # the CA(s) that signed the server's certificate; default: the system's
+    token_file: Path | None = None  # a bearer token (Authorization header), in a file only root may read
+    timeout: str | float = "10s"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        u = urlsplit(v)
+        try:
+            u.port  # noqa: B018  (raises for a bad port)
+        except ValueError:
+            raise ValueError("the webhook's url has a bad port") from None
+        if u.scheme not in ("https", "http") or not u.hostname:
+            raise ValueError("the webhook's url is https://HOST[:PORT]/PATH")
+        if u.username or u.password:
+            raise ValueError("the webhook's url holds no credentials: put a token in token_file")
+        if u.scheme == "http" and u.hostname not in ("localhost", "127.0.0.1", "::1"):
+            raise ValueError("the webhook's url is https:// (http:// only to this machine)")
+        return v
+
+    @field_validator("on")
+    @classmethod
+    def _outcomes(cls, v: list[str]) -> list[str]:
+        return _on(v)
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: str | float) -> str | float:
+        if parse_duration(v) <= 0:
+            raise ValueError("timeout must be more than 0")
+        return v
+
+
+class Notify(_Strict):
+    syslog: str = "local"  # local (/dev/log), unix:///PATH, udp://HOST[:514], tcp://HOST[:514], none
+    syslog_on: list[Outcome] = ["failure", "success"]  # failures at severity err, successes at notice
+    email: Email | None = None
+    webhook: Webhook | None = None
+
+    @field_validator("syslog")
+    @classmethod
+    def _syslog(cls, v: str) -> str:
+        parse_syslog(v)
+        return v
+
+    @field_validator("syslog_on")
+    @classmethod
+    def _outcomes(cls, v: list[str]) -> list[str]:
+        return _on(v)
+
+
 class Config(_Strict):
     repository: Repository
     api: Api = Api()
     nfs: Nfs = Nfs()
     fuse: Fuse = Fuse()
     scheduler: Scheduler = Scheduler()
+    notify: Notify = Notify()
     jobs: list[Job] = []
 
     @model_validator(mode="after")
@@ -315,7 +462,28 @@ def load(path: Path) -> Config:
                 f"{path}: repository.passphrase_file {pf} is readable by others",
                 hint=f"chmod 600 {pf}",
             )
+    n = config.notify
+    for loc, secret in (
+        (("notify", "email", "password_file"), n.email and n.email.password_file),
+        (("notify", "webhook", "token_file"), n.webhook and n.webhook.token_file),
+    ):
+        if secret:
+            _check_private(path, text, loc, secret)
     return config
+
+
+def _check_private(path: Path, text: str, loc: tuple[str, ...], secret: Path) -> None:
+    """A file holding a secret exists, is a regular file and no one but its owner may read it."""
+    line = _line_of(text, loc)
+    where = f"{path}:{line if line else '?'}: {'.'.join(loc)}"
+    try:
+        st = secret.stat()
+    except OSError as exc:
+        raise ConfigError(f"{where}: {secret}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{where}: {secret} is not a file")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{where}: {secret} is readable by others", hint=f"chmod 600 {secret}")
 
 
 EXAMPLE = Path(__file__).with_name("example.toml")

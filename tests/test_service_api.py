@@ -274,7 +274,10 @@ def test_no_token_and_wrong_tokens_are_refused_then_rate_limited(api: Api) -> No
     assert api.service.scheduler is not None and not api.service.scheduler.history("nightly")
 
 
-def test_read_only_token_cannot_change_anything(api: Api, tmp_path: Path) -> None:
+def test_read_only_token_cannot_change_anything(
+    api: Api, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vmrecover.api.audit")
     before = api.get("/api/v1/sessions", token="viewer")
     for method, path, body in [
         ("POST", "/api/v1/sessions", {"vm": "vm1"}),
@@ -287,6 +290,9 @@ def test_read_only_token_cannot_change_anything(api: Api, tmp_path: Path) -> Non
         assert doc["exit_code"] == 8
     assert api.get("/api/v1/sessions", token="viewer") == before
     assert not list(tmp_path.iterdir())
+    refused = [r for r in caplog.records if r.name == "vmrecover.api.audit"]
+    assert len(refused) == 4 and all('token="viewer"' in r.getMessage() and "status=403" in r.getMessage()
+                                     and r.levelno == logging.WARNING for r in refused)  # fmt: skip
 
 
 def test_admin_mutations_are_logged_with_the_token_name(api: Api, caplog: pytest.LogCaptureFixture) -> None:

@@ -13,9 +13,10 @@
   oldest failure leaves the window, whatever token it carries (a guesser learns nothing meanwhile).  A
   request without any token is a 401 but not a failure.  Behind a reverse proxy all clients share its
   address.
-- **Audit**: every request that may change something (not GET/HEAD/OPTIONS) is logged on the
-  ``vmrecover.api.audit`` logger (INFO) as it is answered, with the token's name and role, the client, the
-  method, the path and the HTTP status; refusals (401, 403, 429) are logged as warnings on
+- **Audit**: every request with a valid token that may change something (not GET/HEAD/OPTIONS) is
+  logged on the ``vmrecover.api.audit`` logger as it is answered (INFO; WARNING for a 4xx/5xx, a
+  read-only token's 403 included), with the token's name and role, the client, the method, the path
+  and the HTTP status.  Wrong tokens and rate-limited requests are logged as warnings on
   ``vmrecover.api``.
 
 Errors have the CLI's JSON shape (``{"error", "message", "hint", "exit_code"}``, see errors.py), so a
@@ -196,25 +197,27 @@ class AuthMiddleware:
         if method in SAFE_METHODS:
             await self.app(scope, receive, send)
             return
-        if token.role != "admin":
-            log.warning("refused %s %s from %s: token %r is read-only", method, path, client, token.name)
-            doc = error_doc(
-                "AuthError", f"token {token.name!r} is read-only: {method} {path} needs an admin token",
-                hint="use a token with role = \"admin\"", exit_code=ExitCode.AUTH,
-            )  # fmt: skip
-            await send_json(send, 403, doc)
-            return
         started = time.monotonic()
         logged = False
 
         def log_outcome(status: int) -> None:
             nonlocal logged
             logged = True
-            audit.info(
+            audit.log(
+                logging.INFO if status < 400 else logging.WARNING,
                 "token=%s role=%s client=%s method=%s path=%s status=%d seconds=%.3f",
                 json.dumps(token.name), token.role, client, method, json.dumps(path), status,
                 time.monotonic() - started,
             )  # fmt: skip
+
+        if token.role != "admin":
+            doc = error_doc(
+                "AuthError", f"token {token.name!r} is read-only: {method} {path} needs an admin token",
+                hint="use a token with role = \"admin\"", exit_code=ExitCode.AUTH,
+            )  # fmt: skip
+            log_outcome(403)
+            await send_json(send, 403, doc)
+            return
 
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -262,6 +262,8 @@ def test_catalog_of_schema_2_is_upgraded_in_place(cli: Cli, tmp_path: Path) -> N
     change tokens) opens, keeps its points, and takes new ones."""
     import sqlite3
 
+    from vmrecover.repo.catalog import SCHEMA_VERSION
+
     img = random_image(tmp_path / "d.raw", 1 * MiB, seed=40)
     first = cli.json("backup", img, "--vm", "v")["point"]
     db = sqlite3.connect(cli.repo / "catalog.sqlite")
@@ -274,6 +276,8 @@ def test_catalog_of_schema_2_is_upgraded_in_place(cli: Cli, tmp_path: Path) -> N
     assert point["id"] == first and point["config"] is None and point["disks"][0]["change_token"] is None
     cli.json("backup", img, "--vm", "v")
     db = sqlite3.connect(cli.repo / "catalog.sqlite")
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
     db.close()
     assert len(cli.json("list", "v")["points"]) == 2

@@ -159,6 +159,119 @@ def backup_disk(
     return index, stats
 
 
+class PointWriter:
+    """One restore point of *vm* being written: disks are added one after the other, each stored as
+    it is read, then the point is committed as one (steps 2-5 of the commit protocol above).  Closed
+    without a commit (an error, a cut upload, SIGTERM), it leaves nothing: its index folder is removed
+    and, as the sole writer, the chunks it created (see :meth:`close`).  The caller holds
+    ``repo.backing_up(vm)`` for its whole life."""
+
+    def __init__(self, repo: Repository, vm: str, *, workers: int | None = None) -> None:
+        self.repo, self.vm = repo, check_name("VM", vm)
+        self.workers = workers or max(2, os.cpu_count() or 2)
+        self.parent = repo.catalog.latest_point(vm)
+        self._parent_disks = {d.name: d for d in repo.catalog.disks(self.parent.id)} if self.parent else {}
+        self.point_id = secrets.token_hex(6)
+        self._tmpdir = repo.root / "indexes" / f"{self.point_id}{TMP_MARK}{os.getpid()}"
+        self._final = repo.index_dir(self.point_id)
+        self._started = time.monotonic()
+        self._shared = _Shared(repo)
+        self.disks: list[Disk] = []
+        self.stats: list[DiskStats] = []
+        self.files_read: dict[str, list[str]] = {}
+        self.committed = False
+        self._tmpdir.mkdir(mode=0o700)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="backup")
+
+    def plan(self, job: DiskJob) -> tuple[FixedIndex, list[int], str]:
+        """What *job* reads: a new index (pre-filled from the parent point where inherited) and the
+        chunks to read."""
+        name = check_name("disk", job.name)
+        if name in self.files_read or any(d.name == name for d in self.disks):
+            raise BadInput(f"two disks of this backup have the same name: {name}", hint="use --disk-name")
+        parent = None
+        if job.changed is not None and job.name in self._parent_disks:
+            parent = self.repo.read_index(self.parent.id, job.name)  # type: ignore[union-attr]
+        elif job.changed is not None:
+            log.warning("disk %s of VM %s has no parent point: reading it whole", job.name, self.vm)
+        return plan_chunks(job, parent, self.repo.config.chunk_size)
+
+    def add(
+        self, job: DiskJob, plan: tuple[FixedIndex, list[int], str] | None = None, *,
+        progress: Progress = lambda n: None,
+    ) -> DiskStats:  # fmt: skip
+        """Read and store disk *job* (as *plan* says, else as :meth:`plan` says) into the point."""
+        plan = plan or self.plan(job)
+        index, stats = backup_disk(self._shared, self._pool, self.workers, job, plan, progress)
+        sha = index.write(self._tmpdir / f"{job.name}.fidx")
+        src = job.source
+        self.disks.append(Disk(self.point_id, job.name, len(self.disks), src.size, index.chunk_size, src.path,
+                               src.format, sha, job.change_token))  # fmt: skip
+        self.stats.append(stats)
+        self.files_read[job.name] = list(src.files_read)
+        return stats
+
+    def commit(
+        self, *, config: dict[str, Any] | None = None, precommit: Callable[[], None] = lambda: None
+    ) -> Point:
+        """Make the point exist (steps 3-5).  *precommit* may refuse (raise) once everything is durable:
+        a source that can tell its data was not one moment's (a snapshot removed under it)."""
+        if not self.disks:
+            raise BadInput(f"the backup of {self.vm} has no disk", hint="add at least one disk")
+        self._pool.shutdown(wait=True)
+        syncfs(self.repo.root)
+        os.rename(self._tmpdir, self._final)
+        fsync_dir(self._final.parent)
+        kind = "incremental" if all(s.mode == "incremental" for s in self.stats) else "full"
+        stats_doc: dict[str, Any] = {
+            "duration_s": round(time.monotonic() - self._started, 3),
+            "bytes_read": sum(s.bytes_read for s in self.stats),
+            "new_bytes": sum(s.new_bytes for s in self.stats),
+            "stored_bytes": sum(s.stored_bytes for s in self.stats),
+            "new_chunks": sum(s.new_chunks for s in self.stats),
+            # every host file each disk was read from (an image's backing chain or extents included)
+            "files_read": self.files_read,
+        }
+        point = Point(self.point_id, self.vm, now_iso(), self.parent.id if self.parent else None, kind,
+                      stats_doc, config)  # fmt: skip
+        precommit()
+        faults.moment("backup.before-commit")
+        self.repo.catalog.add_point(point, self.disks)
+        self.committed = True
+        log.info("backup committed vm=%s point=%s kind=%s %s", self.vm, self.point_id, kind, stats_doc)
+        return point
+
+    def close(self) -> None:
+        """Without a commit: remove what was written (a point the catalog lists is kept whatever
+        happened: SIGTERM may arrive right after the COMMIT)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if not self.committed and _listed(self.repo, self.point_id, self.vm):
+            self.committed = True  # the interrupt came after the COMMIT: the point exists and keeps its data
+        if self.committed:
+            return
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+        if self._final.exists():
+            shutil.rmtree(self._final, ignore_errors=True)
+        # The chunks this run created free the space a full disk needs back, but only while no other
+        # backup runs: one may have found them and be about to commit a point that uses them.  Else
+        # (and after a SIGKILL) gc removes them.
+        created = self._shared.created
+        if created and self.repo.sole_writer():
+            for digest in created:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.repo.chunks.path(digest))
+        elif created:
+            log.info(
+                "%d chunks of the failed backup of %s stay for gc: other backups run", len(created), self.vm
+            )
+
+    def __enter__(self) -> PointWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def run_backup(
     repo: Repository,
     vm: str,
@@ -170,95 +283,18 @@ def run_backup(
     config: dict[str, Any] | None = None,
     precommit: Callable[[], None] = lambda: None,
 ) -> tuple[Point, list[DiskStats]]:
-    """Back up *jobs* as one new restore point of *vm*, with the VM's *config* (hypervisor backups).
-    *precommit* may refuse the commit (raise) once everything is durable: a source that can tell
-    its data was not one moment's (a snapshot removed under it).  Caller holds ``repo.backing_up(vm)``."""
-    check_name("VM", vm)
+    """Back up *jobs* as one new restore point of *vm*, with the VM's *config* (hypervisor backups);
+    see :class:`PointWriter`.  Caller holds ``repo.backing_up(vm)``."""
     names = [check_name("disk", j.name) for j in jobs]
     if len(set(names)) != len(names):
         raise BadInput(f"two disks of this backup have the same name: {names}", hint="use --disk-name")
-    workers = workers or max(2, os.cpu_count() or 2)
-    parent_point = repo.catalog.latest_point(vm)
-    parent_disks = {d.name: d for d in repo.catalog.disks(parent_point.id)} if parent_point else {}
-    point_id = secrets.token_hex(6)
-    tmpdir = repo.root / "indexes" / f"{point_id}{TMP_MARK}{os.getpid()}"
-    final = repo.index_dir(point_id)
-    started = time.monotonic()
-    tmpdir.mkdir(mode=0o700)
-    committed = False
-    shared = _Shared(repo)
-    try:
-        all_stats: list[DiskStats] = []
-        disks: list[Disk] = []
-        plans = []
-        for job in jobs:
-            parent = None
-            if job.changed is not None and job.name in parent_disks:
-                parent = repo.read_index(parent_point.id, job.name)  # type: ignore[union-attr]
-            elif job.changed is not None:
-                log.warning("disk %s of VM %s has no parent point: reading it whole", job.name, vm)
-            plans.append(plan_chunks(job, parent, repo.config.chunk_size))
+    with PointWriter(repo, vm, workers=workers) as w:
+        plans = [w.plan(job) for job in jobs]
         progress_total(sum(index.extent(i)[1] for index, todo, _ in plans for i in todo))
-        with ThreadPoolExecutor(workers, thread_name_prefix="backup") as pool:
-            for pos, (job, plan) in enumerate(zip(jobs, plans, strict=True)):
-                index, stats = backup_disk(shared, pool, workers, job, plan, progress)
-                sha = index.write(tmpdir / f"{job.name}.fidx")
-                all_stats.append(stats)
-                disks.append(
-                    Disk(
-                        point_id,
-                        job.name,
-                        pos,
-                        job.source.size,
-                        index.chunk_size,
-                        job.source.path,
-                        job.source.format,
-                        sha,
-                        job.change_token,
-                    )
-                )
-        syncfs(repo.root)
-        os.rename(tmpdir, final)
-        fsync_dir(final.parent)
-        kind = "incremental" if all(s.mode == "incremental" for s in all_stats) else "full"
-        stats_doc: dict[str, Any] = {
-            "duration_s": round(time.monotonic() - started, 3),
-            "bytes_read": sum(s.bytes_read for s in all_stats),
-            "new_bytes": sum(s.new_bytes for s in all_stats),
-            "stored_bytes": sum(s.stored_bytes for s in all_stats),
-            "new_chunks": sum(s.new_chunks for s in all_stats),
-            # every host file each disk was read from (an image's backing chain or extents included)
-            "files_read": {j.name: list(j.source.files_read) for j in jobs},
-        }
-        point = Point(
-            point_id, vm, now_iso(), parent_point.id if parent_point else None, kind, stats_doc, config
-        )
-        precommit()
-        faults.moment("backup.before-commit")
-        repo.catalog.add_point(point, disks)
-        committed = True
-        log.info("backup committed vm=%s point=%s kind=%s %s", vm, point_id, kind, stats_doc)
-        return point, all_stats
-    finally:
-        if not committed and _listed(repo, point_id, vm):
-            committed = True  # the interrupt came after the COMMIT: the point exists and keeps its data
-        if not committed:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-            if final.exists():
-                shutil.rmtree(final, ignore_errors=True)
-            # The chunks this run created free the space a full disk needs back, but only while no other
-            # backup runs: one may have found them and be about to commit a point that uses them.  Else
-            # (and after a SIGKILL) gc removes them.
-            if shared.created and repo.sole_writer():
-                for digest in shared.created:
-                    with contextlib.suppress(OSError):
-                        os.unlink(repo.chunks.path(digest))
-            elif shared.created:
-                log.info(
-                    "%d chunks of the failed backup of %s stay for gc: other backups run",
-                    len(shared.created),
-                    vm,
-                )
+        for job, plan in zip(jobs, plans, strict=True):
+            w.add(job, plan, progress=progress)
+        point = w.commit(config=config, precommit=precommit)
+        return point, w.stats
 
 
 def _listed(repo: Repository, point_id: str, vm: str) -> bool:

@@ -239,7 +239,26 @@ def _on(v: list[str]) -> list[str]:
     return v
 
 
-class Email(_Strict):
+class _Channel(_Strict):
+    """What every notification channel has: the outcomes it is told, and a network timeout."""
+
+    on: list[Outcome] = ["failure"]
+    timeout: str | float = "10s"
+
+    @field_validator("on")
+    @classmethod
+    def _outcomes(cls, v: list[str]) -> list[str]:
+        return _on(v)
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: str | float) -> str | float:
+        if parse_duration(v) <= 0:
+            raise ValueError("timeout must be more than 0")
+        return v
+
+
+class Email(_Channel):
     smtp: str  # HOST[:PORT] of the mail server (port 25 by default; 587 is the usual submission port)
     starttls: bool = True  # upgrade the connection to TLS (required before a password is sent)
     ca_file: Path | None = None  # the CA(s) that signed the server's certificate; default: the system's
@@ -264,18 +283,6 @@ class Email(_Strict):
                 raise ValueError(f"{a!r} is not a mail address (user@domain)")
         return v
 
-    @field_validator("on")
-    @classmethod
-    def _outcomes(cls, v: list[str]) -> list[str]:
-        return _on(v)
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, v: str | float) -> str | float:
-        if parse_duration(v) <= 0:
-            raise ValueError("timeout must be more than 0")
-        return v
-
     @model_validator(mode="after")
     def _login(self) -> Email:
         if (self.user is None) != (self.password_file is None):
@@ -285,7 +292,7 @@ class Email(_Strict):
         return self
 
 
-class Webhook(_Strict):
+class Webhook(_Channel):
     url: str  # https://... (http:// only to this machine): a JSON document is POSTed there
     on: list[Outcome] = ["failure"]
     ca_file: Path | None = None  # the CA(s) that signed the server's certificate; default: the system's
@@ -306,18 +313,6 @@ class Webhook(_Strict):
             raise ValueError("the webhook's url holds no credentials: put a token in token_file")
         if u.scheme == "http" and u.hostname not in ("localhost", "127.0.0.1", "::1"):
             raise ValueError("the webhook's url is https:// (http:// only to this machine)")
-        return v
-
-    @field_validator("on")
-    @classmethod
-    def _outcomes(cls, v: list[str]) -> list[str]:
-        return _on(v)
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, v: str | float) -> str | float:
-        if parse_duration(v) <= 0:
-            raise ValueError("timeout must be more than 0")
         return v
 
 

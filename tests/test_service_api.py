@@ -180,6 +180,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     cli.run("backup", random_image(root / "vm1.raw", 4 * MiB, seed=1), "--vm", "vm1")
     cli.run("backup", random_image(root / "vm1.raw", 4 * MiB, seed=2), "--vm", "vm1")
     cli.run("backup", random_image(root / "vm2.raw", 2 * MiB, seed=3), "--vm", "vm2")
+    random_image(root / "job.raw", 1 * MiB, seed=4)
     if shutil.which("mkfs.ext4"):
         cli.run("backup", fs_image(root / "data.raw"), "--vm", "data", "--format", "raw")
     tokens = {"ops": auth.new_token(), "viewer": auth.new_token()}
@@ -192,7 +193,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
                 config.Token(name="viewer", role="read-only", sha256=auth.digest(tokens["viewer"])),
             ],
         ),
-        jobs=[config.Job(name="nightly", schedule="0 2 * * *", images=[root / "vm1.raw"], vm="vm1")],
+        # its own VM: a run (of the real scheduler) adds a point that no other test counts
+        jobs=[config.Job(name="nightly", schedule="0 2 * * *", images=[root / "job.raw"], vm="jobvm")],
     )
     # port 0 (a free one) is for tests: the configuration's own check wants a real port
     cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update={"listen": ["127.0.0.1:0"]})})
@@ -532,6 +534,29 @@ def test_list_and_download_files_of_a_point(api: Api) -> None:
     downloads = api.cli.repo / "run" / "api-downloads"
     assert list(downloads.iterdir()) == []  # nothing kept once streamed
     assert os.stat(downloads).st_mode & 0o077 == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Catalog.__init__ opens and closes the database file, dropping this "
+    "process's SQLite locks: service/api.py's _Connection works around it until catalog.py "
+    "creates the file only when it is missing (then remove this mark and _Connection)",
+)
+def test_a_second_catalog_in_a_process_keeps_its_commits_visible(cli: Cli, tmp_path: Path) -> None:
+    """Two catalog connections in one process (the service's, and any part's), then a CLI command:
+    commits made afterwards must still reach other processes."""
+    from vmrecover.recovery import sessions
+    from vmrecover.repo.catalog import Catalog
+
+    cli.run("backup", random_image(tmp_path / "a.raw", 1 * MiB, seed=9), "--vm", "a")
+    with Repository.open(cli.repo) as repo:
+        second = Catalog(cli.repo / "catalog.sqlite")
+        try:
+            cli.run("list")  # another process opens and closes the catalog
+            sessions.start(repo, repo.catalog.resolve("a"), "seen")
+            assert [s["name"] for s in cli.json("recover", "list")] == ["seen"]
+        finally:
+            second.close()
 
 
 # ------------------------------------------------------------------------------------- without a server

@@ -34,7 +34,7 @@ import trio
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Cli, random_image
+from tests.conftest import Cli, force_unmount, random_image
 from vmrecover.cli import token_cmds
 from vmrecover.cli.common import common_options
 from vmrecover.repo.repository import Repository
@@ -217,6 +217,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         logging.getLogger("vmrecover.api").removeHandler(logs)
         with contextlib.suppress(Exception):
             cli.run("files", "stop", timeout=120, check=False)
+        force_unmount(cli.repo / "run" / "files" / "mnt")  # if the service could not be stopped
         service.vfs.close()
         cache.close()
         repo.close()

@@ -537,12 +537,6 @@ def test_list_and_download_files_of_a_point(api: Api) -> None:
     assert os.stat(downloads).st_mode & 0o077 == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Catalog.__init__ opens and closes the database file, dropping this "
-    "process's SQLite locks: service/api.py's _Connection works around it until catalog.py "
-    "creates the file only when it is missing (then remove this mark and _Connection)",
-)
 def test_a_second_catalog_in_a_process_keeps_its_commits_visible(cli: Cli, tmp_path: Path) -> None:
     """Two catalog connections in one process (the service's, and any part's), then a CLI command:
     commits made afterwards must still reach other processes."""

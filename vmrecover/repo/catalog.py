@@ -259,8 +259,12 @@ def check_name(kind: str, name: str) -> str:
 class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
-        # private from its first byte (SQLite gives its -wal and -shm files the database's mode)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+        # Private from its first byte (SQLite gives its -wal and -shm files the database's mode).  Only
+        # when it is missing: closing a descriptor of a file drops every POSIX lock the process holds on
+        # it, among them SQLite's WAL-mode SHARED lock of another connection of this process; another
+        # process then takes itself for the last one and deletes the WAL under us (found by the API's tests).
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
         conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")

@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import shutil
-import sqlite3
 import tarfile
 import tempfile
 import threading
@@ -44,7 +43,6 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Annotated, Any, Literal, TypeVar
 
-import sqlite_utils
 import trio
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,25 +84,6 @@ class Unavailable(VmrecoverError):
     http_status = 503
 
 
-class _Connection(Catalog):
-    """Another connection to an open repository's catalog.
-
-    ``Catalog.__init__`` opens and closes the database file first (to create it 0600).  In a process
-    that already has a connection to it, that close drops every POSIX lock the process holds on the
-    file, among them SQLite's SHARED lock of WAL mode; the next other process to close its connection
-    then takes itself for the last one, checkpoints and deletes the WAL and -shm under this process's
-    connections, and this process's later commits are seen by no one else (found by
-    test_service_api).  Until Catalog creates the file only when it is missing, connections made here
-    skip that step (the file exists: the repository is open) and set up the rest as Catalog does."""
-
-    def __init__(self, path: Path) -> None:  # Catalog.__init__ without its os.open/os.close
-        self.path = path
-        conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON"):
-            conn.execute(f"PRAGMA {pragma}")
-        self.db = sqlite_utils.Database(conn)
-
-
 class RepoViews:
     """Handles on the service's repository for worker threads: each a shallow copy of it with a
     catalog connection of its own, lent to one call at a time and kept for the next (at most as many
@@ -122,7 +101,7 @@ class RepoViews:
             repo = self._free.pop() if self._free else None
         if repo is None:
             repo = copy.copy(self.base)
-            repo.catalog = _Connection(self.base.root / "catalog.sqlite")
+            repo.catalog = Catalog(self.base.root / "catalog.sqlite")
             with self._lock:
                 self._all.append(repo)
         try:

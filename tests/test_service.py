@@ -190,3 +190,47 @@ def test_a_log_file_moved_away_by_logrotate_is_reopened(
     finally:
         s.stop()
     assert "reloaded" in log.read_text() and "reloaded" not in (tmp_path / "service.log.1").read_text()
+
+
+@needs_fuse
+def test_the_api_runs_in_the_same_process_over_the_same_model(
+    cli: Cli, tmp_path: Path, notify: socket.socket
+) -> None:
+    """With [api] on, the service answers HTTPS with its generated certificate; a session started
+    through the API is at once a folder of the FUSE mount of the same process."""
+    import hashlib
+    import secrets
+
+    import urllib3
+
+    image = random_image(tmp_path / "disk.img", 2 * MiB, seed=4)
+    cli.json("backup", "--vm", "vm1", image, "--format", "raw")
+    token = secrets.token_hex(16)
+    config = _config(tmp_path, cli)
+    config.write_text(
+        config.read_text().replace(
+            "[api]\nenabled = false",
+            f'[api]\nlisten = ["127.0.0.1:0"]\n[[api.tokens]]\nname = "ops"\nrole = "admin"\n'
+            f'sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"',
+        )
+    )
+    s = Served(cli, config, notify)
+    try:
+        (host, port), *_ = s.record["api"]
+        pool = urllib3.HTTPSConnectionPool(
+            host, port, ca_certs=str(tmp_path / "tls" / "cert.pem"), cert_reqs="CERT_REQUIRED", retries=False
+        )
+        with pool:
+            assert pool.request("GET", "/api/v1/health").json()["status"] == "ok"
+            auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+            r = pool.request(
+                "POST", "/api/v1/sessions", body=json.dumps({"vm": "vm1", "name": "api-s"}), headers=auth
+            )
+            assert r.status == 201, r.data
+        mnt = Path(s.record["fuse"])
+        assert sha256_file(mnt / "recover" / "api-s" / "disk.raw") == sha256_file(image)
+        assert [x["name"] for x in cli.json("recover", "list")] == ["api-s"]
+    finally:
+        err = s.stop()
+    assert s.proc.returncode == 0, err
+    assert 'token="ops"' in err and "POST" in err  # the mutation is audited with the token's name

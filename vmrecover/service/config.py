@@ -75,7 +75,7 @@ class Api(_Strict):
     def _addresses(cls, v: list[str]) -> list[str]:
         for a in v:
             host, _, port = a.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            if not host or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port
                 raise ValueError(f"listen address {a!r} is not HOST:PORT")
         return v
 

@@ -6,7 +6,7 @@ model and chunk cache (core.Service), and runs its parts side by side in one tri
 - the NFS export (nfs_export/server.py) and the FUSE mount (fuse/mount.py ``run_mount``), both over
   that one model, so a session started through the API, the CLI or a hypervisor recovery is the same
   object everywhere;
-- the HTTP API (service/api.py) and the scheduler (service/scheduler.py), once those parts are given.
+- the HTTP API (service/api.py: HTTPS, tokens) and the scheduler (service/scheduler.py).
 
 Signals: SIGTERM/SIGINT stop it (the parts are cancelled: the mount is unmounted, the export closed);
 SIGHUP reads the configuration again: a file with an error is refused (logged with its line and key)
@@ -129,6 +129,10 @@ async def run(
             if cfg.fuse.mountpoint is not None:
                 await nursery.start(run_mount, service.vfs, cfg.fuse.mountpoint)
                 serving["fuse"] = str(cfg.fuse.mountpoint)
+            if cfg.api.enabled:
+                from .api import serve_api
+
+                serving["api"] = await nursery.start(serve_api, service)
             for name, part in (parts or {}).items():
                 serving[name] = await nursery.start(part, service)
             record.parent.mkdir(mode=0o700, exist_ok=True)

@@ -22,11 +22,13 @@ from . import (
     backup_cmds,
     files_cmds,
     hypervisor_cmds,
+    job_cmds,
     mount_cmds,
     nfs_cmds,
     recover_cmds,
     repo_cmds,
     serve_cmds,
+    token_cmds,
 )
 from .common import common_options
 from .output import emit_json, setup_logging, stderr
@@ -50,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     nfs_cmds.register(sub, common)
     files_cmds.register(sub, common)
     hypervisor_cmds.register(sub, common)
+    job_cmds.register(sub, common)
     serve_cmds.register(sub, common)
+    token_cmds.register(sub, common)
     return parser
 
 

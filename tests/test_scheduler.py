@@ -284,6 +284,28 @@ async def test_reload_keeps_a_running_job_and_new_schedules_apply_from_then(
         assert db.execute("SELECT schedule FROM job_slots WHERE job = 'rl'").fetchone() == ("30 4 * * *",)
 
 
+@pytest.mark.trio
+async def test_a_vsphere_folder_selects_its_vms_and_tags_are_refused_plainly(
+    vc: Cli, repo: Repository, vsphere: Any, tmp_path: Path
+) -> None:
+    vm = vsphere.make_vm("fold-a", [vm_disk(tmp_path / "f.raw", 40)], host="DC0_C0_H1")
+    folder = vsphere.props(vsphere.find("Datacenter", "DC0"), "vmFolder")["vmFolder"].CreateFolder("sched-f")
+    vsphere.wait(folder.MoveIntoFolder_Task([vsphere.obj("VirtualMachine", vm)]))
+    cfg = config(repo.root, [vm_job("f", ["folder:/DC0/vm/sched-f", "tag:prod", "folder:/DC0/vm/none"])])
+    async with serving(repo, cfg) as sched:
+        doc = await finished(sched, await sched.run_now("f"))
+    got, tag, none = doc["stats"]["vms"]
+    assert (got["target"], got["vm"], got["state"], got["host"]) == (
+        vm,
+        "fold-a",
+        "succeeded",
+        "DC0_C0_H1 (vc1)",
+    )
+    assert tag["state"] == "failed" and "tag:prod: vSphere keeps tags in its REST tagging API" in tag["error"]
+    assert none["state"] == "failed" and "no VM folder '/DC0/vm/none' on vc1" in none["error"]
+    assert doc["state"] == "failed" and doc["error"].startswith("2 of 3 VMs failed")
+
+
 # --------------------------------------------------------------------------- placement on XenServer
 @pytest.mark.trio
 async def test_xen_placement_a_vm_that_fails_is_retried_alone_and_an_unreachable_pool_fails_cleanly(
@@ -293,11 +315,15 @@ async def test_xen_placement_a_vm_that_fails_is_retried_alone_and_an_unreachable
             "--password-stdin", input=xapi.password + "\n")  # fmt: skip
     cli.run("hypervisor", "add", "down", "xen://root@127.0.0.1:1", "--no-check", "--password-stdin",
             input="secret\n")  # fmt: skip
-    xapi.make_vm("sx-run", [vm_disk(tmp_path / "r.raw", 30)])
-    xapi.make_vm("sx-halt", [vm_disk(tmp_path / "h.raw", 31)], power_state="Halted")
+    running = xapi.make_vm("sx-run", [vm_disk(tmp_path / "r.raw", 30)])
+    halted = xapi.make_vm("sx-halt", [vm_disk(tmp_path / "h.raw", 31)], power_state="Halted",
+                          other_config={"folder": "/sx-prod/web"})  # fmt: skip
+    with xapi.session() as s:
+        s.xenapi.VM.add_tags(running, "sx-tagged")
     master = xapi.record("host", xapi.host_ref)["name_label"]
     local_sr = xapi.record("SR", xapi.local_sr)["name_label"]
-    jobs = [vm_job("x", ["sx-run", "sx-halt", "sx-later"], hv="pool1"), vm_job("d", ["a", "b"], hv="down")]
+    jobs = [vm_job("x", ["sx-run", "sx-halt", "sx-later"], hv="pool1"), vm_job("d", ["a", "b"], hv="down"),
+            vm_job("sel", ["tag:sx-tagged", "folder:/sx-prod"], hv="pool1")]  # fmt: skip
     cfg = config(repo.root, jobs, retries=1, retry_backoff="1s")
     async with serving(repo, cfg) as sched:
         first = await finished(sched, await sched.run_now("x"))
@@ -316,6 +342,11 @@ async def test_xen_placement_a_vm_that_fails_is_retried_alone_and_an_unreachable
         assert down["state"] == "failed" and down["stats"]["exit_code"] == ExitCode.UNREACHABLE
         assert [v["state"] for v in down["stats"]["vms"]] == ["failed", "failed"]
         assert "127.0.0.1" in down["stats"]["vms"][0]["error"], down["stats"]["vms"][0]
+        sel = await finished(sched, await sched.run_now("sel"))  # by tag, by XenCenter folder
+        assert sel["state"] == "succeeded", sel["error"]
+        by_tag, by_folder = sel["stats"]["vms"]
+        assert (by_tag["vm"], by_folder["vm"]) == ("sx-run", "sx-halt")
+        assert by_folder["target"] == xapi.record("VM", halted)["uuid"]
     assert sorted(v["name"] for v in repo.catalog.vms()) == ["sx-halt", "sx-later", "sx-run"]
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,3 +110,112 @@ def test_encode_declares_what_it_sends(tmp_path: Path) -> None:
     parts = list(push.encode(str(img)))
     head = json.loads(parts[0])
     assert head["size"] == 4 * MiB and sum(len(p) for p in parts[1:]) == sum(n for _, n in head["extents"])
+
+
+# --------------------------------------------------------------------------- over the HTTP API
+from tests.test_service_api import Api, assert_error, serving_api  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    with serving_api(tmp_path_factory.mktemp("push-api")) as a:
+        yield a
+
+
+def _disk_put(api: Api, path: str, body: bytes, kind: str, token: str = "ops") -> Any:
+    # a refusal may come before the body is read, and the server then closes the connection: never
+    # reuse one for the next request
+    return api.call("PUT", path, raw=body, token=token, headers={"Content-Type": kind, "Connection": "close"})
+
+
+def test_one_disk_pushed_is_one_point_and_an_incremental_follows(api: Api, tmp_path: Path) -> None:
+    img = disk_image(tmp_path / "p.raw", 6 * MiB, seed=41)
+    r = _disk_put(api, "/api/v1/vms/pushed1/disks/xvda", img.read_bytes(), push.RAW)
+    assert r.status == 201, r.data
+    doc = r.json()
+    assert doc["vm"] == "pushed1" and doc["kind"] == "full" and doc["disks"][0]["name"] == "xvda"
+    assert restored_sha(api.cli, f"pushed1@{doc['point']}", "xvda", tmp_path) == sha256_file(img)
+    with open(img, "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(b"new bytes" * 100)
+    body = b"".join(push.encode(str(img), changed=[(3 * MiB, 900)]))
+    r = _disk_put(api, "/api/v1/vms/pushed1/disks/xvda", body, push.SPARSE)
+    assert r.status == 201 and r.json()["kind"] == "incremental", r.data
+    assert restored_sha(api.cli, "pushed1", "xvda", tmp_path) == sha256_file(img)
+    points = api.cli.json("list", "pushed1")["points"]
+    assert points[-1]["config"]["platform"] == "push" and points[-1]["config"]["token"] == "ops"
+
+
+def test_a_point_of_two_disks_commits_once_and_a_dropped_one_leaves_nothing(api: Api, tmp_path: Path) -> None:
+    a = disk_image(tmp_path / "a.raw", 4 * MiB, seed=42)
+    b = disk_image(tmp_path / "b.raw", 2 * MiB, seed=43)
+    r = api.call("POST", "/api/v1/vms/pushed2/uploads", body={})
+    assert r.status == 201, r.data
+    up = r.json()["upload"]
+    r2 = api.call("POST", "/api/v1/vms/pushed2/uploads", body={})  # one upload per VM at a time
+    assert_error(r2, 409, "Busy", "backup of pushed2")
+    assert (
+        _disk_put(api, f"/api/v1/uploads/{up}/disks/xvda", b"".join(push.encode(str(a))), push.SPARSE).status
+        == 200
+    )
+    assert "pushed2" not in str(api.cli.json("list"))  # nothing visible before the commit
+    assert _disk_put(api, f"/api/v1/uploads/{up}/disks/xvdb", b.read_bytes(), push.RAW).status == 200
+    r = api.call("POST", f"/api/v1/uploads/{up}/commit")
+    assert r.status == 201 and [d["name"] for d in r.json()["disks"]] == ["xvda", "xvdb"], r.data
+    assert restored_sha(api.cli, "pushed2", "xvda", tmp_path) == sha256_file(a)
+    assert restored_sha(api.cli, "pushed2", "xvdb", tmp_path) == sha256_file(b)
+
+    before = sorted(os.listdir(api.cli.repo / "indexes"))
+    up = api.call("POST", "/api/v1/vms/pushed2/uploads", body={}).json()["upload"]
+    assert _disk_put(api, f"/api/v1/uploads/{up}/disks/xvda", a.read_bytes(), push.RAW).status == 200
+    assert api.call("DELETE", f"/api/v1/uploads/{up}").status == 200
+    assert sorted(os.listdir(api.cli.repo / "indexes")) == before
+    assert len(api.cli.json("list", "pushed2")["points"]) == 1
+    assert_error(api.call("POST", f"/api/v1/uploads/{up}/commit"), 404, "NotFound", "no open upload")
+
+
+def test_a_cut_or_overlong_push_leaves_nothing(api: Api, tmp_path: Path) -> None:
+    import socket
+    import ssl
+
+    img = disk_image(tmp_path / "c.raw", 4 * MiB, seed=44)
+    before = sorted(os.listdir(api.cli.repo / "indexes"))
+    # longer than declared: the sparse header says less than the body holds
+    body = b"".join(push.encode(str(img))) + b"and more"
+    assert_error(
+        _disk_put(api, "/api/v1/vms/pushed3/disks/xvda", body, push.SPARSE), 400, "StreamError", "more than"
+    )
+    # cut: half the body, then the connection closes
+    ctx = ssl.create_default_context(cafile=str(api.cert))
+    with (
+        socket.create_connection(("127.0.0.1", api.port)) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s,
+    ):
+        head = (f"PUT /api/v1/vms/pushed3/disks/xvda HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {api.tokens['ops']}\r\nContent-Type: {push.RAW}\r\n"
+                f"Content-Length: {4 * MiB}\r\n\r\n")  # fmt: skip
+        s.sendall(head.encode() + img.read_bytes()[: 2 * MiB])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and sorted(os.listdir(api.cli.repo / "indexes")) != before:
+        time.sleep(0.1)
+    assert sorted(os.listdir(api.cli.repo / "indexes")) == before
+    assert "pushed3" not in str(api.cli.json("list"))
+
+
+def test_bad_pushes_are_refused(api: Api, tmp_path: Path) -> None:
+    img = disk_image(tmp_path / "d.raw", 1 * MiB, seed=45)
+    small = b"x" * 4096  # refused before the body is read: a big one would meet a closed connection
+    assert _disk_put(api, "/api/v1/vms/pushed4/disks/xvda", small, push.RAW, token="viewer").status == 403
+    assert_error(
+        _disk_put(api, "/api/v1/vms/pushed4/disks/xvda", b"x", "text/plain"),
+        400,
+        "BadInput",
+        "not a disk stream",
+    )
+    assert_error(_disk_put(api, "/api/v1/vms/pushed4/disks/..", small, push.RAW), 400, "BadInput")
+    assert_error(_disk_put(api, "/api/v1/vms/.hidden/disks/xvda", small, push.RAW), 400, "BadInput")
+    inc = b"".join(push.encode(str(img), changed=[(0, 100)]))
+    assert_error(
+        _disk_put(api, "/api/v1/vms/pushed4/disks/xvda", inc, push.SPARSE), 400, "BadInput", "earlier point"
+    )
+    assert "pushed4" not in str(api.cli.json("list"))

@@ -174,7 +174,14 @@ def fs_image(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    root = tmp_path_factory.mktemp("api")
+    with serving_api(tmp_path_factory.mktemp("api")) as a:
+        yield a
+
+
+@contextlib.contextmanager
+def serving_api(root: Path) -> Iterator[Api]:
+    """A repository with points of vm1, vm2 (and data, with a filesystem) served by serve_api over TLS,
+    with an admin token "ops" and a read-only one "viewer" (also for other test modules)."""
     cli = Cli(root / "repo", env={"VMRECOVER_FILES_IDLE": "600"})
     cli.run("init", "--chunk-size", "64K")
     cli.run("backup", random_image(root / "vm1.raw", 4 * MiB, seed=1), "--vm", "vm1")

@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -61,6 +61,7 @@ from ..repo.repository import Repository
 from . import metrics, tls
 from .auth import AuthMiddleware, FailureLimiter, Message, Receive, Scope, Send, error_doc, send_json
 from .core import JobScheduler, Service
+from .push_api import push_routes
 
 log = logging.getLogger("vmrecover.api")
 T = TypeVar("T")
@@ -129,6 +130,7 @@ class ApiState:
     # (method, path pattern, limit or None for none) of routes that take larger bodies than MAX_BODY
     # (push ingest's disk streams); the first that matches a request applies
     body_limits: list[tuple[str, re.Pattern[str], int | None]] = field(default_factory=list)
+    reaper: Callable[[], Awaitable[None]] | None = None  # push ingest's: drops abandoned uploads
 
     def body_limit(self, scope: Scope) -> int | None:
         for method, pattern, limit in self.body_limits:
@@ -291,6 +293,7 @@ def build_app(service: Service) -> FastAPI:
     _session_routes(app, state)
     _job_routes(app, state)
     _file_routes(app, state)
+    state.reaper = push_routes(app, state, API, _json)
     return app
 
 
@@ -667,6 +670,8 @@ async def serve_api(service: Service, *, task_status: Any = trio.TASK_STATUS_IGN
     config.include_server_header = False
     try:
         async with trio.open_nursery() as nursery:
+            if state.reaper is not None:
+                nursery.start_soon(state.reaper)
             binds: list[str] = await nursery.start(partial(serve, app, config, mode="asgi"))
             addresses = [_address(b) for b in binds]
             log.info("HTTP API on %s (TLS certificate SHA-256 %s)", ", ".join(binds), cert.fingerprint)

@@ -131,7 +131,7 @@ class Caps:
         come while the thread that asks was busy saying that it waits."""
         if control.aborted is not None:
             return "aborted"
-        if (why := self.try_take(p)) is None:
+        if self.try_take(p) is None:
             return None
         await self._lot.park()
         if control.aborted is not None:

@@ -129,6 +129,9 @@ async def run(
             if cfg.fuse.mountpoint is not None:
                 await nursery.start(run_mount, service.vfs, cfg.fuse.mountpoint)
                 serving["fuse"] = str(cfg.fuse.mountpoint)
+            from .scheduler import run_scheduler
+
+            serving["scheduler"] = await nursery.start(run_scheduler, service)
             if cfg.api.enabled:
                 from .api import serve_api
 

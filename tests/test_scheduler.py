@@ -5,9 +5,12 @@ trio's MockClock (the scheduler's wall clock follows it), the rest in real time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -406,6 +409,44 @@ def _toml(path: Path) -> dict[str, Any]:
     import tomllib
 
     return tomllib.loads(path.read_text())
+
+
+def test_sigterm_stops_job_run_cleanly_and_that_run_is_not_resumed(cli: Cli, tmp_path: Path) -> None:
+    big = tmp_path / "big.raw"
+    with open(big, "wb") as f:  # 384 MiB of data: a backup that takes a while
+        for _ in range(384):
+            f.write(os.urandom(MiB))
+    path = tmp_path / "vmrecover.toml"
+    job = f'[[jobs]]\nname = "big"\nschedule = "0 2 * * *"\nimages = ["{big}"]\nvm = "big"\n'
+    path.write_text(f'[repository]\npath = "{cli.repo}"\n\n{job}')
+    proc = cli.popen("job", "run", "big", "--config", path)
+    deadline = time.monotonic() + 60
+    while True:  # until it runs (the catalog, read directly: a command would take too long) ...
+        with contextlib.suppress(sqlite3.Error), sqlite3.connect(cli.repo / "catalog.sqlite") as db:
+            if db.execute("SELECT state FROM job_runs").fetchone() == ("running",):
+                break
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    time.sleep(0.5)  # ... and reads
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.INTERRUPTED, err
+    assert "stopping the job" in err and "Traceback" not in err
+    (run,) = cli.json("job", "history", "--config", path)["runs"]
+    assert run["state"] == "interrupted" and run["error"] == "stopped: SIGTERM to vmrecover job run"
+    assert run["stats"]["resume"] is False and run["stats"]["vms"][0]["state"] == "interrupted"
+    assert cli.json("list")["vms"] == [] and cli.json("gc")["removed_chunks"] == 0  # nothing was left
+
+    async def restart() -> list[dict[str, Any]]:
+        repo = Repository.open(cli.repo)
+        try:
+            async with serving(repo, Config.model_validate(_toml(path))) as sched:
+                await trio.sleep(0.3)
+                return sched.history("big")
+        finally:
+            repo.close()
+
+    assert [r["id"] for r in trio.run(restart)] == [run["id"]]  # a stop on purpose is not resumed
 
 
 # --------------------------------------------------------------------------- retention, gc, verify

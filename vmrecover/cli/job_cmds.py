@@ -197,6 +197,9 @@ async def _run_and_follow(args: argparse.Namespace) -> dict[str, Any]:
                     async for sig in signals:
                         stopped.append(sig)
                         stderr.print("stopping the job ...", markup=False)
+                        abort = getattr(sched, "abort", None)  # a local scheduler: the run stops with us
+                        if abort is not None:
+                            abort(f"{signal.Signals(sig).name} to vmrecover job run", resume=False)
                         nursery.cancel_scope.cancel()
                         return
 

@@ -145,7 +145,8 @@ class RunControl:
 
     # --- abort ------------------------------------------------------------------------------------
     def abort(self, reason: str) -> None:
-        self.aborted = reason
+        if self.aborted is None:  # the first reason stays
+            self.aborted = reason
 
     def check(self) -> None:
         if self.aborted is not None:

@@ -18,7 +18,8 @@ ask); developer-notes/service.md ("Scheduler") states its rules.
 - **Crashes**: at start, runs still queued/running/waiting whose process is gone become
   ``interrupted``; a job whose latest run was interrupted (a crash, or a stop that aborted it) runs
   once again at start ("resume": only its VMs without a new point), and not again if that resume is
-  interrupted too.  The backup pipeline leaves no partial point, whenever it is cut.
+  interrupted too, nor if it was stopped on purpose (^C on ``job run``).  The backup pipeline leaves
+  no partial point, whenever it is cut.
 - **Stopping**: when :meth:`Scheduler.serve` is cancelled, running jobs are aborted at their next
   chunk (runner.Aborted), recorded ``interrupted``, and resumed at the next start.
 
@@ -197,6 +198,7 @@ class Scheduler:
         self._token: trio.lowlevel.TrioToken | None = None
         self._wake = trio.Event()
         self._stopping = False
+        self._resume = True  # runs this stop interrupts are run again at the next start
 
     def close(self) -> None:
         self._reader.close()
@@ -261,9 +263,11 @@ class Scheduler:
         run = self._runs.get(run_id)
         return [] if run is None or run.control is None else run.control.waiting_for()
 
-    def abort(self, reason: str) -> None:
-        """Stop every running job at its next chunk (recorded interrupted); nothing new starts."""
+    def abort(self, reason: str, *, resume: bool = True) -> None:
+        """Stop every running job at its next chunk (recorded interrupted, and run again at the next
+        start unless not *resume*: a user's ^C on `job run`); nothing new starts."""
         self._stopping = True
+        self._resume = self._resume and resume
         for run in self._runs.values():
             if run.control is not None:
                 run.control.abort(reason)
@@ -396,6 +400,7 @@ class Scheduler:
             stats["exit_code"] = outcome.exit_code
         except Aborted as exc:
             state, error, stats = "interrupted", f"stopped: {exc}", {"vms": control.results()}
+            stats["resume"] = self._resume
         except Exception as exc:  # a bug: the run fails, the scheduler goes on
             log.exception("job %s: run %d failed unexpectedly", run.job.name, run.id)
             state, error, stats = "failed", f"{type(exc).__name__}: {exc}", {"vms": control.results()}
@@ -473,6 +478,8 @@ class Scheduler:
             again = []
             for name, r in sorted(latest.items()):
                 if r.state != "interrupted" or r.trigger == "resume" or self._reader.retried(r.id):
+                    continue
+                if r.stats.get("resume") is False:  # stopped on purpose (^C on `job run`)
                     continue
                 try:
                     job = self.config.job(name)

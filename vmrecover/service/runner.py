@@ -303,6 +303,10 @@ def _backup(repo: Repository, job: Job, control: RunControl, vms: list[str] | No
         tasks = [_Task(job.vm)]
     else:
         hv, password, tasks = _plan(repo, job, vms if vms is not None else list(job.vms), control)
+    tasks = list({t.target: t for t in tasks}.values())  # a VM named twice is backed up once
+    if not tasks:
+        err = BadInput(f"job {job.name} selected no VM", hint="see its vms: the folders and tags are empty")
+        return Outcome("failed", err.message, {"vms": []}, [], err.exit_code)
     for t in tasks:
         control.vm_state(t.target, "queued")
     workers = max(1, min(len(tasks), control.streams))

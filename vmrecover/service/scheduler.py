@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 import trio
 from croniter import croniter
 
+from ..errors import VmrecoverError
 from ..repo.catalog import UNFINISHED, Catalog, JobRun, parse_iso
 from ..repo.repository import Repository
 from . import config as configuration
@@ -236,8 +237,11 @@ class Scheduler:
 
     async def run_now(self, name: str) -> int:
         job = self.config.job(name)
-        if self._nursery is None:
-            raise RuntimeError("the scheduler is not serving: run Scheduler.serve first")
+        if self._nursery is None or self._stopping:
+            raise VmrecoverError(
+                "the scheduler is not running" if self._nursery is None else "the scheduler is stopping",
+                hint="no new run starts now: try again once the service runs",
+            )
         run = await self._queue(job, "manual", self.now())
         return run.id
 
@@ -298,7 +302,11 @@ class Scheduler:
                 if not schedule:
                     await trio.sleep_forever()
                 while True:
-                    wake = await self._tick()
+                    try:
+                        wake = await self._tick()
+                    except Exception:  # the catalog busy for longer than its timeout ...: next tick
+                        log.exception("the scheduler's look at the schedules failed; trying again")
+                        wake = TICK
                     with trio.move_on_at(trio.current_time() + min(TICK, wake)):
                         await self._wake.wait()
                     if self._wake.is_set():
@@ -366,16 +374,20 @@ class Scheduler:
         return run
 
     async def _drive(self, run: _Run) -> None:
-        """Wait for the run's time and for the job's previous run, run it, and queue its retry."""
+        """Wait for the run's time and for the job's previous run, run it, and queue its retry.  A
+        failure here (the catalog unwritable) is logged: the scheduler and the other runs go on, and
+        the run's row, left unfinished, is what a crash leaves (the next start says so)."""
         try:
             await self._sleep_until(run.scheduled_for)
             lock = self._job_locks.setdefault(run.job.name, trio.Lock())
             async with lock:
                 outcome = await self._execute(run)
+            if outcome is not None and outcome.state == "failed":
+                await self._retry(run, outcome)
+        except Exception:
+            log.exception("job %s: run %d could not be run or recorded", run.job.name, run.id)
         finally:
             self._runs.pop(run.id, None)
-        if outcome is not None and outcome.state == "failed":
-            await self._retry(run, outcome)
 
     async def _sleep_until(self, when: datetime) -> None:
         while (left := (when - self.now()).total_seconds()) > 0:

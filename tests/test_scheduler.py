@@ -51,8 +51,15 @@ def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.01)
 
 
-def config(repo: Path, jobs: list[dict[str, Any]], **scheduler: Any) -> Config:
-    return Config.model_validate({"repository": {"path": str(repo)}, "scheduler": scheduler, "jobs": jobs})
+def config(repo: Path, jobs: list[dict[str, Any]], notify: str = "none", **scheduler: Any) -> Config:
+    return Config.model_validate(
+        {
+            "repository": {"path": str(repo)},
+            "scheduler": scheduler,
+            "notify": {"syslog": notify},
+            "jobs": jobs,
+        }
+    )
 
 
 def vm_disk(path: Path, seed: int) -> Path:
@@ -488,6 +495,47 @@ async def test_retention_after_each_run_then_gc_and_verify_jobs(
         assert bad["stats"]["exit_code"] == ExitCode.INTEGRITY
         await trio.sleep(1.5)
         assert [r["id"] for r in sched.history("verify")] == [bad["id"], ok["id"]]  # damage: no retry
+
+
+@pytest.mark.trio
+async def test_hooks_run_around_the_backups_and_the_end_of_a_run_goes_to_syslog(
+    repo: Repository, tmp_path: Path
+) -> None:
+    img = random_image(tmp_path / "h.raw", 1 * MiB, seed=80)
+    said = tmp_path / "hooks.txt"
+    sh = [
+        "/bin/sh",
+        "-c",
+        f'echo "$VMRECOVER_PHASE $VMRECOVER_JOB $VMRECOVER_VM $VMRECOVER_RESULT $VMRECOVER_RUN" >> {said}',
+    ]
+    log_path = tmp_path / "log.sock"
+    refuse = ["/bin/sh", "-c", "echo cannot freeze; exit 3"]
+    jobs = [image_job("hooked", img, "h", pre_hook=sh, post_hook=sh),
+            image_job("frozen", img, "f", pre_hook=refuse, post_hook=sh)]  # fmt: skip
+    with trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM) as syslog:
+        await syslog.bind(str(log_path))
+        async with serving(repo, config(repo.root, jobs, notify=f"unix://{log_path}", retries=0)) as sched:
+            ok = await finished(sched, await sched.run_now("hooked"))
+            assert ok["state"] == "succeeded", ok["error"]
+            assert said.read_text().split("\n")[:2] == [
+                f"pre hooked h  {ok['id']}",
+                f"post hooked h succeeded {ok['id']}",
+            ]
+            assert (
+                ok["stats"]["hooks"]["pre"]["exit_code"] == 0
+                and ok["stats"]["hooks"]["post"]["exit_code"] == 0
+            )
+            with trio.fail_after(10):
+                message = (await syslog.recv(65536)).decode(errors="replace")
+            assert "hooked" in message and "succeeded" in message, message
+            bad = await finished(sched, await sched.run_now("frozen"))
+        assert bad["state"] == "failed" and bad["error"].startswith("pre-hook /bin/sh exited 3")
+        assert "cannot freeze" in bad["error"] and bad["stats"]["hooks"]["pre"]["output"] == ["cannot freeze"]
+        assert bad["stats"]["vms"] == [] and "post" not in bad["stats"]["hooks"]  # nothing was frozen
+        assert repo.catalog.points("f") == [] and len(said.read_text().splitlines()) == 2
+        with trio.fail_after(10):
+            message = (await syslog.recv(65536)).decode(errors="replace")
+        assert "frozen" in message and "failed" in message, message
 
 
 def test_a_catalog_of_schema_3_gets_the_job_tables(cli: Cli, tmp_path: Path) -> None:

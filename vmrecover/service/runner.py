@@ -10,6 +10,8 @@ worker thread (and by ``vmrecover job run``), that does what the matching comman
   datastore).  A VM that fails (the hypervisor unreachable, the VM gone, a snapshot refused) is a
   failed VM of the run with its reason; the other VMs go on.
 - **backup** of images: ``vmrecover backup IMAGE... --vm NAME`` (cli/backup_cmds.back_up_images).
+- **hooks**: the job's ``pre_hook`` before any snapshot (failing, nothing is backed up), its
+  ``post_hook`` after the backups, whatever became of them (service/hooks.py).
 - **retention** after the backups: ``prune`` of the VMs that got a new point in this run, with the job's
   policy, under the exclusive writer lock (waiting for running backups, as long as they take).  VMs
   whose backup failed keep all their points.
@@ -45,7 +47,8 @@ from ..repo.gc import gc
 from ..repo.prune import Policy, prune
 from ..repo.repository import Repository
 from ..repo.verify import verify
-from .config import Job
+from .config import Job, parse_duration
+from .hooks import HookFailed, HookResult, hook_env, run_hook
 
 log = logging.getLogger("vmrecover.jobs")
 LOG_LINES = 300  # a run keeps its latest log lines
@@ -124,6 +127,7 @@ class RunControl:
         self._job_wait: str | None = None  # gc/prune waiting for the writer lock
         self.lines: deque[dict[str, Any]] = deque(maxlen=LOG_LINES)
         self.aborted: str | None = None
+        self.run_id: int | None = None  # the catalog's, for the hooks' environment
         self._state = "running"
 
     # --- progress ---------------------------------------------------------------------------------
@@ -287,10 +291,6 @@ def _error_doc(exc: BaseException) -> dict[str, Any]:
 
 
 def _backup(repo: Repository, job: Job, control: RunControl, vms: list[str] | None) -> Outcome:
-    if job.pre_hook or job.post_hook:
-        err = BadInput(f"job {job.name} has a pre_hook or post_hook, which this vmrecover does not run yet",
-                       hint="remove them, or quiesce the application another way")  # fmt: skip
-        return Outcome("failed", err.message, {"vms": []}, [], err.exit_code)
     if job.bandwidth:
         control.note(f"bandwidth = {job.bandwidth!r} is not applied yet: the sources are read at full speed",
                      logging.WARNING)  # fmt: skip
@@ -307,23 +307,31 @@ def _backup(repo: Repository, job: Job, control: RunControl, vms: list[str] | No
     if not tasks:
         err = BadInput(f"job {job.name} selected no VM", hint="see its vms: the folders and tags are empty")
         return Outcome("failed", err.message, {"vms": []}, [], err.exit_code)
-    for t in tasks:
-        control.vm_state(t.target, "queued")
-    workers = max(1, min(len(tasks), control.streams))
-    with ThreadPoolExecutor(workers, thread_name_prefix=f"job-{job.name}") as pool:
-        futures = [pool.submit(_one_vm, repo, job, hv, password, t, control) for t in tasks]
+    targets = [t.target for t in tasks]
+    stats: dict[str, Any] = {"vms": []}
+    if job.pre_hook:  # before any snapshot; failing, nothing is backed up (and a retry runs it again)
         try:
-            for f in futures:
-                f.result()
-        except Aborted as exc:
-            control.abort(str(exc))
-            for f in futures:
-                with contextlib.suppress(BaseException):
-                    f.result()
-            raise
+            stats["hooks"] = {"pre": _hook(job, "pre", targets, control).to_json()}
+        except HookFailed as exc:
+            stats["hooks"] = {"pre": exc.result.to_json()}
+            return Outcome("failed", exc.message, stats, None, exc.exit_code)
+    post_failed: HookFailed | None = None
+    outcome = "interrupted"
+    try:
+        for t in tasks:
+            control.vm_state(t.target, "queued")
+        _back_up_all(repo, job, hv, password, tasks, control)
+        outcome = "failed" if any(r["state"] != "succeeded" for r in control.results()) else "succeeded"
+    finally:
+        if job.post_hook:  # after the backups, whatever became of them (an abort too: thaw what was frozen)
+            try:
+                post = _hook(job, "post", targets, control, outcome).to_json()
+            except HookFailed as exc:
+                post, post_failed = exc.result.to_json(), exc
+            stats.setdefault("hooks", {})["post"] = post
     results = control.results()
     failed = [r for r in results if r["state"] != "succeeded"]
-    stats: dict[str, Any] = {"vms": results}
+    stats["vms"] = results
     error, code = None, ExitCode.OK
     if failed:
         first = failed[0]
@@ -331,6 +339,9 @@ def _backup(repo: Repository, job: Job, control: RunControl, vms: list[str] | No
         if len(failed) > 1:
             error = f"{len(failed)} of {len(results)} VMs failed; {error}"
         code = first.get("exit_code", ExitCode.INTERNAL)
+    if post_failed is not None:  # the points made stay: they are whole
+        error = post_failed.message + (f"; {error}" if error else "")
+        code = code or post_failed.exit_code
     done = [r["vm"] for r in results if r["state"] == "succeeded"]
     if job.retention is not None and done:
         try:
@@ -347,6 +358,37 @@ def _backup(repo: Repository, job: Job, control: RunControl, vms: list[str] | No
     if error is None:
         return Outcome("succeeded", None, stats)
     return Outcome("failed", error, stats, [r["target"] for r in failed], code)
+
+
+def _back_up_all(
+    repo: Repository, job: Job, hv: Hypervisor | None, password: str | None, tasks: list[_Task],
+    control: RunControl,
+) -> None:  # fmt: skip
+    """Each VM in a thread of a pool as large as the streams allow (the caps decide which run)."""
+    workers = max(1, min(len(tasks), control.streams))
+    with ThreadPoolExecutor(workers, thread_name_prefix=f"job-{job.name}") as pool:
+        futures = [pool.submit(_one_vm, repo, job, hv, password, t, control) for t in tasks]
+        try:
+            for f in futures:
+                f.result()
+        except Aborted as exc:
+            control.abort(str(exc))
+            for f in futures:
+                with contextlib.suppress(BaseException):
+                    f.result()
+            raise
+
+
+def _hook(
+    job: Job, phase: str, targets: list[str], control: RunControl, result: str | None = None
+) -> HookResult:
+    """The job's pre- or post-hook (service/hooks.py), said in the run's log; HookFailed if it fails."""
+    argv = job.pre_hook if phase == "pre" else job.post_hook
+    assert argv
+    env = hook_env(job.name, targets, phase, result, run_id=control.run_id)
+    res = run_hook(argv, timeout=parse_duration(job.hook_timeout), env=env, what=f"{phase}-hook")
+    control.note(f"{phase}-hook {argv[0]} ran in {res.duration:.1f} s")
+    return res
 
 
 def _plan(

@@ -50,6 +50,7 @@ from ..errors import VmrecoverError
 from ..repo.catalog import UNFINISHED, Catalog, JobRun, parse_iso
 from ..repo.repository import Repository
 from . import config as configuration
+from . import notify
 from .config import Config, Job, parse_duration
 from .core import Service
 from .runner import Aborted, Outcome, Placement, RunControl, run_job
@@ -400,6 +401,7 @@ class Scheduler:
         control = RunControl(
             hold=self._hold, streams=self.config.scheduler.max_streams, on_change=lambda: self._persist(run)
         )
+        control.run_id = run.id
         run.control = control
         await self._write(self._writer.update_job_run, run.id, state="running", started=iso(self.now()))
         log.info("job %s: run %d (%s, attempt %d) starts", run.job.name, run.id, run.trigger, run.attempt)
@@ -424,7 +426,19 @@ class Scheduler:
                               stats=stats)  # fmt: skip
         log.log(logging.INFO if state == "succeeded" else logging.WARNING, "job %s: run %d %s%s",
                 run.job.name, run.id, state, f": {error}" if error else "")  # fmt: skip
+        await self._notify(run.id)
         return outcome
+
+    async def _notify(self, run_id: int) -> None:
+        """The run's end to the configured channels (syslog, mail, webhook: service/notify.py), which
+        bound their own time; not when the service is stopping (the run is resumed at the next start)."""
+        config = self.config
+        with self._read_lock:
+            row = self._reader.job_run(run_id)
+        if row is not None:
+            await trio.to_thread.run_sync(
+                notify.run_ended, config, self._doc(row, full=False), limiter=self.limiter
+            )
 
     async def _retry(self, run: _Run, outcome: Outcome) -> None:
         limits = self.config.scheduler

@@ -326,22 +326,27 @@ async def test_xen_placement_a_vm_that_fails_is_retried_alone_and_an_unreachable
     cli.run("hypervisor", "add", "down", "xen://root@127.0.0.1:1", "--no-check", "--password-stdin",
             input="secret\n")  # fmt: skip
     running = xapi.make_vm("sx-run", [vm_disk(tmp_path / "r.raw", 30)])
+    xapi.make_vm("sx-member", [vm_disk(tmp_path / "m.raw", 32)], host=xapi.member_ref)
     halted = xapi.make_vm("sx-halt", [vm_disk(tmp_path / "h.raw", 31)], power_state="Halted",
                           other_config={"folder": "/sx-prod/web"})  # fmt: skip
     with xapi.session() as s:
         s.xenapi.VM.add_tags(running, "sx-tagged")
     master = xapi.record("host", xapi.host_ref)["name_label"]
+    member = xapi.record("host", xapi.member_ref)["name_label"]
     local_sr = xapi.record("SR", xapi.local_sr)["name_label"]
-    jobs = [vm_job("x", ["sx-run", "sx-halt", "sx-later"], hv="pool1"), vm_job("d", ["a", "b"], hv="down"),
+    jobs = [vm_job("x", ["sx-run", "sx-halt", "sx-member", "sx-later"], hv="pool1"),
+            vm_job("d", ["a", "b"], hv="down"),
             vm_job("sel", ["tag:sx-tagged", "folder:/sx-prod"], hv="pool1")]  # fmt: skip
     cfg = config(repo.root, jobs, retries=1, retry_backoff="1s")
     async with serving(repo, cfg) as sched:
         first = await finished(sched, await sched.run_now("x"))
         assert first["state"] == "failed" and first["error"].startswith("sx-later: no VM 'sx-later' on pool1")
-        run, halt, later = first["stats"]["vms"]
-        assert (run["state"], halt["state"], later["state"]) == ("succeeded", "succeeded", "failed")
+        run, halt, other, later = first["stats"]["vms"]
+        assert [v["state"] for v in (run, halt, other, later)] == ["succeeded"] * 3 + ["failed"]
         assert run["host"] == halt["host"] == f"{master} (pool1)"  # a halted VM: the pool master
+        assert other["host"] == f"{member} (pool1)"  # where it runs (resident_on)
         assert run["datastores"] == halt["datastores"] == [f"{local_sr} (pool1)"]
+        assert not overlap(run, halt) and not overlap(halt, other) and not overlap(run, other)  # one SR
         assert run["transport"] == "NBD" and later["exit_code"] == ExitCode.NOT_FOUND
         xapi.make_vm("sx-later", [2 * MiB])
         retry = await until(lambda: [r for r in sched.history("x") if r["trigger"] == "retry"])
@@ -357,7 +362,7 @@ async def test_xen_placement_a_vm_that_fails_is_retried_alone_and_an_unreachable
         by_tag, by_folder = sel["stats"]["vms"]
         assert (by_tag["vm"], by_folder["vm"]) == ("sx-run", "sx-halt")
         assert by_folder["target"] == xapi.record("VM", halted)["uuid"]
-    assert sorted(v["name"] for v in repo.catalog.vms()) == ["sx-halt", "sx-later", "sx-run"]
+    assert sorted(v["name"] for v in repo.catalog.vms()) == ["sx-halt", "sx-later", "sx-member", "sx-run"]
 
 
 # --------------------------------------------------------------------------- crashes

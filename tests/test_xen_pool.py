@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Cli, sha256_file
+from tests.test_xen import Since
 from tests.testkit.vmdisks import disk_image, restored_sha
 from vmrecover.recovery import exports
 from vmrecover.vfs import srlayout
@@ -44,17 +45,6 @@ def xr(xc: Cli, port111: Any) -> Iterator[Cli]:
         yield xc
     finally:
         exports.stop(xc.repo)
-
-
-class Since:
-    """What the simulator logged from now on (its log spans the whole run, other tests included)."""
-
-    def __init__(self, xapi: Any) -> None:
-        self.xapi, self.start = xapi, len(xapi.log)
-
-    def calls(self, method: str, **match: Any) -> list[dict[str, Any]]:
-        new = self.xapi.log[self.start :]
-        return [e for e in new if e.get("method") == method and all(e.get(k) == v for k, v in match.items())]
 
 
 def _one_line(text: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,23 +245,6 @@ def back_up_vm(
                full=full, wait=wait, advance=progress, total=progress_total)  # fmt: skip
 
 
-@contextlib.contextmanager
-def vsphere_session(hv: Hypervisor, password: str) -> Iterator[Any]:
-    """vmware/session.session, with its SOAP connections closed once it has logged out: VSphere.close
-    only logs out, which leaves the connection pool to the garbage collector, in a service process
-    too.  (Belongs in VSphere.close.)"""
-    from ..hypervisors.vmware.session import session
-
-    opened = []
-    try:
-        with session(hv, password) as vs:
-            opened.append(vs)
-            yield vs
-    finally:
-        for vs in opened:
-            vs.si._stub.DropConnections()
-
-
 def _vmware_backup(repo: Repository, hv: Hypervisor, password: str, vm_ref: str, *, url: str,
                    name: str | None, quiesce: bool, memory: bool, mode: str | None, full: bool,
                    wait: float | None, advance: Progress, total: Progress) -> VmBackup:  # fmt: skip
@@ -269,7 +252,9 @@ def _vmware_backup(repo: Repository, hv: Hypervisor, password: str, vm_ref: str,
 
     if mode:
         raise BadInput("--mode is for xen:// backups", hint="vSphere takes --quiesce and --memory")
-    with vsphere_session(hv, password) as vs:
+    from ..hypervisors.vmware.session import session
+
+    with session(hv, password) as vs:
         point, stats, plans, received = back_up(
             repo, vs, vm_ref, name=name, source_url=url, progress=advance, progress_total=total,
             options=Options(quiesce=quiesce, memory=memory, full=full, wait=wait),

@@ -38,7 +38,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cli.backup_cmds import back_up_images, back_up_vm, image_disk_names, vsphere_session
+from ..cli.backup_cmds import back_up_images, back_up_vm, image_disk_names
 from ..errors import BadInput, ExitCode, LockedError, VmrecoverError
 from ..hypervisors import Hypervisor, Registry
 from ..repo import lock
@@ -420,7 +420,9 @@ def _vmware_plan(hv: Hypervisor, password: str, targets: list[str], control: Run
 
     where = f"vmware:{hv.host}:{hv.port}"
     tasks: list[_Task] = []
-    with vsphere_session(hv, password) as vs:
+    from ..hypervisors.vmware.session import session
+
+    with session(hv, password) as vs:
 
         def place(vm: Any) -> Placement:
             d = vs.props([vm], ["runtime.host", "datastore"])[0]

@@ -62,10 +62,14 @@ class VSphere:
         return str(self.si._stub.cookie)
 
     def close(self) -> None:
+        """Log out, then close the SOAP connections (pyvmomi leaves its pool to the garbage collector,
+        which in a long-running service is never soon enough)."""
         try:
             self.content.sessionManager.Logout()
         except Exception as exc:  # a dead connection logs out by itself
             log.debug("logout from %s failed: %s", self.hv.name, exc)
+        finally:
+            self.si._stub.DropConnections()
 
     def __enter__(self) -> VSphere:
         return self

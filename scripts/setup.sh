@@ -24,6 +24,7 @@ APT_PACKAGES=(
   qemu-block-extra           # qemu's nfs:// block driver (libnfs): qemu-img and qemu boot from the NFS export
   libguestfs-tools python3-guestfs libguestfs-xfs  # single-file restore: guest filesystems (NTFS via ntfs-3g)
   golang-go golang-github-vmware-govmomi-dev  # tests: VMware's vCenter simulator, built by tests/vsphere/build.py
+  systemd                    # tests: systemd-analyze verifies the service's unit (appliance/systemd/)
   "$@"
 )
 

@@ -602,3 +602,78 @@ def test_job_run_list_and_history_on_the_command_line(cli: Cli, tmp_path: Path) 
     assert "1/1 VMs" in text and "0/1 VMs" in text
     assert_clean_error(cli.run("job", "list", "--config", tmp_path / "none.toml", check=False),
                        ExitCode.BAD_INPUT, "cannot read configuration")  # fmt: skip
+
+
+def text_disk(path: Path, size: int, seed: int) -> Path:
+    """A disk of lines of words: compressible, and more so at a higher zstd level."""
+    rnd = random.Random(seed)
+    vocab = ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9)))
+             for _ in range(3000)]  # fmt: skip
+    out = bytearray()
+    while len(out) < size:
+        out += (" ".join(rnd.choices(vocab, k=12)) + "\n").encode()
+    path.write_bytes(out[:size])
+    return path
+
+
+@pytest.mark.trio
+async def test_a_jobs_bandwidth_cap_and_compression_level_apply_to_its_backups(
+    cli: Cli, repo: Repository, tmp_path: Path
+) -> None:
+    size = 8 * MiB
+    jobs = [
+        image_job("free", random_image(tmp_path / "f.raw", size, seed=70, density=1.0), "f"),
+        image_job(
+            "capped", random_image(tmp_path / "c.raw", size, seed=71, density=1.0), "c", bandwidth="4M"
+        ),
+        image_job("fast", text_disk(tmp_path / "t1.raw", size, seed=72), "t1", compression_level=1),
+        image_job("small", text_disk(tmp_path / "t2.raw", size, seed=73), "t2", compression_level=19),
+        {"name": "verify", "kind": "verify", "schedule": "0 6 1 * *"},
+    ]
+    async with serving(repo, config(repo.root, jobs)) as sched:
+        docs = {}
+        for name in ("free", "capped", "fast", "small", "verify"):
+            docs[name] = await finished(sched, await sched.run_now(name))
+            assert docs[name]["state"] == "succeeded", docs[name]
+    free, capped = (docs[n]["stats"]["vms"][0] for n in ("free", "capped"))
+    assert free["bytes_read"] == capped["bytes_read"] == size
+    # 8 MiB at 4 MiB/s: about 2 s (no burst at the start), whatever this machine's speed
+    assert capped["duration_s"] >= 1.6 > free["duration_s"], (capped, free)
+    assert size / capped["duration_s"] <= 4.6 * MiB
+    fast, small = (docs[n]["stats"]["vms"][0]["stored_bytes"] for n in ("fast", "small"))
+    assert small < 0.9 * fast, (small, fast)  # level 19 against level 1 on the same kind of text
+    assert docs["verify"]["stats"]["verify"]["ok"]  # the chunks of every level read back
+    assert repo.config.compression_level == 3  # the repository's own level is not touched
+
+
+def test_throttle_keeps_the_rate_saves_at_most_one_second_of_burst_and_stops_on_abort() -> None:
+    from vmrecover.ingest.throttle import Throttle
+
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    t = Throttle(1000, clock=lambda: now[0], sleep=sleep)
+    t.take(500)
+    assert sum(slept) == pytest.approx(0.5)
+    now[0] += 60  # a long quiet spell earns one second, no more
+    slept.clear()
+    t.take(1000)
+    t.take(1000)
+    assert sum(slept) == pytest.approx(1.0)
+
+    class Stop(Exception):
+        pass
+
+    def check() -> None:
+        if sum(slept) > 1.4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        t.take(10_000, check)  # a 10 s debt: the abort cuts the sleep within a slice
+    assert sum(slept) < 1.8
+    with pytest.raises(ValueError):
+        Throttle(0)

@@ -61,6 +61,15 @@ class ChunkCodec:
     def encrypted(self) -> bool:
         return self._keys is not None
 
+    @property
+    def level(self) -> int:
+        return self._level
+
+    def at_level(self, level: int) -> ChunkCodec:
+        """The same keys compressing new chunks at zstd *level*: a chunk's digest and what reads it do
+        not depend on the level, so chunks of any level mix in one repository."""
+        return self if level == self._level else ChunkCodec(keys=self._keys, level=level)
+
     def digest(self, data: bytes | memoryview) -> bytes:
         if self._keys is None:
             return hashlib.sha256(data).digest()

@@ -191,6 +191,12 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def compress_at(self, level: int) -> None:
+        """New chunks written through this object at zstd *level* (a handle of one job: a copy of the
+        repository; the configured level stays the default of everything else)."""
+        self.codec = self.codec.at_level(level)
+        self.chunks = ChunkStore(self.root / "chunks", self.codec)
+
     # --- layout --------------------------------------------------------------------------------
     @property
     def encrypted(self) -> bool:

@@ -169,8 +169,8 @@ class Job(_Strict):
     @field_validator("bandwidth")
     @classmethod
     def _bandwidth(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_size(v)
+        if v is not None and parse_size(v) <= 0:
+            raise ValueError(f"{v!r}: a bandwidth cap must be more than 0 bytes per second")
         return v
 
     @field_validator("hook_timeout")

@@ -41,11 +41,12 @@ from typing import Any
 from ..cli.backup_cmds import back_up_images, back_up_vm, image_disk_names
 from ..errors import BadInput, ExitCode, LockedError, VmrecoverError
 from ..hypervisors import Hypervisor, Registry
+from ..ingest.throttle import Throttle
 from ..repo import lock
 from ..repo.catalog import Catalog, now_iso
 from ..repo.gc import gc
 from ..repo.prune import Policy, prune
-from ..repo.repository import Repository
+from ..repo.repository import Repository, parse_size
 from ..repo.verify import verify
 from .config import Job, parse_duration
 from .hooks import HookFailed, HookResult, hook_env, run_hook
@@ -128,6 +129,7 @@ class RunControl:
         self.lines: deque[dict[str, Any]] = deque(maxlen=LOG_LINES)
         self.aborted: str | None = None
         self.run_id: int | None = None  # the catalog's, for the hooks' environment
+        self.throttle: Throttle | None = None  # the job's bandwidth cap, over all its streams
         self._state = "running"
 
     # --- progress ---------------------------------------------------------------------------------
@@ -136,9 +138,12 @@ class RunControl:
             self.total += n
 
     def advance(self, n: int) -> None:
+        """*n* more bytes read (by any of the run's threads); held back here by the bandwidth cap."""
         self.check()
         with self._mutex:
             self.done += n
+        if self.throttle is not None:
+            self.throttle.take(n, self.check)
 
     def progress(self) -> dict[str, Any]:
         with self._mutex:
@@ -255,10 +260,13 @@ class Outcome:
     exit_code: int = ExitCode.OK
 
 
-def handle(repo: Repository) -> Repository:
-    """A handle on *repo* for one thread: its own catalog connection and lock state; close its catalog."""
+def handle(repo: Repository, job: Job | None = None) -> Repository:
+    """A handle on *repo* for one thread: its own catalog connection and lock state, and the
+    compression level of *job* if it sets one; close its catalog."""
     h = copy.copy(repo)
     h.catalog = Catalog(repo.root / "catalog.sqlite")
+    if job is not None and job.compression_level is not None:
+        h.compress_at(job.compression_level)
     return h
 
 
@@ -292,11 +300,7 @@ def _error_doc(exc: BaseException) -> dict[str, Any]:
 
 def _backup(repo: Repository, job: Job, control: RunControl, vms: list[str] | None) -> Outcome:
     if job.bandwidth:
-        control.note(f"bandwidth = {job.bandwidth!r} is not applied yet: the sources are read at full speed",
-                     logging.WARNING)  # fmt: skip
-    if job.compression_level is not None:
-        control.note(f"compression_level = {job.compression_level} is not applied yet: the repository's "
-                     f"level {repo.config.compression_level} is", logging.WARNING)  # fmt: skip
+        control.throttle = Throttle(parse_size(job.bandwidth))
     hv, password = None, None
     if job.images:
         assert job.vm is not None
@@ -557,7 +561,7 @@ def _one_vm(
 def _back_up_one(
     repo: Repository, job: Job, hv: Hypervisor | None, password: str | None, target: str, control: RunControl
 ) -> dict[str, Any]:
-    h = handle(repo)
+    h = handle(repo, job)
     try:
         if job.images:
             assert job.vm is not None

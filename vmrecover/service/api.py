@@ -32,6 +32,8 @@ import logging
 import os
 import re
 import shutil
+import socket
+import stat
 import tarfile
 import tempfile
 import threading
@@ -53,13 +55,25 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..errors import BadInput, ExitCode, NotFound, VmrecoverError
+from ..errors import BadInput, ExitCode, Incompatible, LockedError, NotFound, VmrecoverError
 from ..recovery import sessions
 from ..repo.catalog import Catalog, check_name
 from ..repo.keys import PASSPHRASE_ENV
 from ..repo.repository import Repository
 from . import metrics, tls
-from .auth import AuthMiddleware, FailureLimiter, Message, Receive, Scope, Send, error_doc, send_json
+from .auth import (
+    LOCAL_SCOPE_KEY,
+    ASGIApp,
+    AuthMiddleware,
+    FailureLimiter,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    error_doc,
+    send_json,
+)
+from .client import local_socket, unix_address
 from .core import JobScheduler, Service
 from .push_api import push_routes
 
@@ -644,37 +658,100 @@ def _address(bind: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def serve_api(service: Service, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the API on ``service.config.api.listen`` over HTTPS until cancelled.  Started (for
-    ``nursery.start``) once listening, with the bound (host, port) of each listen address (port 0 in
-    the configuration: a free one).  The certificate: see service/tls.py."""
-    from hypercorn.config import Config as HypercornConfig
-    from hypercorn.trio import serve
+class _Local:
+    """The app as the local socket serves it: each request is marked as having come through it
+    (auth.LOCAL_SCOPE_KEY: AuthMiddleware takes it as the built-in admin "local").  Nothing a client
+    sends can set a key of the scope, so only this wrapper marks a request."""
 
-    api = service.config.api
-    if not api.enabled:
-        log.info("the HTTP API is disabled (api.enabled = false)")
-        task_status.started([])
-        return
-    cert = await trio.to_thread.run_sync(tls.ensure, api, service.config_path, limiter=service.limiter)
-    app = build_app(service)
-    state: ApiState = app.state.vmrecover
-    downloads = await trio.to_thread.run_sync(state.downloads, limiter=service.limiter)
-    for leftover in downloads.iterdir():  # of a service killed while copying out
-        shutil.rmtree(leftover, ignore_errors=True)
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[LOCAL_SCOPE_KEY] = True
+        await self.app(scope, receive, send)
+
+
+def _bind_local(path: Path) -> socket.socket:
+    """A Unix socket bound at *path*, 0600 before it listens (blocking).  A stale socket there (of a
+    service that was killed) is replaced; one that answers is another service's, refused."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise Incompatible(f"{path} exists and is not a socket", hint="remove it")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+            try:
+                with unix_address(path) as address:
+                    probe.connect(address)
+            except OSError:
+                path.unlink()
+            else:
+                raise LockedError(f"another service answers on {path}",
+                                  hint="stop it first: one service per repository")  # fmt: skip
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with unix_address(path) as address:
+            sock.bind(address)
+        os.chmod(path, 0o600)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _hypercorn_config(bind: list[str]) -> Any:
+    from hypercorn.config import Config as HypercornConfig
+
     config = HypercornConfig()
-    config.bind = list(api.listen)
-    config.certfile, config.keyfile = str(cert.cert), str(cert.key)
+    config.bind = bind
     config.errorlog = logging.getLogger("vmrecover.api.http")
     config.accesslog = None
     config.include_server_header = False
+    return config
+
+
+async def serve_api(service: Service, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the API until cancelled: on ``service.config.api.listen`` over HTTPS (the certificate:
+    see service/tls.py), and on the local control socket ``REPO/run/api.sock`` (client.local_socket)
+    over plain HTTP.  A request through the socket needs no token: it is the built-in admin "local"
+    (auth.py), since the socket is 0600 in the 0700 ``run/`` folder and so open to the service's user
+    only, as docker.sock is; the CLI's job commands talk to the service there (service/client.py).
+    With ``api.enabled = false`` only the socket is served (the CLI needs it).  The socket is removed
+    at the end.  Started (for ``nursery.start``) once listening, with the bound (host, port) of each
+    listen address (port 0 in the configuration: a free one; none when the API is disabled)."""
+    from hypercorn.trio import serve
+
+    api = service.config.api
+    app = build_app(service)
+    state: ApiState = app.state.vmrecover
+    path = local_socket(service.repo.root)
+    bound: os.stat_result | None = None
     try:
+        downloads = await trio.to_thread.run_sync(state.downloads, limiter=service.limiter)
+        for leftover in downloads.iterdir():  # of a service killed while copying out
+            shutil.rmtree(leftover, ignore_errors=True)
+        local = await trio.to_thread.run_sync(_bind_local, path, limiter=service.limiter)
+        bound = path.lstat()
         async with trio.open_nursery() as nursery:
             if state.reaper is not None:
                 nursery.start_soon(state.reaper)
-            binds: list[str] = await nursery.start(partial(serve, app, config, mode="asgi"))
-            addresses = [_address(b) for b in binds]
-            log.info("HTTP API on %s (TLS certificate SHA-256 %s)", ", ".join(binds), cert.fingerprint)
+            # Hypercorn listens on the socket it is given (fd://): made 0600 before anyone can connect
+            local_config = _hypercorn_config([f"fd://{local.detach()}"])
+            await nursery.start(partial(serve, _Local(app), local_config, mode="asgi"))
+            addresses: list[tuple[str, int]] = []
+            if api.enabled:
+                cert = await trio.to_thread.run_sync(tls.ensure, api, service.config_path,
+                                                     limiter=service.limiter)  # fmt: skip
+                config = _hypercorn_config(list(api.listen))
+                config.certfile, config.keyfile = str(cert.cert), str(cert.key)
+                binds: list[str] = await nursery.start(partial(serve, app, config, mode="asgi"))
+                addresses = [_address(b) for b in binds]
+                log.info("HTTP API on %s (TLS certificate SHA-256 %s)", ", ".join(binds), cert.fingerprint)
+            else:
+                log.info("the HTTP API is disabled (api.enabled = false): only its local socket serves")
+            log.info("HTTP API on the local socket %s", path)
             task_status.started(addresses)
     finally:
         state.close()
+        with contextlib.suppress(OSError):
+            if bound is not None and os.path.samestat(path.lstat(), bound):  # not a successor's
+                path.unlink()

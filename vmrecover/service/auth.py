@@ -19,6 +19,13 @@
   and the HTTP status.  Wrong tokens and rate-limited requests are logged as warnings on
   ``vmrecover.api``.
 
+- **The local control socket** (``REPO/run/api.sock``, served by api.serve_api): a request that came
+  through it carries :data:`LOCAL_SCOPE_KEY` in its ASGI scope, set by the socket's wrapper
+  (``api._Local``) and by nothing else: no header or path can put a key in the scope.  It is the
+  built-in admin :data:`LOCAL` (named "local" in the audit log, client "local"), without a token and
+  outside the rate limit: the socket's mode (0600, in the 0700 ``run/`` folder) is the
+  authentication, as with docker.sock.
+
 Errors have the CLI's JSON shape (``{"error", "message", "hint", "exit_code"}``, see errors.py), so a
 client can turn them back into the same exceptions (``VmrecoverError.from_json``).
 """
@@ -47,12 +54,18 @@ MAX_FAILURES = 5
 WINDOW = 60.0  # seconds
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 TOKEN_SCOPE_KEY = "vmrecover.token"  # the ASGI scope key handlers find the caller's Token under
+LOCAL_SCOPE_KEY = "vmrecover.local"  # True in the scope of a request that came through the local socket
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# Whom a request through the local socket acts as (never matched by a presented token: it is not in
+# the configuration, and its digest is no SHA-256 of anything found).
+LOCAL = Token.model_construct(name="local", role="admin", sha256="")
 
 
 def new_token() -> str:
@@ -150,8 +163,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class AuthMiddleware:
-    """ASGI middleware: every request but those to *public* paths needs a configured token (see the
-    module's docstring for the rules)."""
+    """ASGI middleware: every request but those to *public* paths needs a configured token, or to have
+    come through the local socket (see the module's docstring for the rules)."""
 
     def __init__(
         self, app: ASGIApp, *, tokens: Callable[[], Sequence[Token]], limiter: FailureLimiter,
@@ -166,32 +179,11 @@ class AuthMiddleware:
         if scope["type"] != "http" or scope["path"] in self.public:
             await self.app(scope, receive, send)
             return
-        client = str((scope.get("client") or ("unknown", 0))[0])
         method, path = scope["method"], scope["path"]
-        wait = self.limiter.retry_after(client)
-        if wait is not None:
-            seconds = max(1, math.ceil(wait))
-            log.warning("refused %s %s from %s: too many failed authentications", method, path, client)
-            doc = error_doc(
-                "AuthError", f"too many failed authentications from {client}",
-                hint=f"try again in {seconds} s with a valid token", exit_code=ExitCode.AUTH,
-            )  # fmt: skip
-            await send_json(send, 429, doc, [(b"retry-after", str(seconds).encode())])
-            return
-        header = _header(scope, b"authorization")
-        token = authenticate(header, self.tokens())
+        local = scope.get(LOCAL_SCOPE_KEY) is True  # only api._Local sets it
+        client = "local" if local else str((scope.get("client") or ("unknown", 0))[0])
+        token = LOCAL if local else await self._authenticate(scope, send, client)
         if token is None:
-            if header is not None:
-                self.limiter.failed(client)
-                log.warning("refused %s %s from %s: wrong token", method, path, client)
-                message, challenge = "the token is not valid", b'Bearer error="invalid_token"'
-            else:
-                message, challenge = "this request needs a token", b"Bearer"
-            doc = error_doc(
-                "AuthError", message, exit_code=ExitCode.AUTH,
-                hint="send 'Authorization: Bearer TOKEN'; make a token with 'vmrecover token new NAME'",
-            )  # fmt: skip
-            await send_json(send, 401, doc, [(b"www-authenticate", challenge)])
             return
         scope[TOKEN_SCOPE_KEY] = token
         if method in SAFE_METHODS:
@@ -229,3 +221,32 @@ class AuthMiddleware:
         finally:
             if not logged:
                 log_outcome(500)  # the application failed before it answered
+
+    async def _authenticate(self, scope: Scope, send: Send, client: str) -> Token | None:
+        """The token of a request over the network, or None once it is refused (429, 401)."""
+        method, path = scope["method"], scope["path"]
+        wait = self.limiter.retry_after(client)
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
+            log.warning("refused %s %s from %s: too many failed authentications", method, path, client)
+            doc = error_doc(
+                "AuthError", f"too many failed authentications from {client}",
+                hint=f"try again in {seconds} s with a valid token", exit_code=ExitCode.AUTH,
+            )  # fmt: skip
+            await send_json(send, 429, doc, [(b"retry-after", str(seconds).encode())])
+            return None
+        header = _header(scope, b"authorization")
+        token = authenticate(header, self.tokens())
+        if token is None:
+            if header is not None:
+                self.limiter.failed(client)
+                log.warning("refused %s %s from %s: wrong token", method, path, client)
+                message, challenge = "the token is not valid", b'Bearer error="invalid_token"'
+            else:
+                message, challenge = "this request needs a token", b"Bearer"
+            doc = error_doc(
+                "AuthError", message, exit_code=ExitCode.AUTH,
+                hint="send 'Authorization: Bearer TOKEN'; make a token with 'vmrecover token new NAME'",
+            )  # fmt: skip
+            await send_json(send, 401, doc, [(b"www-authenticate", challenge)])
+        return token

@@ -6,7 +6,8 @@ model and chunk cache (core.Service), and runs its parts side by side in one tri
 - the NFS export (nfs_export/server.py) and the FUSE mount (fuse/mount.py ``run_mount``), both over
   that one model, so a session started through the API, the CLI or a hypervisor recovery is the same
   object everywhere;
-- the HTTP API (service/api.py: HTTPS, tokens) and the scheduler (service/scheduler.py).
+- the HTTP API (service/api.py: HTTPS, tokens; and the local socket ``run/api.sock`` that the CLI's
+  job commands use, see service/client.py) and the scheduler (service/scheduler.py).
 
 Signals: SIGTERM/SIGINT stop it (the parts are cancelled: the mount is unmounted, the export closed);
 SIGHUP reads the configuration again: a file with an error is refused (logged with its line and key)
@@ -14,8 +15,8 @@ and the running configuration stays; parts whose settings changed are told (the 
 listeners keep their addresses until a restart (said in the log).  With systemd (``Type=notify``)
 it says READY=1 once everything listens, RELOADING=1/READY=1 around a reload and STOPPING=1.
 
-``run/service.json`` in the repository records the running service (pid, API addresses, NFS ports),
-for the CLI to find it.
+``run/service.json`` in the repository records the running service (pid, API addresses and local
+socket, NFS ports), for the CLI to find it.
 """
 
 from __future__ import annotations
@@ -132,10 +133,11 @@ async def run(
             from .scheduler import run_scheduler
 
             serving["scheduler"] = await nursery.start(run_scheduler, service)
-            if cfg.api.enabled:
-                from .api import serve_api
+            from .api import serve_api  # also with api.enabled = false: its local socket, for the CLI
+            from .client import local_socket
 
-                serving["api"] = await nursery.start(serve_api, service)
+            serving["api"] = await nursery.start(serve_api, service)
+            serving["api_socket"] = str(local_socket(service.repo.root))
             for name, part in (parts or {}).items():
                 serving[name] = await nursery.start(part, service)
             record.parent.mkdir(mode=0o700, exist_ok=True)

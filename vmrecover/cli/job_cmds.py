@@ -1,11 +1,19 @@
 """Job commands: ``vmrecover job list | run JOB | history [JOB]`` over the service's configured jobs.
 
-They ask a core.JobScheduler, which :data:`connect` gives.  Today that is a scheduler of this process
-over the configuration's repository (:func:`local_scheduler`): ``list`` and ``history`` read the
-catalog, ``run`` runs the job in the foreground, once (no retries), recorded in the catalog as the
-service records its runs.  A client of a running service's API can take its place: :data:`connect`
-is the one thing to change, as everything here goes through the JobScheduler interface (``run``
-queues the run with ``run_now`` and follows it with ``run(id)``).
+They ask a core.JobScheduler, which :func:`connect` gives:
+
+- When a service runs on the configuration's repository (its ``run/service.json``, daemon.running),
+  its scheduler, through the service's local socket ``REPO/run/api.sock`` (service/client.py: the
+  API, as the built-in admin "local").  ``run`` queues the run there and follows it; ^C or SIGTERM
+  stop the following only: the run goes on in the service (the command says its id, ends as
+  interrupted).  A service that is recorded but does not answer there is an error naming the socket:
+  a second scheduler is never run beside a live service.
+- Else a scheduler of this process over the repository (:func:`local_scheduler`): ``list`` and
+  ``history`` read the catalog, ``run`` runs the job in the foreground, once (no retries), recorded
+  in the catalog as the service records its runs; ^C or SIGTERM stop it, recorded as interrupted.
+
+Everything here goes through the JobScheduler interface (``run`` queues the run with ``run_now`` and
+follows it with ``run(id)``), so the two are told apart only by the local scheduler's ``abort``.
 """
 
 from __future__ import annotations
@@ -13,8 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,7 @@ import trio
 from ..errors import ExitCode, NotFound
 from ..repo.repository import Repository
 from ..service import config as configuration
+from ..service.client import ServiceClient
 from ..service.core import JobScheduler
 from .output import emit_json, human_bytes, progress, stderr, stdout, table
 
@@ -43,7 +51,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     q = jobs.add_parser("list", parents=[opts], help="the configured jobs, their next run and last result")
     q.set_defaults(func=cmd_list)
     q = jobs.add_parser(
-        "run", parents=[opts], help="run a job now, in the foreground (once: no retries), and record it",
+        "run", parents=[opts],
+        help="run a job now and follow it: in the running service, else in the foreground (once: no retries)",
     )  # fmt: skip
     q.add_argument("job", metavar="JOB")
     q.set_defaults(func=cmd_run)
@@ -54,14 +63,43 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 @contextlib.asynccontextmanager
-async def local_scheduler(args: argparse.Namespace) -> AsyncIterator[JobScheduler]:
+async def connect(args: argparse.Namespace) -> AsyncIterator[JobScheduler]:
+    """What the commands ask: the scheduler of the service running on the configuration's repository
+    (a client of its local socket), else :func:`local_scheduler`."""
+    cfg = configuration.load(args.config)
+    client = service_client(cfg)
+    if client is not None:
+        yield client
+        return
+    async with local_scheduler(cfg) as sched:
+        yield sched
+
+
+def service_client(cfg: configuration.Config) -> ServiceClient | None:
+    """A client of the service running on *cfg*'s repository, or None if none runs (or one that
+    predates the local socket: the CLI ran its own scheduler beside those)."""
+    from ..service.daemon import RECORD, running
+
+    root = cfg.repository.path
+    record = running(root)
+    if record is None or "api_socket" not in record:
+        return None
+    where = root / "run" / RECORD
+    hint = (
+        f"the service (pid {record['pid']}, recorded in {where}) should answer on it: see its log and "
+        f"restart it (systemctl restart vmrecover); if no service runs, remove {where}"
+    )
+    return ServiceClient(Path(record["api_socket"]), hint=hint)
+
+
+@contextlib.asynccontextmanager
+async def local_scheduler(cfg: configuration.Config) -> AsyncIterator[JobScheduler]:
     """A scheduler in this process over the configuration's repository: it runs what ``run_now`` asks
     (no schedules, no retries, no crash handling: those are the service's) until the block ends, when a
     job still running is aborted and recorded as interrupted."""
     from ..service.daemon import read_passphrase
     from ..service.scheduler import Scheduler
 
-    cfg = configuration.load(args.config)
     passphrase = read_passphrase(cfg)
     repo = Repository.open(cfg.repository.path, passphrase=(lambda: passphrase) if passphrase else None)
     try:
@@ -75,10 +113,6 @@ async def local_scheduler(args: argparse.Namespace) -> AsyncIterator[JobSchedule
             sched.close()
     finally:
         repo.close()
-
-
-# What the commands ask: the scheduler of a running service (a client of its API) can plug in here.
-connect: Callable[[argparse.Namespace], AbstractAsyncContextManager[JobScheduler]] = local_scheduler
 
 
 def _when(text: str | None) -> str:
@@ -109,7 +143,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     async def ask() -> list[dict[str, Any]]:
-        async with connect(args) as sched:  # (a job no longer configured still has its history)
+        async with connect(args) as sched:  # (locally, a job no longer configured still has its history)
             return sched.history(args.job, args.limit)
 
     runs = trio.run(ask)
@@ -151,10 +185,10 @@ def _figures(run: dict[str, Any]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    doc = trio.run(_run_and_follow, args)
+    doc, followed = trio.run(_run_and_follow, args)
     if args.json:
         emit_json(doc)
-    else:
+    elif followed:
         for v in (doc.get("stats") or {}).get("vms") or []:
             if v.get("state") == "succeeded":
                 stdout.print(
@@ -173,16 +207,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             + (f": {doc['error']}" if doc.get("error") else ""),
             markup=False,
         )
+    if not followed or doc["state"] == "interrupted":
+        return ExitCode.INTERRUPTED
     if doc["state"] == "succeeded":
         return ExitCode.OK
-    if doc["state"] == "interrupted":
-        return ExitCode.INTERRUPTED
     return int((doc.get("stats") or {}).get("exit_code") or ExitCode.INTERNAL)
 
 
-async def _run_and_follow(args: argparse.Namespace) -> dict[str, Any]:
-    """Queue a run of the job and follow it to its end (a progress bar on a terminal); SIGTERM or ^C
-    stop it, recorded as interrupted, and end the command as an interrupt."""
+async def _run_and_follow(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    """Queue a run of the job and follow it to its end (a progress bar on a terminal): the run, and
+    whether it was followed to its end.  SIGTERM or ^C: a run of this process's scheduler is stopped,
+    recorded as interrupted, and the command ends as an interrupt (KeyboardInterrupt); the service's
+    goes on there, and only the following stops (the run as it is then, False)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with connect(args) as sched:
             try:
@@ -190,15 +226,21 @@ async def _run_and_follow(args: argparse.Namespace) -> dict[str, Any]:
             except KeyError:
                 names = ", ".join(j["name"] for j in sched.jobs()) or "none"
                 raise NotFound(f"no job named {args.job!r} in {args.config}", hint=f"jobs: {names}") from None
+            abort = getattr(sched, "abort", None)  # a local scheduler: the run stops with us
             stopped: list[int] = []
             async with trio.open_nursery() as nursery:
 
                 async def on_signal() -> None:
                     async for sig in signals:
                         stopped.append(sig)
-                        stderr.print("stopping the job ...", markup=False)
-                        abort = getattr(sched, "abort", None)  # a local scheduler: the run stops with us
-                        if abort is not None:
+                        if abort is None:
+                            stderr.print(
+                                f"stopped following run {run_id} of job {args.job}; it goes on in the "
+                                f"service: see 'vmrecover job history {args.job}'",
+                                markup=False,
+                            )
+                        else:
+                            stderr.print("stopping the job ...", markup=False)
                             abort(f"{signal.Signals(sig).name} to vmrecover job run", resume=False)
                         nursery.cancel_scope.cancel()
                         return
@@ -206,8 +248,8 @@ async def _run_and_follow(args: argparse.Namespace) -> dict[str, Any]:
                 nursery.start_soon(on_signal)
                 await _follow(sched, run_id, not args.json)
                 nursery.cancel_scope.cancel()
-            if not stopped:
-                return sched.run(run_id)
+            if not stopped or abort is None:
+                return sched.run(run_id), not stopped
     raise KeyboardInterrupt  # the end of connect's block aborted the run, recorded as interrupted
 
 

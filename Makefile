@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.  Both run `make setup`
 # first, which installs what is missing (apt packages, .venv/) and is a no-op when all is there.
-.PHONY: setup demo test lint bench bench-fuse bench-nfs bench-files bench-vmware bench-xen
+.PHONY: setup demo test lint bench bench-fuse bench-nfs bench-files bench-vmware bench-xen bench-service
 
 setup:
 	@scripts/setup.sh
@@ -35,3 +35,7 @@ bench-vmware: setup  # vcsim and its Go build come with setup (the tests use the
 
 bench-xen: setup  # the XAPI simulator of the tests, qemu-nbd from setup
 	.venv/bin/python bench/hypervisor_bench.py --platform xen
+
+bench-service: setup
+	@scripts/setup.sh borgbackup  # borg, for the compression comparison
+	.venv/bin/python bench/service_bench.py

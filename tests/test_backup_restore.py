@@ -41,6 +41,7 @@ def test_full_backup_and_sparse_restore(cli: Cli, tmp_path: Path) -> None:
     assert res["bytes_read"] <= allocated(img) + 2 * CHUNK
     assert res["bytes_read"] < size / 2
     assert disk["zero_chunks"] >= 2 * MiB // CHUNK
+    assert 0 < disk["duration_s"] <= res["duration_s"]  # each disk's time, within the point's
     out = tmp_path / "out.raw"
     r = cli.json("restore", "web", "--to", out)
     assert r["size"] == size and r["point"] == res["point"]

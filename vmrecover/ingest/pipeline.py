@@ -56,6 +56,7 @@ class DiskStats:
     new_bytes: int = 0  # plaintext bytes of chunks that were not yet in the repository
     stored_bytes: int = 0  # bytes those chunks take on disk (compressed, with envelope)
     dedup_chunks: int = 0
+    duration_s: float = 0.0  # reading and storing this disk (the point's own duration adds the commit)
 
 
 @dataclass
@@ -128,6 +129,7 @@ def backup_disk(
     cs = shared.repo.config.chunk_size
     index, todo, mode = plan
     stats = DiskStats(job.name, job.source.size, mode)
+    began = time.monotonic()
     zero = bytes(cs)
     pending: deque[tuple[int, Future[bytes]]] = deque()
     limit = 2 * workers + 2
@@ -150,6 +152,7 @@ def backup_disk(
                 drain(limit)
             progress(length)
         drain(0)
+        stats.duration_s = round(time.monotonic() - began, 3)
     finally:
         for _, fut in pending:
             fut.cancel()

@@ -677,3 +677,31 @@ def test_throttle_keeps_the_rate_saves_at_most_one_second_of_burst_and_stops_on_
     assert sum(slept) < 1.8
     with pytest.raises(ValueError):
         Throttle(0)
+
+
+@pytest.mark.trio
+async def test_a_run_asked_of_a_scheduler_not_running_is_refused_as_unavailable(
+    repo: Repository, tmp_path: Path
+) -> None:
+    from vmrecover.service.core import Unavailable
+
+    cfg = config(repo.root, [image_job("j", random_image(tmp_path / "j.raw", MiB, seed=80), "j")])
+    async with serving(repo, cfg) as sched:
+        pass
+    with pytest.raises(Unavailable, match=r"the scheduler is (stopping|not running)") as e:
+        await sched.run_now("j")
+    assert e.value.http_status == 503 and e.value.hint  # the API answers 503 with the hint
+    with pytest.raises(KeyError):
+        await sched.run_now("ghost")
+
+
+@pytest.mark.trio
+async def test_each_job_keeps_its_latest_runs_only(repo: Repository, tmp_path: Path) -> None:
+    jobs = [image_job("a", random_image(tmp_path / "a.raw", MiB, seed=81), "a"),
+            image_job("b", random_image(tmp_path / "b.raw", MiB, seed=82), "b")]  # fmt: skip
+    async with serving(repo, config(repo.root, jobs, keep_runs=2)) as sched:
+        b = await finished(sched, await sched.run_now("b"))
+        ids = [(await finished(sched, await sched.run_now("a")))["id"] for _ in range(4)]
+        assert [r["id"] for r in sched.history("a")] == ids[:-3:-1]  # the two newest
+        assert [r["id"] for r in sched.history("b")] == [b["id"]]  # another job's are its own
+    assert len(repo.catalog.points("a")) == 4  # the points stay: only the runs' records go

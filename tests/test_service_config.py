@@ -52,6 +52,8 @@ CASES = [  # (text in the example, what it becomes, the error's pattern, the sta
      r"notify\.syslog: syslog destination 'udp://logs:70000' is not one of", "syslog ="),
     ('syslog_on = ["failure", "success"]', 'syslog_on = ["failure", "sucess"]',
      r"notify\.syslog_on\[1\]: Input should be 'failure' or 'success'", "syslog_on ="),
+    ('name = "admin"', 'name = "local"', r"api\.tokens\[0\]\.name: .*'local' names the service's local",
+     'name = "local"'),
     ('bandwidth = "200M"', 'bandwidth = "0"', r"jobs\[0\]\.bandwidth: '0': a bandwidth cap must be more",
      "bandwidth ="),
 ]  # fmt: skip

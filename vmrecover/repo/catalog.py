@@ -510,6 +510,18 @@ class Catalog:
         with self.transaction("job"):
             self.db.execute(f"UPDATE job_runs SET {cols} WHERE id = ?", (*changes.values(), run_id))
 
+    def forget_job_runs(self, job: str, keep: int) -> int:
+        """Forget the finished runs of *job* older than its *keep* newest runs; how many went."""
+        done = tuple(s for s in RUN_STATES if s not in UNFINISHED)
+        marks = ", ".join("?" * len(done))
+        with self.transaction("job"):
+            cur = self.db.execute(
+                f"DELETE FROM job_runs WHERE job = ? AND state IN ({marks}) AND id NOT IN "
+                "(SELECT id FROM job_runs WHERE job = ? ORDER BY id DESC LIMIT ?)",
+                (job, *done, job, keep),
+            )
+            return int(cur.rowcount)
+
     def job_run(self, run_id: int) -> JobRun | None:
         r = self.db.execute(f"SELECT {_RUN_COLUMNS} FROM job_runs WHERE id = ?", (run_id,)).fetchone()
         return None if r is None else _job_run(r)

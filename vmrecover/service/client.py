@@ -89,11 +89,21 @@ class ServiceClient:
         self.hint = hint or f"is the service running? ('vmrecover serve' listens on {path})"
         self.timeout = timeout
 
-    def request(self, method: str, path: str) -> Any:
-        """The JSON answer to *method* ``/api/v1`` *path*; an error answer raised as its VmrecoverError."""
+    @classmethod
+    def of_repository(cls, repo_root: Path, **kw: Any) -> ServiceClient:
+        """A client of the service of the repository at *repo_root* (its local socket)."""
+        return cls(local_socket(repo_root), **kw)
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """The JSON answer to *method* ``/api/v1`` *path* (with *body* as JSON, if given); an error
+        answer raised as its VmrecoverError."""
         conn = _UnixConnection(self.path, self.timeout)
+        headers = {"Accept": "application/json"}
+        raw = None
+        if body is not None:
+            raw, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
         try:
-            conn.request(method, API + path, headers={"Accept": "application/json"})
+            conn.request(method, API + path, body=raw, headers=headers)
             reply = conn.getresponse()
             status, data = reply.status, reply.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -120,12 +130,12 @@ class ServiceClient:
         return result
 
     def history(self, name: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        """The latest runs of job *name*, or of every job the service has configured (merged: the API
-        has no list of all runs, so a job no longer configured is left out) newest first."""
-        names = [name] if name is not None else [j["name"] for j in self.jobs()]
+        """The latest runs of job *name*, or of every job (also those no longer configured), newest
+        first."""
         query = f"?limit={min(limit, MAX_LIMIT)}"
-        runs = [r for n in names for r in self.request("GET", f"/jobs/{_segment(n)}/history{query}")]
-        return sorted(runs, key=lambda r: int(r["id"]), reverse=True)[:limit]
+        path = "/runs" if name is None else f"/jobs/{_segment(name)}/history"
+        runs: list[dict[str, Any]] = self.request("GET", path + query)
+        return runs
 
     async def run_now(self, name: str) -> int:
         try:

@@ -62,6 +62,13 @@ class Token(_Strict):
     role: Literal["admin", "read-only"]
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # of the token; the token itself is never stored
 
+    @field_validator("name")
+    @classmethod
+    def _not_local(cls, v: str) -> str:
+        if v == "local":  # the audit log's name for the local socket's admin (service/auth.py)
+            raise ValueError("'local' names the service's local socket in the audit log: pick another name")
+        return v
+
 
 class Api(_Strict):
     enabled: bool = True
@@ -114,6 +121,7 @@ class Scheduler(_Strict):
     per_datastore: Annotated[int, Field(ge=1)] = 1  # ... and against one datastore / SR
     retries: Annotated[int, Field(ge=0)] = 2  # a failed run is tried again this often ...
     retry_backoff: str | float = "5m"  # ... after this long, doubled each time
+    keep_runs: Annotated[int, Field(ge=1)] = 200  # runs kept in the history of each job (with their logs)
 
     @field_validator("retry_backoff")
     @classmethod

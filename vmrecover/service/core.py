@@ -18,10 +18,19 @@ from typing import Any, Protocol
 
 import trio
 
+from nfs_export.rpc import AllowList
+
+from ..errors import VmrecoverError
 from ..repo.repository import Repository
 from ..vfs.cache import ChunkCache
 from ..vfs.tree import Vfs
 from .config import Config
+
+
+class Unavailable(VmrecoverError):
+    """A part of the service that a request needs is not running, or is stopping (HTTP 503)."""
+
+    http_status = 503
 
 
 class JobScheduler(Protocol):
@@ -62,3 +71,4 @@ class Service:
     limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(16))
     started: float = 0.0  # time.time() at start, for health and metrics
     passphrase: str | None = None  # an encrypted repository's, read from config.repository.passphrase_file
+    nfs_allow: AllowList | None = None  # the NFS export's allow list (grown by recoveries on hypervisors)

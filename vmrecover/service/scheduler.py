@@ -46,13 +46,12 @@ from typing import Any, TypeVar
 import trio
 from croniter import croniter
 
-from ..errors import VmrecoverError
 from ..repo.catalog import UNFINISHED, Catalog, JobRun, parse_iso
 from ..repo.repository import Repository
 from . import config as configuration
 from . import notify
 from .config import Config, Job, parse_duration
-from .core import Service
+from .core import Service, Unavailable
 from .runner import Aborted, Outcome, Placement, RunControl, run_job
 
 log = logging.getLogger("vmrecover.scheduler")
@@ -239,7 +238,7 @@ class Scheduler:
     async def run_now(self, name: str) -> int:
         job = self.config.job(name)
         if self._nursery is None or self._stopping:
-            raise VmrecoverError(
+            raise Unavailable(
                 "the scheduler is not running" if self._nursery is None else "the scheduler is stopping",
                 hint="no new run starts now: try again once the service runs",
             )
@@ -424,6 +423,7 @@ class Scheduler:
             ended = iso(self.now())
             await self._write(self._writer.update_job_run, run.id, state=state, ended=ended, error=error,
                               stats=stats)  # fmt: skip
+            await self._write(self._writer.forget_job_runs, run.job.name, self.config.scheduler.keep_runs)
         log.log(logging.INFO if state == "succeeded" else logging.WARNING, "job %s: run %d %s%s",
                 run.job.name, run.id, state, f": {error}" if error else "")  # fmt: skip
         await self._notify(run.id)

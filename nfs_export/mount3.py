@@ -9,7 +9,7 @@ import stat
 import trio
 
 from .nfs3 import Nfs3, NfsError
-from .rpc import AUTH_SYS, Call, Program, Result
+from .rpc import AUTH_SYS, AllowList, Call, Program, Result
 from .xdr import Packer
 
 PROGRAM, VERSION = 100005, 3
@@ -19,10 +19,10 @@ MNT3ERR_NAMETOOLONG, MNT3ERR_SERVERFAULT = 63, 10006
 
 
 class Mount3:
-    def __init__(self, nfs: Nfs3, export_path: str, groups: list[str]) -> None:
+    def __init__(self, nfs: Nfs3, export_path: str, allow: AllowList) -> None:
         self.nfs = nfs
         self.export_path = "/" + export_path.strip("/")
-        self.groups = groups  # shown by EXPORT: who may mount
+        self.allow = allow  # shown by EXPORT: who may mount
         self.mounts: set[tuple[str, str]] = set()  # (client address, path) for DUMP
 
     def program(self) -> Program:
@@ -96,7 +96,7 @@ class Mount3:
         p = Packer()
         p.bool(True)
         p.string(self.export_path)
-        for g in self.groups:
+        for g in self.allow.strings():
             p.bool(True)
             p.string(g)
         p.bool(False)

@@ -44,7 +44,7 @@ import logging
 import struct
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -69,6 +69,7 @@ REFUSED_RECORD = 1024
 DRAIN_SECONDS, DRAIN_BYTES = 1.0, 4 << 20  # after a refusal: let the reply reach the client
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Observe = Callable[[str, str, float], None]  # (program name, procedure name, seconds it took)
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Buffer = bytes | bytearray | memoryview
 # A procedure's result: its XDR, optionally followed by more buffers sent as they are (READ's data).
@@ -253,6 +254,32 @@ def parse_networks(items: Sequence[str]) -> list[Network]:
     return [ipaddress.ip_network(i, strict=False) for i in items]
 
 
+class AllowList:
+    """Who may talk to the export.  It is read on every new connection, so a running export can be
+    told of more clients (:meth:`grow`, from any thread: the list is replaced, never changed in place):
+    the appliance's service grows it with each hypervisor host a recovery is published to."""
+
+    def __init__(self, items: Sequence[str]) -> None:
+        self.networks: tuple[Network, ...] = tuple(parse_networks(items))
+
+    def __contains__(self, ip: Address) -> bool:
+        return any(ip in net for net in self.networks)
+
+    def __iter__(self) -> Iterator[Network]:
+        return iter(self.networks)
+
+    def strings(self) -> list[str]:
+        return [str(n) for n in self.networks]
+
+    def grow(self, items: Sequence[str]) -> list[str]:
+        """Add the networks of *items* not yet covered; return those added."""
+        new = [n for n in parse_networks(items) if not any(n.subnet_of(o) for o in self.networks
+                                                               if o.version == n.version)]  # fmt: skip
+        if new:
+            self.networks = self.networks + tuple(new)
+        return [str(n) for n in new]
+
+
 def client_address(host: str) -> Address:
     """The client's address as the allow list and the per-address caps see it (an IPv4 client of an
     IPv6 socket is its IPv4 address; a scope id is dropped)."""
@@ -307,7 +334,7 @@ class RpcServer:
         self,
         programs: Sequence[Program],
         *,
-        allow: Sequence[Network],
+        allow: AllowList,
         max_record: int,
         max_inflight: int = 64,
         max_connections: int = 64,
@@ -320,9 +347,11 @@ class RpcServer:
         max_refused: int = 16,
         max_refused_per_address: int = 4,
         refused_timeout: float = 5.0,
+        observe: Observe | None = None,
     ) -> None:
         self.programs = {p.number: p for p in programs}
-        self.allow = list(allow)
+        self.observe = observe  # told of each call answered: (program, procedure, seconds)
+        self.allow = allow
         self.max_record = max_record
         self.max_pending = max_pending
         self.send_timeout = send_timeout
@@ -347,7 +376,7 @@ class RpcServer:
         return self.open[SERVED]
 
     def kind(self, ip: Address, port: int) -> str:
-        if not any(ip in net for net in self.allow):
+        if ip not in self.allow:
             return OUTSIDE
         if self.secure_ports and port >= PRIVILEGED_PORTS:
             return INSECURE
@@ -383,6 +412,7 @@ class RpcServer:
         if handler is None:
             return [accepted(xid, PROC_UNAVAIL).buf]
         call = Call(xid, prog, vers, proc, cred, u, peer)
+        began = time.perf_counter()
         try:
             result = await handler(call)
         except (XdrError, UnicodeError) as exc:
@@ -394,6 +424,8 @@ class RpcServer:
         except Exception:
             log.exception("%s procedure %d failed", program.name, proc, extra={"peer": peer})
             return [accepted(xid, SYSTEM_ERR).buf]
+        if self.observe is not None:
+            self.observe(program.name, handler.__name__, time.perf_counter() - began)
         head = accepted(xid, SUCCESS)
         if isinstance(result, Packer):
             head.buf += result.buf

@@ -23,7 +23,7 @@ import trio
 
 from . import mount3, nfs3, portmap
 from .fs import Filesystem
-from .rpc import PRIVILEGED_PORTS, RpcServer, parse_networks
+from .rpc import PRIVILEGED_PORTS, AllowList, Observe, RpcServer
 
 log = logging.getLogger("nfs_export")
 
@@ -111,23 +111,26 @@ def _warn_unprivileged_ports() -> None:
 
 
 async def serve(
-    fs: Filesystem, config: ExportConfig, *, task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Serve *fs* until cancelled; ``task_status.started`` gets the ports actually bound."""
-    allow = parse_networks(config.allow)
+    fs: Filesystem, config: ExportConfig, *, allow: AllowList | None = None, observe: Observe | None = None,
+    task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
+) -> None:  # fmt: skip
+    """Serve *fs* until cancelled; ``task_status.started`` gets the ports actually bound.  *allow*: an
+    allow list the caller may grow while the export runs (default: ``config.allow``, fixed).  *observe*
+    is told of every call answered (program, procedure, seconds): the service's metrics."""
+    allow = allow if allow is not None else AllowList(config.allow)
     limiter = trio.CapacityLimiter(config.threads)
     nfs = nfs3.Nfs3(
         fs, limiter=limiter, write_verifier=config.write_verifier or boot_verifier(),
         rtmax=config.rtmax, wtmax=config.wtmax,
     )  # fmt: skip
-    mount = mount3.Mount3(nfs, config.path, [str(n) for n in allow])
+    mount = mount3.Mount3(nfs, config.path, allow)
     pmap = portmap.Portmap()
     server = RpcServer(
         [nfs.program(), mount.program(), pmap.program()], allow=allow,
         max_record=config.wtmax + 4096, max_inflight=config.max_inflight,
         max_connections=config.max_connections, max_per_address=config.max_connections_per_client,
         idle_timeout=config.idle_timeout, secure_ports=not config.insecure_ports,
-        open_programs=[portmap.PROGRAM], refused_timeout=config.refused_timeout,
+        open_programs=[portmap.PROGRAM], refused_timeout=config.refused_timeout, observe=observe,
     )  # fmt: skip
     listeners = [await listen(config.listen, config.port)]
     nfs_port = _port(listeners[0])
@@ -151,7 +154,7 @@ async def serve(
     info = Serving(mount.export_path, config.listen, nfs_port, mount_port, pmap_port)
     log.info("serving NFSv3", extra={"export": info.export, "address": config.listen, "nfs_port": nfs_port,
                                      "mount_port": mount_port, "portmap_port": pmap_port,
-                                     "allow": [str(n) for n in allow],
+                                     "allow": allow.strings(),
                                      "privileged_ports_only": not config.insecure_ports,
                                      "idle_timeout": config.idle_timeout})  # fmt: skip
     async with trio.open_nursery() as nursery:

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -284,6 +285,15 @@ class NfsServer:
             os.close(self.lock_fd)
             self.lock_fd = None
         return err or ""
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[socket.socket]:
+    """systemd's notify socket, for a `vmrecover serve` under test (tests/test_service.py: Served)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(tmp_path / "notify.sock"))
+    yield s
+    s.close()
 
 
 @pytest.fixture

@@ -846,7 +846,7 @@ def test_a_slow_call_is_not_an_idle_connection() -> None:
         return Packer()
 
     server = rpc.RpcServer([rpc.Program(0x20000099, 1, "slow", {1: slow})], max_record=4096,
-                           allow=rpc.parse_networks(["127.0.0.1/32"]), idle_timeout=0.3)  # fmt: skip
+                           allow=rpc.AllowList(["127.0.0.1/32"]), idle_timeout=0.3)  # fmt: skip
 
     def client(port: int) -> None:
         with nc.RpcClient(port, timeout=5) as c:
@@ -862,7 +862,7 @@ def test_refused_connections_have_their_own_small_pool() -> None:
     # Must survive: served clients, and the server's slots.  Refused connections (outside the allow
     # list here) are capped per address and in all, apart from the served ones; those over a cap are
     # closed at once, the others after refused_timeout, and none of them delays a served client.
-    server = rpc.RpcServer([], max_record=4096, allow=rpc.parse_networks(["127.0.0.1/32"]),
+    server = rpc.RpcServer([], max_record=4096, allow=rpc.AllowList(["127.0.0.1/32"]),
                            max_refused=3, max_refused_per_address=2, refused_timeout=3.0)  # fmt: skip
 
     def closed_within(s: socket.socket, seconds: float) -> bool:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,14 +86,6 @@ def _python() -> list[str]:
     import sys
 
     return [sys.executable]
-
-
-@pytest.fixture
-def notify(tmp_path: Path) -> Iterator[socket.socket]:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(str(tmp_path / "notify.sock"))
-    yield s
-    s.close()
 
 
 def _nfs(tool: str, url: str) -> bytes:
@@ -227,10 +220,52 @@ def test_the_api_runs_in_the_same_process_over_the_same_model(
                 "POST", "/api/v1/sessions", body=json.dumps({"vm": "vm1", "name": "api-s"}), headers=auth
             )
             assert r.status == 201, r.data
-        mnt = Path(s.record["fuse"])
-        assert sha256_file(mnt / "recover" / "api-s" / "disk.raw") == sha256_file(image)
-        assert [x["name"] for x in cli.json("recover", "list")] == ["api-s"]
+            mnt = Path(s.record["fuse"])
+            assert sha256_file(mnt / "recover" / "api-s" / "disk.raw") == sha256_file(image)
+            assert [x["name"] for x in cli.json("recover", "list")] == ["api-s"]
+            # the export of the same process answers, and /metrics counts its calls by procedure
+            assert _nfs("nfs-cat", s.nfs_url("recover/api-s/disk.raw")) == image.read_bytes()
+            text = pool.request("GET", "/metrics", headers=auth).data.decode()
+            reads = re.search(r'^vmrecover_nfs_call_seconds_count\{procedure="READ"\} (\S+)$', text, re.M)
+            assert reads is not None and float(reads.group(1)) >= 2, text  # 2 MiB in reads of 1 MiB at most
+            assert 'vmrecover_nfs_call_seconds_count{procedure="mount3:MNT"}' in text
     finally:
         err = s.stop()
     assert s.proc.returncode == 0, err
     assert 'token="ops"' in err and "POST" in err  # the mutation is audited with the token's name
+
+
+class ServedApi(Served):
+    """`vmrecover serve` of *cli*'s repository with its API on a free port and an admin token;
+    ``call(method, path, body)`` -> (status, JSON) over verified TLS.  *nfs*: the [nfs] table's lines
+    (default: no NFS)."""
+
+    def __init__(self, cli: Cli, tmp_path: Path, notify: socket.socket, nfs: str = "enabled = false") -> None:
+        import urllib3
+
+        from vmrecover.service import auth, tls
+
+        token = auth.new_token()
+        cfg = tmp_path / "etc" / "vmrecover.toml"
+        cfg.parent.mkdir(exist_ok=True)
+        cfg.write_text(
+            f'[repository]\npath = "{cli.repo}"\ncache_size = "64M"\n\n[api]\nlisten = ["127.0.0.1:0"]\n'
+            f'tokens = [{{ name = "ops", role = "admin", sha256 = "{auth.digest(token)}" }}]\n\n'
+            f"[nfs]\n{nfs}\n"
+        )
+        super().__init__(cli, cfg, notify)
+        [(_, port)] = self.record["api"]
+        self.pool = urllib3.HTTPSConnectionPool(
+            "127.0.0.1", port, ca_certs=str(tls.default_paths(cfg)[0]), cert_reqs="CERT_REQUIRED",
+            retries=False, timeout=300,
+        )  # fmt: skip
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        raw = None if body is None else json.dumps(body).encode()
+        r = self.pool.urlopen(method, path, body=raw, headers=self.headers)
+        return r.status, json.loads(r.data)
+
+    def stop(self) -> str:
+        self.pool.close()
+        return super().stop()

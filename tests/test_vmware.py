@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Cli, assert_clean_error, sha256_file
+from tests.test_service import ServedApi
 from tests.testkit.vmdisks import disk_image, restored_sha
 from vmrecover.errors import ExitCode
 from vmrecover.recovery import exports
@@ -191,9 +192,12 @@ def test_instant_recovery_on_esxi_then_stop_and_migrate(
     assert "vmrecover-test" not in _datastores_of(vsphere)  # nothing of the appliance is left
 
 
-def test_files_back_into_the_running_guest(vc: Cli, vsphere: Any, guest_image: Path, tmp_path: Path) -> None:
-    """files get --into-vm: a file restored from a point lands in the guest with its mode; a wrong
-    guest password and an existing file are clear errors.  Relies on the proxy's guest operations."""
+def test_files_back_into_the_running_guest(
+    vc: Cli, vsphere: Any, guest_image: Path, tmp_path: Path, notify: Any
+) -> None:
+    """files get --into-vm, and the service's API: a file restored from a point lands in the guest with
+    its mode; a wrong guest password and an existing file are clear errors (the password never
+    echoed).  Relies on the proxy's guest operations."""
     vm = vsphere.make_vm("guest-files", [guest_image], power_on=True)
     vsphere.set_guest_credentials(vm, "root", "guest-secret")
     vc.json("backup", f"vmware://{HV}/guest-files")
@@ -209,6 +213,23 @@ def test_files_back_into_the_running_guest(vc: Cli, vsphere: Any, guest_image: P
         res = vc.run(*args, "--json", input="guest-secret\n", check=False)
         assert res.returncode == 6 and "--overwrite" in res.stdout
         vc.run(*args, "--overwrite", input="guest-secret\n")
+
+        served = ServedApi(vc, tmp_path, notify)
+        try:
+            url = "/api/v1/vms/guest-files/points/latest/files/into-vm"
+            body = {"paths": ["/sda2/etc/hostname"], "into": f"vmware://{HV}/guest-files",
+                    "guest_user": "root", "guest_password": "wrong-secret", "guest_dir": "/api"}  # fmt: skip
+            status, doc = served.call("POST", url, body)
+            assert status == 403 and "refused the login" in doc["message"], doc
+            assert "wrong-secret" not in json.dumps(doc)
+            status, doc = served.call("POST", url, body | {"guest_password": "guest-secret"})
+            assert status == 200 and doc["sent"][0]["guest_path"] == "/api/hostname", doc
+            assert (vsphere.guest_root(vm) / "api" / "hostname").read_text() == "vmrecover-guest\n"
+            status, doc = served.call("POST", url, body | {"paths": ["/sda2/../etc/shadow"]})
+            assert status == 400 and "invalid guest path" in doc["message"], doc
+        finally:
+            err = served.stop()
+        assert "guest-secret" not in err and "wrong-secret" not in err  # never in the service's log
     finally:
         vc.run("files", "stop", check=False)
 

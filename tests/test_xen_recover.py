@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Cli, assert_clean_error, sha256_file
+from tests.test_service import ServedApi
 from tests.testkit.guest import read_boot_log
 from tests.testkit.vmdisks import disk_image, restored_sha
 from vmrecover.errors import ExitCode
@@ -218,3 +219,58 @@ def test_stop_that_the_pool_refuses_keeps_the_session_and_force_names_what_is_le
         for pbd in s.xenapi.SR.get_PBDs(sr):
             s.xenapi.PBD.unplug(pbd)
         s.xenapi.SR.forget(sr)
+
+
+def test_under_the_service_recoveries_use_its_export_and_grow_its_allow_list(
+    xc: Cli,
+    xapi: Any,
+    notify: Any,
+    tmp_path: Path,
+) -> None:
+    """With `vmrecover serve` serving NFS on 2049/111, a recovery started through its API publishes the
+    session from the service's own export (no second server; its allow list, which did not hold the
+    pool's hosts, grows while it runs); so does one started with the CLI beside the running service;
+    stopping them leaves the service's export serving."""
+    img = disk_image(tmp_path / "s.raw", 2 * MiB, seed=26)
+    xapi.make_vm("xsvc", [img])
+    xc.json("backup", f"xen://{POOL}/xsvc")
+    # allow: not the pool's hosts (127.0.0.1), which the recoveries must add
+    nfs = 'listen = "127.0.0.1"\nport = 2049\nportmapper = true\nallow = ["10.99.0.0/16"]'
+    served = ServedApi(xc, tmp_path, notify, nfs=nfs)
+    call = served.call
+    try:
+        assert exports.running(xc.repo).by_service  # type: ignore[union-attr]
+        status, doc = call(
+            "POST", "/api/v1/sessions", {"vm": "xsvc", "to": f"xen://{POOL}", "name": "api-ir"}
+        )
+        assert status == 201, doc
+        assert doc["published"]["platform"] == "xen" and _vm(xapi, "api-ir") is not None
+        sr = _sr_of(xapi, srlayout.sr_uuid(*_ids(xc, "api-ir")))
+        assert sr is not None and all(xapi.record("PBD", p)["currently_attached"]
+                                      for p in xapi.record("SR", sr)["PBDs"])  # fmt: skip
+        assert not exports.record_path(xc.repo).exists()  # no `nfs serve` of our own was started
+
+        # the CLI beside the running service: the same export, asked through the service's socket
+        xc.json("recover", "start", "xsvc", "--to", f"xen://{POOL}", "--name", "cli-ir")
+        assert _vm(xapi, "cli-ir") is not None and not exports.record_path(xc.repo).exists()
+        status, doc = call("GET", "/api/v1/sessions")
+        assert {s["name"] for s in doc} == {"api-ir", "cli-ir"}  # one set of sessions
+
+        sr_api, sr_cli = (srlayout.sr_uuid(*_ids(xc, s)) for s in ("api-ir", "cli-ir"))
+        status, doc = call("POST", "/api/v1/sessions/api-ir/migrate", {"to_sr": "Local storage"})
+        assert status == 200 and doc["sr"] == "Local storage", doc
+        status, doc = call("DELETE", "/api/v1/sessions/cli-ir")
+        assert status == 200 and doc["stopped"], doc
+        assert _vm(xapi, "cli-ir") is None and _sr_of(xapi, sr_api) is None is _sr_of(xapi, sr_cli)
+        assert _vm(xapi, "api-ir") is not None  # migrated: it runs on local storage now
+        status, doc = call("GET", "/api/v1/sessions")
+        assert doc == []
+        ex = exports.running(xc.repo)  # still serving: the service's export is never stopped from here
+        assert ex is not None and ex.by_service and served.proc.poll() is None
+        status, doc = call("POST", "/api/v1/nfs/allow", {"allow": ["not-an-address"]})
+        assert status == 400 and "not an address" in doc["message"], doc
+    finally:
+        err = served.stop()
+    assert served.proc.returncode == 0, err
+    assert "the service's NFS export now allows 127.0.0.1/32" in err, err  # the growth is logged
+    assert 'token="local" role=admin client=local method=POST path="/api/v1/nfs/allow" status=200' in err

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, ExitCode
-from ..hypervisors import Registry, require
 from ..repo.keys import PASSPHRASE_ENV, ask_passphrase
 from .common import open_repo, read_secret, repo_path
 from .output import emit_json, human_bytes, stderr, stdout, table
@@ -169,42 +168,21 @@ def _guest_password(args: argparse.Namespace) -> str:
 
 
 def _get_into_vm(args: argparse.Namespace) -> int:
-    import posixpath
-    import shutil
-    import tempfile
-
-    from ..hypervisors.vmware.guest import GuestFiles, Item
-    from ..hypervisors.vmware.session import session
+    from ..hypervisors.vmware.guest import restore_into_vm
 
     if args.tar or not args.guest_user:
         raise BadInput("--into-vm needs --guest-user and cannot be used with --tar")
-    password = _guest_password(args)
-    root = repo_path(args).resolve()
-    registry = Registry(root)
-    hv, vm_ref = registry.target(args.into_vm, vm=True)
-    require(hv, "putting files into a guest", "vmware")
-    with open_repo(args) as repo:  # private scratch space on the repository's disk
-        work = Path(tempfile.mkdtemp(prefix="into-vm-", dir=repo.run_dir()))
-    try:
-        doc = _call(args, {"op": "get", "target": args.target, "paths": args.paths, "to": str(work),
-                           "tar": False, "overwrite": False})  # fmt: skip
-        items = []
-        for w in doc["written"]:
-            guest = w["guest_path"]
-            if args.guest_dir:
-                guest = posixpath.join(args.guest_dir, posixpath.basename(guest.rstrip("/")) or "root")
-            items.append(Item(Path(w["to"]), guest))
-        with session(hv, registry.password(hv)) as vs:
-            sent = GuestFiles(vs, vs.vm(vm_ref), args.guest_user, password).send(
-                items, overwrite=args.overwrite
-            )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    out = {"vm": doc["vm"], "point": doc["point"], "into": args.into_vm, "sent": sent}
+    with open_repo(args):  # the repository's own "not found" error, with its hint
+        pass
+    out = restore_into_vm(
+        repo_path(args).resolve(), args.into_vm, args.target, args.paths, user=args.guest_user,
+        password=_guest_password(args), guest_dir=args.guest_dir, overwrite=args.overwrite,
+        fetch=lambda req: _call(args, req),
+    )  # fmt: skip
     if args.json:
         emit_json(out)
     else:
-        for s in sent:
+        for s in out["sent"]:
             note = "" if s["sent"] else f" (skipped: {s['why']})"
             stdout.print(f"{s['guest_path']} ({s['kind']}) -> {args.into_vm}{note}", markup=False)
     return ExitCode.OK

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput, ExitCode, NotFound, VmrecoverError
-from ..hypervisors import Registry, require
-from ..recovery import qemu_boot, sessions
+from ..errors import BadInput, ExitCode, NotFound
+from ..hypervisors import publishing
+from ..recovery import exports, qemu_boot, sessions
 from ..repo.keys import ask_passphrase
 from ..repo.repository import parse_size
 from ..restore import RESTORE_FORMATS
@@ -106,81 +104,24 @@ def cmd_start(args: argparse.Namespace) -> int:
         )
     with open_repo(args) as repo:
         point = repo.catalog.resolve(args.target)
-        hv = _hypervisor(repo, args.to) if args.to else None
-        if hv is not None and hv.scheme == "xen":
-            if args.host or args.datastore_name:
-                raise BadInput("--host and --datastore-name are vSphere's", hint="a pool needs neither")
-            from ..hypervisors.xen.restore import check_point
-
-            check_point(point)  # before anything is made
-        session = sessions.start(repo, point, args.name)
-        if hv is not None:
-            recovery = _platform(hv.scheme)
-            try:
-                with _session_on(repo, hv) as conn:
-                    extra = {} if hv.scheme == "xen" else {
-                        "host": args.host, "datastore_name": args.datastore_name
-                    }  # fmt: skip
-                    recovery.publish(
-                        repo, conn, session, point, power_on=args.power_on, passphrase=_passphrase(repo),
-                        **extra,
-                    )  # fmt: skip
-            except BaseException:  # nothing of the session stays, on the host or here
-                with contextlib.suppress(Exception):
-                    _unpublish(repo, session)  # (published, then interrupted: undone as by stop)
-                sessions.stop(repo, session.name)
-                raise
+        if args.to:
+            session = publishing.start_on(
+                repo, point, args.to, name=args.name, host=args.host, datastore_name=args.datastore_name,
+                power_on=args.power_on, passphrase=_passphrase(repo),
+            )  # fmt: skip
+        else:
+            session = sessions.start(repo, point, args.name)
         _print_info(args, sessions.info(repo, session), "started")
     return ExitCode.OK
 
 
-def _hypervisor(repo: Any, url: str) -> Any:
-    hv, _ = Registry(repo.root).target(url, vm=False)
-    require(hv, "instant recovery on a hypervisor", "vmware", "xen")
-    return hv
-
-
-def _platform(scheme: str) -> Any:
-    """The instant recovery module of a platform (vmware, xen): published, publish, unpublish, migrate."""
-    if scheme == "xen":
-        from ..hypervisors.xen import recovery
-    else:
-        from ..hypervisors.vmware import recovery  # type: ignore[no-redef]
-    return recovery
-
-
-@contextlib.contextmanager
-def _session_on(repo: Any, hv: Any) -> Iterator[Any]:
-    if hv.scheme == "xen":
-        from ..hypervisors.xen.session import session
-    else:
-        from ..hypervisors.vmware.session import session  # type: ignore[assignment]
-
-    with session(hv, Registry(repo.root).password(hv)) as conn:
-        yield conn
-
-
-def _published(repo: Any, session: Any) -> tuple[Any, Any] | None:
-    """(platform module, target) of a session published on a hypervisor, else None."""
-    doc = sessions.target(repo, session)
-    if doc is None:
-        return None
-    recovery = _platform(str(doc.get("platform")))
-    return recovery, recovery.published(repo, session)
-
-
-def _left(doc: dict[str, Any]) -> str:
-    """What a session published on a hypervisor may have left there (what --force leaves to the admin)."""
-    if doc.get("platform") == "xen":
-        return (f"VM {doc.get('vm_name') or '-'} ({doc.get('vm') or 'not created'}) and SR "
-                f"{doc.get('sr_name')} ({doc.get('sr')}) on {doc.get('hypervisor')}")  # fmt: skip
-    return (f"VM {doc.get('vm')} ({doc.get('vm_name')}) on host {doc.get('host')} of "
-            f"{doc.get('hypervisor')}, datastore {doc.get('datastore')}")  # fmt: skip
-
-
 def _passphrase(repo: Any) -> str | None:
-    """The repository's passphrase for a daemon this command starts (None if not encrypted)."""
-    return ask_passphrase(str(repo.root)) if repo.encrypted else None
+    """The repository's passphrase for a daemon this command starts (None if not encrypted, or if the
+    service's export serves: it needs none from us)."""
+    ex = exports.running(repo.root) if repo.encrypted else None
+    if not repo.encrypted or (ex is not None and ex.by_service):
+        return None
+    return ask_passphrase(str(repo.root))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -196,26 +137,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     with open_repo(args) as repo:
-        session = repo.catalog.session(args.session)
-        try:
-            _unpublish(repo, session)
-        except VmrecoverError as exc:
-            left = _left(sessions.target(repo, session) or {})
-            if not args.force:
-                err = VmrecoverError(
-                    f"cannot undo session {session.name} on its hypervisor: {exc.message}",
-                    hint=f"fix that and stop it again, or --force: drop the session here and remove {left} "
-                    "yourself",
-                )
-                err.exit_code = exc.exit_code
-                raise err from None
-            log.warning(
-                "dropping session %s anyway (--force); left on the hypervisor: %s", session.name, left
-            )
-            from ..hypervisors import publishing
-
-            publishing.forget(repo, session)
-        s = sessions.stop(repo, args.session)
+        s = publishing.stop(repo, args.session, force=args.force)
     if args.json:
         emit_json({"name": s.name, "id": s.id, "stopped": True})
     else:
@@ -224,32 +146,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _migrate_on_hypervisor(args: argparse.Namespace) -> int:
-    platform, option, dest = (
-        ("xen", "--to-sr", args.to_sr) if args.to_sr else ("vmware", "--to-datastore", args.to_datastore)
-    )
     with open_repo(args) as repo:
-        session = repo.catalog.session(args.session)
-        found = _published(repo, session)
-        if found is None or found[1].platform != platform:
-            scheme = {"xen": "xen://POOL", "vmware": "vmware://HYPERVISOR"}[platform]
-            where = "XenServer pool" if platform == "xen" else "vSphere host"
-            raise BadInput(
-                f"session {session.name} does not run on a {where}",
-                hint=f"{option} is for sessions started with --to {scheme}; use --to PATH for a disk image",
-            )
-        recovery, target = found
-        with _session_on(repo, Registry(repo.root).get(target.hypervisor)) as conn:
-            moved = recovery.migrate(repo, conn, session, target, dest)
-        sessions.stop(repo, session.name)
-    doc = {"session": session.name, "vm": target.vm, "vm_name": target.vm_name,
-           "datastore" if platform == "vmware" else "sr": dest, **(moved or {})}  # fmt: skip
+        doc = publishing.migrate_off(repo, args.session, datastore=args.to_datastore, sr=args.to_sr)
     if args.json:
         emit_json(doc)
     else:
-        where = f"datastore {dest}" if platform == "vmware" else f"SR {dest}"
+        where = f"datastore {doc['datastore']}" if "datastore" in doc else f"SR {doc['sr']}"
         stdout.print(
-            f"moved {target.vm_name} to {where} on {target.hypervisor}; session "
-            f"{session.name} ended (the VM no longer needs this appliance)",
+            f"moved {doc['vm_name']} to {where} on {doc['hypervisor']}; session "
+            f"{doc['session']} ended (the VM no longer needs this appliance)",
             markup=False,
         )
     return ExitCode.OK
@@ -280,15 +185,6 @@ def cmd_boot(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"session": session.name, "qemu_exit": code, "argv": argv})
     return ExitCode.OK if code == 0 else code
-
-
-def _unpublish(repo: Any, session: Any) -> None:
-    """Undo what recover start --to did on the hypervisor, if it did anything."""
-    found = _published(repo, session)
-    if found is not None:
-        recovery, target = found
-        with _session_on(repo, Registry(repo.root).get(target.hypervisor)) as conn:
-            recovery.unpublish(repo, conn, session, target)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -20,9 +20,11 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..errors import BadInput, VmrecoverError
 from ..recovery import exports, sessions
-from ..repo.catalog import Session
+from ..repo.catalog import Point, Session
 from ..repo.repository import Repository
+from . import Hypervisor, Registry, require
 
 log = logging.getLogger("vmrecover.recovery")
 
@@ -65,3 +67,134 @@ def forget(repo: Repository, session: Session) -> None:
     if not any(s.id != session.id for s, _ in targets(repo)):
         exports.stop(repo.root)
     sessions.set_target(repo, session, None)
+
+
+# ------------------------------------------------------------------ what the CLI and the API both do
+# ``recover start --to``, ``recover stop`` and ``recover migrate --to-datastore|--to-sr`` of the CLI and
+# the API's sessions routes are these functions: one implementation, whoever asks.
+def platform(scheme: str) -> Any:
+    """The instant recovery module of a platform (vmware, xen): published, publish, unpublish, migrate."""
+    if scheme == "xen":
+        from .xen import recovery
+    else:
+        from .vmware import recovery  # type: ignore[no-redef]
+    return recovery
+
+
+def hypervisor(repo: Repository, url: str) -> Hypervisor:
+    """The registered hypervisor of *url* (``vmware://NAME`` or ``xen://NAME``)."""
+    hv, _ = Registry(repo.root).target(url, vm=False)
+    require(hv, "instant recovery on a hypervisor", "vmware", "xen")
+    return hv
+
+
+@contextlib.contextmanager
+def connect(repo: Repository, hv: Hypervisor) -> Iterator[Any]:
+    """A logged-in session on *hv* (its password from the registry)."""
+    if hv.scheme == "xen":
+        from .xen.session import session
+    else:
+        from .vmware.session import session  # type: ignore[assignment]
+
+    with session(hv, Registry(repo.root).password(hv)) as conn:
+        yield conn
+
+
+def published(repo: Repository, session: Session) -> tuple[Any, Any] | None:
+    """(platform module, target) of a session published on a hypervisor, else None."""
+    doc = sessions.target(repo, session)
+    if doc is None:
+        return None
+    recovery = platform(str(doc.get("platform")))
+    return recovery, recovery.published(repo, session)
+
+
+def left_behind(doc: dict[str, Any]) -> str:
+    """What a session published on a hypervisor may have left there (what --force leaves to the admin)."""
+    if doc.get("platform") == "xen":
+        return (f"VM {doc.get('vm_name') or '-'} ({doc.get('vm') or 'not created'}) and SR "
+                f"{doc.get('sr_name')} ({doc.get('sr')}) on {doc.get('hypervisor')}")  # fmt: skip
+    return (f"VM {doc.get('vm')} ({doc.get('vm_name')}) on host {doc.get('host')} of "
+            f"{doc.get('hypervisor')}, datastore {doc.get('datastore')}")  # fmt: skip
+
+
+def start_on(
+    repo: Repository, point: Point, url: str, *, name: str | None = None, host: str | None = None,
+    datastore_name: str | None = None, power_on: bool = False, passphrase: str | None = None,
+) -> Session:  # fmt: skip
+    """A new recovery session of *point* published on the hypervisor of *url*; nothing of it stays
+    (here or there) if that fails or is interrupted."""
+    hv = hypervisor(repo, url)
+    if hv.scheme == "xen":
+        if host or datastore_name:
+            raise BadInput("--host and --datastore-name are vSphere's", hint="a pool needs neither")
+        from .xen.restore import check_point
+
+        check_point(point)  # before anything is made
+    session = sessions.start(repo, point, name)
+    recovery = platform(hv.scheme)
+    try:
+        with connect(repo, hv) as conn:
+            extra = {} if hv.scheme == "xen" else {"host": host, "datastore_name": datastore_name}
+            recovery.publish(repo, conn, session, point, power_on=power_on, passphrase=passphrase, **extra)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            unpublish(repo, session)  # (published, then interrupted: undone as by stop)
+        sessions.stop(repo, session.name)
+        raise
+    return session
+
+
+def unpublish(repo: Repository, session: Session) -> None:
+    """Undo what :func:`start_on` did on the hypervisor, if it did anything."""
+    found = published(repo, session)
+    if found is not None:
+        recovery, target = found
+        with connect(repo, Registry(repo.root).get(target.hypervisor)) as conn:
+            recovery.unpublish(repo, conn, session, target)
+
+
+def stop(repo: Repository, name: str, *, force: bool = False) -> Session:
+    """End session *name*: undone on its hypervisor first (if published); with *force*, dropped here
+    even if that fails (what is left there is logged)."""
+    session = repo.catalog.session(name)
+    try:
+        unpublish(repo, session)
+    except VmrecoverError as exc:
+        left = left_behind(sessions.target(repo, session) or {})
+        if not force:
+            err = VmrecoverError(
+                f"cannot undo session {session.name} on its hypervisor: {exc.message}",
+                hint=f"fix that and stop it again, or force it (recover stop {name} --force): drop the "
+                f"session here and remove {left} yourself",
+            )
+            err.exit_code = exc.exit_code
+            raise err from None
+        log.warning("dropping session %s anyway (forced); left on the hypervisor: %s", session.name, left)
+        forget(repo, session)
+    return sessions.stop(repo, name)
+
+
+def migrate_off(
+    repo: Repository, name: str, *, datastore: str | None = None, sr: str | None = None
+) -> dict[str, Any]:
+    """Move the VM of session *name* off the appliance (vSphere: to *datastore*; XenServer: to *sr*),
+    then end the session; what was done."""
+    plat, option, dest = ("xen", "--to-sr", sr) if sr else ("vmware", "--to-datastore", datastore)
+    assert dest
+    session = repo.catalog.session(name)
+    found = published(repo, session)
+    if found is None or found[1].platform != plat:
+        scheme = {"xen": "xen://POOL", "vmware": "vmware://HYPERVISOR"}[plat]
+        where = "XenServer pool" if plat == "xen" else "vSphere host"
+        raise BadInput(
+            f"session {session.name} does not run on a {where}",
+            hint=f"{option} is for sessions started with --to {scheme}; use --to PATH for a disk image",
+        )
+    recovery, target = found
+    with connect(repo, Registry(repo.root).get(target.hypervisor)) as conn:
+        moved = recovery.migrate(repo, conn, session, target, dest)
+    sessions.stop(repo, session.name)
+    where = "datastore" if plat == "vmware" else "sr"
+    return {"session": session.name, "platform": plat, "hypervisor": target.hypervisor, "vm": target.vm,
+            "vm_name": target.vm_name, where: dest, **(moved or {})}  # fmt: skip

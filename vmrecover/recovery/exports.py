@@ -1,12 +1,17 @@
-"""The repository's NFS export, run in the background for recoveries on hypervisors.
+"""The repository's NFS export, as recoveries on hypervisors need it.
 
-``recover start --to vmware://...`` needs an NFS server that the hypervisor's host may mount.  Until
-the appliance's service (a later issue) runs one for good, this starts ``vmrecover nfs serve`` as a
-daemon of the repository: the standard ports (NFS 2049, the portmapper on 111, which ESXi's NFS client
-asks for MOUNT), every address of this machine, and an allow list that grows with the hosts that
-mount it (a change restarts the daemon: NFS clients see a short outage and carry on, handles and the
-write verifier survive a restart).  ``run/nfs-export.json`` records it; it stops when the last session
-published on a hypervisor stops.
+``recover start --to vmware://...|xen://...`` needs an NFS server that the hypervisor's hosts may
+mount, on the standard ports (NFS 2049, the portmapper on 111, which ESXi's and XenServer's NFS
+clients ask for MOUNT), and an allow list that grows with the hosts that mount it.
+
+- **The service** (``vmrecover serve``) runs one for good.  When it serves this repository, its export
+  is the one used: its allow list grows while it runs (nothing restarts), directly when the caller is
+  the service itself (a recovery started through its API), else through its local API socket (the
+  CLI).  It is never stopped from here.
+- **Without the service**, this starts ``vmrecover nfs serve`` as a daemon of the repository, on every
+  address of this machine (a change of its allow list restarts it: NFS clients see a short outage and
+  carry on, handles and the write verifier survive a restart).  ``run/nfs-export.json`` records it; it
+  stops when the last session published on a hypervisor stops.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from nfs_export.rpc import AllowList
 
 from ..errors import LockedError, VmrecoverError
 from ..fsutil import write_file
@@ -39,6 +47,7 @@ class Export:
     portmap_port: int | None
     allow: list[str]
     log: str
+    by_service: bool = False  # the service's export: grown, never stopped from here
 
     @property
     def alive(self) -> bool:
@@ -59,7 +68,38 @@ def record_path(repo_root: Path) -> Path:
     return repo_root / "run" / "nfs-export.json"
 
 
+# The export of the service running in this process, by repository: its allow list (service/daemon.py)
+_in_process: dict[Path, AllowList] = {}
+
+
+@contextlib.contextmanager
+def served_here(repo_root: Path, allow: AllowList) -> Iterator[None]:
+    """While the block runs, this process's service serves *repo_root* with *allow*."""
+    key = repo_root.resolve()
+    _in_process[key] = allow
+    try:
+        yield
+    finally:
+        _in_process.pop(key, None)
+
+
+def _service_export(repo_root: Path) -> Export | None:
+    """The export of the service serving *repo_root* (in this process or another), if it serves NFS."""
+    from ..service import daemon
+
+    doc = daemon.running(repo_root)
+    nfs = (doc or {}).get("nfs")
+    if doc is None or not nfs:
+        return None
+    here = _in_process.get(repo_root.resolve())
+    return Export(int(doc["pid"]), nfs["nfs_port"], nfs["mount_port"], nfs.get("portmap_port"),
+                  here.strings() if here else [], "the service's log", by_service=True)  # fmt: skip
+
+
 def running(repo_root: Path) -> Export | None:
+    svc = _service_export(repo_root)
+    if svc is not None:
+        return svc
     try:
         ex = Export(**json.loads(record_path(repo_root).read_text()))
     except (OSError, ValueError, TypeError):
@@ -67,9 +107,33 @@ def running(repo_root: Path) -> Export | None:
     return ex if ex.alive else None
 
 
+def _grow_service(repo_root: Path, ex: Export, allow: list[str]) -> None:
+    if ex.nfs_port != NFS_PORT or ex.portmap_port is None:
+        raise VmrecoverError(
+            f"the service's NFS export runs on port {ex.nfs_port}"
+            + ("" if ex.portmap_port else " without a portmapper")
+            + ": a hypervisor's host mounts port 2049 and asks the portmapper (111) for MOUNT",
+            hint="set [nfs] port = 2049 and portmapper = true in the service's configuration, and restart it",
+        )
+    here = _in_process.get(repo_root.resolve())
+    if here is not None:
+        added = here.grow(allow)
+    else:
+        from ..service.client import ServiceClient
+
+        client = ServiceClient.of_repository(repo_root)
+        added = client.request("POST", "/nfs/allow", {"allow": allow})["added"]
+    if added:
+        log.info("the service's NFS export now allows %s too", ", ".join(added))
+
+
 def ensure(repo_root: Path, allow: list[str], *, passphrase: str | None = None) -> Export:
-    """The export, serving at least *allow* (addresses or networks); started or restarted as needed."""
+    """The export, serving at least *allow* (addresses or networks): the service's (grown), else our
+    daemon's, started or restarted as needed."""
     cur = running(repo_root)
+    if cur is not None and cur.by_service:
+        _grow_service(repo_root, cur, allow)
+        return cur
     if cur is not None and set(allow) <= set(cur.allow):
         return cur
     wanted = sorted(set(allow) | set(cur.allow if cur else []))
@@ -127,6 +191,9 @@ def _start(repo_root: Path, allow: list[str], passphrase: str | None) -> Export:
 
 
 def stop(repo_root: Path, *, wait: float = 30) -> None:
+    """Stop our daemon (not the service's export: it serves for good)."""
+    if _service_export(repo_root) is not None:
+        return
     ex = running(repo_root)
     if ex is not None:
         os.kill(ex.pid, signal.SIGTERM)

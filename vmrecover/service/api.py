@@ -51,11 +51,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..errors import BadInput, ExitCode, Incompatible, LockedError, NotFound, VmrecoverError
+from ..hypervisors import publishing
 from ..recovery import sessions
 from ..repo.catalog import Catalog, check_name
 from ..repo.keys import PASSPHRASE_ENV
@@ -74,7 +75,7 @@ from .auth import (
     send_json,
 )
 from .client import local_socket, unix_address
-from .core import JobScheduler, Service
+from .core import JobScheduler, Service, Unavailable
 from .push_api import push_routes
 
 log = logging.getLogger("vmrecover.api")
@@ -85,6 +86,7 @@ MAX_BODY = 64 * 1024  # bytes of a request body (push ingest's routes will set t
 STREAM_BLOCK = 1 << 20
 PUBLIC = frozenset({f"{API}/health", f"{API}/openapi.json"})
 STATUS = {
+    ExitCode.AUTH: 403,  # credentials given for something else (a guest account) refused: not our token
     ExitCode.NOT_FOUND: 404, ExitCode.BAD_INPUT: 400, ExitCode.USAGE: 400, ExitCode.LOCKED: 409,
     ExitCode.INCOMPATIBLE: 409, ExitCode.NO_SPACE: 507, ExitCode.UNREACHABLE: 502, ExitCode.CERTIFICATE: 502,
 }  # fmt: skip
@@ -93,12 +95,6 @@ MigrateFormat = Literal["raw", "qcow2", "vmdk", "vmdk-stream", "vhd", "vhdx"]  #
 
 
 # ------------------------------------------------------------------------------------------ state
-class Unavailable(VmrecoverError):
-    """A part of the service the request needs is not running (HTTP 503)."""
-
-    http_status = 503
-
-
 class RepoViews:
     """Handles on the service's repository for worker threads: each a shallow copy of it with a
     catalog connection of its own, lent to one call at a time and kept for the next (at most as many
@@ -271,13 +267,55 @@ class SessionStart(_Body):
     vm: str = Field(description="the VM's name in the repository")
     point: str = Field("latest", description="'latest', a point id or prefix, or a prefix of its time")
     name: str | None = Field(None, description="the session's name (default: <vm>-<6 hex>)")
+    to: str | None = Field(
+        None, pattern=r"^(vmware|xen)://[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="run the VM on a registered hypervisor: vmware://NAME (an NFS datastore on a host) or "
+        "xen://NAME (an NFS SR on the pool); none: the session is served by the datastores only",
+    )  # fmt: skip
+    host: str | None = Field(None, max_length=255, description="vmware: the host (default: the first one)")
+    datastore_name: str | None = Field(None, max_length=80, description="vmware: the NFS datastore's name")
+    power_on: bool = Field(False, description="with `to`: power the VM on")
 
 
 class SessionMigrate(_Body):
-    to: str = Field(description="where to write the disk image, an absolute path on the appliance")
+    to: str | None = Field(
+        None, description="write the disk as an image here, an absolute path on the appliance"
+    )
+    to_datastore: str | None = Field(
+        None, max_length=80, description="a session on vSphere: Storage vMotion to this datastore, then end"
+    )  # fmt: skip
+    to_sr: str | None = Field(
+        None, max_length=80, description="a session on a XenServer pool: move its disks to this SR, then end"
+    )  # fmt: skip
     disk: str | None = Field(None, description="the disk (needed when the VM has several)")
     format: MigrateFormat = "qcow2"
     overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> SessionMigrate:
+        if sum(x is not None for x in (self.to, self.to_datastore, self.to_sr)) != 1:
+            raise ValueError("give exactly one of to, to_datastore, to_sr")
+        return self
+
+
+class IntoVm(_Body):
+    paths: list[Annotated[str, Field(max_length=4096)]] = Field(
+        min_length=1, max_length=256, description="guest paths in the point"
+    )
+    into: str = Field(
+        pattern=r"^vmware://[A-Za-z0-9][A-Za-z0-9._-]{0,63}/[^/\x00-\x1f]{1,255}$",
+        description="the running VM: vmware://HYPERVISOR/VM (name or moref)",
+    )
+    guest_user: str = Field(min_length=1, max_length=255, description="a guest account")
+    guest_password: SecretStr = Field(description="its password (never logged or echoed)")
+    guest_dir: str | None = Field(None, max_length=4096, description="put the copies in this guest folder")
+    overwrite: bool = False
+
+
+class NfsAllow(_Body):
+    allow: list[Annotated[str, Field(max_length=64)]] = Field(
+        max_length=64, description="addresses or networks (CIDR) the NFS export must serve from now on"
+    )
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -503,54 +541,73 @@ def _session_routes(app: FastAPI, st: ApiState) -> None:
 
     @app.post(f"{API}/sessions", tags=["recovery sessions"], status_code=201)
     async def start_session(body: SessionStart) -> Response:
-        """Start a recovery session of a restore point (served by the datastores: FUSE, NFS)."""
+        """Start a recovery session of a restore point, served by the datastores (FUSE, NFS); with `to`,
+        also run its VM on a hypervisor from the service's NFS export (as `vmrecover recover start
+        --to`); answers once the VM is there."""
         target = _target(body.vm, body.point)
         name = None if body.name is None else check_name("session", body.name)
 
         def run(repo: Repository) -> dict[str, Any]:
             point = repo.catalog.resolve(target)
-            return sessions.info(repo, sessions.start(repo, point, name)).__dict__
+            if body.to is None:
+                if body.host or body.datastore_name or body.power_on:
+                    raise BadInput("host, datastore_name and power_on go with to", hint="give to as well")
+                session = sessions.start(repo, point, name)
+            else:
+                session = publishing.start_on(
+                    repo, point, body.to, name=name, host=body.host, datastore_name=body.datastore_name,
+                    power_on=body.power_on, passphrase=st.service.passphrase,
+                )  # fmt: skip
+            return sessions.info(repo, session).__dict__
 
         return _json(await st.blocking(run), 201)
 
     @app.delete(f"{API}/sessions/{{name}}", tags=["recovery sessions"])
-    async def stop_session(name: str) -> Response:
-        """Stop a session: its writes are discarded; one running on a hypervisor is undone there first."""
+    async def stop_session(name: str, force: bool = False) -> Response:
+        """Stop a session: its writes are discarded; one running on a hypervisor is undone there first
+        (`force`: dropped here even if that fails)."""
         check_name("session", name)
 
         def run(repo: Repository) -> dict[str, Any]:
-            session = repo.catalog.session(name)
-            if sessions.target(repo, session) is not None:
-                from ..cli.recover_cmds import _unpublish  # how `recover stop` undoes `recover start --to`
-
-                try:
-                    _unpublish(repo, session)
-                except VmrecoverError as exc:
-                    err = VmrecoverError(
-                        f"cannot undo session {name} on its hypervisor: {exc.message}",
-                        hint=f"fix that and stop it again, or 'vmrecover recover stop {name} --force'",
-                    )
-                    err.exit_code = exc.exit_code
-                    raise err from None
-            s = sessions.stop(repo, name)
+            s = publishing.stop(repo, name, force=force)
             return {"name": s.name, "id": s.id, "stopped": True}
 
         return _json(await st.blocking(run))
 
     @app.post(f"{API}/sessions/{{name}}/migrate", tags=["recovery sessions"])
     async def migrate_session(name: str, body: SessionMigrate) -> Response:
-        """Write a session's current disk as a standalone image on the appliance (as `vmrecover recover
-        migrate NAME --to PATH --json`); answers when it is written."""
+        """Move a session off the appliance: its current disk as a standalone image here (`to`), or its
+        VM to production storage on its hypervisor (`to_datastore`, `to_sr`), which ends the session;
+        answers when done."""
         check_name("session", name)
         disk = None if body.disk is None else check_name("disk", body.disk)
-        dest = _destination(body.to)
+        dest = None if body.to is None else _destination(body.to)
 
         def run(repo: Repository) -> dict[str, Any]:
+            if dest is None:
+                return publishing.migrate_off(repo, name, datastore=body.to_datastore, sr=body.to_sr)
             session = repo.catalog.session(name)
             res = sessions.migrate(repo, session, disk, dest, fmt=body.format, overwrite=body.overwrite)
             return dict(res.__dict__)
 
         return _json(await st.blocking(run))
+
+    @app.post(f"{API}/nfs/allow", tags=["recovery sessions"])
+    async def nfs_allow(body: NfsAllow) -> Response:
+        """Let more clients (a hypervisor's hosts) mount the service's NFS export, at once and until the
+        service stops (`vmrecover recover start --to` asks this when the service serves the export)."""
+        allow = st.service.nfs_allow
+        if allow is None:
+            raise Unavailable(
+                "the service does not serve NFS", hint="set [nfs] enabled = true and restart it"
+            )
+        try:
+            added = allow.grow(body.allow)
+        except ValueError as exc:
+            raise BadInput(f"not an address or network: {exc}") from None
+        if added:
+            log.info("the NFS export allows %s from now", ", ".join(added))
+        return _json({"added": added, "allow": allow.strings()})
 
 
 def _job_routes(app: FastAPI, st: ApiState) -> None:
@@ -581,7 +638,12 @@ def _job_routes(app: FastAPI, st: ApiState) -> None:
     async def history(name: str, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Response:
         """The job's latest runs, newest first."""
         sched = st.scheduler()
-        return _json(sched.history(known(name), limit))
+        return _json(sched.history(check_name("job", name), limit))  # (a job no longer configured too)
+
+    @app.get(f"{API}/runs", tags=["jobs"])
+    async def runs(limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Response:
+        """The latest runs of every job (also of jobs no longer configured), newest first."""
+        return _json(st.scheduler().history(None, limit))
 
     @app.get(f"{API}/runs/{{run_id}}", tags=["jobs"])
     async def run(run_id: int) -> Response:
@@ -600,6 +662,23 @@ def _file_routes(app: FastAPI, st: ApiState) -> None:
 
         return request(st.service.repo.root, req, progress=lambda text: log.debug("files: %s", text),
                        on_entries=on_entries, env=st.files_env())  # fmt: skip
+
+    @app.post(f"{files}/into-vm", tags=["single-file restore"])
+    async def into_vm(vm: str, point: str, body: IntoVm) -> Response:
+        """Restore guest files of a point into a running guest through the hypervisor's guest
+        operations (VMware Tools; as `vmrecover files get VM@POINT PATH... --into-vm`): each item sent,
+        or skipped with why (an existing file without `overwrite`)."""
+        from ..hypervisors.vmware.guest import restore_into_vm
+
+        target = _target(vm, point)
+        paths = [_guest_path(p) for p in body.paths]
+        guest_dir = None if body.guest_dir is None else _guest_path(body.guest_dir)
+        doc = await st.thread(lambda: restore_into_vm(
+            st.service.repo.root, body.into, target, paths, user=body.guest_user,
+            password=body.guest_password.get_secret_value(), guest_dir=guest_dir, overwrite=body.overwrite,
+            fetch=call,
+        ))  # fmt: skip
+        return _json(doc)
 
     @app.get(files, tags=["single-file restore"])
     async def list_folder(vm: str, point: str, path: str = "/") -> Response:

@@ -11,8 +11,10 @@ model and chunk cache (core.Service), and runs its parts side by side in one tri
 
 Signals: SIGTERM/SIGINT stop it (the parts are cancelled: the mount is unmounted, the export closed);
 SIGHUP reads the configuration again: a file with an error is refused (logged with its line and key)
-and the running configuration stays; parts whose settings changed are told (the scheduler), the
-listeners keep their addresses until a restart (said in the log).  With systemd (``Type=notify``)
+and the running configuration stays; parts whose settings changed are told (the scheduler; the NFS
+export's allow list grows at once), the listeners keep their addresses until a restart (said in the
+log).  The NFS export's allow list is also grown by recoveries on hypervisors (recovery/exports.py),
+so a host a session is published to may mount it without a restart.  With systemd (``Type=notify``)
 it says READY=1 once everything listens, RELOADING=1/READY=1 around a reload and STOPPING=1.
 
 ``run/service.json`` in the repository records the running service (pid, API addresses and local
@@ -28,19 +30,24 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from nfs_export.rpc import AllowList
+
 from ..errors import AuthError
 from ..fsutil import write_file
+from ..recovery import exports
 from ..repo.repository import Repository, parse_size
 from ..vfs.cache import ChunkCache, limit_malloc_arenas
 from ..vfs.tree import Vfs
 from . import config as configuration
+from . import metrics
 from .core import Service
 
 log = logging.getLogger("vmrecover.service")
@@ -109,7 +116,10 @@ async def run(
     record = service.repo.root / "run" / RECORD
     # Signals are ours from the start: a SIGTERM while the parts start up stops them cleanly too, and
     # a SIGHUP right after READY=1 is a reload, not the default action (death).
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with (
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
+        ExitStack() as stack,
+    ):
         async with trio.open_nursery() as nursery:
 
             async def on_signals() -> None:
@@ -124,7 +134,14 @@ async def run(
 
             nursery.start_soon(on_signals)
             if cfg.nfs.enabled:
-                info = await nursery.start(nfs_serve, service.vfs, _nfs_config(cfg))
+                nfs_config = _nfs_config(cfg)
+                # one allow list, which recoveries on hypervisors grow while the export runs
+                service.nfs_allow = AllowList(nfs_config.allow)
+                stack.enter_context(exports.served_here(service.repo.root, service.nfs_allow))
+                info = await nursery.start(
+                    partial(nfs_serve, allow=service.nfs_allow, observe=metrics.observe_nfs),
+                    service.vfs, nfs_config,
+                )  # fmt: skip
                 serving["nfs"] = asdict(info)
                 log.info("NFS export %s on %s port %d", info.export, info.address, info.nfs_port)
             if cfg.fuse.mountpoint is not None:
@@ -162,7 +179,13 @@ async def reload(service: Service) -> bool:
         sd_notify("READY=1")
         return False
     old = service.config
-    fixed = [k for k in ("repository", "nfs", "fuse") if getattr(old, k) != getattr(new, k)]
+    fixed = [k for k in ("repository", "fuse") if getattr(old, k) != getattr(new, k)]
+    if old.nfs.model_copy(update={"allow": []}) != new.nfs.model_copy(update={"allow": []}):
+        fixed.append("nfs")
+    if service.nfs_allow is not None and (added := service.nfs_allow.grow(new.nfs.allow)):
+        log.info("the NFS export allows %s from now", ", ".join(added))
+    if set(old.nfs.allow) - set(new.nfs.allow):
+        fixed.append("nfs.allow (a network taken out)")
     if old.api.listen != new.api.listen or old.api.tls_cert != new.api.tls_cert:
         fixed.append("api listen/TLS")
     if fixed:

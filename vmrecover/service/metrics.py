@@ -9,8 +9,8 @@ is slow on a big repository, so :class:`ChunkUsage` keeps its result for a while
 
 What only the serving code sees is fed into module-level metrics, added to every exposition:
 
-- ``nfs_calls``: the NFS server observes each call, ``nfs_calls.labels(procedure="READ").observe(s)``
-  (or ``with nfs_calls.labels(procedure="READ").time():``): calls by procedure (``_count``) and latency.
+- ``nfs_calls``: the service's NFS server tells :func:`observe_nfs` of each call answered: calls by
+  procedure (``_count``) and latency.
 - ``api_requests``: requests answered by the API, by method and status (service/api.py counts them).
 """
 
@@ -40,6 +40,15 @@ nfs_calls = Histogram(
     ["procedure"], registry=None,
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )  # fmt: skip
+
+
+def observe_nfs(program: str, procedure: str, seconds: float) -> None:
+    """The NFS server's *observe* (nfs_export/server.py): NFS procedures by their name (READ, GETATTR),
+    MOUNT's and the portmapper's with their program's (mount3:MNT)."""
+    name = procedure.upper() if program == "nfs3" else f"{program}:{procedure.upper()}"
+    nfs_calls.labels(procedure=name).observe(seconds)
+
+
 api_requests = Counter(
     "vmrecover_api_requests", "HTTP API requests answered, by method and status", ["method", "status"],
     registry=None,

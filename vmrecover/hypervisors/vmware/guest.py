@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import logging
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import urllib3
 from pyVmomi import vim
 
-from ...errors import AuthError, BadInput, Unreachable
+from ...errors import AuthError, BadInput, NotFound, Unreachable
 from .session import VSphere, fault_text
 
 log = logging.getLogger("vmrecover.vmware")
@@ -128,3 +129,42 @@ class GuestFiles:
 
 def _when(t: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(t, datetime.UTC)
+
+
+def restore_into_vm(
+    root: Path, url: str, target: str, paths: list[str], *, user: str, password: str,
+    guest_dir: str | None, overwrite: bool, fetch: Callable[[dict[str, Any]], dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    """Copy *paths* of point *target* (VM@POINT) out through the file-restore service (*fetch*: a
+    request to it, as the CLI or the API makes it) into private scratch space of the repository *root*,
+    then into the running guest of *url* (``vmware://HYPERVISOR/VM``) with the guest account *user*
+    (into *guest_dir* if given, else where they were).  What was sent, per item."""
+    import posixpath
+    import shutil
+    import tempfile
+
+    from .. import Registry, require
+    from .session import session
+
+    if not (root / "repo.toml").is_file():
+        raise NotFound(f"no vmrecover repository at {root}", hint="give the repository with --repo")
+    registry = Registry(root)
+    hv, vm_ref = registry.target(url, vm=True)
+    require(hv, "putting files into a guest", "vmware")
+    run = root / "run"  # private scratch space on the repository's disk
+    run.mkdir(mode=0o700, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="into-vm-", dir=run))
+    try:
+        doc = fetch({"op": "get", "target": target, "paths": paths, "to": str(work), "tar": False,
+                     "overwrite": False})  # fmt: skip
+        items = []
+        for w in doc["written"]:
+            guest = w["guest_path"]
+            if guest_dir:
+                guest = posixpath.join(guest_dir, posixpath.basename(guest.rstrip("/")) or "root")
+            items.append(Item(Path(w["to"]), guest))
+        with session(hv, registry.password(hv)) as vs:
+            sent = GuestFiles(vs, vs.vm(vm_ref), user, password).send(items, overwrite=overwrite)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"vm": doc["vm"], "point": doc["point"], "into": url, "sent": sent}

@@ -705,3 +705,32 @@ async def test_each_job_keeps_its_latest_runs_only(repo: Repository, tmp_path: P
         assert [r["id"] for r in sched.history("a")] == ids[:-3:-1]  # the two newest
         assert [r["id"] for r in sched.history("b")] == [b["id"]]  # another job's are its own
     assert len(repo.catalog.points("a")) == 4  # the points stay: only the runs' records go
+
+
+def test_a_jobs_threads_yield_the_cpu_to_the_services_and_give_their_priority_back() -> None:
+    """Backups run as threads of the service: they are nicer than its API/NFS thread (else two backups
+    starve it: bench/service_bench.py), their pool threads inherit that, and the worker thread gets its
+    own priority back for the next call it serves."""
+    import threading
+
+    from vmrecover.service.runner import BACKGROUND_NICE, background_priority
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: dict[str, int] = {}
+
+    def work() -> None:
+        seen["before"] = nice()
+        with background_priority():
+            seen["inside"] = nice()
+            t = threading.Thread(target=lambda: seen.__setitem__("child", nice()))
+            t.start()
+            t.join()
+        seen["after"] = nice()
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen["inside"] == seen["child"] == min(19, seen["before"] + BACKGROUND_NICE)
+    assert seen["after"] == seen["before"] == nice()  # (and this thread was never touched)

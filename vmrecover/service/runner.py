@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -53,6 +54,7 @@ from .hooks import HookFailed, HookResult, hook_env, run_hook
 
 log = logging.getLogger("vmrecover.jobs")
 LOG_LINES = 300  # a run keeps its latest log lines
+BACKGROUND_NICE = 10  # how much nicer a job's threads are than the service's API and NFS thread
 LOCK_POLL = 1.0  # seconds between looks at the writer lock (and at an abort) while waiting for it
 
 
@@ -270,10 +272,36 @@ def handle(repo: Repository, job: Job | None = None) -> Repository:
     return h
 
 
+@contextlib.contextmanager
+def background_priority(nice: int = BACKGROUND_NICE) -> Iterator[None]:
+    """This thread, and the threads it starts meanwhile (they inherit it), at *nice* more than now.
+
+    A job's threads run in the service's process, beside the trio thread that answers the API and
+    serves NFS; the kernel shares the CPUs between threads, so two backups (a reader, compressors,
+    read-ahead each) would leave that one thread a fraction of a CPU, and every API call would wait
+    for it.  Linux sets a nice value per thread: the job's threads yield to the interactive one."""
+    tid = threading.get_native_id()
+    try:
+        old = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, old + nice))
+    except OSError as exc:
+        log.debug("cannot lower the priority of a job's thread: %s", exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:  # the thread goes back to the pool it came from (raising one's priority needs root)
+            os.setpriority(os.PRIO_PROCESS, tid, old)
+        except OSError as exc:
+            log.warning("a worker thread keeps nice %+d after a job: %s", min(19, old + nice), exc)
+
+
 def run_job(repo: Repository, job: Job, control: RunControl, *, vms: list[str] | None = None) -> Outcome:
     """Run *job* once (for a backup job, only the VMs *vms* if given: a retry of those that failed).
-    Blocking; raises only Aborted (and bugs): every failure of the work is in the Outcome."""
-    with control.capture():
+    Blocking; raises only Aborted (and bugs): every failure of the work is in the Outcome.  Its threads
+    run at a lower CPU priority than the service's (:func:`background_priority`)."""
+    with control.capture(), background_priority():
         if job.kind == "gc":
             return _gc(repo, job, control)
         if job.kind == "verify":

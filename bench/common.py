@@ -350,9 +350,9 @@ def failed_command(argv: Sequence[str], rc: int, stdout: str, stderr: str) -> Be
 # --- files -----------------------------------------------------------------------------------------
 
 
-def data_bytes(path: Path) -> int:
-    """Bytes of *path* that are not holes (SEEK_DATA/SEEK_HOLE)."""
-    total = pos = 0
+def data_extents(path: Path) -> Iterator[tuple[int, int]]:
+    """(start, end) of each stretch of *path* that is not a hole (SEEK_DATA/SEEK_HOLE)."""
+    pos = 0
     with open(path, "rb") as f:
         fd, size = f.fileno(), os.fstat(f.fileno()).st_size
         while pos < size:
@@ -361,9 +361,13 @@ def data_bytes(path: Path) -> int:
             except OSError:
                 break
             end = os.lseek(fd, start, os.SEEK_HOLE)
-            total += end - start
+            yield start, end
             pos = end
-    return total
+
+
+def data_bytes(path: Path) -> int:
+    """Bytes of *path* that are not holes."""
+    return sum(end - start for start, end in data_extents(path))
 
 
 def sha256_file(path: Path) -> str:

@@ -83,6 +83,7 @@ from bench.common import (
     borg_create_argv,
     cold_text,
     data_bytes,
+    data_extents,
     environment,
     error_text,
     failed_command,
@@ -313,18 +314,8 @@ class Images:
 
 def data_regions(path: Path, size: int) -> list[int]:
     """Offsets of the 1 MiB regions of *path* that hold data (the image's regions are data or hole)."""
-    out: list[int] = []
-    with open(path, "rb") as f:
-        fd, pos = f.fileno(), 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out += range(start - start % MiB, end, MiB)
-            pos = end
-    return out
+    return [r for start, end in data_extents(path) if start < size
+            for r in range(start - start % MiB, min(end, size), MiB)]  # fmt: skip
 
 
 def marked_copy(src: Path, dst: Path, tag: int, regions: list[int]) -> None:

@@ -238,9 +238,11 @@ def test_the_api_runs_in_the_same_process_over_the_same_model(
 class ServedApi(Served):
     """`vmrecover serve` of *cli*'s repository with its API on a free port and an admin token;
     ``call(method, path, body)`` -> (status, JSON) over verified TLS.  *nfs*: the [nfs] table's lines
-    (default: no NFS)."""
+    (default: no NFS); *tail*: more of the configuration (a [fuse] table)."""
 
-    def __init__(self, cli: Cli, tmp_path: Path, notify: socket.socket, nfs: str = "enabled = false") -> None:
+    def __init__(
+        self, cli: Cli, tmp_path: Path, notify: socket.socket, nfs: str = "enabled = false", tail: str = ""
+    ) -> None:
         import urllib3
 
         from vmrecover.service import auth, tls
@@ -251,7 +253,7 @@ class ServedApi(Served):
         cfg.write_text(
             f'[repository]\npath = "{cli.repo}"\ncache_size = "64M"\n\n[api]\nlisten = ["127.0.0.1:0"]\n'
             f'tokens = [{{ name = "ops", role = "admin", sha256 = "{auth.digest(token)}" }}]\n\n'
-            f"[nfs]\n{nfs}\n"
+            f"[nfs]\n{nfs}\n{tail}"
         )
         super().__init__(cli, cfg, notify)
         [(_, port)] = self.record["api"]
@@ -269,3 +271,49 @@ class ServedApi(Served):
     def stop(self) -> str:
         self.pool.close()
         return super().stop()
+
+
+@needs_fuse
+def test_a_session_runs_under_qemu_on_the_appliance_and_stops_with_it(
+    cli: Cli, tmp_path: Path, notify: socket.socket, guest_image: Path
+) -> None:
+    """POST /sessions with run "qemu": the test guest boots on the appliance from the service's own NFS
+    export (its write lands in the session, not the backup), its console is served, and stopping the
+    session stops qemu; a qemu still running when the service stops is stopped with it."""
+    import time
+
+    cli.json("backup", "--vm", "g", guest_image, "--format", "raw")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    s = ServedApi(cli, tmp_path, notify, tail=f'[fuse]\nmountpoint = "{mnt}"\n')
+    try:
+        for bad in ({"vm": "g", "run": "qemu", "memory": "1T"}, {"vm": "g", "run": "qemu", "to": "xen://p"}):
+            status, doc = s.call("POST", "/api/v1/sessions", bad)
+            assert status == 422, doc
+        status, doc = s.call(
+            "POST", "/api/v1/sessions", {"vm": "g", "name": "q1", "run": "qemu", "memory": "512M"}
+        )
+        assert status == 201 and doc["published"]["platform"] == "qemu", doc
+        pid = doc["published"]["pid"]
+        deadline = time.monotonic() + 240
+        text = ""
+        while "VMRECOVER-GUEST-BOOT n=1" not in text and time.monotonic() < deadline:
+            time.sleep(1)
+            text = s.pool.urlopen("GET", "/api/v1/sessions/q1/console", headers=s.headers).data.decode()
+        assert "VMRECOVER-GUEST-BOOT n=1" in text, text[-2000:]
+        written = next(x for x in cli.json("recover", "list") if x["name"] == "q1")["written"]
+        assert sum(written.values()) > 0  # the guest's boot log went to the session's overlay
+        status, doc = s.call("DELETE", "/api/v1/sessions/q1")
+        assert status == 200 and doc["stopped"], doc
+        assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        status, doc = s.call(
+            "POST", "/api/v1/sessions", {"vm": "g", "name": "q2", "run": "qemu", "memory": "512M"}
+        )
+        assert status == 201, doc
+        pid = doc["published"]["pid"]
+    finally:
+        err = s.stop()
+    assert s.proc.returncode == 0, err
+    assert "session q2: its qemu" in err  # stopped with the service (its disks went with the export)
+    assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert cli.json("verify")["ok"]  # and the backup is as it was

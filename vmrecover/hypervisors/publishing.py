@@ -73,7 +73,12 @@ def forget(repo: Repository, session: Session) -> None:
 # ``recover start --to``, ``recover stop`` and ``recover migrate --to-datastore|--to-sr`` of the CLI and
 # the API's sessions routes are these functions: one implementation, whoever asks.
 def platform(scheme: str) -> Any:
-    """The instant recovery module of a platform (vmware, xen): published, publish, unpublish, migrate."""
+    """The instant recovery module of a platform (vmware, xen; qemu on the appliance): published,
+    publish, unpublish, migrate (not qemu's)."""
+    if scheme == "qemu":
+        from ..recovery import qemu_run
+
+        return qemu_run
     if scheme == "xen":
         from .xen import recovery
     else:
@@ -111,6 +116,8 @@ def published(repo: Repository, session: Session) -> tuple[Any, Any] | None:
 
 def left_behind(doc: dict[str, Any]) -> str:
     """What a session published on a hypervisor may have left there (what --force leaves to the admin)."""
+    if doc.get("platform") == "qemu":
+        return f"its qemu process (pid {doc.get('pid')}) on this appliance"
     if doc.get("platform") == "xen":
         return (f"VM {doc.get('vm_name') or '-'} ({doc.get('vm') or 'not created'}) and SR "
                 f"{doc.get('sr_name')} ({doc.get('sr')}) on {doc.get('hypervisor')}")  # fmt: skip
@@ -148,10 +155,14 @@ def start_on(
 def unpublish(repo: Repository, session: Session) -> None:
     """Undo what :func:`start_on` did on the hypervisor, if it did anything."""
     found = published(repo, session)
-    if found is not None:
-        recovery, target = found
-        with connect(repo, Registry(repo.root).get(target.hypervisor)) as conn:
-            recovery.unpublish(repo, conn, session, target)
+    if found is None:
+        return
+    recovery, target = found
+    if target.platform == "qemu":  # on the appliance: no hypervisor to log in to
+        recovery.unpublish(repo, None, session, target)
+        return
+    with connect(repo, Registry(repo.root).get(target.hypervisor)) as conn:
+        recovery.unpublish(repo, conn, session, target)
 
 
 def stop(repo: Repository, name: str, *, force: bool = False) -> Session:

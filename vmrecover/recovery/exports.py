@@ -115,6 +115,11 @@ def _grow_service(repo_root: Path, ex: Export, allow: list[str]) -> None:
             + ": a hypervisor's host mounts port 2049 and asks the portmapper (111) for MOUNT",
             hint="set [nfs] port = 2049 and portmapper = true in the service's configuration, and restart it",
         )
+    allow_on_service(repo_root, allow)
+
+
+def allow_on_service(repo_root: Path, allow: list[str]) -> None:
+    """Let *allow* mount the export of the service serving *repo_root*, from now on."""
     here = _in_process.get(repo_root.resolve())
     if here is not None:
         added = here.grow(allow)

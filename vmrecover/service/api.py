@@ -57,7 +57,7 @@ from starlette.exceptions import HTTPException
 from .. import __version__
 from ..errors import BadInput, ExitCode, Incompatible, LockedError, NotFound, VmrecoverError
 from ..hypervisors import publishing
-from ..recovery import sessions
+from ..recovery import qemu_run, sessions
 from ..repo.catalog import Catalog, check_name
 from ..repo.keys import PASSPHRASE_ENV
 from ..repo.repository import Repository
@@ -84,6 +84,7 @@ T = TypeVar("T")
 API = "/api/v1"
 MAX_BODY = 64 * 1024  # bytes of a request body (push ingest's routes will set their own limit)
 STREAM_BLOCK = 1 << 20
+CONSOLE_TAIL = 64 * 1024  # bytes of a qemu session's serial console the API returns
 PUBLIC = frozenset({f"{API}/health", f"{API}/openapi.json"})
 STATUS = {
     ExitCode.AUTH: 403,  # credentials given for something else (a guest account) refused: not our token
@@ -275,6 +276,17 @@ class SessionStart(_Body):
     host: str | None = Field(None, max_length=255, description="vmware: the host (default: the first one)")
     datastore_name: str | None = Field(None, max_length=80, description="vmware: the NFS datastore's name")
     power_on: bool = Field(False, description="with `to`: power the VM on")
+    run: Literal["qemu"] | None = Field(
+        None, description="run the VM here, under qemu from the service's NFS export (no network device)"
+    )
+    memory: str = Field("1G", pattern=r"^[1-9][0-9]{0,5}[MG]$", description="with run: the VM's memory")
+    cpus: int = Field(1, ge=1, le=8, description="with run: its vCPUs")
+
+    @model_validator(mode="after")
+    def _one_place(self) -> SessionStart:
+        if self.run is not None and self.to is not None:
+            raise ValueError("give run (here) or to (a hypervisor), not both")
+        return self
 
 
 class SessionMigrate(_Body):
@@ -553,6 +565,12 @@ def _session_routes(app: FastAPI, st: ApiState) -> None:
                 if body.host or body.datastore_name or body.power_on:
                     raise BadInput("host, datastore_name and power_on go with to", hint="give to as well")
                 session = sessions.start(repo, point, name)
+                if body.run == "qemu":
+                    try:
+                        qemu_run.publish(repo, session, point, memory=body.memory, cpus=body.cpus)
+                    except BaseException:
+                        sessions.stop(repo, session.name)
+                        raise
             else:
                 session = publishing.start_on(
                     repo, point, body.to, name=name, host=body.host, datastore_name=body.datastore_name,
@@ -591,6 +609,21 @@ def _session_routes(app: FastAPI, st: ApiState) -> None:
             return dict(res.__dict__)
 
         return _json(await st.blocking(run))
+
+    @app.get(f"{API}/sessions/{{name}}/console", tags=["recovery sessions"])
+    async def console(name: str) -> Response:
+        """The end (at most 64 KiB) of the serial console of a session run under qemu here."""
+        check_name("session", name)
+
+        def run(repo: Repository) -> bytes:
+            target = qemu_run.published(repo, repo.catalog.session(name))
+            if target is None:
+                raise NotFound(f"session {name} does not run under qemu here", hint="start it with run: qemu")
+            with open(target.console, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - CONSOLE_TAIL))
+                return f.read()
+
+        return Response(await st.blocking(run), media_type="text/plain; charset=utf-8")
 
     @app.post(f"{API}/nfs/allow", tags=["recovery sessions"])
     async def nfs_allow(body: NfsAllow) -> Response:

@@ -133,6 +133,7 @@ async def run(
                     return
 
             nursery.start_soon(on_signals)
+            await trio.to_thread.run_sync(stop_vms, service)  # what a killed service left running
             if cfg.nfs.enabled:
                 nfs_config = _nfs_config(cfg)
                 # one allow list, which recoveries on hypervisors grow while the export runs
@@ -165,8 +166,22 @@ async def run(
                 task_status.started(serving)
                 await trio.sleep_forever()
             finally:
+                with trio.CancelScope(shield=True):  # their disks go away with the export
+                    await trio.to_thread.run_sync(stop_vms, service)
                 with suppress(FileNotFoundError):
                     record.unlink()
+
+
+def stop_vms(service: Service) -> None:
+    """(blocking) Stop the sessions' VMs that run under qemu here (recovery/qemu_run.py)."""
+    from ..recovery import qemu_run
+    from .runner import handle
+
+    repo = handle(service.repo)
+    try:
+        qemu_run.stop_all(repo)
+    finally:
+        repo.catalog.close()
 
 
 async def reload(service: Service) -> bool:

@@ -173,7 +173,7 @@ def measure(ctx: BackupContext, args: argparse.Namespace, wd: Path) -> Measureme
     log(f"  {img.holes} hole, {img.text} text, {img.random} random regions in {img.build_s:.1f} s")
 
     # full backups
-    ctx.vmr(["init"], "init", repo=vm_repo)
+    ctx.vmr(["init", "--compression-level", "3"], "init", repo=vm_repo)  # borg's zstd level: matched
     full: list[str | Path] = ["backup", image, "--vm", "bench", "--repo", vm_repo]
     run = timed(ctx, m, "vm_full", "vmrecover full backup", lambda: vm(ctx, full, "vmrecover-full"))
     m.docs["vm_full"] = run.json()

@@ -472,8 +472,8 @@ def recommendation(comp: dict[str, Any]) -> str:
     t, c, s = (one[k] / three[k] if three[k] else 1.0 for k in ("wall_s", "cpu_s", "stored"))
     facts = f"level 1 took {t:.2f}x the time and {c:.2f}x the CPU of level 3 and stored {s:.3f}x as much"
     if t <= 0.9 and 1 - t >= 2 * (s - 1):
-        return f"speed, zstd level 1 ({facts}); the product's default (3) is left as it is"
-    return f"size, zstd level 3, the default ({facts})"
+        return f"speed, zstd level 1, the product's default ({facts})"
+    return f"size, zstd level 3 ({facts}): the product's default (1) should be reconsidered"
 
 
 # --- 3. push vs local ------------------------------------------------------------------------------
@@ -958,8 +958,8 @@ def make_rows(ctx: ServiceContext, doc: dict[str, Any]) -> list[Row]:
     # 3. compression
     base = comp.get("zstd3")
     for key, label in (
-        ("zstd1", "vmrecover zstd,1"),
-        ("zstd3", "vmrecover zstd,3 (default)"),
+        ("zstd1", "vmrecover zstd,1 (default)"),
+        ("zstd3", "vmrecover zstd,3"),
         ("borg_default", "borg defaults (lz4, buzhash)"),
         ("borg_matched", "borg fixed 4 MiB, zstd,3"),
     ):

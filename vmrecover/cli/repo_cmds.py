@@ -9,7 +9,7 @@ from ..errors import ExitCode, NotFound
 from ..repo.gc import gc
 from ..repo.keys import ask_passphrase
 from ..repo.prune import Policy, prune
-from ..repo.repository import Repository, parse_size
+from ..repo.repository import DEFAULT_COMPRESSION_LEVEL, Repository, parse_size
 from ..repo.verify import verify
 from .common import open_repo, repo_path
 from .output import emit_json, human_bytes, progress, stdout, table
@@ -21,7 +21,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "--chunk-size", default="1M", help="chunk size, a power of two from 64K to 64M (default 1M)"
     )
     p.add_argument("--encryption", default="none", choices=["none", "aes-256-gcm"])
-    p.add_argument("--compression-level", type=int, default=3, help="zstd level (default 3)")
+    p.add_argument(
+        "--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
+        help=f"zstd level of new chunks, 1 (fastest) to 22 (default {DEFAULT_COMPRESSION_LEVEL})",
+    )  # fmt: skip
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("list", parents=[common], help="list VMs, or the restore points of one VM")

@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.  Both run `make setup`
 # first, which installs what is missing (apt packages, .venv/) and is a no-op when all is there.
-.PHONY: setup demo test lint bench bench-fuse bench-nfs bench-files bench-vmware bench-xen bench-service
+.PHONY: setup demo test lint bench bench-fuse bench-nfs bench-files bench-vmware bench-xen bench-service appliance appliance-boot-test
 
 setup:
 	@scripts/setup.sh
@@ -39,3 +39,14 @@ bench-xen: setup  # the XAPI simulator of the tests, qemu-nbd from setup
 bench-service: setup
 	@scripts/setup.sh borgbackup  # borg, for the compression comparison
 	.venv/bin/python bench/service_bench.py
+
+# The appliance image (appliance/README.md): dist/vmrecover-appliance-<version>.qcow2.  As root.
+APPLIANCE_HOST_PACKAGES = mmdebstrap grub-pc-bin grub-efi-amd64-bin ovmf mtools dosfstools fdisk \
+	e2fsprogs qemu-utils qemu-system-x86 libguestfs-tools
+appliance: setup
+	@scripts/setup.sh $(APPLIANCE_HOST_PACKAGES)
+	appliance/build.sh
+
+appliance-boot-test: setup  # boots the built image under qemu (TCG) and checks it serves
+	@scripts/setup.sh $(APPLIANCE_HOST_PACKAGES)
+	.venv/bin/python appliance/boot_test.py

@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""Boot test of the appliance image (make appliance-boot-test; as root; not yet part of pytest).
+
+1. Offline, with libguestfs (read-only, TCG): the image has no usable root password in /etc/shadow,
+   no SSH host keys in /etc/ssh, and an empty /etc/machine-id.
+2. Boots it under ``qemu-system-x86_64 -accel tcg -m 4096 -smp 2`` on a throw-away overlay, with a
+   second blank 8 GiB disk and user networking forwarding the API port, BIOS (default) or UEFI
+   (``--uefi``, OVMF); the serial console goes to a log file.
+3. Waits for ``https://127.0.0.1:PORT/api/v1/health`` to answer and times it from power-on (target:
+   at most 90 s under TCG), checks that a call without a token is refused (401).
+4. Shuts the VM down with ACPI (QMP ``system_powerdown``) and waits for qemu to end.
+5. Offline on the overlay: first boot made SSH host keys, the configuration, the root-only admin
+   token, the repository on the second disk (labelled vmrecover-repo) and the banner in /etc/issue.
+6. Prints a table: compressed qcow2 size (target <= 1 GiB), build time, power-on to API, shutdown.
+
+    boot_test.py [--image dist/vmrecover-appliance-VERSION.qcow2] [--uefi] [--timeout 300] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parent.parent
+GiB = 1 << 30
+OVMF = Path("/usr/share/ovmf/OVMF.fd")
+
+
+def default_image() -> Path:
+    version = tomllib.loads((TOP / "pyproject.toml").read_text())["project"]["version"]
+    return TOP / "dist" / f"vmrecover-appliance-{version}.qcow2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def guestfs_open(image: Path, *, fmt: str = "qcow2", extra: Path | None = None):  # type: ignore[no-untyped-def]
+    import guestfs  # python3-guestfs (Debian), seen through the venv's system site-packages
+
+    os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
+    g = guestfs.GuestFS(python_return_dict=True)
+    g.set_backend_settings(["force_tcg"])
+    g.add_drive_opts(str(image), readonly=1, format=fmt)
+    if extra is not None:
+        g.add_drive_opts(str(extra), readonly=1, format="qcow2")
+    g.launch()
+    root = next(d for d, label in g.list_filesystems().items() if label == "ext4"
+                and g.vfs_label(d) == "vmrecover-root")  # fmt: skip
+    g.mount_ro(root, "/")
+    return g
+
+
+class Failed(Exception):
+    pass
+
+
+def check(cond: bool, what: str) -> None:
+    print(f"  {'ok ' if cond else 'FAIL'} {what}")
+    if not cond:
+        raise Failed(what)
+
+
+def offline_image_checks(image: Path) -> None:
+    print(f"offline checks of {image} (libguestfs, TCG)")
+    g = guestfs_open(image)
+    try:
+        shadow = g.cat("/etc/shadow")
+        root_hash = next(line.split(":")[1] for line in shadow.splitlines() if line.startswith("root:"))
+        check(root_hash.startswith(("!", "*")), f"root has no usable password (/etc/shadow field {root_hash!r})")
+        usable = [ln.split(":")[0] for ln in shadow.splitlines() if ln.split(":")[1][:1] not in ("!", "*", "")]
+        check(not usable, f"no account has a usable password {usable or ''}")
+        empty = [ln.split(":")[0] for ln in shadow.splitlines() if ln.split(":")[1] == ""]
+        check(not empty, f"no account has an empty password {empty or ''}")
+        keys = [f for f in g.ls("/etc/ssh") if f.startswith("ssh_host_")]
+        check(not keys, f"no SSH host keys baked in /etc/ssh {keys or ''}")
+        check(g.filesize("/etc/machine-id") == 0, "/etc/machine-id is empty")
+        check(not g.exists("/etc/vmrecover/vmrecover.toml"), "no configuration (made at first boot)")
+        check(not g.exists("/etc/vmrecover/tls"), "no TLS key (made at first boot)")
+    finally:
+        g.close()
+
+
+def offline_overlay_checks(overlay: Path, repo_disk: Path) -> None:
+    print("offline checks of what the first boot made")
+    g = guestfs_open(overlay, extra=repo_disk)
+    try:
+        keys = [f for f in g.ls("/etc/ssh") if f.startswith("ssh_host_")]
+        check(len(keys) >= 6, f"SSH host keys made at first boot ({len(keys)} files)")
+        st = g.statns("/root/vmrecover-admin-token")
+        check(st["st_mode"] & 0o777 == 0o600 and st["st_uid"] == 0, "admin token in /root, mode 0600")
+        check(len(g.cat("/root/vmrecover-admin-token").strip()) >= 32, "admin token is there")
+        conf = g.cat("/etc/vmrecover/vmrecover.toml")
+        check("[[api.tokens]]" in conf and 'name = "admin"' in conf, "configuration has the admin token's SHA-256")
+        check('path = "/srv/vmrecover-repo/repo"' in conf, "repository on the second disk")
+        check("LABEL=vmrecover-repo" in g.cat("/etc/fstab"), "the repository disk is in /etc/fstab")
+        issue = g.cat("/etc/issue")
+        check(bool(re.search(r"SHA-256 ([0-9A-F]{2}:){31}[0-9A-F]{2}", issue)), "/etc/issue has the fingerprint")
+        check("/root/vmrecover-admin-token" in issue and ":8443" in issue, "/etc/issue has the API and token")
+        labels = {d: g.vfs_label(d) for d in g.list_filesystems() if d.startswith("/dev/sdb")}
+        check("vmrecover-repo" in labels.values(), f"second disk formatted with label vmrecover-repo {labels}")
+    finally:
+        g.close()
+
+
+def qmp(path: Path, command: str) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        f = s.makefile("rw")
+        f.readline()  # greeting
+        for cmd in ("qmp_capabilities", command):
+            f.write(json.dumps({"execute": cmd}) + "\n")
+            f.flush()
+            while True:
+                reply = json.loads(f.readline())
+                if "return" in reply or "error" in reply:
+                    break
+            if "error" in reply:
+                raise Failed(f"QMP {cmd}: {reply['error']}")
+
+
+def get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the appliance's self-signed certificate (fingerprint in /etc/issue)
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--image", type=Path, default=default_image())
+    ap.add_argument("--uefi", action="store_true", help="boot with OVMF instead of SeaBIOS")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds from power-on to an answering API")
+    ap.add_argument("--keep", action="store_true", help="keep the overlay, disk and serial log")
+    ap.add_argument("--skip-offline", action="store_true", help="no libguestfs checks (faster)")
+    args = ap.parse_args()
+    image: Path = args.image.resolve()
+    if not image.exists():
+        print(f"boot_test: no image {image}: make appliance", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print("boot_test: run as root (libguestfs reads the kernel; qemu)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="vmrecover-boottest-", dir="/var/tmp"))
+    serial = work / "serial.log"
+    results: dict[str, str] = {}
+    proc = None
+    ok = False
+    try:
+        if not args.skip_offline:
+            offline_image_checks(image)
+        overlay, repo_disk, qmp_sock = work / "overlay.qcow2", work / "repo.qcow2", work / "qmp.sock"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", "qcow2", str(overlay)],
+                       check=True)  # fmt: skip
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(repo_disk), "8G"], check=True)
+        port = free_port()
+        cmd = [
+            "qemu-system-x86_64", "-accel", "tcg", "-m", "4096", "-smp", "2", "-nographic",
+            "-serial", f"file:{serial}", "-monitor", "none", "-qmp", f"unix:{qmp_sock},server=on,wait=off",
+            "-drive", f"file={overlay},format=qcow2,if=virtio",
+            "-drive", f"file={repo_disk},format=qcow2,if=virtio",
+            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:8443", "-device", "virtio-net-pci,netdev=n0",
+        ]  # fmt: skip
+        if args.uefi:
+            cmd += ["-bios", str(OVMF)]
+        print(f"booting ({'UEFI' if args.uefi else 'BIOS'}, TCG, API on 127.0.0.1:{port}, serial {serial})")
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        url = f"https://127.0.0.1:{port}/api/v1"
+        while True:
+            if proc.poll() is not None:
+                raise Failed(f"qemu ended (exit {proc.returncode}) before the API answered")
+            if time.monotonic() - t0 > args.timeout:
+                raise Failed(f"no API after {args.timeout:.0f} s")
+            try:
+                status, body = get(f"{url}/health")
+                if status == 200:
+                    break
+            except (OSError, ssl.SSLError):
+                pass
+            time.sleep(1)
+        boot_s = time.monotonic() - t0
+        results["power-on to API"] = f"{boot_s:.0f} s (target <= 90 s)"
+        print(f"API answered after {boot_s:.1f} s: {body[:200].decode(errors='replace')}")
+        status, _ = get(f"{url}/vms")
+        check(status == 401, f"a call without a token is refused ({status})")
+        status, _ = get(f"{url}/vms", token="0" * 64)
+        check(status == 401, f"a call with a wrong token is refused ({status})")
+        t1 = time.monotonic()
+        qmp(qmp_sock, "system_powerdown")
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            raise Failed("the appliance did not power off within 180 s of ACPI power-down") from None
+        results["ACPI power-down"] = f"{time.monotonic() - t1:.0f} s"
+        check(proc.returncode == 0, f"qemu ended cleanly (exit {proc.returncode})")
+        log = serial.read_text(errors="replace")
+        check("vmrecover-firstboot: done" in log, "first-boot set-up ran")
+        check("reboot: Power down" in log, "the kernel powered down (clean shutdown)")
+        if not args.skip_offline:
+            offline_overlay_checks(overlay, repo_disk)
+        ok = True
+    except Failed as exc:
+        print(f"boot_test: FAILED: {exc}", file=sys.stderr)
+        if serial.exists():
+            print("--- last lines of the serial console ---", file=sys.stderr)
+            print("\n".join(serial.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        size = image.stat().st_size
+        build = image.with_name(image.name + ".build-seconds")
+        print()
+        print(f"  {'image (qcow2, compressed)':<28} {size / 2**20:.0f} MiB (target <= 1024 MiB)")
+        if build.exists():
+            print(f"  {'build time':<28} {build.read_text().strip()} s")
+        for k, v in results.items():
+            print(f"  {k:<28} {v}")
+        if args.keep or not ok:
+            print(f"  {'work files':<28} {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the vmrecover appliance: dist/vmrecover-appliance-<version>.qcow2 (make appliance; as root).
+# Builds the vmrecover appliance: dist/vmrecover-appliance-<version>.qcow2, and from it the .ova and the
+# Vagrant .box (appliance/formats.py) (make appliance; as root).
 #
 # A minimal Debian 12 from Debian's packages (mmdebstrap, into a directory), vmrecover from this
 # checkout in a venv at /opt/vmrecover (a wheel built here; its dependencies from PyPI, pinned to the
@@ -183,9 +184,14 @@ rm -f "$OUT.tmp"
 qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib "$IMG" "$OUT.tmp"
 mv -f "$OUT.tmp" "$OUT"
 rm -f "$IMG" "$ESP"
+step "OVA (ESXi, XenServer) and Vagrant box (libvirt), from the qcow2"
+python3 "$TOP/appliance/formats.py" ova "$OUT" "${OUT%.qcow2}.ova" --version "$VERSION"
+python3 "$TOP/appliance/formats.py" box "$OUT" "${OUT%.qcow2}.box"
 T1=$(date +%s)
 echo "$(( T1 - T0 ))" >"$OUT.build-seconds"
 step "done: $OUT"
 printf '  %-28s %s\n' "image" "$OUT" "virtual size" "$DISK_SIZE" "root filesystem" "${ROOT_MIB} MiB (${used_mib} MiB used)" \
-  "qcow2 (compressed)" "$(( $(stat -c %s "$OUT") / 1048576 )) MiB" "build time" "$(( T1 - T0 )) s" \
+  "qcow2 (compressed)" "$(( $(stat -c %s "$OUT") / 1048576 )) MiB" \
+  "OVA" "$(( $(stat -c %s "${OUT%.qcow2}.ova") / 1048576 )) MiB" \
+  "Vagrant box" "$(( $(stat -c %s "${OUT%.qcow2}.box") / 1048576 )) MiB" "build time" "$(( T1 - T0 )) s" \
   "kernel" "$KVER" "root UUID" "$ROOT_UUID"

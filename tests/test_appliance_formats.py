@@ -116,3 +116,28 @@ def test_the_box_is_a_libvirt_box_of_the_image(image: Path, tmp_path: Path) -> N
         tar.extract("box.img", tmp_path)
     assert sha256_file(tmp_path / "box.img") == sha256_file(image)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_the_vagrantfile_validates_and_makes_the_projects_key_and_token_private(tmp_path: Path) -> None:
+    """`vagrant validate` with Debian's vagrant and vagrant-libvirt, on a copy (the Vagrantfile makes
+    .vagrant/vmrecover/ beside itself): the key and the first admin token it makes are the project's
+    own, readable by its owner only, and reading the file again keeps them."""
+    import shutil
+
+    top = Path(__file__).resolve().parents[1]
+    for name in ("Vagrantfile", "pyproject.toml"):
+        shutil.copy(top / name, tmp_path / name)
+    env = {**os.environ, "VAGRANT_CWD": str(tmp_path), "VAGRANT_HOME": str(tmp_path / "vagrant.d"),
+           "VAGRANT_DEFAULT_PROVIDER": "libvirt", "VAGRANT_CHECKPOINT_DISABLE": "1"}  # fmt: skip
+    res = subprocess.run(["vagrant", "validate"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "validated successfully" in res.stdout, res.stdout + res.stderr
+    state = tmp_path / ".vagrant" / "vmrecover"
+    assert state.stat().st_mode & 0o777 == 0o700
+    token = (state / "admin-token").read_text().strip()
+    assert token.startswith("vmr_") and len(token) > 40
+    assert all((state / f).stat().st_mode & 0o777 == 0o600 for f in ("admin-token", "id_ed25519"))
+    key = (state / "id_ed25519.pub").read_text()
+    subprocess.run(["vagrant", "validate"], env=env, check=True, capture_output=True, timeout=300)
+    assert (state / "admin-token").read_text().strip() == token and (
+        state / "id_ed25519.pub"
+    ).read_text() == key

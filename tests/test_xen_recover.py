@@ -20,7 +20,7 @@ from tests.conftest import Cli, assert_clean_error, sha256_file
 from tests.test_service import ServedApi
 from tests.testkit.guest import read_boot_log
 from tests.testkit.vmdisks import disk_image, restored_sha
-from vmrecover.errors import ExitCode
+from vmrecover.errors import ExitCode, VmrecoverError
 from vmrecover.recovery import exports
 from vmrecover.vfs import srlayout
 
@@ -269,6 +269,11 @@ def test_under_the_service_recoveries_use_its_export_and_grow_its_allow_list(
         assert ex is not None and ex.by_service and served.proc.poll() is None
         status, doc = call("POST", "/api/v1/nfs/allow", {"allow": ["not-an-address"]})
         assert status == 400 and "not an address" in doc["message"], doc
+        # a host the service's loopback-only export cannot serve is refused before anything is made
+        with pytest.raises(
+            VmrecoverError, match=r"listens on 127\.0\.0\.1 only: 10\.5\.5\.5 cannot reach it"
+        ):
+            exports.ensure(xc.repo, ["10.5.5.5"])
     finally:
         err = served.stop()
     assert served.proc.returncode == 0, err

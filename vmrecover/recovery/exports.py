@@ -17,6 +17,7 @@ clients ask for MOUNT), and an allow list that grows with the hosts that mount i
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ class Export:
     allow: list[str]
     log: str
     by_service: bool = False  # the service's export: grown, never stopped from here
+    address: str = "0.0.0.0"  # what it listens on
 
     @property
     def alive(self) -> bool:
@@ -93,7 +95,8 @@ def _service_export(repo_root: Path) -> Export | None:
         return None
     here = _in_process.get(repo_root.resolve())
     return Export(int(doc["pid"]), nfs["nfs_port"], nfs["mount_port"], nfs.get("portmap_port"),
-                  here.strings() if here else [], "the service's log", by_service=True)  # fmt: skip
+                  here.strings() if here else [], "the service's log", by_service=True,
+                  address=str(nfs.get("address", "0.0.0.0")))  # fmt: skip
 
 
 def running(repo_root: Path) -> Export | None:
@@ -114,6 +117,12 @@ def _grow_service(repo_root: Path, ex: Export, allow: list[str]) -> None:
             + ("" if ex.portmap_port else " without a portmapper")
             + ": a hypervisor's host mounts port 2049 and asks the portmapper (111) for MOUNT",
             hint="set [nfs] port = 2049 and portmapper = true in the service's configuration, and restart it",
+        )
+    outside = [a for a in allow if not ipaddress.ip_network(a, strict=False).network_address.is_loopback]
+    if ipaddress.ip_address(ex.address).is_loopback and outside:
+        raise VmrecoverError(
+            f"the service's NFS export listens on {ex.address} only: {', '.join(outside)} cannot reach it",
+            hint='set [nfs] listen = "0.0.0.0" (or an address the hosts reach) and restart the service',
         )
     allow_on_service(repo_root, allow)
 

@@ -42,7 +42,7 @@ bench-service: setup
 
 # The appliance image (appliance/README.md): dist/vmrecover-appliance-<version>.qcow2.  As root.
 APPLIANCE_HOST_PACKAGES = mmdebstrap grub-pc-bin grub-efi-amd64-bin ovmf mtools dosfstools fdisk \
-	e2fsprogs qemu-utils qemu-system-x86 libguestfs-tools
+	e2fsprogs qemu-utils qemu-system-x86 libguestfs-tools genisoimage openssh-client
 appliance: setup
 	@scripts/setup.sh $(APPLIANCE_HOST_PACKAGES)
 	appliance/build.sh
@@ -50,3 +50,4 @@ appliance: setup
 appliance-boot-test: setup  # boots the built image under qemu (TCG) and checks it serves
 	@scripts/setup.sh $(APPLIANCE_HOST_PACKAGES)
 	.venv/bin/python appliance/boot_test.py
+	.venv/bin/python appliance/boot_test.py --seed   # configured by a cloud-init NoCloud seed, as by vagrant up

@@ -13,7 +13,11 @@
    token, the repository on the second disk (labelled vmrecover-repo) and the banner in /etc/issue.
 6. Prints a table: compressed qcow2 size (target <= 1 GiB), build time, power-on to API, shutdown.
 
-    boot_test.py [--image dist/vmrecover-appliance-VERSION.qcow2] [--uefi] [--timeout 300] [--keep]
+With ``--seed``, a cloud-init NoCloud seed (an ISO labelled cidata, as the Vagrantfile makes) gives the
+appliance a host name, root's SSH key and the admin token's SHA-256: the token made here must then be
+accepted by the API (200), the appliance must keep no copy of it, and root must have the key.
+
+    boot_test.py [--image dist/vmrecover-appliance-VERSION.qcow2] [--uefi] [--seed] [--timeout 300] [--keep]
 """
 
 from __future__ import annotations
@@ -82,8 +86,12 @@ def offline_image_checks(image: Path) -> None:
     try:
         shadow = g.cat("/etc/shadow")
         root_hash = next(line.split(":")[1] for line in shadow.splitlines() if line.startswith("root:"))
-        check(root_hash.startswith(("!", "*")), f"root has no usable password (/etc/shadow field {root_hash!r})")
-        usable = [ln.split(":")[0] for ln in shadow.splitlines() if ln.split(":")[1][:1] not in ("!", "*", "")]
+        check(
+            root_hash.startswith(("!", "*")), f"root has no usable password (/etc/shadow field {root_hash!r})"
+        )
+        usable = [
+            ln.split(":")[0] for ln in shadow.splitlines() if ln.split(":")[1][:1] not in ("!", "*", "")
+        ]
         check(not usable, f"no account has a usable password {usable or ''}")
         empty = [ln.split(":")[0] for ln in shadow.splitlines() if ln.split(":")[1] == ""]
         check(not empty, f"no account has an empty password {empty or ''}")
@@ -96,7 +104,31 @@ def offline_image_checks(image: Path) -> None:
         g.close()
 
 
-def offline_overlay_checks(overlay: Path, repo_disk: Path) -> None:
+def make_seed(work: Path) -> tuple[Path, str, str]:
+    """A NoCloud seed ISO with a new token's SHA-256 and SSH key: (iso, token, public key)."""
+    import hashlib
+    import secrets
+
+    token = "vmr_" + secrets.token_urlsafe(32)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(work / "key")], check=True)
+    pub = (work / "key.pub").read_text().strip()
+    seed = work / "seed"
+    seed.mkdir()
+    (seed / "meta-data").write_text("instance-id: boot-test\nlocal-hostname: vmr-boot-test\n")
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    (seed / "user-data").write_text(
+        f"#cloud-config\nssh_authorized_keys:\n  - {pub}\nvmrecover:\n  admin_token_sha256: {digest}\n"
+    )
+    iso = work / "seed.iso"
+    tool = ["genisoimage"] if shutil.which("genisoimage") else ["xorriso", "-as", "mkisofs"]
+    subprocess.run([*tool, "-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock",
+                    str(seed / "user-data"), str(seed / "meta-data")], check=True)  # fmt: skip
+    return iso, token, pub
+
+
+def offline_overlay_checks(
+    overlay: Path, repo_disk: Path, token: str | None = None, pub: str | None = None
+) -> None:
     print("offline checks of what the first boot made")
     g = guestfs_open(overlay, extra=repo_disk)
     try:
@@ -104,16 +136,33 @@ def offline_overlay_checks(overlay: Path, repo_disk: Path) -> None:
         check(len(keys) >= 6, f"SSH host keys made at first boot ({len(keys)} files)")
         st = g.statns("/root/vmrecover-admin-token")
         check(st["st_mode"] & 0o777 == 0o600 and st["st_uid"] == 0, "admin token in /root, mode 0600")
-        check(len(g.cat("/root/vmrecover-admin-token").strip()) >= 32, "admin token is there")
+        if token is None:
+            check(len(g.cat("/root/vmrecover-admin-token").strip()) >= 32, "admin token is there")
+        else:
+            check(
+                "cloud-init" in g.cat("/root/vmrecover-admin-token"), "the seed's token: only a note in /root"
+            )
+            check(token not in g.cat("/etc/vmrecover/vmrecover.toml"), "the token itself is nowhere")
+            check(
+                pub is not None and pub in g.cat("/root/.ssh/authorized_keys"), "root has the seed's SSH key"
+            )
+            check(g.cat("/etc/hostname").strip() == "vmr-boot-test", "the seed's host name")
         conf = g.cat("/etc/vmrecover/vmrecover.toml")
-        check("[[api.tokens]]" in conf and 'name = "admin"' in conf, "configuration has the admin token's SHA-256")
+        check(
+            "[[api.tokens]]" in conf and 'name = "admin"' in conf,
+            "configuration has the admin token's SHA-256",
+        )
         check('path = "/srv/vmrecover-repo/repo"' in conf, "repository on the second disk")
         check("LABEL=vmrecover-repo" in g.cat("/etc/fstab"), "the repository disk is in /etc/fstab")
         issue = g.cat("/etc/issue")
-        check(bool(re.search(r"SHA-256 ([0-9A-F]{2}:){31}[0-9A-F]{2}", issue)), "/etc/issue has the fingerprint")
+        check(
+            bool(re.search(r"SHA-256 ([0-9A-F]{2}:){31}[0-9A-F]{2}", issue)), "/etc/issue has the fingerprint"
+        )
         check("/root/vmrecover-admin-token" in issue and ":8443" in issue, "/etc/issue has the API and token")
         labels = {d: g.vfs_label(d) for d in g.list_filesystems() if d.startswith("/dev/sdb")}
-        check("vmrecover-repo" in labels.values(), f"second disk formatted with label vmrecover-repo {labels}")
+        check(
+            "vmrecover-repo" in labels.values(), f"second disk formatted with label vmrecover-repo {labels}"
+        )
     finally:
         g.close()
 
@@ -156,6 +205,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300, help="seconds from power-on to an answering API")
     ap.add_argument("--keep", action="store_true", help="keep the overlay, disk and serial log")
     ap.add_argument("--skip-offline", action="store_true", help="no libguestfs checks (faster)")
+    ap.add_argument("--seed", action="store_true", help="configure it with a cloud-init NoCloud seed")
     args = ap.parse_args()
     image: Path = args.image.resolve()
     if not image.exists():
@@ -186,6 +236,10 @@ def main() -> int:
         ]  # fmt: skip
         if args.uefi:
             cmd += ["-bios", str(OVMF)]
+        token = pub = None
+        if args.seed:
+            iso, token, pub = make_seed(work)
+            cmd += ["-drive", f"file={iso},format=raw,media=cdrom,readonly=on"]
         print(f"booting ({'UEFI' if args.uefi else 'BIOS'}, TCG, API on 127.0.0.1:{port}, serial {serial})")
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
@@ -209,6 +263,9 @@ def main() -> int:
         check(status == 401, f"a call without a token is refused ({status})")
         status, _ = get(f"{url}/vms", token="0" * 64)
         check(status == 401, f"a call with a wrong token is refused ({status})")
+        if token is not None:
+            status, body = get(f"{url}/vms", token=token)
+            check(status == 200, f"the seed's admin token is accepted ({status} {body[:100]!r})")
         t1 = time.monotonic()
         qmp(qmp_sock, "system_powerdown")
         try:
@@ -221,7 +278,7 @@ def main() -> int:
         check("vmrecover-firstboot: done" in log, "first-boot set-up ran")
         check("reboot: Power down" in log, "the kernel powered down (clean shutdown)")
         if not args.skip_offline:
-            offline_overlay_checks(overlay, repo_disk)
+            offline_overlay_checks(overlay, repo_disk, token, pub)
         ok = True
     except Failed as exc:
         print(f"boot_test: FAILED: {exc}", file=sys.stderr)

@@ -61,6 +61,7 @@ PACKAGES=(
   python3-libnbd qemu-utils qemu-block-extra                        # qemu-img, qemu-nbd, nfs:// (libnfs)
   python3-guestfs libguestfs-xfs                                    # single-file restore
   fuse3 libnfs-utils                                                # FUSE datastore; NFS client tools
+  python3-yaml                                                      # vmrecover-nocloud (cloud-init NoCloud seed)
 )
 
 STAGE=$WORK/rootfs

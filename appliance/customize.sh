@@ -29,6 +29,7 @@ mkdir -p "$ROOT/opt/vmrecover/appliance" "$ROOT/usr/share/doc/vmrecover"
 install -m 0644 "$PIPDIR/vmrecover.toml.in" "$ROOT/opt/vmrecover/appliance/"
 install -m 0644 "$PIPDIR/README.md" "$ROOT/usr/share/doc/vmrecover/README.md"
 install -m 0755 "$PIPDIR/vmrecover-firstboot" "$ROOT/usr/local/sbin/vmrecover-firstboot"
+install -m 0755 "$PIPDIR/vmrecover-nocloud" "$ROOT/usr/local/sbin/vmrecover-nocloud"
 rm -rf "$ROOT/tmp/vmrecover-pip"
 
 echo "customize: systemd units"

@@ -25,7 +25,7 @@ APT_PACKAGES=(
   libguestfs-tools python3-guestfs libguestfs-xfs  # single-file restore: guest filesystems (NTFS via ntfs-3g)
   golang-go golang-github-vmware-govmomi-dev  # tests: VMware's vCenter simulator, built by tests/vsphere/build.py
   systemd                    # tests: systemd-analyze verifies the service's unit (appliance/systemd/)
-  vagrant vagrant-libvirt    # tests: vagrant validate checks the top-level Vagrantfile (libvirt provider)
+  vagrant vagrant-libvirt openssh-client  # tests: vagrant validate checks the top-level Vagrantfile (it makes a key)
   "$@"
 )
 

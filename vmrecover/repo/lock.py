@@ -97,7 +97,7 @@ def describe_holder(fd: int, path: Path | None = None) -> str:
             info = {}
         pid = info.get("pid")
         if holders is None:  # no /proc/locks: believe the record if its process lives
-            if pid is not None and _alive(pid):
+            if pid is not None and pid_alive(pid):
                 return _said(info)
         elif holders:
             said = {p: _record(path.with_name(f"{path.name}.{p}"), p) for p in holders} if path else {}
@@ -110,7 +110,8 @@ def describe_holder(fd: int, path: Path | None = None) -> str:
         time.sleep(0.02)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Does process *pid* exist (one of another user's counts as existing)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

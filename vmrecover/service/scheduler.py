@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 import trio
 from croniter import croniter
 
+from ..repo import lock
 from ..repo.catalog import UNFINISHED, Catalog, JobRun, parse_iso
 from ..repo.repository import Repository
 from . import config as configuration
@@ -81,12 +82,8 @@ def latest_slot(schedule: str, now: datetime) -> datetime:
 
 def _alive(pid: int) -> bool:
     """Does *pid* live, and is it a vmrecover process (not another that got its number since)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not lock.pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return b"vmrecover" in f.read()

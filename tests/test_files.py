@@ -464,3 +464,30 @@ def test_files_mount(frepo: Cli, lvm_image: Any, tmp_path: Path) -> None:
         frepo.run("files", "umount", mine)
         frepo.run("files", "umount", shared)
     assert not os.path.ismount(mine) and not os.path.ismount(shared)
+
+
+def test_stop_running_ends_the_service_asked_or_not(cli: Cli) -> None:
+    """`vmrecover serve` stops the file-restore service it started (systemd waits for its cgroup): one
+    that answers stops when asked; one that cannot (here SIGSTOPped, like one deep in an appliance's
+    start) is terminated with its process group within seconds."""
+    import signal
+
+    from vmrecover.files.service import request, socket_path, stop_running
+
+    def start() -> int:
+        doc = request(cli.repo, {"op": "ping"}, progress=lambda t: None, on_entries=lambda e: None,
+                      env=dict(os.environ))  # fmt: skip
+        return int(doc["pid"])
+
+    assert stop_running(cli.repo) is None  # none runs: nothing to do
+    pid = start()
+    assert os.getpgid(pid) == pid  # its own session, so its qemu goes with it
+    t = time.monotonic()
+    assert stop_running(cli.repo) == pid
+    assert time.monotonic() - t < 8 and not Path(f"/proc/{pid}").exists()
+    assert not socket_path(cli.repo).exists()  # it went its own way: closed and cleaned up
+    pid = start()
+    os.kill(pid, signal.SIGSTOP)
+    t = time.monotonic()
+    assert stop_running(cli.repo, grace=1) == pid
+    assert time.monotonic() - t < 15 and not Path(f"/proc/{pid}").exists()

@@ -27,6 +27,7 @@ import fnmatch
 import json
 import logging
 import os
+import signal
 import socket
 import socketserver
 import stat
@@ -418,6 +419,62 @@ def serve(repo: Repository, *, ready: Callable[[], None], idle: float = IDLE_SEC
             sock.unlink()
 
 
+# The services this process started (request()), kept to be reaped: by stop_running(), or by the next
+# start once they have left on their own (idle).
+_started: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _gone(pid: int) -> bool:
+    """Has process *pid* ended (and, if this process started it, been reaped)?"""
+    from ..repo.lock import pid_alive
+
+    proc = _started.get(pid)
+    if proc is None:
+        return not pid_alive(pid)
+    if proc.poll() is None:
+        return False
+    del _started[pid]
+    return True
+
+
+def stop_running(repo_root: Path, *, grace: float = 10.0) -> int | None:
+    """(blocking) Stop the repository's file-restore service if one runs (for `vmrecover serve`'s stop,
+    whose unit would otherwise wait for it).  Asked first ('stop': it closes its appliances and
+    unmounts its datastore); one still there after *grace* seconds (a request under way, an appliance
+    still starting) is terminated with its process group (its session: it and libguestfs' qemu), and
+    its datastore mount lazily unmounted, which ends that mount's daemon.  Returns its pid, or None
+    if none runs."""
+    s = _connect(repo_root)
+    if s is None:
+        return None
+    with s:
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]  # the kernel's word: the process that listens
+        try:
+            s.settimeout(min(grace, 10.0))
+            s.sendall(json.dumps({"op": "stop"}).encode() + b"\n")
+            s.makefile("rb").readline()
+        except (OSError, ValueError) as exc:  # one that does not answer is stopped below all the same
+            log.warning("the file-restore service (pid %d) did not take 'stop': %s", pid, exc)
+    for sig, wait in ((None, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if sig is not None:
+            log.warning("the file-restore service (pid %d) is still there: %s to it", pid, sig.name)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if os.getpgid(pid) == pid:  # started by request(): its own session, with its qemu
+                    os.killpg(pid, sig)
+                else:  # started by hand in someone's shell: that group is not ours to signal
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _gone(pid):
+            break
+    if sig is not None:
+        subprocess.run(["fusermount3", "-u", "-z", str(run_dir(repo_root) / "mnt")], capture_output=True,
+                       check=False)  # fmt: skip
+    return pid
+
+
 # ------------------------------------------------------------------------------------ the client
 def _connect(repo_root: Path) -> socket.socket | None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -438,13 +495,16 @@ def _connect(repo_root: Path) -> socket.socket | None:
 def _start_service(repo_root: Path, env: dict[str, str]) -> None:
     logfile = private_run_dir(repo_root) / "files.log"
     fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    for pid in list(_started):
+        _gone(pid)  # reaps the ones that left on their own
     with open(fd, "ab") as logf:
-        subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "vmrecover", "files", "serve", "--repo", str(repo_root),
              "--log-level", "info"],  # a line per file copied (how it was read), appliances closed
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
             env=dict(env, VMRECOVER_LOG_FORMAT="json"),
         )  # fmt: skip
+    _started[proc.pid] = proc
 
 
 def request(repo_root: Path, req: dict[str, Any], *, progress: Progress,

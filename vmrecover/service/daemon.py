@@ -168,8 +168,19 @@ async def run(
             finally:
                 with trio.CancelScope(shield=True):  # their disks go away with the export
                     await trio.to_thread.run_sync(stop_vms, service)
+                    await trio.to_thread.run_sync(stop_files_service, service)
                 with suppress(FileNotFoundError):
                     record.unlink()
+
+
+def stop_files_service(service: Service) -> None:
+    """(blocking) Stop the file-restore service the API started (files/service.py), with its
+    appliances and datastore mount: it is in the unit's cgroup, which systemd waits to be empty."""
+    from ..files.service import stop_running
+
+    pid = stop_running(service.repo.root)
+    if pid is not None:
+        log.info("stopped the file-restore service (pid %d)", pid)
 
 
 def stop_vms(service: Service) -> None:

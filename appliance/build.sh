@@ -100,7 +100,7 @@ git ls-files -z --cached --others --exclude-standard | tar -c --null -T - --igno
 "$TOP/.venv/bin/pip" wheel -q --no-deps --no-build-isolation -w "$PIPDIR" "$SRC"
 # Pin what PyPI gives to the versions this checkout's tests ran with.
 "$TOP/.venv/bin/pip" freeze --local --exclude-editable | grep -v '^-e ' >"$PIPDIR/constraints.txt"
-cp appliance/firstboot/* README.md "$PIPDIR/"
+cp appliance/firstboot/* appliance/sbin/* README.md "$PIPDIR/"
 
 # --- 2. the root filesystem ----------------------------------------------------------------------
 if [ "$REUSE_ROOTFS" = 1 ] && [ -d "$STAGE/usr" ]; then
@@ -190,6 +190,10 @@ python3 "$TOP/appliance/formats.py" ova "$OUT" "${OUT%.qcow2}.ova" --version "$V
 python3 "$TOP/appliance/formats.py" box "$OUT" "${OUT%.qcow2}.box"
 T1=$(date +%s)
 echo "$(( T1 - T0 ))" >"$OUT.build-seconds"
+# What it was built from: the commit, "-dirty" when the checkout had changes (tests/test_appliance.py
+# re-uses an image only when this is the clean HEAD).
+dirty=$(git status --porcelain --untracked-files=no | head -c1)
+echo "$COMMIT${dirty:+-dirty}" >"$OUT.source"
 step "done: $OUT"
 printf '  %-28s %s\n' "image" "$OUT" "virtual size" "$DISK_SIZE" "root filesystem" "${ROOT_MIB} MiB (${used_mib} MiB used)" \
   "qcow2 (compressed)" "$(( $(stat -c %s "$OUT") / 1048576 )) MiB" \

@@ -23,13 +23,14 @@ cp /etc/ssl/certs/ca-certificates.crt "$ROOT/tmp/vmrecover-pip/host-ca.crt"
 in_root /opt/vmrecover/bin/pip install -q --no-cache-dir --disable-pip-version-check \
   --cert /tmp/vmrecover-pip/host-ca.crt \
   -c /tmp/vmrecover-pip/constraints.txt "/tmp/vmrecover-pip/$(basename "$PIPDIR"/vmrecover-*.whl)"
-# pip and setuptools stay: `pip install vmrecover-NEW.whl` is how the appliance is upgraded.
+# pip and setuptools stay: vmrecover-upgrade (appliance/sbin/) installs a newer wheel with them.
 ln -sf /opt/vmrecover/bin/vmrecover "$ROOT/usr/local/bin/vmrecover"  # the unit's and the admin's path
 mkdir -p "$ROOT/opt/vmrecover/appliance" "$ROOT/usr/share/doc/vmrecover"
 install -m 0644 "$PIPDIR/vmrecover.toml.in" "$ROOT/opt/vmrecover/appliance/"
 install -m 0644 "$PIPDIR/README.md" "$ROOT/usr/share/doc/vmrecover/README.md"
 install -m 0755 "$PIPDIR/vmrecover-firstboot" "$ROOT/usr/local/sbin/vmrecover-firstboot"
 install -m 0755 "$PIPDIR/vmrecover-nocloud" "$ROOT/usr/local/sbin/vmrecover-nocloud"
+install -m 0755 "$PIPDIR/vmrecover-upgrade" "$ROOT/usr/local/sbin/vmrecover-upgrade"  # appliance/README.md
 rm -rf "$ROOT/tmp/vmrecover-pip"
 
 echo "customize: systemd units"

@@ -42,7 +42,8 @@ def setup(image: str, boot_img: bytes, core_img: bytes, part_start: int, part_se
         raise SystemExit(f"core.img ({nsec} sectors) does not fit the BIOS boot partition ({part_sectors})")
     core = bytearray(core_img.ljust(nsec * SECTOR, b"\0"))
     first = SECTOR - BLOCKLIST.size
-    core[first : first + BLOCKLIST.size] = BLOCKLIST.pack(part_start + 1, nsec - 1, KERNEL_SEG + (SECTOR >> 4))
+    entry = BLOCKLIST.pack(part_start + 1, nsec - 1, KERNEL_SEG + (SECTOR >> 4))
+    core[first : first + BLOCKLIST.size] = entry
     core[first - BLOCKLIST.size : first] = bytes(BLOCKLIST.size)  # terminator
     with open(image, "r+b") as f:
         mbr = f.read(SECTOR)

@@ -9,7 +9,7 @@ demo: setup
 	@scripts/demo.sh
 
 lint: setup
-	.venv/bin/ruff check vmrecover nfs_export tests bench
+	.venv/bin/ruff check vmrecover nfs_export tests bench appliance
 
 test: setup lint
 	.venv/bin/python -m pytest -q
@@ -40,14 +40,11 @@ bench-service: setup
 	@scripts/setup.sh borgbackup  # borg, for the compression comparison
 	.venv/bin/python bench/service_bench.py
 
-# The appliance image (appliance/README.md): dist/vmrecover-appliance-<version>.qcow2.  As root.
-APPLIANCE_HOST_PACKAGES = mmdebstrap grub-pc-bin grub-efi-amd64-bin ovmf mtools dosfstools fdisk \
-	e2fsprogs qemu-utils qemu-system-x86 libguestfs-tools genisoimage openssh-client
+# The appliance image (appliance/README.md): dist/vmrecover-appliance-<version>.qcow2.  As root.  Its host
+# tools (mmdebstrap, GRUB's images, OVMF, genisoimage...) come with setup: the tests build it too.
 appliance: setup
-	@scripts/setup.sh $(APPLIANCE_HOST_PACKAGES)
 	appliance/build.sh
 
 appliance-boot-test: setup  # boots the built image under qemu (TCG) and checks it serves
-	@scripts/setup.sh $(APPLIANCE_HOST_PACKAGES)
 	.venv/bin/python appliance/boot_test.py
 	.venv/bin/python appliance/boot_test.py --seed   # configured by a cloud-init NoCloud seed, as by vagrant up

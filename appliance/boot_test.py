@@ -198,6 +198,90 @@ def get(url: str, token: str | None = None) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+class Appliance:
+    """One appliance under ``qemu-system-x86_64 -accel tcg`` (2 vCPU, 4 GiB by default), booted and
+    booted again from the same throw-away overlay of *image* and the same blank repository disk in
+    *work*, with user networking: the API on a free host port, and *forwards* (host port -> guest
+    port, e.g. 111 and 2049 for the NFS export, a free one for SSH).  The serial console goes to
+    ``work/serial.log`` (each boot appends), QMP to ``work/qmp.sock``."""
+
+    def __init__(
+        self, image: Path, work: Path, *, uefi: bool = False, seed: Path | None = None,
+        forwards: dict[int, int] | None = None, memory_mib: int = 4096,
+    ) -> None:  # fmt: skip
+        self.image, self.work, self.uefi, self.seed = image, work, uefi, seed
+        self.forwards = {free_port(): 8443, **(forwards or {})}
+        self.port = next(h for h, g in self.forwards.items() if g == 8443)
+        self.url = f"https://127.0.0.1:{self.port}/api/v1"
+        self.memory_mib = memory_mib
+        self.overlay, self.repo_disk = work / "overlay.qcow2", work / "repo.qcow2"
+        self.serial, self.qmp_sock = work / "serial.log", work / "qmp.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.powered_on = 0.0
+
+    def argv(self) -> list[str]:
+        fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in self.forwards.items())
+        cmd = [
+            "qemu-system-x86_64", "-accel", "tcg", "-m", str(self.memory_mib), "-smp", "2", "-nographic",
+            "-chardev", f"file,id=ser0,path={self.serial},append=on", "-serial", "chardev:ser0",
+            "-monitor", "none", "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
+            "-drive", f"file={self.overlay},format=qcow2,if=virtio",
+            "-drive", f"file={self.repo_disk},format=qcow2,if=virtio",
+            "-netdev", f"user,id=n0,{fwd}", "-device", "virtio-net-pci,netdev=n0",
+        ]  # fmt: skip
+        if self.uefi:
+            cmd += ["-bios", str(OVMF)]
+        if self.seed is not None:
+            cmd += ["-drive", f"file={self.seed},format=raw,media=cdrom,readonly=on"]
+        return cmd
+
+    def power_on(self) -> None:
+        if not self.overlay.exists():
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.image), "-F", "qcow2",
+                            str(self.overlay)], check=True)  # fmt: skip
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(self.repo_disk), "8G"], check=True)
+        self.powered_on = time.monotonic()
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL)
+
+    def wait_api(self, timeout: float) -> tuple[float, bytes]:
+        """Seconds from power-on until /health answered 200, and its answer."""
+        assert self.proc is not None
+        while True:
+            if self.proc.poll() is not None:
+                raise Failed(f"qemu ended (exit {self.proc.returncode}) before the API answered")
+            if time.monotonic() - self.powered_on > timeout:
+                raise Failed(f"no API after {timeout:.0f} s")
+            try:
+                status, body = get(f"{self.url}/health")
+                if status == 200:
+                    return time.monotonic() - self.powered_on, body
+            except (OSError, ssl.SSLError):
+                pass
+            time.sleep(1)
+
+    def power_down(self, timeout: float = 180) -> float:
+        """ACPI power-down (QMP system_powerdown); seconds until qemu ended, which must be cleanly."""
+        assert self.proc is not None
+        t = time.monotonic()
+        qmp(self.qmp_sock, "system_powerdown")
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise Failed(f"no power-off within {timeout:.0f} s of ACPI power-down") from None
+        check(self.proc.returncode == 0, f"qemu ended cleanly (exit {self.proc.returncode})")
+        return time.monotonic() - t
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def serial_tail(self, lines: int = 40) -> str:
+        if not self.serial.exists():
+            return ""
+        return "\n".join(self.serial.read_text(errors="replace").splitlines()[-lines:])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", type=Path, default=default_image())
@@ -215,80 +299,41 @@ def main() -> int:
         print("boot_test: run as root (libguestfs reads the kernel; qemu)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="vmrecover-boottest-", dir="/var/tmp"))
-    serial = work / "serial.log"
     results: dict[str, str] = {}
-    proc = None
     ok = False
+    token = pub = iso = None
+    if args.seed:
+        iso, token, pub = make_seed(work)
+    box = Appliance(image, work, uefi=args.uefi, seed=iso)
     try:
         if not args.skip_offline:
             offline_image_checks(image)
-        overlay, repo_disk, qmp_sock = work / "overlay.qcow2", work / "repo.qcow2", work / "qmp.sock"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", "qcow2", str(overlay)],
-                       check=True)  # fmt: skip
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(repo_disk), "8G"], check=True)
-        port = free_port()
-        cmd = [
-            "qemu-system-x86_64", "-accel", "tcg", "-m", "4096", "-smp", "2", "-nographic",
-            "-serial", f"file:{serial}", "-monitor", "none", "-qmp", f"unix:{qmp_sock},server=on,wait=off",
-            "-drive", f"file={overlay},format=qcow2,if=virtio",
-            "-drive", f"file={repo_disk},format=qcow2,if=virtio",
-            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:8443", "-device", "virtio-net-pci,netdev=n0",
-        ]  # fmt: skip
-        if args.uefi:
-            cmd += ["-bios", str(OVMF)]
-        token = pub = None
-        if args.seed:
-            iso, token, pub = make_seed(work)
-            cmd += ["-drive", f"file={iso},format=raw,media=cdrom,readonly=on"]
-        print(f"booting ({'UEFI' if args.uefi else 'BIOS'}, TCG, API on 127.0.0.1:{port}, serial {serial})")
-        t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        url = f"https://127.0.0.1:{port}/api/v1"
-        while True:
-            if proc.poll() is not None:
-                raise Failed(f"qemu ended (exit {proc.returncode}) before the API answered")
-            if time.monotonic() - t0 > args.timeout:
-                raise Failed(f"no API after {args.timeout:.0f} s")
-            try:
-                status, body = get(f"{url}/health")
-                if status == 200:
-                    break
-            except (OSError, ssl.SSLError):
-                pass
-            time.sleep(1)
-        boot_s = time.monotonic() - t0
+        firmware = "UEFI" if args.uefi else "BIOS"
+        print(f"booting ({firmware}, TCG, API on 127.0.0.1:{box.port}, serial {box.serial})")
+        box.power_on()
+        boot_s, body = box.wait_api(args.timeout)
         results["power-on to API"] = f"{boot_s:.0f} s (target <= 90 s)"
         print(f"API answered after {boot_s:.1f} s: {body[:200].decode(errors='replace')}")
-        status, _ = get(f"{url}/vms")
+        status, _ = get(f"{box.url}/vms")
         check(status == 401, f"a call without a token is refused ({status})")
-        status, _ = get(f"{url}/vms", token="0" * 64)
+        status, _ = get(f"{box.url}/vms", token="0" * 64)
         check(status == 401, f"a call with a wrong token is refused ({status})")
         if token is not None:
-            status, body = get(f"{url}/vms", token=token)
+            status, body = get(f"{box.url}/vms", token=token)
             check(status == 200, f"the seed's admin token is accepted ({status} {body[:100]!r})")
-        t1 = time.monotonic()
-        qmp(qmp_sock, "system_powerdown")
-        try:
-            proc.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            raise Failed("the appliance did not power off within 180 s of ACPI power-down") from None
-        results["ACPI power-down"] = f"{time.monotonic() - t1:.0f} s"
-        check(proc.returncode == 0, f"qemu ended cleanly (exit {proc.returncode})")
-        log = serial.read_text(errors="replace")
+        results["ACPI power-down"] = f"{box.power_down():.0f} s"
+        log = box.serial.read_text(errors="replace")
         check("vmrecover-firstboot: done" in log, "first-boot set-up ran")
         check("reboot: Power down" in log, "the kernel powered down (clean shutdown)")
         if not args.skip_offline:
-            offline_overlay_checks(overlay, repo_disk, token, pub)
+            offline_overlay_checks(box.overlay, box.repo_disk, token, pub)
         ok = True
     except Failed as exc:
         print(f"boot_test: FAILED: {exc}", file=sys.stderr)
-        if serial.exists():
-            print("--- last lines of the serial console ---", file=sys.stderr)
-            print("\n".join(serial.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr)
+        print("--- last lines of the serial console ---", file=sys.stderr)
+        print(box.serial_tail(), file=sys.stderr)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        box.kill()
         size = image.stat().st_size
         build = image.with_name(image.name + ".build-seconds")
         print()

@@ -26,6 +26,7 @@ APT_PACKAGES=(
   golang-go golang-github-vmware-govmomi-dev  # tests: VMware's vCenter simulator, built by tests/vsphere/build.py
   systemd                    # tests: systemd-analyze verifies the service's unit (appliance/systemd/)
   vagrant vagrant-libvirt openssh-client  # tests: vagrant validate checks the top-level Vagrantfile (it makes a key)
+  mmdebstrap grub-pc-bin grub-efi-amd64-bin ovmf genisoimage  # tests: build and boot the appliance (appliance/)
   "$@"
 )
 

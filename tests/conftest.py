@@ -445,3 +445,15 @@ def xapi(xapi_session: Any) -> Iterator[Any]:
     xapi_session.reset()
     new = xapi_session.calls("sim-error")[errors:]
     assert not new, f"the XAPI simulator failed (a harness bug): {new}"
+
+
+# --------------------------------------------------------------------------- measured figures
+MEASURED: dict[str, list[str]] = {}  # a section's title -> its lines, printed at the end of the run
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """What slow tests measured (tests/test_appliance.py's timings), whatever the capture mode."""
+    for title, lines in MEASURED.items():
+        terminalreporter.section(title)
+        for line in lines:
+            terminalreporter.line(line)

@@ -16,17 +16,18 @@
 #   3  rest    ext4 root, sized to its content plus room; first boot grows it to the disk
 # The disk's virtual size is APPLIANCE_DISK_SIZE (8G); the qcow2 is compressed.
 #
-# Reproducibility: SOURCE_DATE_EPOCH is the commit's time (mmdebstrap clamps file times to it and
-# makes /etc/machine-id empty; pip's .pyc files are then hash-checked, not time-stamped; the wheel's
-# zip times follow it), the filesystems' UUIDs and hash seed and the GPT's GUIDs come from the commit,
-# and mkfs.ext4 is given E2FSPROGS_FAKE_TIME.  What still differs between two builds of one commit:
+# Reproducibility: SOURCE_DATE_EPOCH is the commit's time (file times newer than it are clamped to it
+# before mkfs; pip's .pyc files are then hash-checked, not time-stamped; the wheel's zip times follow
+# it), the filesystems' UUIDs and hash seed and the GPT's GUIDs come from the commit, and mkfs.ext4 is
+# given E2FSPROGS_FAKE_TIME.  Two builds of one commit were compared file by file (content, mode,
+# owner, time: all the same once times were clamped).  What still differs between two builds:
 #   - newer Debian packages (security updates) and PyPI releases the constraints do not pin
 #     (the constraints are this checkout's .venv: `pip freeze --local`);
 #   - the FAT filesystem's directory-entry times (mtools writes the current time);
 #   - ext4 internals mke2fs randomises despite the fixed UUID/seed (the journal and orphan file
 #     blocks' contents are zero; inode generation numbers are random);
-#   - files some package maintainer scripts write with the build's time (e.g. /var/log/*, which we
-#     empty, and the days-since-epoch fields of /etc/shadow, which follow SOURCE_DATE_EPOCH).
+#   - (none were found in the files themselves: the days-since-epoch fields of /etc/shadow follow
+#     SOURCE_DATE_EPOCH, and /var/log/* is emptied).
 # What must differ and so is not in the image at all: /etc/machine-id (empty: systemd makes one at
 # first boot), SSH host keys (none: first boot makes them), the API's TLS key and certificate, the
 # admin API token, the repository's id (all made at first boot).
@@ -127,6 +128,12 @@ fi
 # mmdebstrap leaves the host's resolv.conf/hostname out again, only what the image should carry stays.
 rm -f "$STAGE"/etc/ssh/ssh_host_*
 : >"$STAGE/etc/machine-id"
+
+# Times: mmdebstrap clamps them only in tarballs; in a directory, what maintainer scripts and the
+# customize hook wrote carries the build's time, and mkfs.ext4 -d copies it.  Clamped here, two
+# builds of one commit have the same files, modes, owners and times (compared: 27517 entries).
+step "file times clamped to SOURCE_DATE_EPOCH"
+find "$STAGE" -xdev -newermt "@$SOURCE_DATE_EPOCH" -exec touch --no-dereference --date="@$SOURCE_DATE_EPOCH" {} +
 
 # --- 3. the disk image ---------------------------------------------------------------------------
 step "disk image"

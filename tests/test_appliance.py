@@ -16,7 +16,7 @@ lock is held).  Then:
    boot marker on the console, its writes in the session, not in the backup;
 5. at the same time a file restore asked through the API (the appliance's libguestfs, nested under
    TCG: it is checked to start on the point's disk, and with VMRECOVER_APPLIANCE_FULL_FILE_RESTORE=1
-   its answer awaited, ~20 min) and a second backup pushed: no swapping, no OOM killer, the
+   its answer awaited, over 20 min) and a second backup pushed: no swapping, no OOM killer, the
    service's memory peak (cgroup, children included) printed;
 6. (also meanwhile) vmrecover-upgrade refuses a damaged wheel and, while a session runs, a good one,
    without changing anything;
@@ -57,7 +57,7 @@ from vmrecover.ingest import push
 TOP = Path(__file__).resolve().parent.parent
 API_BOOT_TARGET_S = 90
 # Single-file restore runs libguestfs' appliance inside the appliance: qemu TCG inside qemu TCG here,
-# where its start takes 15-20 minutes (udev's process storm, each new process's code translated
+# where its start takes over 20 minutes (udev's process storm, each new process's code translated
 # twice).  CI checks that the request starts it on the point's disk; the whole answer is checked when
 # VMRECOVER_APPLIANCE_FULL_FILE_RESTORE=1 (measured in appliance/README.md).
 FULL_FILE_RESTORE = os.environ.get("VMRECOVER_APPLIANCE_FULL_FILE_RESTORE") == "1"
@@ -305,7 +305,7 @@ def test_an_administrators_day_on_the_appliance(booted: Session, guest_image: Pa
             fstatus, content = restoring.result()
             assert fstatus == 200, content
             assert content == guest.INIT_SCRIPT.encode()
-        else:  # the client gave up after 10 s; the appliance's answer would take ~20 min here
+        else:  # the client gave up after 10 s; the appliance's answer takes over 20 min here
             with pytest.raises((TimeoutError, urllib.error.URLError)):
                 restoring.result()
 

@@ -196,3 +196,56 @@ def test_empty_chunk_file_is_not_trusted_for_dedup(tmp_path: Path) -> None:
     assert not store.has(d)
     store.put(d, data)
     assert store.has(d) and store.get(d) == data
+
+
+# ------------------------------------------------------------------------------------ qemu accelerator
+def _fake_qemu(bin_dir: Path, monkeypatch: pytest.MonkeyPatch, script: str, *, kvm_device: bool) -> None:
+    """A qemu-system-x86_64 running *script* first on PATH, /dev/kvm accessible or not, and no verdict
+    remembered."""
+    from vmrecover import qemu
+
+    bin_dir.mkdir()
+    tool = bin_dir / "qemu-system-x86_64"
+    tool.write_text("#!/bin/sh\n" + script)
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(qemu, "_kvm_verdict", None)
+    monkeypatch.delenv("VMRECOVER_ACCEL", raising=False)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: kvm_device if p == "/dev/kvm" else real_access(p, m))
+
+
+def test_kvm_is_used_only_where_a_qemu_with_kvm_really_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    from vmrecover import qemu
+
+    # a qemu that aborts with KVM, as Debian 12's does on some hosts (MSR 0x10a): TCG, and the reason
+    args = tmp_path / "args"
+    aborts = f'echo "$@" > {args}\necho "kvm_buf_set_msrs: Assertion failed" >&2\nexit 134\n'
+    _fake_qemu(tmp_path / "aborts", monkeypatch, aborts, kvm_device=True)
+    assert qemu.accelerator() == "tcg"
+    ok, why = qemu.kvm_works()
+    assert not ok and "exit 134" in why and "kvm_buf_set_msrs" in why
+    assert "-accel kvm -cpu host" in args.read_text() and "-S" in args.read_text().split()
+    args.unlink()
+    assert qemu.accelerator() == "tcg" and not args.exists()  # asked once per process
+
+    # one that starts and quits: KVM; an explicit choice or VMRECOVER_ACCEL wins over the probe
+    _fake_qemu(tmp_path / "starts", monkeypatch, "cat >/dev/null\nexit 0\n", kvm_device=True)
+    assert qemu.accelerator() == "kvm" and qemu.accelerator("tcg") == "tcg"
+    monkeypatch.setenv("VMRECOVER_ACCEL", "tcg")
+    assert qemu.accelerator() == "tcg" and qemu.accelerator("kvm") == "kvm"
+    with pytest.raises(BadInput, match="unknown qemu accelerator 'hax'"):
+        qemu.accelerator("hax")
+
+
+def test_no_kvm_device_means_tcg_without_starting_qemu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    from vmrecover import qemu
+
+    ran = tmp_path / "ran"
+    _fake_qemu(tmp_path / "bin", monkeypatch, f"touch {ran}\nexit 0\n", kvm_device=False)
+    assert qemu.accelerator() == "tcg"
+    assert "/dev/kvm" in qemu.kvm_works()[1] and not ran.exists()

@@ -201,3 +201,50 @@ def create_image(path: str, fmt: str, size: int) -> None:
     )
     if proc.returncode != 0:
         raise VmrecoverError(f"qemu-img cannot create {path}: {proc.stderr.strip()}")
+
+
+# ------------------------------------------------------------------------------------------ accelerator
+ACCELS = ("auto", "kvm", "tcg")
+_KVM_PROBE = '{"execute": "qmp_capabilities"} {"execute": "quit"}\n'
+_kvm_verdict: tuple[bool, str] | None = None
+
+
+def kvm_works() -> tuple[bool, str]:
+    """Whether qemu runs a VM with KVM here, and why not: /dev/kvm must be readable and writable,
+    and a qemu with ``-accel kvm -cpu host`` must create its vCPU and quit cleanly (on some hosts
+    /dev/kvm opens and qemu then aborts setting the vCPU's MSRs).  Asked once per process (a qemu
+    start, about 0.1 s); libguestfs and ``recover boot`` take their accelerator from it."""
+    global _kvm_verdict
+    if _kvm_verdict is None:
+        _kvm_verdict = _probe_kvm()
+    return _kvm_verdict
+
+
+def _probe_kvm() -> tuple[bool, str]:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is missing or not accessible (no hardware or nested virtualization)"
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        return False, "qemu-system-x86_64 is not installed"
+    argv = [qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "64", "-display", "none",
+            "-nodefaults", "-no-user-config", "-S", "-qmp", "stdio"]  # fmt: skip
+    try:
+        proc = subprocess.run(argv, input=_KVM_PROBE, capture_output=True, text=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:
+        return False, "a qemu with KVM did not start within 30 s"
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        return False, f"qemu with KVM failed (exit {proc.returncode}): {lines[-1] if lines else 'no message'}"
+    return True, "qemu runs with KVM"
+
+
+def accelerator(requested: str = "auto") -> str:
+    """The qemu accelerator to use: *requested* (or ``VMRECOVER_ACCEL``) when it is ``kvm`` or ``tcg``;
+    for ``auto``, ``kvm`` where :func:`kvm_works`, else ``tcg`` (correct everywhere, 10-50x slower)."""
+    if requested == "auto":
+        requested = os.environ.get("VMRECOVER_ACCEL", "auto") or "auto"
+    if requested not in ACCELS:
+        raise BadInput(f"unknown qemu accelerator {requested!r}", hint="use one of: " + ", ".join(ACCELS))
+    if requested != "auto":
+        return requested
+    return "kvm" if kvm_works()[0] else "tcg"

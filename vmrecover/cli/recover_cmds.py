@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import BadInput, ExitCode, NotFound
 from ..hypervisors import publishing
+from ..qemu import ACCELS
 from ..recovery import exports, qemu_boot, sessions
 from ..repo.keys import ask_passphrase
 from ..repo.repository import parse_size
@@ -63,7 +64,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--serial", type=Path, metavar="FILE", help="write the serial console here (default: stdout)"
     )
-    p.add_argument("--accel", default="tcg", help="qemu accelerator (tcg; kvm where it works)")
+    p.add_argument("--accel", default="auto", choices=ACCELS,
+                   help="qemu accelerator (default auto: kvm where it works, else tcg)")  # fmt: skip
     p.add_argument("--timeout", type=float, help="kill the VM after this many seconds")
     p.set_defaults(func=cmd_boot)
 

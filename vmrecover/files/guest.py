@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NotFound, VmrecoverError
+from ..qemu import accelerator, kvm_works
 
 log = logging.getLogger("vmrecover.files")
 
@@ -52,9 +53,15 @@ class GuestfsError(VmrecoverError):
 
 def load_guestfs() -> Any:
     """The libguestfs module, with the environment this project runs it in: the direct backend (no
-    libvirtd) and TCG (qemu 7.2 with KVM aborts on some hosts; TCG always works)."""
+    libvirtd), and TCG unless KVM really works here (:func:`vmrecover.qemu.accelerator`: libguestfs
+    would pick KVM whenever /dev/kvm opens, and qemu 7.2 then aborts on some hosts).  An appliance
+    with nested virtualization starts in seconds with KVM where TCG inside a VM takes many minutes.
+    ``LIBGUESTFS_BACKEND_SETTINGS``, when set, is left as it is."""
     os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
-    os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+    if "LIBGUESTFS_BACKEND_SETTINGS" not in os.environ:
+        accel = accelerator()
+        os.environ["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg" if accel == "tcg" else ""
+        log.info("libguestfs runs with %s (%s)", accel, kvm_works()[1])
     try:
         import guestfs
     except ImportError:

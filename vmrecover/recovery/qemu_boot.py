@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import NotFound
+from ..qemu import accelerator
 
 
 def _esc(value: str | Path) -> str:
@@ -24,7 +25,7 @@ def argv(
     memory: str = "512M",
     cpus: int = 1,
     serial: str | Path | None = None,
-    accel: str = "tcg",
+    accel: str = "auto",
     bus: str = "virtio",
     drives: Sequence[str] = (),
     extra: Sequence[str] = (),
@@ -32,7 +33,7 @@ def argv(
     """Boot *disks* (raw, the first is the boot disk) or the given ``-drive`` values, headless.
 
     The serial console goes to *serial* (a file) or to stdout; the VM has no network and does not
-    reboot (a guest that reboots ends qemu)."""
+    reboot (a guest that reboots ends qemu).  *accel* ``auto`` is KVM where it works, else TCG."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise NotFound("qemu-system-x86_64 is not installed", hint="apt-get install qemu-system-x86")
@@ -41,8 +42,8 @@ def argv(
         if serial
         else ["-serial", "stdio"]
     )
-    out = [qemu, "-accel", accel, "-m", memory, "-smp", str(cpus), "-display", "none", "-no-reboot",
-           "-nic", "none", "-monitor", "none", *console]  # fmt: skip
+    out = [qemu, "-accel", accelerator(accel), "-m", memory, "-smp", str(cpus), "-display", "none",
+           "-no-reboot", "-nic", "none", "-monitor", "none", *console]  # fmt: skip
     for d in [*(drive(p, bus=bus) for p in disks), *drives]:
         out += ["-drive", d]
     return out + list(extra)

@@ -74,8 +74,9 @@ def _disk_path(repo: Repository, session: Session) -> str:
 
 
 def publish(
-    repo: Repository, session: Session, point: Point, *, memory: str = "1G", cpus: int = 1, accel: str = "tcg"
-) -> Published:
+    repo: Repository, session: Session, point: Point, *, memory: str = "1G", cpus: int = 1,
+    accel: str = "auto",
+) -> Published:  # fmt: skip
     """Run *session*'s VM under qemu from the service's datastores (which must serve this repository)."""
     where = _disk_path(repo, session)
     disks = repo.catalog.disks(point.id)

@@ -201,6 +201,7 @@ xmlns:vmw="http://www.vmware.com/schema/ovf" xmlns:xsi="http://www.w3.org/2001/X
         <vssd:VirtualSystemType>vmx-13</vssd:VirtualSystemType>
       </System>
 {items}      <vmw:Config ovf:required="false" vmw:key="firmware" vmw:value={quoteattr(firmware)}/>
+      <vmw:Config ovf:required="false" vmw:key="nestedHVEnabled" vmw:value="true"/>
     </VirtualHardwareSection>
   </VirtualSystem>
 </Envelope>

@@ -27,6 +27,7 @@ NS = {
     "vmw": "http://www.vmware.com/schema/ovf",
 }
 OVF = "{http://schemas.dmtf.org/ovf/envelope/1}"
+VMW = "{http://www.vmware.com/schema/ovf}"
 
 
 def run(*args: str | Path, epoch: int = 1_700_000_000) -> None:
@@ -87,6 +88,11 @@ def test_the_ova_holds_the_descriptor_first_a_true_manifest_and_stream_optimized
     assert len(hw.findall("ovf:Item[rasd:ResourceType='17']", NS)) == 2  # the system and repository disks
     assert items[10].findtext("rasd:Connection", namespaces=NS) == "VM Network"
     assert root.findtext("ovf:VirtualSystem/ovf:ProductSection/ovf:Version", namespaces=NS) == "9.9"
+    # ESXi: BIOS, and hardware virtualization passed through where the host allows it (libguestfs and
+    # boot checks in the appliance then run with KVM), optional for hosts that cannot
+    config = {c.get(f"{VMW}key"): (c.get(f"{VMW}value"), c.get(f"{OVF}required"))
+              for c in hw.findall("vmw:Config", NS)}  # fmt: skip
+    assert config == {"firmware": ("bios", "false"), "nestedHVEnabled": ("true", "false")}, config
 
     for vmdk in ("vmr-disk1.vmdk", "vmr-disk2.vmdk"):
         info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", x / vmdk], check=True,

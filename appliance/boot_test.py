@@ -24,7 +24,6 @@ accepted by the API (200), the appliance must keep no copy of it, and root must 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -168,23 +167,6 @@ def offline_overlay_checks(
         g.close()
 
 
-def qmp(path: Path, command: str) -> None:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(path))
-        f = s.makefile("rw")
-        f.readline()  # greeting
-        for cmd in ("qmp_capabilities", command):
-            f.write(json.dumps({"execute": cmd}) + "\n")
-            f.flush()
-            while True:
-                reply = json.loads(f.readline())
-                if "return" in reply or "error" in reply:
-                    break
-            if "error" in reply:
-                raise Failed(f"QMP {cmd}: {reply['error']}")
-
-
 def request(
     method: str, url: str, token: str | None = None, *, data: bytes | None = None,
     content_type: str = "application/json", timeout: float = 5,
@@ -280,7 +262,13 @@ class Appliance:
         """ACPI power-down (QMP system_powerdown); seconds until qemu ended, which must be cleanly."""
         assert self.proc is not None
         t = time.monotonic()
-        qmp(self.qmp_sock, "system_powerdown")
+        from vmrecover.recovery.healthcheck import Qmp
+
+        q = Qmp(self.qmp_sock, timeout=10)
+        try:
+            q.command("system_powerdown")
+        finally:
+            q.close()
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -317,3 +317,107 @@ def test_a_session_runs_under_qemu_on_the_appliance_and_stops_with_it(
     assert "session q2: its qemu" in err  # stopped with the service (its disks went with the export)
     assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
     assert cli.json("verify")["ok"]  # and the backup is as it was
+
+
+@needs_fuse
+def test_a_boot_health_check_proves_a_point_boots_and_keeps_its_evidence(
+    cli: Cli, tmp_path: Path, notify: socket.socket, guest_image: Path
+) -> None:
+    """verify --boot: the test guest's point boots in a throw-away session under qemu (no network), its
+    serial console and a screenshot are kept with the verdict in the catalog, and the session is gone
+    after; a guest that powers off without a login prompt, and a disk with nothing to boot, fail with
+    exit 12 and say why.  The same through the API (a check asked for, the list, the screenshot and
+    serial console of one) and as a scheduled job kind; `list` shows each point's latest check; prune
+    takes a point's checks with it."""
+    import struct
+    import time
+    import zlib
+
+    from vmrecover.repo.repository import Repository
+
+    cli.json("backup", "--vm", "g", guest_image, "--format", "raw")
+    cli.json("backup", "--vm", "nb", random_image(tmp_path / "nb.raw", 4 * MiB, seed=81), "--format", "raw")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    job = ('[[jobs]]\nname = "bc"\nkind = "boot-check"\nschedule = "0 7 * * 6"\nvms = ["g"]\n'
+           'expect = "VMRECOVER-GUEST-BOOT n=1"\n')  # fmt: skip
+    s = ServedApi(cli, tmp_path, notify, tail=f'[fuse]\nmountpoint = "{mnt}"\n\n{job}')
+    try:
+        shot = tmp_path / "g.png"
+        doc = cli.json("verify", "--boot", "g", "--expect", r"VMRECOVER-GUEST-BOOT n=1\b", "--timeout", "300",
+                       "--screenshot", shot)  # fmt: skip
+        assert doc["ok"] and doc["verdict"] == "expect" and doc["vm"] == "g", doc
+        assert doc["accel"] in ("kvm", "tcg") and 0 < doc["seconds"] < 300 and doc["screenshot_bytes"] > 0
+        png = shot.read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) == doc["screenshot_bytes"]
+        width, height = struct.unpack(">II", png[16:24])
+        idat = png[png.index(b"IDAT") + 4 : png.index(b"IEND") - 8]
+        rows = zlib.decompress(idat)
+        assert width >= 320 and height >= 200 and len(rows) == height * (1 + 3 * width)
+        assert len(set(rows[1 : 1 + 3 * width * 8])) > 1  # the firmware's text: not one colour
+
+        # The same point again, now waiting for a login prompt: the test guest has none (it powers off),
+        # and it counts boot 1 again: the first check's write went with its session.
+        res = cli.run("verify", "--boot", "g", "--json", check=False)
+        assert res.returncode == ExitCode.BOOT_FAILED, res.stderr
+        stopped = json.loads(res.stdout)
+        assert not stopped["ok"] and stopped["verdict"] == "stopped" and "powered" in stopped["detail"], (
+            stopped
+        )
+
+        # nothing to boot (asked through the API): the firmware gives up and resets, which ends it at once
+        status, reset = s.call("POST", "/api/v1/vms/nb/points/latest/boot-checks", {"timeout": 120})
+        assert status == 201 and not reset["ok"], reset
+        assert reset["verdict"] == "reset" and "nothing to boot" in reset["detail"], reset
+        assert reset["seconds"] < 120, reset
+        status, err = s.call("POST", "/api/v1/vms/nb/points/latest/boot-checks", {"timeout": 1})
+        assert status == 422 and "timeout" in err["message"], err
+
+        # the scheduled kind, run now: the job's VMs' latest points
+        status, doc = s.call("POST", "/api/v1/jobs/bc/run")
+        assert status == 202, doc
+        run = doc["run"]
+        deadline = time.monotonic() + 300
+        while (r := s.call("GET", f"/api/v1/runs/{run}")[1])["state"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, r
+            time.sleep(1)
+        assert r["state"] == "succeeded", r
+        [by_job] = r["stats"]["boot_checks"]
+        assert by_job["vm"] == "g" and by_job["ok"] and by_job["verdict"] == "expect", by_job
+
+        status, listed = s.call("GET", "/api/v1/vms/g/points/latest/boot-checks")
+        assert status == 200 and [c["verdict"] for c in listed["checks"]] == ["expect", "stopped", "expect"]
+        first = listed["checks"][-1]["id"]
+        r2 = s.pool.urlopen("GET", f"/api/v1/vms/g/points/latest/boot-checks/{first}/screenshot",
+                            headers=s.headers)  # fmt: skip
+        assert r2.status == 200 and r2.headers["content-type"] == "image/png" and r2.data == png
+        r2 = s.pool.urlopen(
+            "GET", f"/api/v1/vms/g/points/latest/boot-checks/{first}/serial", headers=s.headers
+        )
+        assert r2.status == 200 and b"VMRECOVER-GUEST-BOOT n=1" in r2.data
+        status, err = s.call("GET", "/api/v1/vms/g/points/latest/boot-checks/999/screenshot")
+        assert status == 404 and "no boot check 999" in err["message"], err
+        assert cli.json("list", "g")["points"][0]["boot_check"]["verdict"] == "expect"
+        res = cli.run("verify", "--boot", "nb", "--expect", "(unclosed", check=False)
+        assert_clean_error(res, ExitCode.BAD_INPUT, "not a regular expression")
+        assert cli.json("recover", "list") == []  # every check's session is gone
+    finally:
+        err = s.stop()
+    assert s.proc.returncode == 0, err
+
+    repo = Repository.open(cli.repo)
+    try:
+        checks = repo.catalog.boot_checks(screenshots=True)
+        assert [c.verdict for c in checks] == ["expect", "reset", "stopped", "expect"]
+        assert "VMRECOVER-GUEST-BOOT n=1" in checks[2].serial and "n=2" not in checks[2].serial
+        assert checks[3].screenshot == png and checks[2].point == cli.json("list", "g")["points"][0]["id"]
+    finally:
+        repo.close()
+    cli.json("backup", "--vm", "nb", tmp_path / "nb.raw", "--format", "raw")
+    cli.json("prune", "--keep-last", "1", "--vm", "nb")  # the checked point goes, and its check with it
+    repo = Repository.open(cli.repo)
+    try:
+        assert [c.verdict for c in repo.catalog.boot_checks()] == ["expect", "stopped", "expect"]
+    finally:
+        repo.close()
+    assert cli.json("verify")["ok"]  # the backups are as they were

@@ -358,6 +358,11 @@ TRAVERSALS = [  # (method, raw path, JSON body): every name the API takes
     ("POST", "/api/v1/sessions/s/migrate", {"to": "relative.qcow2"}),
     ("POST", "/api/v1/sessions/s/migrate", {"to": "/tmp/x.qcow2", "disk": "../x"}),
     ("POST", "/api/v1/jobs/..%2F..%2Fetc/run", None),
+    ("GET", "/api/v1/vms/..%2Fvm1/points/latest/boot-checks", None),
+    ("GET", "/api/v1/vms/vm1/points/..%2F..%2Fx/boot-checks/1/screenshot", None),
+    ("GET", "/api/v1/vms/vm1/points/latest/boot-checks/..%2F1/serial", None),
+    ("POST", "/api/v1/vms/..%2Fvm1/points/latest/boot-checks", {}),
+    ("POST", "/api/v1/vms/vm1/points/..%2F..%2Fx/boot-checks", {}),
     ("GET", "/api/v1/jobs/../history", None),
 ]
 

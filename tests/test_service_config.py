@@ -15,7 +15,14 @@ EXAMPLE = config.EXAMPLE.read_text()
 
 def test_the_example_is_valid_and_mentions_every_key() -> None:
     c = config.load(config.EXAMPLE)
-    assert [j.name for j in c.jobs] == ["web-nightly", "images", "weekly-gc", "monthly-verify"]
+    assert [j.name for j in c.jobs] == [
+        "web-nightly",
+        "images",
+        "weekly-gc",
+        "monthly-verify",
+        "weekly-boot-check",
+    ]
+    assert c.jobs[-1].kind == "boot-check" and c.jobs[-1].vms == ["web01"]
     assert c.jobs[0].retention == config.Retention(keep_last=3, daily=7, weekly=4, monthly=6)
 
     def fields(model: type[config.BaseModel]) -> set[str]:
@@ -108,3 +115,16 @@ def test_the_examples_commented_notify_sections_load(tmp_path: Path) -> None:
     (tmp_path / "hook-token").chmod(0o640)
     with pytest.raises(config.ConfigError, match=r":\d+: notify\.webhook\.token_file: .* readable by others"):
         config.load(path)
+
+
+def test_a_boot_check_job_names_repository_vms_and_a_valid_pattern() -> None:
+    job = {"name": "bc", "kind": "boot-check", "schedule": "0 7 * * 6"}
+    assert config.Job(**job).vms == [] and config.Job(**job).boot_timeout == "5m"  # every VM
+    for bad, pattern in (
+        ({"images": ["/srv/a.raw"]}, "no hypervisor or images"),
+        ({"vms": ["../etc"]}, "VM name"),
+        ({"expect": "(unclosed"}, "not a regular expression"),
+        ({"boot_timeout": "soon"}, "soon"),
+    ):
+        with pytest.raises(config.ValidationError, match=pattern):
+            config.Job(**job, **bad)

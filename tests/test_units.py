@@ -249,3 +249,38 @@ def test_no_kvm_device_means_tcg_without_starting_qemu(
     _fake_qemu(tmp_path / "bin", monkeypatch, f"touch {ran}\nexit 0\n", kvm_device=False)
     assert qemu.accelerator() == "tcg"
     assert "/dev/kvm" in qemu.kvm_works()[1] and not ran.exists()
+
+
+# -------------------------------------------------------------------------- boot health check's judges
+def test_the_screen_judge_wants_a_picture_unchanged_and_not_blank() -> None:
+    from vmrecover.recovery.healthcheck import Screen, blank, png, read_ppm
+
+    black, text = b"\0" * 3 * 4 * 2, b"\0" * 3 * 7 + b"\xaa\xaa\xaa"
+    assert blank(black) and not blank(text)
+    assert read_ppm(b"P6\n4 2\n255\n" + text) == (4, 2, text)
+    with pytest.raises(BadInput, match="truncated"):
+        read_ppm(b"P6\n4 2\n255\n" + text[:-1])
+    with pytest.raises(BadInput, match="P6"):
+        read_ppm(b"P3\n4 2\n255\n")
+    s = Screen(stable_s=10)
+    s.see(0, 4, 2, black)
+    assert not s.stable(30)  # blank, however long
+    s.see(31, 4, 2, text)
+    assert not s.stable(40) and s.stable(41)
+    s.see(42, 4, 2, black[:-3] + b"\1\1\1")  # changed: the clock starts again
+    assert not s.stable(51) and s.stable(52)
+    image = s.png()
+    assert image is not None and image == png(4, 2, black[:-3] + b"\1\1\1") and image[12:16] == b"IHDR"
+
+
+def test_why_a_boot_check_ended_is_read_from_qemus_events() -> None:
+    from vmrecover.recovery.healthcheck import _why_ended
+
+    def shutdown(reason: str) -> dict[str, object]:
+        return {"event": "SHUTDOWN", "data": {"guest": True, "reason": reason}}
+
+    assert _why_ended([{"event": "GUEST_PANICKED", "data": {}}, shutdown("guest-panic")], 1)[0] == "panic"
+    assert _why_ended([shutdown("guest-reset")], 0)[0] == "reset"
+    assert _why_ended([shutdown("guest-shutdown")], 0)[0] == "stopped"
+    verdict, detail = _why_ended([], 137)
+    assert verdict == "stopped" and "exit 137" in detail

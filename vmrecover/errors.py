@@ -25,6 +25,7 @@ class ExitCode:
     NO_SPACE = 9  # the repository's or the destination's filesystem is full
     UNREACHABLE = 10  # a hypervisor cannot be reached, or failed an operation it should do
     CERTIFICATE = 11  # a hypervisor's TLS certificate is not trusted (see hypervisor add --ca-file)
+    BOOT_FAILED = 12  # a boot health check (verify --boot) did not see the restore point boot
     INTERRUPTED = 130  # SIGINT
 
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+from pathlib import Path
 from typing import Any
 
-from ..errors import ExitCode, NotFound
+from ..errors import ExitCode, NotFound, UsageError
+from ..fsutil import write_file
 from ..repo.gc import gc
 from ..repo.keys import ask_passphrase
 from ..repo.prune import Policy, prune
 from ..repo.repository import DEFAULT_COMPRESSION_LEVEL, Repository, parse_size
 from ..repo.verify import verify
 from .common import open_repo, repo_path
-from .output import emit_json, human_bytes, progress, stdout, table
+from .output import emit_json, human_bytes, progress, stderr, stdout, table
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -33,6 +37,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("verify", parents=[common], help="check that restore points read back intact")
     p.add_argument("target", nargs="?", metavar="VM[@POINT]", help="default: every restore point")
+    boot = p.add_argument_group("boot health check (--boot: the point booted under qemu, isolated)")
+    boot.add_argument("--boot", action="store_true",
+                      help="boot VM[@POINT] (default: latest) in a throw-away session, judge it")  # fmt: skip
+    boot.add_argument("--timeout", type=float, default=300, help="seconds to wait for the boot (300)")
+    boot.add_argument("--expect", metavar="REGEX",
+                      help="serial console text that means booted (default: a login prompt)")  # fmt: skip
+    boot.add_argument("--memory", default="1G", help="the VM's memory (1G)")
+    boot.add_argument("--screenshot", type=Path, metavar="FILE.png",
+                      help="also write the screen at the verdict here")  # fmt: skip
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("prune", parents=[common], help="delete restore points outside a retention policy")
@@ -94,6 +107,7 @@ def _point_doc(repo: Repository, p: Any) -> dict[str, Any]:
             }
             for d in repo.catalog.disks(p.id)
         ],
+        "boot_check": next((c.summary() for c in repo.catalog.boot_checks(p.id, limit=1)), None),
     }
 
 
@@ -136,6 +150,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.boot:
+        return _boot_check(args)
     with open_repo(args) as repo:
         if args.target is None:
             points = repo.catalog.points()
@@ -170,6 +186,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
             "OK" if report.ok else "DAMAGED: the restore points above cannot be fully restored", markup=False
         )
     return ExitCode.OK if report.ok else ExitCode.INTEGRITY
+
+
+def _boot_check(args: argparse.Namespace) -> int:
+    from ..recovery.healthcheck import boot_check
+
+    if args.target is None:
+        raise UsageError("verify --boot needs a VM[@POINT]")
+    with open_repo(args) as repo:
+        point = repo.catalog.resolve(args.target)
+        label = f"boot check of {point.vm}@{point.id}"
+        shown = not args.json and sys.stderr.isatty()
+        with stderr.status(label) if shown else contextlib.nullcontext() as st:
+            check = boot_check(repo, point, timeout=args.timeout, expect=args.expect, memory=args.memory,
+                               progress=st.update if st is not None else lambda text: None)  # fmt: skip
+    if args.screenshot is not None and check.screenshot is not None:
+        write_file(args.screenshot, check.screenshot, what="the screenshot")
+    if args.json:
+        emit_json({"vm": point.vm, **check.summary()})
+    else:
+        state = "BOOTS" if check.ok else "DOES NOT BOOT"
+        stdout.print(f"{point.vm}@{point.id} {state}: {check.verdict}: {check.detail} "
+                     f"({check.seconds:.0f} s, {check.accel})", markup=False)  # fmt: skip
+        if not check.ok:
+            for line in check.serial.rstrip().splitlines()[-10:]:
+                stdout.print(f"  | {line}", markup=False)
+    return ExitCode.OK if check.ok else ExitCode.BOOT_FAILED
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -75,7 +76,7 @@ def _disk_path(repo: Repository, session: Session) -> str:
 
 def publish(
     repo: Repository, session: Session, point: Point, *, memory: str = "1G", cpus: int = 1,
-    accel: str = "auto",
+    accel: str = "auto", extra: Sequence[str] = (),
 ) -> Published:  # fmt: skip
     """Run *session*'s VM under qemu from the service's datastores (which must serve this repository)."""
     where = _disk_path(repo, session)
@@ -83,7 +84,7 @@ def publish(
     if not disks:
         raise BadInput(f"point {point.id} of {point.vm} has no disk")
     console = repo.session_dir(session.id) / CONSOLE
-    argv = qemu_boot.argv([], memory=memory, cpus=cpus, serial=console, accel=accel,
+    argv = qemu_boot.argv([], memory=memory, cpus=cpus, serial=console, accel=accel, extra=extra,
                           drives=[qemu_boot.drive(f"{where}/{d.name}.raw") for d in disks])  # fmt: skip
     logfile = repo.session_dir(session.id) / "qemu.log"
     with open(logfile, "wb") as out:
@@ -121,6 +122,18 @@ def _ours(target: Published) -> bool:
         and os.path.basename(argv[0]).startswith(b"qemu-system")
         and any(f"/recover/{target.vm_name}/".encode() in a for a in argv)
     )
+
+
+def alive(target: Published) -> bool:
+    """Is the session's qemu still running?"""
+    proc = _children.get(target.pid)
+    return proc.poll() is None if proc is not None else _ours(target)
+
+
+def exit_code(target: Published) -> int | None:
+    """How the session's qemu ended, if this process started it and it has ended."""
+    proc = _children.get(target.pid)
+    return None if proc is None else proc.poll()
 
 
 def unpublish(repo: Repository, conn: Any, session: Session, target: Published) -> None:

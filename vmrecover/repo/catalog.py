@@ -18,7 +18,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,11 @@ from .. import faults
 from ..errors import BadInput, NotFound
 from ..fsutil import raise_if_no_space
 
-SCHEMA_VERSION = 4  # 2 added `sessions`, 3 `points.config` and `disks.change_token`, 4 `job_runs` and
-# `job_slots`; upgraded in place
+SCHEMA_VERSION = 5  # 2 added `sessions`, 3 `points.config` and `disks.change_token`, 4 `job_runs` and
+# `job_slots`, 5 `boot_checks`; upgraded in place
 
 # Table -> (columns, primary key, not-null columns, foreign keys).  Every column is described here.
-NULLABLE = {"parent", "config", "change_token", "started", "ended", "error", "vms", "retry_of"}
+NULLABLE = {"parent", "config", "change_token", "started", "ended", "error", "vms", "retry_of", "screenshot"}
 RUN_STATES = ("queued", "running", "waiting", "succeeded", "failed", "interrupted")
 UNFINISHED = ("queued", "running", "waiting")
 SCHEMA: dict[str, dict[str, Any]] = {
@@ -108,7 +108,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "job_runs": {
         # One run of a job of the service's configuration (service/scheduler.py), kept as history.
         # id: increasing (rows are never deleted, so an id is never given twice)
-        # job: the job's name; kind: 'backup', 'gc' or 'verify'
+        # job: the job's name; kind: 'backup', 'gc', 'verify' or 'boot-check'
         # trigger: 'schedule' (a cron slot, or the one run of slots missed while the service was down),
         #          'manual' (run now: API or `job run`), 'retry' (after a failure, with backoff),
         #          'resume' (the one retry of a run the service's death interrupted)
@@ -151,7 +151,55 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "columns": {"job": str, "schedule": str, "last_slot": str},
         "pk": "job",
     },
+    "boot_checks": {
+        # One boot health check of a restore point (recovery/healthcheck.py: `verify --boot`): the
+        # point booted in a throw-away session under qemu with no network, judged from its consoles.
+        # id: increasing; point: the point checked (its checks go when it is pruned); checked: ISO 8601 UTC
+        # ok: 1 if it booted; verdict: how that was decided ('login', 'expect', 'screen') or why not
+        #     ('timeout', 'stopped', 'no-boot-device', 'panic', 'error')
+        # detail: one line for a person; seconds: from power-on to the verdict; accel: kvm or tcg
+        # serial: the serial console's last 64 KiB (text); screenshot: the screen at the verdict (PNG),
+        #         NULL if qemu had ended before it could be taken
+        "columns": {
+            "id": int,
+            "point": str,
+            "checked": str,
+            "ok": int,
+            "verdict": str,
+            "detail": str,
+            "seconds": float,
+            "accel": str,
+            "serial": str,
+            "screenshot": bytes,
+        },
+        "pk": "id",
+        "foreign_keys": [("point", "points", "id")],
+    },
 }
+
+
+@dataclass(frozen=True)
+class BootCheck:
+    """A boot health check's result (the ``boot_checks`` table)."""
+
+    point: str
+    checked: str
+    ok: bool
+    verdict: str
+    detail: str
+    seconds: float
+    accel: str
+    serial: str
+    screenshot: bytes | None = None
+    id: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready, without the console's bytes."""
+        doc = asdict(self)
+        doc.pop("screenshot")
+        doc.pop("serial")
+        doc["screenshot_bytes"] = len(self.screenshot or b"")
+        return doc
 
 
 @dataclass(frozen=True)
@@ -280,6 +328,7 @@ class Catalog:
             self._create_table(name)
         self.db["points"].create_index(["vm", "created"])  # type: ignore[union-attr]
         self._job_indexes()
+        self._boot_check_index()
         self.db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def _create_table(self, name: str) -> None:
@@ -307,10 +356,18 @@ class Catalog:
                         self._create_table(table)
                 self._job_indexes()
                 self.db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+            if self.schema_version() == 4:
+                if not self.db["boot_checks"].exists():
+                    self._create_table("boot_checks")
+                self._boot_check_index()
+                self.db.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
 
     def _job_indexes(self) -> None:
         self.db.execute("CREATE INDEX IF NOT EXISTS idx_job_runs_job_id ON job_runs (job, id)")
         self.db.execute("CREATE INDEX IF NOT EXISTS idx_job_runs_state ON job_runs (state)")
+
+    def _boot_check_index(self) -> None:
+        self.db.execute("CREATE INDEX IF NOT EXISTS idx_boot_checks_point ON boot_checks (point, id)")
 
     def schema_version(self) -> int:
         try:
@@ -477,10 +534,40 @@ class Catalog:
             in_use = {r[0] for r in ex("SELECT point FROM sessions").fetchall()}
             deleted = [pid for pid in ids if pid not in in_use]
             for pid in deleted:
+                ex("DELETE FROM boot_checks WHERE point = ?", (pid,))
                 ex("DELETE FROM disks WHERE point = ?", (pid,))
                 ex("DELETE FROM points WHERE id = ?", (pid,))
             ex("DELETE FROM vms WHERE name NOT IN (SELECT vm FROM points)")
         return deleted
+
+    # --- boot health checks (recovery/healthcheck.py) ---------------------------------------------
+    def add_boot_check(self, check: BootCheck) -> int:
+        """Keep *check*'s result (its id is given here); the new id, or NotFound if its point was pruned
+        while it ran."""
+        with self.transaction("boot check"):
+            if self.point(check.point) is None:
+                raise NotFound(f"restore point {check.point} was pruned while its boot check ran")
+            row = asdict(check)
+            row.pop("id")
+            row["ok"] = int(check.ok)
+            cur = self.db.execute(
+                f"INSERT INTO boot_checks ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                tuple(row.values()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def boot_checks(
+        self, point: str | None = None, *, limit: int = 20, screenshots: bool = False
+    ) -> list[BootCheck]:
+        """The newest checks first, of *point* or of every point; without the screenshots unless asked."""
+        cols = [c for c in SCHEMA["boot_checks"]["columns"] if screenshots or c != "screenshot"]
+        where, args = ("WHERE point = ?", (point,)) if point else ("", ())
+        rows = self.db.execute(
+            f"SELECT {', '.join(cols)} FROM boot_checks {where} ORDER BY id DESC LIMIT ?", (*args, limit)
+        ).fetchall()
+        return [
+            BootCheck(**dict(zip(cols, r, strict=True)) | {"ok": bool(r[cols.index("ok")])}) for r in rows
+        ]
 
     # --- job runs (service/scheduler.py) ----------------------------------------------------------
     def add_job_run(

@@ -264,6 +264,15 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class BootCheckStart(_Body):
+    timeout: float = Field(300, ge=10, le=3600, description="seconds to wait for the boot")
+    expect: str | None = Field(
+        None, max_length=200, description="serial console text (a regular expression) that means booted; "
+        "default: a login prompt"
+    )  # fmt: skip
+    memory: str = Field("1G", pattern=r"^[1-9][0-9]{0,5}[MG]$", description="the VM's memory")
+
+
 class SessionStart(_Body):
     vm: str = Field(description="the VM's name in the repository")
     point: str = Field("latest", description="'latest', a point id or prefix, or a prefix of its time")
@@ -355,6 +364,7 @@ def build_app(service: Service) -> FastAPI:
     _openapi(app)
     _repository_routes(app, state)
     _session_routes(app, state)
+    _boot_check_routes(app, state)
     _job_routes(app, state)
     _file_routes(app, state)
     state.reaper = push_routes(app, state, API, _json)
@@ -542,6 +552,60 @@ def _repository_routes(app: FastAPI, st: ApiState) -> None:
         """One restore point ('latest', an id or prefix, a time prefix) with its disks."""
         target = _target(vm, point)
         return _json(await st.blocking(lambda repo: _point_doc(repo, repo.catalog.resolve(target))))
+
+
+def _boot_check_routes(app: FastAPI, st: ApiState) -> None:
+    checks = f"{API}/vms/{{vm}}/points/{{point}}/boot-checks"
+
+    @app.get(checks, tags=["boot health checks"])
+    async def list_boot_checks(vm: str, point: str, limit: int = Query(20, ge=1, le=1000)) -> Response:
+        """A point's boot health checks, newest first (verdict, detail, seconds, accelerator)."""
+        target = _target(vm, point)
+
+        def run(repo: Repository) -> dict[str, Any]:
+            p = repo.catalog.resolve(target)
+            return {"vm": p.vm, "point": p.id,
+                    "checks": [c.summary() for c in repo.catalog.boot_checks(p.id, limit=limit)]}  # fmt: skip
+
+        return _json(await st.blocking(run))
+
+    def one(repo: Repository, target: str, check_id: int) -> Any:
+        p = repo.catalog.resolve(target)
+        found = [c for c in repo.catalog.boot_checks(p.id, limit=1000, screenshots=True) if c.id == check_id]
+        if not found:
+            raise NotFound(f"no boot check {check_id} of {p.vm}@{p.id}", hint=f"see {checks}")
+        return found[0]
+
+    @app.get(f"{checks}/{{check_id}}/screenshot", tags=["boot health checks"])
+    async def boot_check_screenshot(vm: str, point: str, check_id: int) -> Response:
+        """The screen at the check's verdict (PNG)."""
+        target = _target(vm, point)
+        check = await st.blocking(lambda repo: one(repo, target, check_id))
+        if check.screenshot is None:
+            raise NotFound(f"boot check {check_id} has no screenshot (qemu had ended before it was taken)")
+        return Response(check.screenshot, media_type="image/png")
+
+    @app.get(f"{checks}/{{check_id}}/serial", tags=["boot health checks"])
+    async def boot_check_serial(vm: str, point: str, check_id: int) -> Response:
+        """The serial console's last 64 KiB at the check's verdict (text)."""
+        target = _target(vm, point)
+        check = await st.blocking(lambda repo: one(repo, target, check_id))
+        return Response(check.serial, media_type="text/plain; charset=utf-8")
+
+    @app.post(checks, tags=["boot health checks"], status_code=201)
+    async def run_boot_check(vm: str, point: str, body: BootCheckStart) -> Response:
+        """Boot the point in a throw-away session under qemu here (no network) and judge it (as
+        `vmrecover verify --boot`); answers with the result when it is decided (up to `timeout`)."""
+        from ..recovery.healthcheck import boot_check
+
+        target = _target(vm, point)
+
+        def run(repo: Repository) -> dict[str, Any]:
+            p = repo.catalog.resolve(target)
+            check = boot_check(repo, p, timeout=body.timeout, expect=body.expect, memory=body.memory)
+            return {"vm": p.vm, **check.summary()}
+
+        return _json(await st.blocking(run), 201)
 
 
 def _session_routes(app: FastAPI, st: ApiState) -> None:

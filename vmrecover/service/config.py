@@ -139,7 +139,7 @@ class Retention(_Strict):
 
 class Job(_Strict):
     name: str
-    kind: Literal["backup", "gc", "verify"] = "backup"
+    kind: Literal["backup", "gc", "verify", "boot-check"] = "backup"
     schedule: str  # cron: minute hour day-of-month month day-of-week
     enabled: bool = True
     # backup: a hypervisor's VMs (by name, folder:PATH or tag:TAG where the platform has them), or images
@@ -155,6 +155,10 @@ class Job(_Strict):
     pre_hook: list[str] | None = None  # argv run on the appliance before the snapshot
     post_hook: list[str] | None = None  # argv run after the backup
     hook_timeout: str | float = "5m"
+    # boot-check: the latest point of each of vms (names in the repository; none: every VM) booted and
+    # judged (recovery/healthcheck.py), each within boot_timeout, by expect (default: a login prompt)
+    boot_timeout: str | float = "5m"
+    expect: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -181,14 +185,33 @@ class Job(_Strict):
             raise ValueError(f"{v!r}: a bandwidth cap must be more than 0 bytes per second")
         return v
 
-    @field_validator("hook_timeout")
+    @field_validator("hook_timeout", "boot_timeout")
     @classmethod
     def _timeout(cls, v: str | float) -> str | float:
         parse_duration(v)
         return v
 
+    @field_validator("expect")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"expect {v!r} is not a regular expression: {exc}") from None
+        return v
+
     @model_validator(mode="after")
     def _what(self) -> Job:
+        if self.kind == "boot-check":
+            if self.hypervisor or self.images:
+                raise ValueError("a boot-check job takes vms (repository names), no hypervisor or images")
+            for name in self.vms:
+                try:
+                    check_name("VM", name)
+                except BadInput as exc:
+                    raise ValueError(exc.message) from None
+            return self
         if self.kind != "backup":
             if self.hypervisor or self.vms or self.images:
                 raise ValueError(f"a {self.kind} job takes no hypervisor, vms or images")

@@ -306,6 +306,8 @@ def run_job(repo: Repository, job: Job, control: RunControl, *, vms: list[str] |
             return _gc(repo, job, control)
         if job.kind == "verify":
             return _verify(repo, control)
+        if job.kind == "boot-check":
+            return _boot_checks(repo, job, control, vms)
         return _backup(repo, job, control, vms)
 
 
@@ -700,3 +702,37 @@ def _verify(repo: Repository, control: RunControl) -> Outcome:
     error = (f"verify found damage: {len(rep.bad_chunks)} bad chunk(s), {len(rep.bad_indexes)} bad index(es) "
              "(the report names the restore points, disks and byte ranges)")  # fmt: skip
     return Outcome("failed", error, stats, [], ExitCode.INTEGRITY)  # damage: running it again won't help
+
+
+def _boot_checks(repo: Repository, job: Job, control: RunControl, vms: list[str] | None) -> Outcome:
+    """Boot the latest point of each of the job's VMs (all of the repository's when it names none; on
+    a retry only *vms*, those that failed) and judge it; a point that does not boot fails the run."""
+    from ..recovery.healthcheck import boot_check
+
+    control.unit = "VMs"
+    h = handle(repo)
+    try:
+        names = vms or job.vms or [v["name"] for v in h.catalog.vms()]
+        control.add_total(len(names))
+        results: list[dict[str, Any]] = []
+        for name in names:
+            try:
+                point = h.catalog.resolve(name)
+                check = boot_check(h, point, timeout=parse_duration(job.boot_timeout), expect=job.expect,
+                                   progress=lambda text: control.note(text, logging.DEBUG))  # fmt: skip
+                results.append({"vm": name, **check.summary()})
+                control.note(f"{name}@{point.id}: {'boots' if check.ok else 'DOES NOT BOOT'}: {check.detail}")
+            except Exception as exc:
+                results.append({"vm": name, "ok": False, "verdict": "error", **_error_doc(exc)})
+                control.note(f"{name}: the boot check could not run: {results[-1]['error']}", logging.ERROR)
+            control.advance(1)
+    finally:
+        h.catalog.close()
+    failed = [r["vm"] for r in results if not r["ok"]]
+    stats = {"boot_checks": results}
+    if not failed:
+        return Outcome("succeeded", None, stats)
+    error = f"{len(failed)} of {len(results)} VM(s) did not boot: {', '.join(failed)}"
+    # a retry checks again only those whose check could not run; a point that did not boot won't boot later
+    again = [r["vm"] for r in results if r["verdict"] == "error"]
+    return Outcome("failed", error, stats, again, ExitCode.BOOT_FAILED)

@@ -17,7 +17,8 @@ lock is held).  Then:
 5. at the same time a file of the guest restored through the API (the appliance's libguestfs, with
    KVM in the appliance: its vCPU has TCG's emulated AMD-V, boot_test.Appliance) and a second backup
    pushed: no swapping, no OOM killer, the service's memory peak (cgroup, children included) printed;
-   then a second file from the same point, with libguestfs' appliance already up;
+   then a folder of the same point listed, with libguestfs' appliance already up, and a boot health
+   check of the point (the test guest booted by the appliance's qemu with KVM, judged by its console);
 6. (also meanwhile) vmrecover-upgrade refuses a damaged wheel and, while a session runs, a good one,
    without changing anything;
 7. vmrecover-upgrade --force installs a newer wheel (built here with a bumped version) over SSH and
@@ -237,8 +238,9 @@ def test_an_administrators_day_on_the_appliance(booted: Session, guest_image: Pa
     assert status == 200 and [p["id"] for p in points["points"]] == [doc["point"]], points
 
     # -- 4, 5 and 6 at once, with a second backup pushed: what the appliance's 4 GiB are sized for.
-    # Single-file restore: the guest's init script as the backup holds it, through the API (the
-    # appliance's libguestfs: its first start is the slowest step, so it starts first).
+    # Single-file restore: the guest's init script as the backup holds it, through the API (libguestfs
+    # finds no OS in the busybox guest, so its root filesystem is /sda2; its first start is the
+    # slowest step, so it starts first).
     # Instant recovery: the test guest boots on the host from the appliance's NFS export.
     other = random_image(tmp_path / "other.raw", 96 * MiB, seed=14)
 
@@ -250,7 +252,7 @@ def test_an_administrators_day_on_the_appliance(booted: Session, guest_image: Pa
             s.timings[what] = time.monotonic() - t
 
     drive = "file=nfs://127.0.0.1/vmrecover/recover/ir/vda.raw,format=raw,if=virtio"
-    path = f"/vms/g/points/{doc['point']}/files/content?path=/sbin/init"
+    path = f"/vms/g/points/{doc['point']}/files/content?path=/sda2/sbin/init"
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         restoring = pool.submit(timed, "first file restore (libguestfs' first start)", lambda: s.call(
             "GET", path, timeout=FILE_RESTORE_WAIT_S))  # fmt: skip
@@ -283,14 +285,16 @@ def test_an_administrators_day_on_the_appliance(booted: Session, guest_image: Pa
         assert busy.returncode == 3 and "session ir" in json.loads(busy.stdout)["message"], busy
 
         fstatus, content = restoring.result()
-        assert fstatus == 200 and content == guest.INIT_SCRIPT.encode(), (fstatus, content[:300])
+        if not (fstatus == 200 and content == guest.INIT_SCRIPT.encode()):
+            journal = s.ssh("journalctl -q --no-pager -u vmrecover | tail -40 | cut -c1-400", check=False)
+            raise AssertionError(f"file restore: {fstatus} {str(content)[:600]}\n{journal.stdout}")
     # libguestfs ran with KVM (the appliance's vCPU has AMD-V), and the point's disk is still open in
     # it: a second file comes from the running appliance
     vcpus = s.ssh("ls -l /proc/$(pgrep -o -f 'qemu-system.*serial=vmra')/fd | grep -c kvm-vcpu", check=False)
     assert vcpus.stdout.strip() not in ("", "0"), (vcpus, s.ssh("pgrep -a qemu", check=False).stdout)
     status, listing = timed("list /etc of the point (libguestfs up)", lambda: s.call(
-        "GET", f"/vms/g/points/{doc['point']}/files?path=/etc"))  # fmt: skip
-    hostname = [e for e in listing["entries"] if e["path"] == "/etc/hostname"] if status == 200 else []
+        "GET", f"/vms/g/points/{doc['point']}/files?path=/sda2/etc"))  # fmt: skip
+    hostname = [e for e in listing["entries"] if e["path"] == "/sda2/etc/hostname"] if status == 200 else []
     assert hostname and hostname[0]["kind"] == "file" and hostname[0]["size"] == 16, listing
 
     # no swapping, no OOM killer; the service's peak memory, its children (files service, its
@@ -302,6 +306,12 @@ def test_an_administrators_day_on_the_appliance(booted: Session, guest_image: Pa
     peak = int(s.ssh("cat", "/sys/fs/cgroup/system.slice/vmrecover.service/memory.peak").stdout)
     s.timings["service memory peak, MiB (all at once)"] = peak / MiB
     assert peak < 3 * 1024 * MiB
+
+    # a boot health check of the point, by the appliance's qemu (with KVM there), while the session runs
+    status, bc = timed("boot health check of the test guest (in the appliance)", lambda: s.call(
+        "POST", f"/vms/g/points/{doc['point']}/boot-checks",
+        {"expect": "VMRECOVER-GUEST-BOOT n=1", "timeout": 600, "memory": "512M"}, timeout=700))  # fmt: skip
+    assert status == 201 and bc["ok"] and bc["verdict"] == "expect" and bc["accel"] == "kvm", bc
 
     # the upgrade, with --force (the session's NFS I/O pauses for the restart)
     t = time.monotonic()

@@ -294,6 +294,7 @@ def test_read_only_token_cannot_change_anything(
         ("DELETE", "/api/v1/sessions/anything", None),
         ("POST", "/api/v1/sessions/anything/migrate", {"to": str(tmp_path / "x.qcow2")}),
         ("POST", "/api/v1/jobs/nightly/run", None),
+        ("POST", "/api/v1/vms/vm1/points/latest/boot-checks", {}),
     ]:
         r = api.call(method, path, token="viewer", body=body)
         doc = assert_error(r, 403, "AuthError", "read-only", "viewer")
@@ -301,7 +302,7 @@ def test_read_only_token_cannot_change_anything(
     assert api.get("/api/v1/sessions", token="viewer") == before
     assert not list(tmp_path.iterdir())
     refused = [r for r in caplog.records if r.name == "vmrecover.api.audit"]
-    assert len(refused) == 4 and all('token="viewer"' in r.getMessage() and "status=403" in r.getMessage()
+    assert len(refused) == 5 and all('token="viewer"' in r.getMessage() and "status=403" in r.getMessage()
                                      and r.levelno == logging.WARNING for r in refused)  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.  Both run `make setup`
 # first, which installs what is missing (apt packages, .venv/) and is a no-op when all is there.
-.PHONY: setup demo test lint bench bench-fuse bench-nfs bench-files bench-vmware bench-xen bench-service appliance appliance-boot-test
+.PHONY: setup demo test lint bench bench-fuse bench-nfs bench-files bench-vmware bench-xen bench-service bench-healthcheck appliance appliance-boot-test
 
 setup:
 	@scripts/setup.sh
@@ -39,6 +39,9 @@ bench-xen: setup  # the XAPI simulator of the tests, qemu-nbd from setup
 bench-service: setup
 	@scripts/setup.sh borgbackup  # borg, for the compression comparison
 	.venv/bin/python bench/service_bench.py
+
+bench-healthcheck: setup
+	.venv/bin/python bench/healthcheck_bench.py
 
 # The appliance image (appliance/README.md): dist/vmrecover-appliance-<version>.qcow2.  As root.  Its host
 # tools (mmdebstrap, GRUB's images, OVMF, genisoimage...) come with setup: the tests build it too.

@@ -404,6 +404,10 @@ def test_a_boot_health_check_proves_a_point_boots_and_keeps_its_evidence(
     finally:
         err = s.stop()
     assert s.proc.returncode == 0, err
+    # without the service there is nothing to boot from: an error that says so, and no verdict kept
+    res = cli.run("verify", "--boot", "g", check=False)
+    assert_clean_error(res, ExitCode.INTERNAL, "needs the service's FUSE mount")
+    assert cli.json("recover", "list") == []
 
     repo = Repository.open(cli.repo)
     try:

@@ -275,6 +275,8 @@ def boot_check(
             progress(f"waiting for {point.vm}@{point.id} to boot ({t:.0f} s)")
             time.sleep(POLL_S)
     except VmrecoverError as exc:
+        if target is None:  # qemu never started (no datastore to boot from...): not a verdict on the point
+            raise
         verdict, detail = "error", exc.message
     finally:
         seconds = clock() - started

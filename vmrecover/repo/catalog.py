@@ -192,13 +192,15 @@ class BootCheck:
     serial: str
     screenshot: bytes | None = None
     id: int = 0
+    screenshot_bytes: int | None = None  # the screenshot's size when it was not read (not a column)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready, without the console's bytes."""
         doc = asdict(self)
         doc.pop("screenshot")
         doc.pop("serial")
-        doc["screenshot_bytes"] = len(self.screenshot or b"")
+        if self.screenshot is not None or self.screenshot_bytes is None:
+            doc["screenshot_bytes"] = len(self.screenshot or b"")
         return doc
 
 
@@ -413,6 +415,10 @@ class Catalog:
         ).fetchall()
         return [Disk(*r) for r in rows]
 
+    def point_sizes(self) -> dict[str, int]:
+        """Every point's disks' virtual size in all, by point id (one query, for overviews)."""
+        return dict(self.db.execute("SELECT point, SUM(size) FROM disks GROUP BY point").fetchall())
+
     def has_vm(self, vm: str) -> bool:
         return self.db.execute("SELECT 1 FROM vms WHERE name = ?", (vm,)).fetchone() is not None
 
@@ -549,6 +555,7 @@ class Catalog:
                 raise NotFound(f"restore point {check.point} was pruned while its boot check ran")
             row = asdict(check)
             row.pop("id")
+            row.pop("screenshot_bytes")
             row["ok"] = int(check.ok)
             cur = self.db.execute(
                 f"INSERT INTO boot_checks ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
@@ -560,14 +567,25 @@ class Catalog:
         self, point: str | None = None, *, limit: int = 20, screenshots: bool = False
     ) -> list[BootCheck]:
         """The newest checks first, of *point* or of every point; without the screenshots unless asked."""
+        where, args = ("point = ?", (point,)) if point else ("1", ())
+        return self._boot_checks(where, args, limit=limit, screenshots=screenshots)
+
+    def _boot_checks(
+        self, where: str, args: tuple[Any, ...], *, limit: int, screenshots: bool
+    ) -> list[BootCheck]:
         cols = [c for c in SCHEMA["boot_checks"]["columns"] if screenshots or c != "screenshot"]
-        where, args = ("WHERE point = ?", (point,)) if point else ("", ())
-        rows = self.db.execute(
-            f"SELECT {', '.join(cols)} FROM boot_checks {where} ORDER BY id DESC LIMIT ?", (*args, limit)
-        ).fetchall()
-        return [
-            BootCheck(**dict(zip(cols, r, strict=True)) | {"ok": bool(r[cols.index("ok")])}) for r in rows
-        ]
+        sql = f"SELECT {', '.join(cols)}, LENGTH(screenshot) FROM boot_checks WHERE {where} ORDER BY id DESC"
+        rows = self.db.execute(sql + " LIMIT ?", (*args, limit)).fetchall()
+        found = []
+        for r in rows:
+            doc = dict(zip(cols, r[:-1], strict=True))
+            found.append(BootCheck(**doc | {"ok": bool(doc["ok"]), "screenshot_bytes": r[-1] or 0}))
+        return found
+
+    def latest_boot_checks(self) -> dict[str, dict[str, Any]]:
+        """Each checked point's newest check (BootCheck.summary()), by point id (one query)."""
+        newest = "id IN (SELECT MAX(id) FROM boot_checks GROUP BY point)"
+        return {c.point: c.summary() for c in self._boot_checks(newest, (), limit=-1, screenshots=False)}
 
     # --- job runs (service/scheduler.py) ----------------------------------------------------------
     def add_job_run(

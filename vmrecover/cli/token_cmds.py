@@ -1,8 +1,12 @@
-"""API tokens of ``vmrecover serve``: token new NAME [--role admin|read-only].
+"""Credentials of ``vmrecover serve``: ``token new NAME [--role admin|read-only]`` and the web
+console's local users, ``user new NAME [--role ...] [--password-stdin]``.
 
 The token is printed once, with the ``[[api.tokens]]`` lines to paste into the service's configuration:
 only its SHA-256 is stored there (service/auth.py), so a lost token is replaced, not recovered.  A
-reload of the service (SIGHUP, ``systemctl reload vmrecover``) takes the new lines at once.
+user's password is asked for (twice on a terminal) or read from standard input, never from the
+command line, and only its scrypt hash is printed, in ``[[api.users]]`` lines.  A reload of the
+service (SIGHUP, ``systemctl reload vmrecover``) takes the new lines at once; changing a password or
+removing a token ends the console sessions that signed in with it.
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import ExitCode
+from ..errors import AuthError, ExitCode
 from ..repo.catalog import check_name
 from ..service import auth
 from ..service.config import DEFAULT_PATH
+from .common import read_secret
 from .output import emit_json, stderr, stdout
+
+MIN_PASSWORD = 12  # characters (NIST SP 800-63B asks at least 8; a backup appliance's admins, more)
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -32,6 +39,18 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.set_defaults(func=cmd_new)
 
+    up = sub.add_parser("user", help="local users of the web console: make one (only a hash is stored)")
+    usub = up.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    p = usub.add_parser(
+        "new", parents=[common], help="hash a user's password and print the lines for the configuration"
+    )
+    p.add_argument("name", help="the user's sign-in name (named in the service's log of every change)")
+    p.add_argument("--role", choices=["admin", "read-only"], default="read-only",
+                   help="admin: everything; read-only (default): no change")  # fmt: skip
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from standard input's first line (else: asked twice)")  # fmt: skip
+    p.set_defaults(func=cmd_user_new)
+
 
 def cmd_new(args: argparse.Namespace) -> int:
     name = check_name("token", args.name)
@@ -45,6 +64,33 @@ def cmd_new(args: argparse.Namespace) -> int:
     stderr.print(
         f"Add these lines to the service's configuration ({DEFAULT_PATH}), then reload it "
         "(systemctl reload vmrecover); clients send 'Authorization: Bearer TOKEN':",
+        markup=False,
+    )
+    stdout.print(f"\n{block}", markup=False, end="")
+    return ExitCode.OK
+
+
+def cmd_user_new(args: argparse.Namespace) -> int:
+    name = check_name("user", args.name)
+    what = f"user {name}"
+    password = read_secret(f"Password for {name}: ", from_stdin=args.password_stdin, env=None, what=what,
+                           flag="--password-stdin")  # fmt: skip
+    if len(password) < MIN_PASSWORD:
+        raise AuthError(
+            f"the password for {what} is too short",
+            hint=f"use {MIN_PASSWORD} characters or more",
+        )
+    if not args.password_stdin and read_secret("Again: ", from_stdin=False, env=None, what=what,
+                                               flag="--password-stdin") != password:  # fmt: skip
+        raise AuthError(f"the two passwords for {what} differ", hint="type the same password twice")
+    password_hash = auth.hash_password(password)
+    block = auth.user_block(name, args.role, password_hash)
+    if args.json:
+        emit_json({"name": name, "role": args.role, "password_hash": password_hash, "config": block})
+        return ExitCode.OK
+    stderr.print(
+        f"Add these lines to the service's configuration ({DEFAULT_PATH}), then reload it "
+        "(systemctl reload vmrecover); the user signs in to the web console with this password:",
         markup=False,
     )
     stdout.print(f"\n{block}", markup=False, end="")

@@ -19,6 +19,19 @@
   and the HTTP status.  Wrong tokens and rate-limited requests are logged as warnings on
   ``vmrecover.api``.
 
+- **The web console's sign-ins** (service/console.py): a token, or a local user's password
+  (``[[api.users]]``, hashed with scrypt: :func:`hash_password`), buys a session cookie
+  (:data:`COOKIE`: ``__Host-`` prefixed, Secure, HttpOnly, SameSite=Strict, 256 random bits; the
+  service keeps only its SHA-256, in memory: a restart signs everyone out).  A request with the cookie
+  and no ``Authorization`` header acts as the configured token or user it was bought with, looked up
+  again at each request, so a reload that revokes the token or changes the password ends the session.
+  A session ends after ``api.console_idle`` unused or ``api.console_lifetime`` in all.  **CSRF**: a
+  cookie request that may change something must carry the session's CSRF token in
+  :data:`CSRF_HEADER` (which no cross-site form can set, and which a cross-site script cannot read),
+  and, when the browser says where it comes from (``Origin``, ``Sec-Fetch-Site``), come from this
+  origin; else 403.  A bearer request needs none of it: nothing ambient authenticates it.
+  Wrong passwords count as wrong tokens in the rate limit.
+
 - **The local control socket** (``REPO/run/api.sock``, served by api.serve_api): a request that came
   through it carries :data:`LOCAL_SCOPE_KEY` in its ASGI scope, set by the socket's wrapper
   (``api._Local``) and by nothing else: no header or path can put a key in the scope.  It is the
@@ -32,19 +45,23 @@ client can turn them back into the same exceptions (``VmrecoverError.from_json``
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import logging
 import math
+import re
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from http.cookies import CookieError, SimpleCookie
+from typing import Any, Literal
 
 from ..errors import ExitCode
-from .config import Token
+from .config import Api, Token, User
 
 log = logging.getLogger("vmrecover.api")
 audit = logging.getLogger("vmrecover.api.audit")
@@ -54,6 +71,13 @@ MAX_FAILURES = 5
 WINDOW = 60.0  # seconds
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 TOKEN_SCOPE_KEY = "vmrecover.token"  # the ASGI scope key handlers find the caller's Token under
+WEB_SCOPE_KEY = "vmrecover.web"  # ... and the console session (WebSession) a cookie request came with
+COOKIE = "__Host-vmrecover"  # the console's session cookie (__Host-: Secure, Path=/, no Domain)
+CSRF_HEADER = b"x-csrf-token"
+ANY_ROLE = frozenset({"/api/v1/console/logout"})  # mutations a read-only caller may make (its own sign-out)
+# scrypt's cost: 64 MiB and about 0.4 s a hash here (one of OWASP's minimum settings, as strong as 2^17, 8, 1)
+SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P = 16, 8, 2
+_SCRYPT = re.compile(r"^\$scrypt\$ln=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)$")
 LOCAL_SCOPE_KEY = "vmrecover.local"  # True in the scope of a request that came through the local socket
 
 Scope = MutableMapping[str, Any]
@@ -82,6 +106,143 @@ def config_block(name: str, role: str, sha256: str) -> str:
     return f'[[api.tokens]]\nname = {json.dumps(name)}\nrole = "{role}"\nsha256 = "{sha256}"\n'
 
 
+def user_block(name: str, role: str, password_hash: str) -> str:
+    """The ``[[api.users]]`` table to paste into the configuration file."""
+    return f'[[api.users]]\nname = {json.dumps(name)}\nrole = "{role}"\npassword_hash = "{password_hash}"\n'
+
+
+# ------------------------------------------------------------------------------------- passwords
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode().rstrip("=")
+
+
+def _scrypt(password: str, salt: bytes, log_n: int, r: int, p: int) -> bytes:
+    n = 1 << log_n
+    memory = 128 * r * n * p + 128 * r * n + (1 << 20)
+    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32, maxmem=memory)
+
+
+def hash_password(password: str) -> str:
+    """``$scrypt$ln=15,r=8,p=1$SALT$HASH`` (base64 without padding): scrypt is memory-hard, so a
+    guesser's hardware pays 32 MiB per try.  CPU-bound for about 0.1 s: call it in a worker thread."""
+    salt = secrets.token_bytes(16)
+    key = _scrypt(password, salt, SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P)
+    return f"$scrypt$ln={SCRYPT_LOG_N},r={SCRYPT_R},p={SCRYPT_P}${_b64(salt)}${_b64(key)}"
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+# A hash no password matches, checked for unknown user names so that they cost as much as known ones.
+_DECOY = f"$scrypt$ln={SCRYPT_LOG_N},r={SCRYPT_R},p={SCRYPT_P}${_b64(bytes(16))}${_b64(bytes(32))}"
+
+
+def check_password(password: str, password_hash: str) -> bool:
+    m = _SCRYPT.match(password_hash)
+    if m is None:
+        return False
+    log_n, r, p = (int(x) for x in m.group(1, 2, 3))
+    if not (10 <= log_n <= 20 and 1 <= r <= 16 and 1 <= p <= 4):  # (a configured hash can't cost a GiB)
+        return False
+    return hmac.compare_digest(_scrypt(password, _unb64(m.group(4)), log_n, r, p), _unb64(m.group(5)))
+
+
+def sign_in_user(name: str, password: str, users: Sequence[User]) -> User | None:
+    """The configured user *name* if *password* is theirs (blocking: scrypt, also for unknown names)."""
+    user = next((u for u in users if hmac.compare_digest(u.name.encode(), name.encode())), None)
+    ok = check_password(password, user.password_hash if user is not None else _DECOY)
+    return user if ok and user is not None else None
+
+
+# ------------------------------------------------------------------------------------- console sessions
+@dataclass
+class WebSession:
+    """A console sign-in: whom it acts as (a token by its digest, or a user by name and password
+    hash, both as configured when it began) and its CSRF token."""
+
+    kind: Literal["token", "user"]
+    name: str
+    credential: str  # the token's sha256, or the user's password_hash, at sign-in
+    csrf: str
+    created: float
+    seen: float
+
+
+class WebSessions:
+    """The console's sessions, in memory, by the SHA-256 of their cookie (at most *max_sessions*: the
+    least recently used goes first)."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_sessions: int = 10_000) -> None:
+        self.clock = clock
+        self.max_sessions = max_sessions
+        self._by_digest: OrderedDict[str, WebSession] = OrderedDict()
+
+    def new(self, kind: Literal["token", "user"], name: str, credential: str) -> tuple[str, WebSession]:
+        """A new session: (the cookie's value, the session)."""
+        cookie = secrets.token_urlsafe(32)
+        now = self.clock()
+        web = WebSession(kind, name, credential, secrets.token_urlsafe(32), now, now)
+        while len(self._by_digest) >= self.max_sessions:
+            self._by_digest.popitem(last=False)
+        self._by_digest[digest(cookie)] = web
+        return cookie, web
+
+    def get(self, cookie: str, *, idle: float, lifetime: float) -> WebSession | None:
+        key = digest(cookie)
+        web = self._by_digest.get(key)
+        if web is None:
+            return None
+        now = self.clock()
+        if now - web.seen > idle or now - web.created > lifetime:
+            del self._by_digest[key]
+            return None
+        web.seen = now
+        self._by_digest.move_to_end(key)
+        return web
+
+    def end(self, cookie: str) -> None:
+        self._by_digest.pop(digest(cookie), None)
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+
+def principal(web: WebSession, tokens: Sequence[Token], users: Sequence[User]) -> Token | None:
+    """Whom *web* acts as under the configuration now: its token or user, or None if revoked."""
+    if web.kind == "token":
+        return authenticate_digest(web.credential, tokens)
+    for u in users:
+        if u.name == web.name and hmac.compare_digest(u.password_hash.encode(), web.credential.encode()):
+            return Token.model_construct(name=f"user:{u.name}", role=u.role, sha256="")
+    return None
+
+
+def cookie_value(scope: Scope) -> str | None:
+    raw = _header(scope, b"cookie")
+    if raw is None:
+        return None
+    try:
+        jar: SimpleCookie = SimpleCookie(raw)
+    except CookieError:
+        return None
+    morsel = jar.get(COOKIE)
+    return morsel.value if morsel is not None and morsel.value else None
+
+
+def same_origin(scope: Scope) -> bool:
+    """Whether the browser's own word (``Origin``, ``Sec-Fetch-Site``), where given, is this origin."""
+    site = _header(scope, b"sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
+    origin = _header(scope, b"origin")
+    if origin is None:
+        return True
+    host = _header(scope, b"host")
+    plain = f"http://{host}" if scope.get("scheme") == "http" else None  # (the local socket's plain HTTP)
+    return host is not None and origin in (f"https://{host}", plain)
+
+
 def authenticate(header: str | None, tokens: Sequence[Token]) -> Token | None:
     """The configured token an ``Authorization: Bearer ...`` header carries, or None."""
     if header is None:
@@ -89,7 +250,12 @@ def authenticate(header: str | None, tokens: Sequence[Token]) -> Token | None:
     scheme, _, presented = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
         return None
-    d = digest(presented.strip()).encode()
+    return authenticate_digest(digest(presented.strip()), tokens)
+
+
+def authenticate_digest(sha256: str, tokens: Sequence[Token]) -> Token | None:
+    """The configured token whose digest is *sha256* (compared with all, in constant time), or None."""
+    d = sha256.encode()
     found = None
     for t in tokens:
         if hmac.compare_digest(d, t.sha256.encode()) and found is None:
@@ -167,13 +333,14 @@ class AuthMiddleware:
     come through the local socket (see the module's docstring for the rules)."""
 
     def __init__(
-        self, app: ASGIApp, *, tokens: Callable[[], Sequence[Token]], limiter: FailureLimiter,
-        public: frozenset[str],
+        self, app: ASGIApp, *, api: Callable[[], Api], limiter: FailureLimiter, public: frozenset[str],
+        sessions: WebSessions,
     ) -> None:  # fmt: skip
         self.app = app
-        self.tokens = tokens
+        self.api = api  # the configuration's [api] now (a reload replaces it)
         self.limiter = limiter
         self.public = public
+        self.sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.public:
@@ -182,7 +349,12 @@ class AuthMiddleware:
         method, path = scope["method"], scope["path"]
         local = scope.get(LOCAL_SCOPE_KEY) is True  # only api._Local sets it
         client = "local" if local else str((scope.get("client") or ("unknown", 0))[0])
-        token = LOCAL if local else await self._authenticate(scope, send, client)
+        if local:
+            token: Token | None = LOCAL
+        elif _header(scope, b"authorization") is None and (cookie := cookie_value(scope)) is not None:
+            token = await self._session(scope, send, cookie)
+        else:
+            token = await self._authenticate(scope, send, client)
         if token is None:
             return
         scope[TOKEN_SCOPE_KEY] = token
@@ -202,7 +374,7 @@ class AuthMiddleware:
                 time.monotonic() - started,
             )  # fmt: skip
 
-        if token.role != "admin":
+        if token.role != "admin" and path not in ANY_ROLE:
             doc = error_doc(
                 "AuthError", f"token {token.name!r} is read-only: {method} {path} needs an admin token",
                 hint="use a token with role = \"admin\"", exit_code=ExitCode.AUTH,
@@ -222,6 +394,34 @@ class AuthMiddleware:
             if not logged:
                 log_outcome(500)  # the application failed before it answered
 
+    async def _session(self, scope: Scope, send: Send, cookie: str) -> Token | None:
+        """Whom a console request acts as (its session's token or user), or None once refused: 401
+        for a session that ended or was revoked, 403 for a mutation without its CSRF token or from
+        another origin."""
+        api = self.api()
+        web = self.sessions.get(cookie, idle=api.console_idle, lifetime=api.console_lifetime)
+        token = None if web is None else principal(web, api.tokens, api.users)
+        if web is None or token is None:
+            doc = error_doc("AuthError", "you are not signed in (or your sign-in has ended)",
+                            hint="sign in again", exit_code=ExitCode.AUTH)  # fmt: skip
+            await send_json(send, 401, doc)
+            return None
+        scope[WEB_SCOPE_KEY] = web
+        if scope["method"] in SAFE_METHODS:
+            return token
+        presented = _header(scope, CSRF_HEADER) or ""
+        if not hmac.compare_digest(presented.encode(), web.csrf.encode()) or not same_origin(scope):
+            log.warning("refused %s %s of %s: no CSRF token, a wrong one, or another origin",
+                        scope["method"], scope["path"], token.name)  # fmt: skip
+            doc = error_doc(
+                "AuthError", "this request does not prove it comes from the console (CSRF)",
+                hint=f"send the session's CSRF token in {CSRF_HEADER.decode()}, from the console's origin",
+                exit_code=ExitCode.AUTH,
+            )  # fmt: skip
+            await send_json(send, 403, doc)
+            return None
+        return token
+
     async def _authenticate(self, scope: Scope, send: Send, client: str) -> Token | None:
         """The token of a request over the network, or None once it is refused (429, 401)."""
         method, path = scope["method"], scope["path"]
@@ -236,7 +436,7 @@ class AuthMiddleware:
             await send_json(send, 429, doc, [(b"retry-after", str(seconds).encode())])
             return None
         header = _header(scope, b"authorization")
-        token = authenticate(header, self.tokens())
+        token = authenticate(header, self.api().tokens)
         if token is None:
             if header is not None:
                 self.limiter.failed(client)

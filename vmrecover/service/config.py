@@ -70,12 +70,37 @@ class Token(_Strict):
         return v
 
 
+_SCRYPT_HASH = r"^\$scrypt\$ln=\d{1,2},r=\d{1,2},p=\d{1,2}\$[A-Za-z0-9+/]{22}\$[A-Za-z0-9+/]{43}$"
+
+
+class User(_Strict):
+    """A local user of the web console (``[[api.users]]``, made by ``vmrecover user new``): a name, a
+    role and the scrypt hash of the password (service/auth.py); the password itself is never stored."""
+
+    name: str
+    role: Literal["admin", "read-only"]
+    password_hash: Annotated[str, Field(pattern=_SCRYPT_HASH)]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name("user", v)
+
+
 class Api(_Strict):
     enabled: bool = True
     listen: list[str] = ["0.0.0.0:8443"]  # HOST:PORT, [IPv6]:PORT
     tls_cert: Path | None = None  # default: a self-signed certificate generated at first start
     tls_key: Path | None = None
     tokens: list[Token] = []
+    users: list[User] = []  # the web console's local users (it also signs in with a token)
+    console_idle: Annotated[float, Field(gt=0)] = 3600.0  # seconds: a console session unused this long ends
+    console_lifetime: Annotated[float, Field(gt=0)] = 12 * 3600.0  # seconds: and any after this long
+
+    @field_validator("console_idle", "console_lifetime", mode="before")
+    @classmethod
+    def _durations(cls, v: Any) -> float:
+        return parse_duration(v)
 
     @field_validator("listen")
     @classmethod
@@ -93,6 +118,9 @@ class Api(_Strict):
         names = [t.name for t in self.tokens]
         if len(set(names)) != len(names):
             raise ValueError("two tokens have the same name")
+        users = [u.name for u in self.users]
+        if len(set(users)) != len(users):
+            raise ValueError("two users have the same name")
         return self
 
 

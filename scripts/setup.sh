@@ -27,6 +27,7 @@ APT_PACKAGES=(
   systemd                    # tests: systemd-analyze verifies the service's unit (appliance/systemd/)
   vagrant vagrant-libvirt openssh-client  # tests: vagrant validate checks the top-level Vagrantfile (it makes a key)
   mmdebstrap grub-pc-bin grub-efi-amd64-bin ovmf genisoimage  # tests: build and boot the appliance (appliance/)
+  chromium chromium-driver   # tests: Selenium drives the web console in a real (headless) browser
   "$@"
 )
 

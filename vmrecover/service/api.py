@@ -61,7 +61,7 @@ from ..recovery import qemu_run, sessions
 from ..repo.catalog import Catalog, check_name
 from ..repo.keys import PASSPHRASE_ENV
 from ..repo.repository import Repository
-from . import metrics, tls
+from . import console, metrics, tls
 from .auth import (
     LOCAL_SCOPE_KEY,
     ASGIApp,
@@ -71,6 +71,7 @@ from .auth import (
     Receive,
     Scope,
     Send,
+    WebSessions,
     error_doc,
     send_json,
 )
@@ -137,6 +138,7 @@ class ApiState:
     service: Service
     repos: RepoViews
     failures: FailureLimiter = field(default_factory=FailureLimiter)
+    web: WebSessions = field(default_factory=WebSessions)  # the console's sign-ins
     chunk_usage: metrics.ChunkUsage = field(default_factory=metrics.ChunkUsage)
     # (method, path pattern, limit or None for none) of routes that take larger bodies than MAX_BODY
     # (push ingest's disk streams); the first that matches a request applies
@@ -352,14 +354,20 @@ def build_app(service: Service) -> FastAPI:
         title="vmrecover", version=__version__, openapi_url=f"{API}/openapi.json", docs_url=None,
         redoc_url=None, responses=errors,
         description="Restore points, jobs, recovery sessions and single-file restore of a vmrecover "
-        "appliance. Every endpoint but health takes 'Authorization: Bearer TOKEN'.",
+        "appliance. Every endpoint but health and the console's sign-in takes 'Authorization: Bearer "
+        "TOKEN', or the console's session cookie (with X-CSRF-Token on every change).",
     )  # fmt: skip
     app.state.vmrecover = state
     app.add_middleware(_BodyLimit, limit_for=state.body_limit)
     app.add_middleware(
-        AuthMiddleware, tokens=lambda: service.config.api.tokens, limiter=state.failures, public=PUBLIC
+        AuthMiddleware,
+        api=lambda: service.config.api,
+        limiter=state.failures,
+        public=PUBLIC | console.PUBLIC,
+        sessions=state.web,
     )
     app.add_middleware(_Count)
+    app.add_middleware(console.SecurityHeaders)
     _handlers(app)
     _openapi(app)
     _repository_routes(app, state)
@@ -368,6 +376,7 @@ def build_app(service: Service) -> FastAPI:
     _job_routes(app, state)
     _file_routes(app, state)
     state.reaper = push_routes(app, state, API, _json)
+    console.console_routes(app, state, _json)
     return app
 
 
@@ -786,10 +795,28 @@ def _file_routes(app: FastAPI, st: ApiState) -> None:
         doc = await st.thread(lambda: call({"op": "ls", "target": target, "path": guest}, entries.extend))
         return _json(doc | {"entries": entries})
 
+    @app.get(f"{API}/vms/{{vm}}/files/find", tags=["single-file restore"])
+    async def find(vm: str, pattern: str, points: Literal["all", "latest"] = "all") -> Response:
+        """Guest paths whose name matches *pattern* (``*.conf``; with a ``/``: the whole path) in each
+        of the VM's points (as `vmrecover files find`): one appliance per point, started in turn."""
+        name, pat = _vm(vm), console.check_pattern(pattern)
+        found: list[dict[str, Any]] = []
+        req = {"op": "find", "vm": name, "pattern": pat, "points": points}
+        doc = await st.thread(lambda: call(req, found.extend))
+        return _json(doc | {"entries": found})
+
+    @app.get(f"{API}/vms/{{vm}}/files/history", tags=["single-file restore"])
+    async def file_history(vm: str, path: str) -> Response:
+        """One guest path across the VM's points, oldest first: which points hold which version
+        (kind, size, mode, time, SHA-256) and what changed from the point before (as `vmrecover files
+        history`)."""
+        name, guest = _vm(vm), _guest_path(path)
+        return _json(await st.thread(lambda: call({"op": "history", "vm": name, "path": guest})))
+
     @app.get(f"{files}/content", tags=["single-file restore"])
-    async def download(vm: str, point: str, path: str) -> Response:
-        """Download a guest file, or a folder as a tar (modes, times and numeric owners kept; no device
-        nodes, no setuid/setgid bits)."""
+    async def download(vm: str, point: str, path: str, format: Literal["tar", "zip"] = "tar") -> Response:
+        """Download a guest file, or a folder as a tar or a zip (modes, times and numeric owners kept;
+        no device nodes, no setuid/setgid bits), streamed."""
         target, guest = _target(vm, point), _guest_path(path)
 
         def fetch() -> tuple[IO[bytes], int, str, str, list[IO[bytes]]]:
@@ -815,6 +842,21 @@ def _file_routes(app: FastAPI, st: ApiState) -> None:
                 raise
 
         src, size, name, kind, opened = await st.thread(fetch)
+        if kind == "application/x-tar" and format == "zip":
+            blocks = console.tar_to_zip(tarfile.open(fileobj=src, mode="r:"))  # noqa: SIM115 (closed below)
+
+            async def zipped() -> AsyncIterator[bytes]:
+                try:
+                    while (block := await st.thread(partial(next, blocks, None))) is not None:
+                        if block:
+                            yield block
+                finally:
+                    blocks.close()
+                    for f in opened:
+                        f.close()
+
+            headers = {"content-disposition": _disposition(name.removesuffix(".tar") + ".zip")}
+            return _Streaming(zipped(), media_type="application/zip", headers=headers)
 
         async def body() -> AsyncIterator[bytes]:
             try:

@@ -84,7 +84,10 @@ class User(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return check_name("user", v)
+        try:
+            return check_name("user", v)
+        except BadInput as exc:
+            raise ValueError(exc.message) from None
 
 
 class Api(_Strict):

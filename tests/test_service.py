@@ -295,6 +295,12 @@ def test_a_session_runs_under_qemu_on_the_appliance_and_stops_with_it(
         )
         assert status == 201 and doc["published"]["platform"] == "qemu", doc
         pid = doc["published"]["pid"]
+        # its screen, now (QMP screendump): the firmware's first lines
+        shot = s.pool.urlopen("GET", "/api/v1/sessions/q1/screenshot", headers=s.headers)
+        assert shot.status == 200 and shot.headers["content-type"] == "image/png", shot.data[:200]
+        assert shot.data[:8] == b"\x89PNG\r\n\x1a\n" and len(shot.data) > 1000
+        status, err = s.call("GET", "/api/v1/sessions/nope/screenshot")
+        assert status == 404, err
         deadline = time.monotonic() + 240
         text = ""
         while "VMRECOVER-GUEST-BOOT n=1" not in text and time.monotonic() < deadline:
@@ -306,6 +312,7 @@ def test_a_session_runs_under_qemu_on_the_appliance_and_stops_with_it(
         status, doc = s.call("DELETE", "/api/v1/sessions/q1")
         assert status == 200 and doc["stopped"], doc
         assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert not list((cli.repo / "run" / "qmp").iterdir())  # its QMP socket went with it
         status, doc = s.call(
             "POST", "/api/v1/sessions", {"vm": "g", "name": "q2", "run": "qemu", "memory": "512M"}
         )

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput, VmrecoverError
+from ..errors import BadInput, NotFound, VmrecoverError
 from ..qemu import accelerator
 from ..repo.catalog import BootCheck, Point, now_iso
 from ..repo.repository import Repository
@@ -153,6 +153,29 @@ def png(width: int, height: int, rgb: bytes) -> bytes:
     )
 
 
+def screendump(qmp: Qmp, scratch: Path) -> tuple[int, int, bytes]:
+    """(width, height, RGB) of the screen now, through a PPM qemu writes into the folder *scratch*."""
+    shot = scratch / "screen.ppm"
+    qmp.command("screendump", filename=str(shot))
+    try:
+        return read_ppm(shot.read_bytes())
+    finally:
+        shot.unlink(missing_ok=True)
+
+
+def session_screenshot(target: qemu_run.Published) -> bytes:
+    """The screen of a session's running qemu, as a PNG (blocking: a QMP connection of its own)."""
+    if not target.qmp or not qemu_run.alive(target):
+        raise NotFound(f"session {target.vm_name} has no running qemu to take a screenshot of")
+    scratch = Path(tempfile.mkdtemp(prefix="vmr-screen-"))
+    qmp = Qmp(Path(target.qmp), timeout=10)
+    try:
+        return png(*screendump(qmp, scratch))
+    finally:
+        qmp.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 class Screen:
     """The screen as seen so far: judged stable once unchanged and not blank for *stable_s*."""
 
@@ -223,18 +246,17 @@ def boot_check(
             raise BadInput(f"--expect {expect!r} is not a regular expression: {exc}") from None
     accel = accelerator()
     session = sessions.start(repo, point, name=f"boot-check-{point.id}-{int(time.time())}")
-    qmp_dir = Path(tempfile.mkdtemp(prefix="vmr-boot-check-"))  # short: a socket's path has 108 bytes
-    qmp_path = qmp_dir / "qmp.sock"
+    scratch = Path(tempfile.mkdtemp(prefix="vmr-boot-check-"))  # qemu's screendumps
     started = clock()
     screen = Screen()
     verdict, detail, serial = "error", "", ""
     qmp: Qmp | None = None
     target = None
     try:
-        extra = [*QEMU_EXTRA, "-qmp", f"unix:{qmp_path},server=on,wait=off"]
-        target = qemu_run.publish(repo, session, point, memory=memory, cpus=cpus, accel=accel, extra=extra)
+        target = qemu_run.publish(repo, session, point, memory=memory, cpus=cpus, accel=accel,
+                                  extra=QEMU_EXTRA)  # fmt: skip
         console = Path(target.console)
-        qmp = Qmp(qmp_path)
+        qmp = Qmp(Path(target.qmp))
         progress(f"booting {point.vm}@{point.id} ({accel}, time-out {timeout:.0f} s)")
         ended = False
         while True:
@@ -249,9 +271,7 @@ def boot_check(
             try:
                 qmp.drain()
                 if not ended:
-                    shot = qmp_dir / "screen.ppm"
-                    qmp.command("screendump", filename=str(shot))
-                    screen.see(t, *read_ppm(shot.read_bytes()))
+                    screen.see(t, *screendump(qmp, scratch))
             except (EOFError, OSError, VmrecoverError):
                 ended = True
             if ended or not qemu_run.alive(target):
@@ -285,7 +305,7 @@ def boot_check(
         if target is not None:
             qemu_run.unpublish(repo, None, session, target)
         sessions.stop(repo, session.name)
-        shutil.rmtree(qmp_dir, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     check = BootCheck(
         point=point.id, checked=now_iso(), ok=verdict in VERDICTS_OK, verdict=verdict, detail=detail,
         seconds=round(seconds, 1), accel=accel, serial=serial[-SERIAL_KEEP:], screenshot=screen.png(),

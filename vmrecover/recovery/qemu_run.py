@@ -6,7 +6,8 @@ session stops the VM the same way as on vSphere or XenServer.  qemu reads and wr
 disks through the service's FUSE mount, else over ``nfs://`` from its own export on the loopback (the
 session's overlay gets the writes, the backup none), with no network device (the recovered
 VM must not meet the production one it replaces until someone decides so), its serial console written
-to ``console.log`` in the session's folder, and no reboot.
+to ``console.log`` in the session's folder, its QMP monitor on a private socket (the console's
+screenshots: healthcheck.session_screenshot), and no reboot.
 
 The service owns these processes: its own stop stops them (their disks go away with its export), and
 its next start stops what a killed service left running (:func:`stop_all`).
@@ -17,11 +18,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, VmrecoverError
@@ -47,6 +51,7 @@ class Published:
     started: str = ""
     vm: str = ""
     vm_name: str = ""
+    qmp: str = ""  # qemu's QMP socket (none for sessions started before it had one)
 
 
 def published(repo: Repository, session: Session) -> Published | None:
@@ -84,6 +89,8 @@ def publish(
     if not disks:
         raise BadInput(f"point {point.id} of {point.vm} has no disk")
     console = repo.session_dir(session.id) / CONSOLE
+    qmp = _qmp_path(repo, session)
+    extra = [*extra, "-qmp", f"unix:{qmp},server=on,wait=off"]
     argv = qemu_boot.argv([], memory=memory, cpus=cpus, serial=console, accel=accel, extra=extra,
                           drives=[qemu_boot.drive(f"{where}/{d.name}.raw") for d in disks])  # fmt: skip
     logfile = repo.session_dir(session.id) / "qemu.log"
@@ -93,7 +100,7 @@ def publish(
     _children[proc.pid] = proc
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     target = Published(
-        PLATFORM, "appliance", proc.pid, str(console), argv, started, session.name, session.name
+        PLATFORM, "appliance", proc.pid, str(console), argv, started, session.name, session.name, str(qmp)
     )
     sessions.set_target(repo, session, asdict(target))
     try:
@@ -103,11 +110,35 @@ def publish(
         return target
     sessions.set_target(repo, session, None)
     _children.pop(proc.pid, None)
+    _forget_qmp(str(qmp))
     tail = logfile.read_text(errors="replace").strip().splitlines()[-3:]
     raise VmrecoverError(
         f"qemu ended at once (exit {proc.returncode}) for session {session.name}: {' / '.join(tail)}",
         hint=f"see {logfile}",
     )
+
+
+def _qmp_path(repo: Repository, session: Session) -> Path:
+    """``REPO/run/qmp/<session id>.sock`` (0700 folder), or in a private temporary folder when that
+    path is too long for a socket (108 bytes)."""
+    folder = repo.run_dir() / "qmp"
+    path = folder / f"{session.id}.sock"
+    if len(os.fsencode(path)) >= 100:
+        return Path(tempfile.mkdtemp(prefix="vmr-qmp-")) / "qmp.sock"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # of a killed service's qemu
+    return path
+
+
+def _forget_qmp(path: str) -> None:
+    if not path:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    parent = os.path.dirname(path)
+    if os.path.basename(parent).startswith("vmr-qmp-"):
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def _ours(target: Published) -> bool:
@@ -148,6 +179,7 @@ def unpublish(repo: Repository, conn: Any, session: Session, target: Published) 
         if _ours(target):
             os.kill(target.pid, signal.SIGKILL)
     _reap(target.pid, wait=True)
+    _forget_qmp(target.qmp)
     sessions.set_target(repo, session, None)
     log.info("session %s: its qemu (pid %d) is stopped", session.name, target.pid)
 

@@ -698,6 +698,21 @@ def _session_routes(app: FastAPI, st: ApiState) -> None:
 
         return Response(await st.blocking(run), media_type="text/plain; charset=utf-8")
 
+    @app.get(f"{API}/sessions/{{name}}/screenshot", tags=["recovery sessions"])
+    async def screenshot(name: str) -> Response:
+        """The screen now (PNG) of a session run under qemu here."""
+        from ..recovery.healthcheck import session_screenshot
+
+        check_name("session", name)
+
+        def run(repo: Repository) -> bytes:
+            target = qemu_run.published(repo, repo.catalog.session(name))
+            if target is None:
+                raise NotFound(f"session {name} does not run under qemu here", hint="start it with run: qemu")
+            return session_screenshot(target)
+
+        return Response(await st.blocking(run), media_type="image/png")
+
     @app.post(f"{API}/nfs/allow", tags=["recovery sessions"])
     async def nfs_allow(body: NfsAllow) -> Response:
         """Let more clients (a hypervisor's hosts) mount the service's NFS export, at once and until the

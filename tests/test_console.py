@@ -374,6 +374,21 @@ def test_start_and_stop_a_recovery_session(console: Console, browser: Browser) -
     browser.wait("#no-sessions")
     assert console.cli.json("recover", "list") == []
 
+    # run here, under qemu: its screen is shown with the session (and refreshed) while it runs
+    from selenium.webdriver.support.ui import Select
+
+    browser.go(console.url + "/#/sessions?vm=g&point=latest")
+    browser.wait("#recover-name").send_keys("web-q1")
+    Select(browser.wait("#recover-where")).select_by_value("qemu")
+    browser.wait("#recover-start").click()
+    browser.wait("#recover-progress", text="web-q1 is up")
+    img = browser.wait('img[data-screen="web-q1"]', timeout=30)
+    assert browser.js("return arguments[0].complete && arguments[0].naturalWidth", img) >= 320
+    browser.shot("10-recover-qemu")
+    browser.wait('[data-stop="web-q1"]').click()
+    browser.wait("#no-sessions")
+    assert console.cli.json("recover", "list") == []
+
 
 def test_a_read_only_user_sees_no_mutation_and_is_refused_one(console: Console, browser: Browser) -> None:
     browser.sign_in(console.url, "bob")
@@ -386,7 +401,7 @@ def test_a_read_only_user_sees_no_mutation_and_is_refused_one(console: Console, 
     browser.go(console.url + "/#/vms/g")
     browser.wait("#point-detail h2")
     assert not browser.all("#boot-check-button") and not browser.all("#recover-button")
-    browser.shot("10-read-only")
+    browser.shot("11-read-only")
     csrf = json.loads(browser.fetch("GET", "/api/v1/console/session")["body"])["csrf"]
     got = browser.fetch("POST", "/api/v1/jobs/nightly/run", {"X-CSRF-Token": csrf})
     assert got["status"] == 403 and "read-only" in got["body"], got
@@ -425,7 +440,7 @@ def test_csrf_from_another_origin_fails(console: Console, browser: Browser) -> N
     try:
         browser.go(f"http://127.0.0.1:{evil.server_address[1]}/")
         time.sleep(3)
-        browser.shot("11-csrf-attempt")
+        browser.shot("12-csrf-attempt")
     finally:
         evil.shutdown()
         evil.server_close()

@@ -190,6 +190,12 @@ function growthChart(growth) {
   add("line", { x1: pad, y1: H - pad + 10, x2: W - pad, y2: H - pad + 10, class: "axis" });
   add("path", { d: line("virtual_bytes"), class: "virtual" });
   add("path", { d: line("stored_bytes"), class: "stored" });
+  if (growth.length <= 60) {  // the days themselves, so that one day alone shows too
+    growth.forEach((g, i) => {
+      add("circle", { cx: x(i).toFixed(1), cy: y(g.virtual_bytes).toFixed(1), r: 3, class: "virtual" });
+      add("circle", { cx: x(i).toFixed(1), cy: y(g.stored_bytes).toFixed(1), r: 3, class: "stored" });
+    });
+  }
   add("text", { x: pad, y: 14, class: "legend virtual" }, "protected (disks of the points kept): " + bytes(last.virtual_bytes));
   add("text", { x: pad, y: 30, class: "legend stored" }, "stored after deduplication and compression: " + bytes(last.stored_bytes) + " (" + ratio + "x)");
   add("text", { x: pad, y: H - 4, class: "legend" }, growth[0].day);
@@ -408,16 +414,26 @@ async function showSessions(params, note) {
   const [sessions, d] = await Promise.all([api("GET", "/sessions"), api("GET", "/dashboard")]);
   const rows = sessions.map((s) => {
     const pub = s.published || {};
-    const consoleLink = pub.platform === "qemu"
+    const qemu = pub.platform === "qemu";
+    const consoleLink = qemu
       ? h("a", { href: `${API}/sessions/${enc(s.name)}/console`, target: "_blank", rel: "noopener" }, "serial console") : null;
+    const shot = qemu ? h("img", { class: "thumb", alt: "the session's screen", dataset: { screen: s.name } }) : null;
+    if (shot) {
+      const refresh = () => { shot.src = `${API}/sessions/${enc(s.name)}/screenshot?t=${Date.now()}`; };
+      shot.addEventListener("error", () => { shot.hidden = true; });
+      shot.addEventListener("load", () => { shot.hidden = false; });
+      refresh();
+      state.timers.push(setInterval(refresh, 5000));
+    }
     return h("tr", { dataset: { session: s.name } },
-      h("td", {}, s.name), h("td", {}, s.vm), h("td", {}, when(s.created)),
+      h("td", {}, s.name, shot), h("td", {}, s.vm), h("td", {}, when(s.created)),
       h("td", {}, pub.platform || "datastores"), h("td", {}, bytes(Object.values(s.written || {}).reduce((a, x) => a + x, 0))),
       h("td", {}, consoleLink, " ",
         adminOnly(button("Migrate…", () => migrate(s))),
         adminOnly(button("Stop", async (ev) => {
           ev.target.disabled = true;
           try { await api("DELETE", "/sessions/" + enc(s.name)); toast("Session " + s.name + " stopped"); } catch (err) { failed(err); }
+          stopStreams();
           await showSessions(new URLSearchParams());
         }, { class: "danger", dataset: { stop: s.name } }))));
   });
@@ -438,6 +454,7 @@ async function showSessions(params, note) {
     try {
       const s = await api("POST", "/sessions", body);
       const up = `Session ${s.name} is up in ${((performance.now() - t0) / 1000).toFixed(1)} s.`;
+      stopStreams();
       await showSessions(new URLSearchParams(), up);
     } catch (err) { progress.textContent = ""; failed(err); }
   }

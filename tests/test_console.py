@@ -44,8 +44,10 @@ pytestmark = [needs_fuse]
 class Console:
     """The served console: its URL, the CLI of its repository, tokens, and HTTPS calls as a script."""
 
-    def __init__(self, cli: Cli, served: Served, port: int, cert: Path, tokens: dict[str, str]) -> None:
+    def __init__(self, cli: Cli, served: Served, port: int, cert: Path, tokens: dict[str, str], config: Path,
+                 job_image: Path) -> None:  # fmt: skip
         self.cli, self.served, self.port, self.tokens = cli, served, port, tokens
+        self.config, self.job_image = config, job_image
         self.url = f"https://127.0.0.1:{port}"
         self.pool = urllib3.HTTPSConnectionPool(
             "127.0.0.1", port, ca_certs=str(cert), cert_reqs="CERT_REQUIRED", retries=False, timeout=300
@@ -110,7 +112,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, guest_image: Path) -> Iter
     console_pool: urllib3.HTTPSConnectionPool | None = None
     try:
         [(_, port)] = served.record["api"]
-        console = Console(cli, served, port, tls.default_paths(cfg)[0], tokens)
+        console = Console(cli, served, port, tls.default_paths(cfg)[0], tokens, cfg, root / "job.raw")
         console_pool = console.pool
         yield console
     finally:
@@ -356,6 +358,66 @@ def next_name(browser: Browser, suffix: str, timeout: float = 120) -> str:
             return done[0].name
         assert time.monotonic() < deadline, sorted(browser.downloads.iterdir())
         time.sleep(0.2)
+
+
+def test_create_edit_and_delete_a_job(console: Console, browser: Browser) -> None:
+    """Jobs made in the console are files of jobs.d/ beside the configuration (the main file is never
+    rewritten), taken at once by the scheduler; the configuration file's own jobs are not editable
+    there, and hooks (commands run on the appliance) cannot be set through the API."""
+    import tomllib
+
+    jobs_d = console.config.parent / "jobs.d"
+    main_text = console.config.read_text()
+    browser.sign_in(console.url, "alice")
+    browser.go(console.url + "/#/jobs")
+    browser.wait("#job-new").click()
+    browser.wait("#job-name").send_keys("web-job")
+    browser.wait("#job-schedule").clear()
+    browser.wait("#job-schedule").send_keys("99 3 * * *")
+    browser.wait("#job-images").send_keys(str(console.job_image))
+    browser.wait("#job-vm").send_keys("webvm")
+    browser.wait("#job-keep_last").send_keys("3")
+    browser.wait("#job-save").click()
+    browser.wait("#job-error", text="not a cron schedule")
+    assert not (jobs_d / "web-job.toml").exists()
+    browser.wait("#job-schedule").clear()
+    browser.wait("#job-schedule").send_keys("30 3 * * *")
+    browser.wait("#job-save").click()
+    browser.wait('#jobs tr[data-job="web-job"]')
+    browser.shot("13-job-created")
+    saved = tomllib.loads((jobs_d / "web-job.toml").read_text())
+    assert saved == {"name": "web-job", "schedule": "30 3 * * *", "images": [str(console.job_image)],
+                     "vm": "webvm", "retention": {"keep_last": 3}}  # fmt: skip
+    ops = {"Authorization": f"Bearer {console.tokens['ops']}"}
+    [job] = [j for j in console.call("GET", "/api/v1/jobs", headers=ops).json() if j["name"] == "web-job"]
+    assert job["managed"] and "T03:30:00" in job["next_run"], job  # the scheduler has it
+    browser.wait("#job-edit").click()
+    browser.wait("#job-schedule").clear()
+    browser.wait("#job-schedule").send_keys("45 4 * * 1")
+    browser.wait("#job-save").click()
+    browser.wait('#jobs tr[data-job="web-job"]', text="45 4 * * 1")
+    assert tomllib.loads((jobs_d / "web-job.toml").read_text())["schedule"] == "45 4 * * 1"
+
+    r = console.call("PUT", "/api/v1/jobs/nightly", headers=ops, body={"schedule": "0 1 * * *"})
+    assert r.status == 409 and "defined in" in r.json()["message"], r.data
+    hooked = {"schedule": "0 1 * * *", "kind": "gc", "pre_hook": ["/bin/sh", "-c", "id"]}
+    r = console.call("PUT", "/api/v1/jobs/evil", headers=ops, body=hooked)
+    assert r.status == 400 and "hooks" in r.json()["message"], r.data
+    r = console.call("PUT", "/api/v1/jobs/..%2fx", headers=ops, body={"schedule": "0 1 * * *", "kind": "gc"})
+    assert r.status in (400, 404), r.data
+    r = console.call("PUT", "/api/v1/jobs/typo", headers=ops, body={"schedule": "0 1 * * *", "kinds": "gc"})
+    assert r.status == 400 and "kinds" in r.json()["message"], r.data
+    viewer = {"Authorization": f"Bearer {console.tokens['viewer']}"}
+    r = console.call("DELETE", "/api/v1/jobs/web-job", headers=viewer)
+    assert r.status == 403, r.data
+    assert sorted(p.name for p in jobs_d.iterdir()) == ["web-job.toml"]
+
+    browser.driver.execute_script("window.confirm = () => true")
+    browser.wait("#job-delete").click()
+    browser.wait("#jobs")
+    assert not (jobs_d / "web-job.toml").exists()
+    assert "web-job" not in [j["name"] for j in console.call("GET", "/api/v1/jobs", headers=ops).json()]
+    assert console.config.read_text() == main_text
 
 
 def test_start_and_stop_a_recovery_session(console: Console, browser: Browser) -> None:

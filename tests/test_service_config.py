@@ -128,3 +128,34 @@ def test_a_boot_check_job_names_repository_vms_and_a_valid_pattern() -> None:
     ):
         with pytest.raises(config.ValidationError, match=pattern):
             config.Job(**job, **bad)
+
+
+def test_jobs_of_jobs_d_join_the_files_jobs_and_their_mistakes_name_their_file(tmp_path: Path) -> None:
+    main = tmp_path / "vmrecover.toml"
+    main.write_text('[repository]\npath = "/srv/repo"\n\n[[jobs]]\nname = "nightly"\nkind = "gc"\n'
+                    'schedule = "0 2 * * *"\n')  # fmt: skip
+    assert [j.name for j in config.load(main).jobs] == ["nightly"] and config.managed_jobs(main) == set()
+    made = config.save_job(main, config.Job(name="weekly", kind="verify", schedule="0 3 * * 0"))
+    assert [j.name for j in made.jobs] == ["nightly", "weekly"] and config.managed_jobs(main) == {"weekly"}
+    saved = tmp_path / "jobs.d" / "weekly.toml"
+    assert saved.read_text().startswith('name = "weekly"\n') and (saved.stat().st_mode & 0o777) == 0o640
+    # a job of the same name as the file's is refused, and the file is not left behind
+    with pytest.raises(config.ConfigError, match=r"jobs\.d/nightly\.toml: two jobs are named 'nightly'"):
+        config.save_job(main, config.Job(name="nightly", kind="gc", schedule="0 4 * * *"))
+    assert not (tmp_path / "jobs.d" / "nightly.toml").exists()
+    # a replacement that the whole configuration refuses puts the previous file back
+    before = saved.read_text()
+    main.write_text(main.read_text() + '\n[[jobs]]\nname = "weekly"\nkind = "gc"\nschedule = "0 5 * * *"\n')
+    with pytest.raises(config.ConfigError, match="two jobs are named 'weekly'"):
+        config.save_job(main, config.Job(name="weekly", kind="verify", schedule="0 6 * * 0"))
+    assert saved.read_text() == before
+    main.write_text(main.read_text().rsplit("\n[[jobs]]", 1)[0])
+    saved.write_text(before + 'schedul = "0 1 * * *"\n')
+    with pytest.raises(config.ConfigError, match=r"weekly\.toml:4: schedul: unknown key"):
+        config.load(main)
+    (tmp_path / "jobs.d" / "other.toml").write_text('name = "weekly2"\nkind = "gc"\nschedule = "0 1 * * *"\n')
+    saved.write_text(before)
+    with pytest.raises(config.ConfigError, match="named 'weekly2', not 'other'"):
+        config.load(main)
+    (tmp_path / "jobs.d" / "other.toml").unlink()
+    assert [j.name for j in config.delete_job(main, "weekly").jobs] == ["nightly"]

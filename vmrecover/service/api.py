@@ -46,12 +46,12 @@ from pathlib import Path
 from typing import IO, Annotated, Any, Literal, TypeVar
 
 import trio
-from fastapi import FastAPI, Query, Request
+from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from starlette.exceptions import HTTPException
 
 from .. import __version__
@@ -61,7 +61,7 @@ from ..recovery import qemu_run, sessions
 from ..repo.catalog import Catalog, check_name
 from ..repo.keys import PASSPHRASE_ENV
 from ..repo.repository import Repository
-from . import console, metrics, tls
+from . import config, console, metrics, tls
 from .auth import (
     LOCAL_SCOPE_KEY,
     ASGIApp,
@@ -139,6 +139,7 @@ class ApiState:
     repos: RepoViews
     failures: FailureLimiter = field(default_factory=FailureLimiter)
     web: WebSessions = field(default_factory=WebSessions)  # the console's sign-ins
+    config_lock: trio.Lock = field(default_factory=trio.Lock)  # one change of jobs.d/ at a time
     chunk_usage: metrics.ChunkUsage = field(default_factory=metrics.ChunkUsage)
     # (method, path pattern, limit or None for none) of routes that take larger bodies than MAX_BODY
     # (push ingest's disk streams); the first that matches a request applies
@@ -741,8 +742,11 @@ def _job_routes(app: FastAPI, st: ApiState) -> None:
 
     @app.get(f"{API}/jobs", tags=["jobs"])
     async def jobs() -> Response:
-        """Every configured job: schedule, next run, state and its latest run."""
-        return _json(st.scheduler().jobs())
+        """Every configured job: schedule, next run, state, its latest run, and whether the console
+        may edit it (`managed`: it lives in jobs.d/)."""
+        jobs = st.scheduler().jobs()
+        ours = await st.thread(lambda: config.managed_jobs(st.service.config_path))
+        return _json([j | {"managed": j["name"] in ours} for j in jobs])
 
     @app.post(f"{API}/jobs/{{name}}/run", tags=["jobs"], status_code=202)
     async def run_job(name: str) -> Response:
@@ -754,6 +758,50 @@ def _job_routes(app: FastAPI, st: ApiState) -> None:
         except KeyError:
             raise NotFound(f"no job named {name!r}") from None
         return _json({"job": name, "run": run_id}, 202)
+
+    @app.get(f"{API}/jobs/{{name}}/definition", tags=["jobs"])
+    async def definition(name: str) -> Response:
+        """The job as configured, and whether the console may edit it (`managed`: it lives in
+        jobs.d/; jobs of the configuration file are edited there)."""
+        job = st.service.config.job(known(name))
+        managed = name in await st.thread(lambda: config.managed_jobs(st.service.config_path))
+        return _json({"job": job.model_dump(mode="json"), "managed": managed})
+
+    @app.put(f"{API}/jobs/{{name}}", tags=["jobs"])
+    async def put_job(name: str, body: Annotated[dict[str, Any], Body()]) -> Response:
+        """Create or replace a job of jobs.d/ (the job's keys as in the configuration, without its
+        name), then apply the configuration as a reload does.  Hooks are refused: they run commands
+        on the appliance, and are set in the configuration file only."""
+        check_name("job", name)
+        if {"pre_hook", "post_hook", "hook_timeout"} & set(body):
+            raise BadInput("hooks cannot be set from the API: they run commands on the appliance",
+                           hint=f"set pre_hook/post_hook in {st.service.config_path}")  # fmt: skip
+        async with st.config_lock:
+            path = st.service.config_path
+            ours = await st.thread(lambda: config.managed_jobs(path))
+            if name not in ours and any(j.name == name for j in st.service.config.jobs):
+                raise Incompatible(f"job {name!r} is defined in {path}", hint="edit it there (then reload)")
+            try:
+                job = config.Job.model_validate({**body, "name": name})
+            except ValidationError as exc:
+                e = exc.errors()[0]
+                where = ".".join(str(x) for x in e["loc"]) or "job"
+                raise BadInput(f"job {name!r}: {where}: {e['msg'].removeprefix('Value error, ')}") from None
+            await st.thread(lambda: config.save_job(path, job))
+            await _apply_configuration(st)
+        return _json({"job": job.model_dump(mode="json"), "managed": True, "created": name not in ours})
+
+    @app.delete(f"{API}/jobs/{{name}}", tags=["jobs"])
+    async def delete_job(name: str) -> Response:
+        """Delete a job of jobs.d/ (its runs' history stays)."""
+        known(name)
+        async with st.config_lock:
+            path = st.service.config_path
+            if name not in await st.thread(lambda: config.managed_jobs(path)):
+                raise Incompatible(f"job {name!r} is defined in {path}", hint="delete it there (then reload)")
+            await st.thread(lambda: config.delete_job(path, name))
+            await _apply_configuration(st)
+        return _json({"deleted": name})
 
     @app.get(f"{API}/jobs/{{name}}/history", tags=["jobs"])
     async def history(name: str, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Response:
@@ -773,6 +821,14 @@ def _job_routes(app: FastAPI, st: ApiState) -> None:
             return _json(st.scheduler().run(run_id))
         except KeyError:
             raise NotFound(f"no run {run_id}", hint="see /api/v1/jobs/{name}/history") from None
+
+
+async def _apply_configuration(st: ApiState) -> None:
+    """Take the configuration file (and jobs.d/) as it is now, as SIGHUP does."""
+    from .daemon import reload
+
+    if not await reload(st.service):
+        raise VmrecoverError("the configuration could not be read again", hint="see the service's log")
 
 
 def _file_routes(app: FastAPI, st: ApiState) -> None:

@@ -23,6 +23,7 @@ from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import BadInput
+from ..fsutil import write_file
 from ..repo.catalog import check_name
 from ..repo.repository import parse_size
 
@@ -479,8 +480,22 @@ def _check_unique_jobs(doc: dict[str, Any]) -> None:
         seen.add(name)
 
 
-def load(path: Path) -> Config:
-    """Read and check *path*; ConfigError naming the line and key of the first problem."""
+def _schema_error(path: Path, text: str, exc: ValidationError | _Located) -> ConfigError:
+    """The first schema problem of *text* (the file *path*) as a ConfigError naming its line and key."""
+    e = exc.errors()[0]
+    loc = tuple(e["loc"])
+    where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+    line = _line_of(text, loc)
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key (a typo?)"
+    elif e["type"] == "missing":
+        msg = "missing"
+    hint = f"see the commented example {EXAMPLE}"
+    return ConfigError(f"{path}:{line if line else '?'}: {where or '(top)'}: {msg}", hint=hint)
+
+
+def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         text = path.read_text()
     except OSError as exc:
@@ -488,26 +503,55 @@ def load(path: Path) -> Config:
             f"cannot read configuration {path}: {exc.strerror}", hint=f"create it: see {EXAMPLE}"
         ) from None
     try:
-        doc = tomllib.loads(text)
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}", hint="fix the TOML syntax there") from None
+
+
+# Jobs made or edited in the web console: one TOML file each (the job's keys at the top level) in
+# ``jobs.d/`` beside the configuration file, named after the job; read after the file's own [[jobs]].
+# The console never rewrites the main file (its comments and layout are the administrator's); the
+# jobs defined there are shown, run, but edited only there.
+JOBS_DIR = "jobs.d"
+
+
+def jobs_dir(config_path: Path) -> Path:
+    return config_path.parent / JOBS_DIR
+
+
+def _job_files(config_path: Path) -> list[Path]:
+    d = jobs_dir(config_path)
+    return sorted(p for p in d.glob("*.toml") if p.is_file()) if d.is_dir() else []
+
+
+def load(path: Path) -> Config:
+    """Read and check *path* (and the jobs of its ``jobs.d/``); ConfigError naming the file, line and
+    key of the first problem."""
+    text, doc = _read_toml(path)
+    main_jobs = len(doc.get("jobs") or []) if isinstance(doc.get("jobs"), list) else 0
+    for f in _job_files(path):
+        job_text, job = _read_toml(f)
+        try:
+            Job.model_validate(job)
+        except ValidationError as exc:
+            raise _schema_error(f, job_text, exc) from None
+        if job.get("name") != f.stem:
+            raise ConfigError(f"{f}: its job is named {job.get('name')!r}, not {f.stem!r} as its file",
+                              hint="a file of jobs.d/ holds the job it is named after")  # fmt: skip
+        if isinstance(doc.get("jobs"), list):
+            doc["jobs"].append(job)
+        else:
+            doc["jobs"] = [job]
     try:
         _check_unique_jobs(doc)
         config = Config.model_validate(doc)
     except (ValidationError, _Located) as exc:
-        e = exc.errors()[0]
-        loc = tuple(e["loc"])
-        where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
-        line = _line_of(text, loc)
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (a typo?)"
-        elif e["type"] == "missing":
-            msg = "missing"
-        raise ConfigError(
-            f"{path}:{line if line else '?'}: {where or '(top)'}: {msg}",
-            hint=f"see the commented example {EXAMPLE}",
-        ) from None
+        loc = exc.errors()[0]["loc"]
+        if len(loc) >= 2 and loc[0] == "jobs" and isinstance(loc[1], int) and loc[1] >= main_jobs:
+            f = _job_files(path)[loc[1] - main_jobs]
+            msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{f}: {msg}", hint=f"the same name is used in {path}") from None
+        raise _schema_error(path, text, exc) from None
     pf = config.repository.passphrase_file
     if pf is not None:
         try:
@@ -544,3 +588,39 @@ def _check_private(path: Path, text: str, loc: tuple[str, ...], secret: Path) ->
 
 
 EXAMPLE = Path(__file__).with_name("example.toml")
+
+
+# ------------------------------------------------------------------------------------- console jobs
+def managed_jobs(config_path: Path) -> set[str]:
+    """The names of the jobs kept in ``jobs.d/`` (the console may edit and delete those)."""
+    return {f.stem for f in _job_files(config_path)}
+
+
+def save_job(config_path: Path, job: Job) -> Config:
+    """Write *job* as ``jobs.d/<name>.toml`` (replacing one of that name) and read the whole
+    configuration again; if that fails (the name is taken in the main file...), the previous file is
+    put back and the error raised.  The new Config is returned (the caller applies it, as a reload)."""
+    import tomli_w
+
+    d = jobs_dir(config_path)
+    d.mkdir(mode=0o750, exist_ok=True)
+    target = d / f"{check_name('job', job.name)}.toml"
+    before = target.read_bytes() if target.exists() else None
+    doc = job.model_dump(mode="json", exclude_defaults=True)
+    doc = {"name": job.name, **doc}  # (first, for a person who opens the file)
+    write_file(target, tomli_w.dumps(doc).encode(), what="job file", mode=0o640)
+    try:
+        return load(config_path)
+    except ConfigError:
+        if before is None:
+            target.unlink()
+        else:
+            write_file(target, before, what="job file", mode=0o640)
+        raise
+
+
+def delete_job(config_path: Path, name: str) -> Config:
+    """Remove the job *name* of ``jobs.d/``; the configuration read again."""
+    target = jobs_dir(config_path) / f"{check_name('job', name)}.toml"
+    target.unlink()
+    return load(config_path)

@@ -484,13 +484,76 @@ function migrate(s) {
 }
 
 // ------------------------------------------------------------------------------------------ jobs
+const list = (text) => text.split(",").map((x) => x.trim()).filter(Boolean);
+
+async function showJobForm(name) {
+  const d = name ? await api("GET", `/jobs/${enc(name)}/definition`) : { job: { kind: "backup", schedule: "0 2 * * *", enabled: true }, managed: true };
+  const j = d.job;
+  const field = (id, label, value, attrs) => {
+    const input = h("input", Object.assign({ id: "job-" + id, name: id, value: value ?? "" }, attrs || {}));
+    return [h("label", { for: "job-" + id }, label), input];
+  };
+  const kind = h("select", { id: "job-kind", name: "kind" }, ["backup", "gc", "verify", "boot-check"].map((k) =>
+    h("option", { value: k, selected: k === j.kind }, k)));
+  const enabled = h("input", { id: "job-enabled", type: "checkbox", checked: j.enabled !== false });
+  const full = h("input", { id: "job-full", type: "checkbox", checked: !!j.full });
+  const r = j.retention || {};
+  const msg = h("p", { class: "error", id: "job-error", role: "alert" });
+  const form = h("form", { id: "job-form", class: "card form-grid", onsubmit: async (ev) => {
+    ev.preventDefault();
+    const val = (id) => document.getElementById("job-" + id).value.trim();
+    const body = { kind: kind.value, schedule: val("schedule"), enabled: enabled.checked, full: full.checked };
+    const opt = { hypervisor: val("hypervisor"), vm: val("vm"), expect: val("expect"), boot_timeout: val("boot_timeout"),
+      bandwidth: val("bandwidth") };
+    for (const [k, v] of Object.entries(opt)) if (v) body[k] = v;
+    if (val("vms")) body.vms = list(val("vms"));
+    if (val("images")) body.images = list(val("images"));
+    const ret = {};
+    for (const k of ["keep_last", "daily", "weekly", "monthly"]) if (val(k)) ret[k] = Number(val(k));
+    if (Object.keys(ret).length) body.retention = ret;
+    const jobName = name || val("name");
+    try {
+      await api("PUT", "/jobs/" + enc(jobName), body);
+      toast(`Job ${jobName} saved`);
+      location.hash = "#/jobs/" + enc(jobName);
+    } catch (err) { msg.textContent = err.message + (err.hint ? " — " + err.hint : ""); }
+  } },
+  name ? null : field("name", "Name", "", { required: true }),
+  h("label", { for: "job-kind" }, "Kind"), kind,
+  field("schedule", "Schedule (cron: minute hour day month weekday)", j.schedule, { required: true }),
+  h("label", { for: "job-enabled" }, "Enabled"), enabled,
+  field("hypervisor", "Hypervisor (a backup of its VMs)", j.hypervisor),
+  field("vms", "VMs (comma-separated; names, folder:PATH, tag:TAG)", (j.vms || []).join(", ")),
+  field("images", "Or disk images on the appliance (comma-separated paths)", (j.images || []).join(", ")),
+  field("vm", "VM name for the images", j.vm),
+  h("label", { for: "job-full" }, "Always full"), full,
+  field("bandwidth", "Bandwidth (bytes/s, e.g. 100M)", j.bandwidth),
+  field("keep_last", "Keep the last", r.keep_last || "", { type: "number", min: 0 }),
+  field("daily", "Keep daily", r.daily || "", { type: "number", min: 0 }),
+  field("weekly", "Keep weekly", r.weekly || "", { type: "number", min: 0 }),
+  field("monthly", "Keep monthly", r.monthly || "", { type: "number", min: 0 }),
+  field("boot_timeout", "Boot-check time-out", j.boot_timeout),
+  field("expect", "Boot-check: booted when the serial console shows (regex)", j.expect),
+  h("span"), h("button", { type: "submit", id: "job-save" }, name ? "Save" : "Create"), h("span"), msg);
+  view(name ? "Edit job " + name : "New job", d.managed ? form
+    : h("p", { class: "muted" }, "This job is defined in the configuration file: edit it there, then reload the service."));
+}
+
 async function showJobs(name) {
   const jobs = await api("GET", "/jobs");
   const runs = await api("GET", name ? `/jobs/${enc(name)}/history?limit=50` : "/runs?limit=50");
+  const one = name ? jobs.find((j) => j.name === name) : null;
   view(name ? "Job " + name : "Jobs",
+    adminOnly(h("p", { class: "actions" },
+      name ? null : h("a", { class: "button", href: "#/job-edit", id: "job-new" }, "New job"),
+      one && one.managed ? h("a", { class: "button", href: "#/job-edit/" + enc(name), id: "job-edit" }, "Edit") : null,
+      one && one.managed ? button("Delete", async () => {
+        if (!confirm(`Delete job ${name}? Its history stays.`)) return;
+        try { await api("DELETE", "/jobs/" + enc(name)); toast(`Job ${name} deleted`); location.hash = "#/jobs"; } catch (err) { failed(err); }
+      }, { class: "danger", id: "job-delete" }) : null)),
     table(["job", "kind", "schedule", "state", "next run", ""], jobs.filter((j) => !name || j.name === name).map((j) =>
       h("tr", { dataset: { job: j.name } }, h("td", {}, h("a", { href: "#/jobs/" + enc(j.name) }, j.name)), h("td", {}, j.kind),
-        h("td", { class: "mono" }, j.schedule), h("td", {}, badge(j.state)), h("td", {}, when(j.next_run)),
+        h("td", { class: "mono" }, j.schedule), h("td", {}, badge(j.enabled ? j.state : "disabled")), h("td", {}, when(j.next_run)),
         h("td", {}, adminOnly(button("Run now", async () => {
           try {
             const r = await api("POST", `/jobs/${enc(j.name)}/run`);
@@ -553,6 +616,7 @@ async function route() {
       case "history": return await showHistory(parts[1], params);
       case "sessions": return await showSessions(params);
       case "jobs": return await showJobs(parts[1]);
+      case "job-edit": return await showJobForm(parts[1]);
       case "runs": return await showRun(Number(parts[1]));
       default: return await showDashboard();
     }

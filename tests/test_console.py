@@ -30,6 +30,7 @@ import urllib3
 from tests.conftest import Cli, force_unmount, needs_fuse, random_image
 from tests.test_service import Served
 from tests.test_service_api import fs_image
+from vmrecover.hypervisors import Hypervisor, Registry
 from vmrecover.service import auth, tls
 
 MiB = 1 << 20
@@ -91,6 +92,8 @@ def console(tmp_path_factory: pytest.TempPathFactory, guest_image: Path) -> Iter
     cli.run("backup", fs_image_from(tree, data), "--vm", "data", "--format", "raw")
     cli.run("backup", guest_image, "--vm", "g", "--format", "raw")
     random_image(root / "job.raw", 96 * MiB, seed=5, density=1.0)  # a run long enough to be seen running
+    # a vCenter that does not answer (the discard port): its options show, and its errors are shown
+    Registry(cli.repo).add(Hypervisor("vc-test", "vmware", "root", "127.0.0.1", 9), "not-a-real-password")
     tokens = {"ops": auth.new_token(), "viewer": auth.new_token()}
     mnt = root / "mnt"
     mnt.mkdir()
@@ -175,6 +178,16 @@ class Browser:
             page = self.driver.find_element(By.TAG_NAME, "body").text
             shown = f"{css!r} (text {text!r}) not shown in {timeout} s"
             raise AssertionError(f"{shown}; the page says:\n{page}") from None
+
+    def until_js(self, script: str, timeout: float) -> Any:
+        """Poll *script* (a function body) until it returns something true."""
+        deadline = time.monotonic() + timeout
+        while not (got := self.js(script)):
+            if time.monotonic() > deadline:
+                self.driver.save_screenshot(str(OUTPUT / "failed.png"))
+                raise AssertionError(f"not true within {timeout} s: {script}")
+            time.sleep(0.1)
+        return got
 
     def all(self, css: str) -> list[Any]:
         from selenium.webdriver.common.by import By
@@ -305,12 +318,9 @@ def test_a_vms_timeline_and_a_boot_check_with_its_screenshot(console: Console, b
     browser.wait("#boot-check-button")
     browser.wait("#boot-expect").send_keys(r"VMRECOVER-GUEST-BOOT n=1\b")
     browser.wait("#boot-check-button").click()
-    img = browser.wait("#boot-screenshot", timeout=400)
-    deadline = time.monotonic() + 30
-    while not browser.js("return arguments[0].complete && arguments[0].naturalWidth", img):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    assert browser.js("return arguments[0].naturalWidth", img) >= 320
+    browser.wait("#boot-screenshot", timeout=400)
+    browser.until_js("const i = document.getElementById('boot-screenshot');"
+                     "return i && i.complete && i.naturalWidth >= 320", 30)  # fmt: skip
     assert "boots" in browser.wait("#point-detail").text
     browser.shot("05-boot-check")
     browser.go(console.url + "/#/dashboard")
@@ -325,6 +335,15 @@ def test_browse_search_history_and_download_files(console: Console, browser: Bro
     names = [r.get_attribute("data-name") for r in browser.all("#entries tbody tr")]
     assert names == ["sub", "a.txt"], names
     browser.shot("06-files")
+    # into a running VM (VMware guest operations): the form reaches the API, whose error is shown
+    browser.wait('#entries tr[data-name="a.txt"] a.into-vm').click()
+    dialog = browser.wait("#into-vm")
+    for name, value in (("vm", "web01"), ("user", "Administrator"), ("password", "guest-secret")):
+        dialog.find_element("css selector", f'input[name="{name}"]').send_keys(value)
+    dialog.find_element("css selector", 'button[type="submit"]').click()
+    browser.wait("#toast", text="cannot reach hypervisor vc-test", timeout=120)
+    assert browser.js("return document.querySelector('#into-vm input[name=password]').value") == ""
+    browser.driver.execute_script("document.getElementById('into-vm').close()")
     browser.wait('#entries tr[data-name="sub"] a').click()
     browser.wait('#entries tr[data-name="b.bin"]')
     browser.wait('#entries tr[data-name="b.bin"] a.download').click()
@@ -422,8 +441,18 @@ def test_create_edit_and_delete_a_job(console: Console, browser: Browser) -> Non
 
 def test_start_and_stop_a_recovery_session(console: Console, browser: Browser) -> None:
     browser.sign_in(console.url, "alice")
+    from selenium.webdriver.support.ui import Select
+
     browser.go(console.url + "/#/sessions?vm=vm1&point=latest")
     browser.wait("#recover-form")
+    # on a hypervisor that does not answer: the error is shown, no session is left
+    Select(browser.wait("#recover-where")).select_by_value("vmware://vc-test")
+    browser.wait("#recover-start").click()
+    toast = browser.wait("#toast", text="vc-test", timeout=120)
+    assert "127.0.0.1" in toast.text or "connect" in toast.text.lower(), toast.text
+    browser.shot("09-recover-unreachable")
+    assert console.cli.json("recover", "list") == []
+    Select(browser.wait("#recover-where")).select_by_value("datastores")
     browser.wait("#recover-name").send_keys("web-s1")
     browser.wait("#recover-start").click()
     browser.wait('#sessions tr[data-session="web-s1"]')
@@ -431,21 +460,20 @@ def test_start_and_stop_a_recovery_session(console: Console, browser: Browser) -
     assert [s["name"] for s in console.cli.json("recover", "list")] == ["web-s1"]
     mnt = Path(console.served.record["fuse"])
     assert (mnt / "recover" / "web-s1" / "vm1.raw").stat().st_size == 4 * MiB  # a disk is named by its image
-    browser.shot("09-recover")
+    browser.shot("10-recover")
     browser.wait('[data-stop="web-s1"]').click()
     browser.wait("#no-sessions")
     assert console.cli.json("recover", "list") == []
 
     # run here, under qemu: its screen is shown with the session (and refreshed) while it runs
-    from selenium.webdriver.support.ui import Select
-
     browser.go(console.url + "/#/sessions?vm=g&point=latest")
     browser.wait("#recover-name").send_keys("web-q1")
     Select(browser.wait("#recover-where")).select_by_value("qemu")
     browser.wait("#recover-start").click()
     browser.wait("#recover-progress", text="web-q1 is up")
-    img = browser.wait('img[data-screen="web-q1"]', timeout=30)
-    assert browser.js("return arguments[0].complete && arguments[0].naturalWidth", img) >= 320
+    browser.wait('img[data-screen="web-q1"]', timeout=30)
+    browser.until_js('const i = document.querySelector(\'img[data-screen="web-q1"]\');'
+                     "return i && i.complete && i.naturalWidth >= 320", 30)  # fmt: skip
     browser.shot("10-recover-qemu")
     browser.wait('[data-stop="web-q1"]').click()
     browser.wait("#no-sessions")

@@ -540,6 +540,15 @@ def _repository_routes(app: FastAPI, st: ApiState) -> None:
         body = await st.thread(lambda: metrics.exposition(facts))
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    @app.get(f"{API}/hypervisors", tags=["service"])
+    async def hypervisors() -> Response:
+        """The registered hypervisors (`vmrecover hypervisor add`): where sessions may run (no secret)."""
+        from ..hypervisors import PLATFORMS, Registry
+
+        found = await st.thread(lambda: Registry(service.repo.root).all())
+        return _json([{"name": h.name, "scheme": h.scheme, "platform": PLATFORMS[h.scheme], "host": h.host}
+                      for h in found])  # fmt: skip
+
     @app.get(f"{API}/vms", tags=["restore points"])
     async def vms() -> Response:
         """The VMs (as `vmrecover list --json`)."""

@@ -349,7 +349,8 @@ async function showFiles(vm, point, params) {
   const status = h("p", { class: "muted", id: "files-status" }, "Opening the point's disks (the first time takes a while)…");
   view(vm + " — files", h("nav", { class: "crumbs", id: "crumbs" }, crumbs), status);
   const started = performance.now();
-  const d = await api("GET", `${base}?path=${enc(path)}`);
+  const [d, hvs] = await Promise.all([api("GET", `${base}?path=${enc(path)}`), api("GET", "/hypervisors")]);
+  const vmware = hvs.filter((hv) => hv.scheme === "vmware");
   const download = (p, fmt) => `${API}${base}/content?path=${enc(p)}${fmt ? "&format=" + fmt : ""}`;
   const baseName = (p) => p.replace(/\/+$/, "").split("/").pop();
   for (const e of d.entries) e.name = baseName(e.path);
@@ -365,9 +366,11 @@ async function showFiles(vm, point, params) {
       ? [h("a", { href: download(full, "tar"), download: "" }, "tar"), " ", h("a", { href: download(full, "zip"), download: "" }, "zip")]
       : e.kind === "file" ? h("a", { href: download(full), download: e.name, class: "download" }, "download") : null;
     const hist = e.kind === "file" ? h("a", { href: `#/history/${enc(vm)}?path=${enc(full)}` }, "history") : null;
+    const into = e.kind !== "symlink" && vmware.length && isAdmin()
+      ? h("a", { href: "#", class: "into-vm", onclick: (ev) => { ev.preventDefault(); intoVm(vm, point, full, vmware); } }, "into a VM…") : null;
     frag.append(h("tr", { dataset: { name: e.name } }, h("td", {}, name), h("td", {}, e.kind === "file" ? bytes(e.size) : ""),
       h("td", { class: "mono" }, modeString(e.mode, e.kind)), h("td", { class: "mono" }, e.uid + ":" + e.gid),
-      h("td", {}, when(e.mtime)), h("td", {}, e.kind === "symlink" ? "→ " + e.target : [get, " ", hist])));
+      h("td", {}, when(e.mtime)), h("td", {}, e.kind === "symlink" ? "→ " + e.target : [get, " ", hist, " ", into])));
   }
   const tbl = table(["name", "size", "mode", "owner", "modified", ""], [], { id: "entries" });
   tbl.tBodies[0].append(frag);
@@ -381,6 +384,34 @@ async function showFiles(vm, point, params) {
     h("p", { class: "actions" }, "This folder: ", h("a", { href: download(d.path, "tar"), download: "" }, "download as tar"), " ",
       h("a", { href: download(d.path, "zip"), download: "" }, "as zip")),
     searchForm, tbl);
+}
+
+function intoVm(vm, point, path, hypervisors) {
+  const target = h("select", { name: "hypervisor" }, hypervisors.map((hv) => h("option", { value: hv.name }, hv.name)));
+  const guest = h("input", { name: "vm", required: true, placeholder: "the running VM's name" });
+  const user = h("input", { name: "user", required: true, autocomplete: "off" });
+  const password = h("input", { name: "password", type: "password", required: true, autocomplete: "off" });
+  const dir = h("input", { name: "dir", placeholder: "(default: where it was)" });
+  const overwrite = h("input", { type: "checkbox", name: "overwrite" });
+  const dlg = h("dialog", { class: "card", id: "into-vm" });
+  dlg.append(h("form", { class: "form-grid", onsubmit: async (ev) => {
+    ev.preventDefault();
+    const body = { paths: [path], into: `vmware://${target.value}/${guest.value}`, guest_user: user.value,
+      guest_password: password.value, overwrite: overwrite.checked };
+    if (dir.value) body.guest_dir = dir.value;
+    try {
+      const r = await api("POST", `/vms/${enc(vm)}/points/${enc(point)}/files/into-vm`, body);
+      dlg.close();
+      toast(`Restored into ${guest.value}: ${JSON.stringify(r.items || r).slice(0, 200)}`);
+    } catch (err) { failed(err); }
+    password.value = "";
+  } }, h("h2", {}, "Restore " + path + " into a running VM (VMware Tools)"), h("span"),
+  h("label", {}, "hypervisor"), target, h("label", {}, "VM"), guest, h("label", {}, "guest user"), user,
+  h("label", {}, "guest password"), password, h("label", {}, "into the guest folder"), dir,
+  h("label", {}, "overwrite"), overwrite, h("button", { type: "submit" }, "Restore"), button("Cancel", () => dlg.close())));
+  dlg.addEventListener("close", () => dlg.remove());
+  document.body.append(dlg);
+  dlg.showModal();
 }
 
 async function showFind(vm, params) {
@@ -411,7 +442,7 @@ async function showHistory(vm, params) {
 
 // ------------------------------------------------------------------------------------------ recover
 async function showSessions(params, note) {
-  const [sessions, d] = await Promise.all([api("GET", "/sessions"), api("GET", "/dashboard")]);
+  const [sessions, d, hvs] = await Promise.all([api("GET", "/sessions"), api("GET", "/dashboard"), api("GET", "/hypervisors")]);
   const rows = sessions.map((s) => {
     const pub = s.published || {};
     const qemu = pub.platform === "qemu";
@@ -442,26 +473,38 @@ async function showSessions(params, note) {
   const name = h("input", { id: "recover-name", name: "name", placeholder: "(default: VM-xxxxxx)" });
   const where = h("select", { id: "recover-where" },
     h("option", { value: "datastores" }, "publish on the datastores (NFS, FUSE) for a hypervisor"),
-    h("option", { value: "qemu" }, "run here under qemu (isolated, no network)"));
+    h("option", { value: "qemu" }, "run here under qemu (isolated, no network)"),
+    hvs.map((hv) => h("option", { value: `${hv.scheme}://${hv.name}` },
+      `run on ${hv.platform} ${hv.name} (${hv.host}), from the appliance's NFS export`)));
+  const powerOn = h("input", { id: "recover-power-on", type: "checkbox", checked: true });
   const progress = h("p", { id: "recover-progress", class: "muted" }, note || "");
   async function start(ev) {
     ev.preventDefault();
     const body = { vm: vmSel.value, point: point.value || "latest" };
     if (name.value) body.name = name.value;
     if (where.value === "qemu") body.run = "qemu";
-    progress.textContent = "Starting the session: opening the point, publishing its disks…";
+    else if (where.value !== "datastores") { body.to = where.value; body.power_on = powerOn.checked; }
     const t0 = performance.now();
+    const tick = () => {
+      const t = ((performance.now() - t0) / 1000).toFixed(0);
+      progress.textContent = `Starting the session: opening the point, publishing its disks${body.to ? ", registering the VM on " + body.to : ""}… ${t} s`;
+    };
+    tick();
+    const ticking = setInterval(tick, 500);
+    state.timers.push(ticking);
     try {
       const s = await api("POST", "/sessions", body);
+      clearInterval(ticking);
       const up = `Session ${s.name} is up in ${((performance.now() - t0) / 1000).toFixed(1)} s.`;
       stopStreams();
       await showSessions(new URLSearchParams(), up);
-    } catch (err) { progress.textContent = ""; failed(err); }
+    } catch (err) { clearInterval(ticking); progress.textContent = ""; failed(err); }
   }
   view("Recover",
     isAdmin() ? h("form", { id: "recover-form", class: "card", onsubmit: start },
       h("label", {}, "VM ", vmSel), h("label", {}, " point ", point), h("label", {}, " name ", name),
-      h("label", {}, " where ", where), h("button", { type: "submit", id: "recover-start" }, "Start instant recovery"), progress) : null,
+      h("label", {}, " where ", where), hvs.length ? h("label", {}, " power on ", powerOn) : null,
+      h("button", { type: "submit", id: "recover-start" }, "Start instant recovery"), progress) : null,
     h("h2", {}, "Running sessions"),
     sessions.length ? table(["session", "VM", "started", "runs on", "written", ""], rows, { id: "sessions" })
       : h("p", { class: "muted", id: "no-sessions" }, "No recovery session runs."));

@@ -340,6 +340,7 @@ def test_a_boot_health_check_proves_a_point_boots_and_keeps_its_evidence(
     import time
     import zlib
 
+    from vmrecover.recovery import qemu_run
     from vmrecover.repo.repository import Repository
 
     cli.json("backup", "--vm", "g", guest_image, "--format", "raw")
@@ -347,7 +348,9 @@ def test_a_boot_health_check_proves_a_point_boots_and_keeps_its_evidence(
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     job = ('[[jobs]]\nname = "bc"\nkind = "boot-check"\nschedule = "0 7 * * 6"\nvms = ["g"]\n'
-           'expect = "VMRECOVER-GUEST-BOOT n=1"\n')  # fmt: skip
+           'expect = "VMRECOVER-GUEST-BOOT n=1"\n'
+           '[[jobs]]\nname = "bc-never"\nkind = "boot-check"\nschedule = "0 7 * * 6"\nvms = ["g"]\n'
+           'expect = "NEVER-SHOWN"\nboot_timeout = "10m"\n')  # fmt: skip
     s = ServedApi(cli, tmp_path, notify, tail=f'[fuse]\nmountpoint = "{mnt}"\n\n{job}')
     try:
         shot = tmp_path / "g.png"
@@ -408,9 +411,25 @@ def test_a_boot_health_check_proves_a_point_boots_and_keeps_its_evidence(
         res = cli.run("verify", "--boot", "nb", "--expect", "(unclosed", check=False)
         assert_clean_error(res, ExitCode.BAD_INPUT, "not a regular expression")
         assert cli.json("recover", "list") == []  # every check's session is gone
+
+        # a check that would wait 10 minutes is abandoned at once when the service stops
+        status, doc = s.call("POST", "/api/v1/jobs/bc-never/run")
+        assert status == 202, doc
+        deadline = time.monotonic() + 120
+        while not [x for x in cli.json("recover", "list") if x["name"].startswith("boot-check-")]:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        looking = Repository.open(cli.repo)
+        try:
+            [(_, qemu)] = qemu_run.running(looking)
+        finally:
+            looking.close()
+        stopping = time.monotonic()
     finally:
         err = s.stop()
     assert s.proc.returncode == 0, err
+    assert time.monotonic() - stopping < 60, err[-2000:]
+    assert not qemu_run._ours(qemu) and cli.json("recover", "list") == []
     # without the service there is nothing to boot from: an error that says so, and no verdict kept
     res = cli.run("verify", "--boot", "g", check=False)
     assert_clean_error(res, ExitCode.INTERNAL, "needs the service's FUSE mount")
@@ -418,6 +437,8 @@ def test_a_boot_health_check_proves_a_point_boots_and_keeps_its_evidence(
 
     repo = Repository.open(cli.repo)
     try:
+        [never] = repo.catalog.job_runs("bc-never")
+        assert never.state == "interrupted", never  # (and resumed at the next start, as any run)
         checks = repo.catalog.boot_checks(screenshots=True)
         assert [c.verdict for c in checks] == ["expect", "reset", "stopped", "expect"]
         assert "VMRECOVER-GUEST-BOOT n=1" in checks[2].serial and "n=2" not in checks[2].serial

@@ -78,6 +78,9 @@ class StandInScheduler:
     def reload(self, config: config.Config) -> None:
         pass
 
+    def abort(self, reason: str) -> None:
+        pass
+
 
 class ListHandler(logging.Handler):
     def __init__(self) -> None:

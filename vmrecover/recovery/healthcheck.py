@@ -235,9 +235,12 @@ def boot_check(
     memory: str = "1G",
     cpus: int = 1,
     progress: Callable[[str], None] = lambda text: None,
+    stop: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.monotonic,
 ) -> BootCheck:
-    """Boot *point* in a throw-away session and judge it; the result is kept in the catalog and returned."""
+    """Boot *point* in a throw-away session and judge it; the result is kept in the catalog and returned.
+    *stop* is called between looks and may raise to abandon the check (a job's abort): the session
+    goes, and no verdict is kept."""
     pattern = None
     if expect is not None:
         try:
@@ -293,7 +296,9 @@ def boot_check(
                 verdict, detail = "timeout", f"no {what} on the serial console within {timeout:.0f} s"
                 break
             progress(f"waiting for {point.vm}@{point.id} to boot ({t:.0f} s)")
+            stop()
             time.sleep(POLL_S)
+        stop()  # (told to stop meanwhile: qemu may have been ended by that, which is no verdict)
     except VmrecoverError as exc:
         if target is None:  # qemu never started (no datastore to boot from...): not a verdict on the point
             raise

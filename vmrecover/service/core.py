@@ -59,6 +59,10 @@ class JobScheduler(Protocol):
         """Take a new configuration: new schedules apply from now; running jobs finish as they were."""
         ...
 
+    def abort(self, reason: str) -> None:
+        """Tell the running runs to stop (the service stops): they end as "interrupted"."""
+        ...
+
 
 @dataclass
 class Service:

@@ -167,6 +167,8 @@ async def run(
                 await trio.sleep_forever()
             finally:
                 with trio.CancelScope(shield=True):  # their disks go away with the export
+                    if service.scheduler is not None:  # first: a boot check must not judge its qemu's end
+                        service.scheduler.abort("the service stopped")
                     await trio.to_thread.run_sync(stop_vms, service)
                     await trio.to_thread.run_sync(stop_files_service, service)
                 with suppress(FileNotFoundError):

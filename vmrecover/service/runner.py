@@ -719,7 +719,8 @@ def _boot_checks(repo: Repository, job: Job, control: RunControl, vms: list[str]
             try:
                 point = h.catalog.resolve(name)
                 check = boot_check(h, point, timeout=parse_duration(job.boot_timeout), expect=job.expect,
-                                   progress=lambda text: control.note(text, logging.DEBUG))  # fmt: skip
+                                   progress=lambda text: control.note(text, logging.DEBUG),
+                                   stop=control.check)  # fmt: skip
                 results.append({"vm": name, **check.summary()})
                 control.note(f"{name}@{point.id}: {'boots' if check.ok else 'DOES NOT BOOT'}: {check.detail}")
             except Exception as exc:

@@ -84,6 +84,7 @@ T = TypeVar("T")
 
 API = "/api/v1"
 MAX_BODY = 64 * 1024  # bytes of a request body (push ingest's routes will set their own limit)
+DRAIN_MAX = 1 << 20  # bytes of a refused body read (and dropped) so that its 413 reaches the client
 STREAM_BLOCK = 1 << 20
 CONSOLE_TAIL = 64 * 1024  # bytes of a qemu session's serial console the API returns
 PUBLIC = frozenset({f"{API}/health", f"{API}/openapi.json"})
@@ -402,6 +403,10 @@ class _BodyLimit:
             doc = error_doc("BadInput", f"the request body is larger than {limit} bytes" if too_large
                             else f"Content-Length {declared!r} is not a number", exit_code=ExitCode.BAD_INPUT,
                             hint="send less" if too_large else None)  # fmt: skip
+            if too_large and int(declared) <= DRAIN_MAX:
+                # read the rest first: a client still sending would see the connection reset instead
+                while (await receive()).get("more_body"):
+                    pass
             await send_json(send, 413 if too_large else 400, doc, [(b"connection", b"close")])
             return
         seen = 0

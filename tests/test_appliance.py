@@ -225,6 +225,11 @@ def test_an_administrators_day_on_the_appliance(booted: Session, guest_image: Pa
     digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
     colons = ":".join(digest[i : i + 2] for i in range(0, 64, 2))
     assert colons in fingerprint, fingerprint  # the banner's is the one served
+    # the web console is served at / (its page only: every figure needs a sign-in)
+    assert "Web console:  https://" in fingerprint, fingerprint
+    status, page = boot_test.get(f"https://127.0.0.1:{s.box.port}/")
+    assert status == 200 and b'src="/console/console.js"' in page, page[:300]
+    assert boot_test.get(f"https://127.0.0.1:{s.box.port}/api/v1/dashboard")[0] == 401
     host_key = s.ssh("cat", "/etc/ssh/ssh_host_ed25519_key.pub").stdout
 
     # -- 3. a backup pushed through the API

@@ -108,6 +108,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, guest_image: Path) -> Iter
         + users
         + f'\n[nfs]\nenabled = false\n\n[fuse]\nmountpoint = "{mnt}"\n\n'
         f'[[jobs]]\nname = "nightly"\nschedule = "0 2 * * *"\nimages = ["{root / "job.raw"}"]\nvm = "jobvm"\n'
+        '\n[[jobs]]\nname = "check"\nkind = "verify"\nschedule = "0 5 * * 0"\n'
     )
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(root / "notify.sock"))
@@ -311,8 +312,18 @@ def test_a_vms_timeline_and_a_boot_check_with_its_screenshot(console: Console, b
     browser.wait("#vms")
     assert {"data", "g", "vm1"} <= {r.text.split()[0] for r in browser.all("#vms tbody tr")}
     browser.go(console.url + "/#/vms/vm1")
-    browser.wait("#points")
+    browser.wait("#verify-note", text="No verify job has run yet")
+    ops = {"Authorization": f"Bearer {console.tokens['ops']}"}
+    run = console.call("POST", "/api/v1/jobs/check/run", headers=ops).json()["run"]
+    deadline = time.monotonic() + 300
+    while console.call("GET", f"/api/v1/runs/{run}", headers=ops).json()["state"] != "succeeded":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    browser.driver.refresh()
+    browser.wait("#verify-note", text=f"run #{run} of job check")
     assert len(browser.all(".timeline .dot")) == 2 and len(browser.all("#points tbody tr")) == 2
+    verified = [r.find_elements("css selector", "td")[4].text for r in browser.all("#points tbody tr")]
+    assert verified == ["intact", "intact"], verified
     browser.shot("04-vm-timeline")
     browser.go(console.url + "/#/vms/g")
     browser.wait("#boot-check-button")

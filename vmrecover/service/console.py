@@ -197,6 +197,11 @@ def console_routes(app: FastAPI, st: ApiState, json_response: Callable[..., Resp
 
         return json_response({"jobs": jobs, **await st.blocking(run)})
 
+    @app.get(f"{API}/verify/latest", tags=["console"])
+    async def latest_verify() -> Response:
+        """The newest verify job run's verdict: when, and which points it found damaged (null: none ran)."""
+        return json_response(await st.blocking(last_verify))
+
     @app.get(f"{API}/runs/{{run_id}}/events", tags=["jobs"])
     async def run_events(run_id: int) -> Response:
         """A run's state and progress as server-sent events (``event: run``, its JSON as /runs/{id}
@@ -230,6 +235,20 @@ def console_routes(app: FastAPI, st: ApiState, json_response: Callable[..., Resp
         return _Streaming(events(), media_type="text/event-stream", headers={"x-accel-buffering": "no"})
 
 
+def last_verify(repo: Repository) -> dict[str, Any] | None:
+    """The newest verify job run that ended with a report: when it started and ended, and the points it
+    found damaged (by id).  A point made before it started was verified by it; a later one not yet."""
+    for run in repo.catalog.job_runs(limit=200, states=("succeeded", "failed")):
+        report = run.stats.get("verify") if run.kind == "verify" else None
+        if not report or "ok" not in report:
+            continue
+        damaged = {b["point"] for b in report.get("bad_indexes", [])}
+        damaged |= {u["point"] for c in report.get("bad_chunks", []) for u in c.get("used_by", [])}
+        return {"run": run.id, "job": run.job, "started": run.started, "ended": run.ended, "ok": report["ok"],
+                "damaged_points": sorted(damaged)}  # fmt: skip
+    return None
+
+
 def overview(repo: Repository) -> dict[str, Any]:
     """VMs, sessions and the contents' growth from the catalog in a few queries (10,000 points in
     tens of milliseconds): the dashboard's share of the repository."""
@@ -260,6 +279,7 @@ def overview(repo: Repository) -> dict[str, Any]:
         "points": len(points),
         "sessions": [{"name": s.name, "point": s.point, "created": s.created} for s in cat.sessions()],
         "growth": growth,  # cumulative over the points kept: what they protect against what they stored
+        "verify": last_verify(repo),
     }
 
 

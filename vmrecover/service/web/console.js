@@ -273,8 +273,13 @@ function timeline(points, select) {
   }));
 }
 
+function verifyBadge(p, v) {
+  if (!v || new Date(p.created) > new Date(v.started)) return badge("not verified yet", "none");
+  return v.damaged_points.includes(p.id) ? badge("damaged", "failed") : badge("intact", "succeeded");
+}
+
 async function showVm(vm) {
-  const d = await api("GET", "/vms/" + enc(vm) + "/points");
+  const [d, v] = await Promise.all([api("GET", "/vms/" + enc(vm) + "/points"), api("GET", "/verify/latest")]);
   const points = d.points;
   const detail = h("section", { id: "point-detail" });
   const rows = points.slice().reverse().map((p) => {
@@ -283,7 +288,7 @@ async function showVm(vm) {
     return h("tr", { id: "point-" + p.id },
       h("td", {}, h("a", { href: "#", onclick: (e) => { e.preventDefault(); select(p.id); } }, when(p.created))),
       h("td", {}, p.kind), h("td", {}, bytes(size)), h("td", {}, bytes(p.stats.stored_bytes || 0)),
-      h("td", {}, verdictBadge(bc)),
+      h("td", {}, verifyBadge(p, v)), h("td", {}, verdictBadge(bc)),
       h("td", {}, h("a", { href: "#/files/" + enc(vm) + "/" + enc(p.id) + "?path=/" }, "files")));
   });
   async function select(id) {
@@ -323,7 +328,10 @@ async function showVm(vm) {
     ].filter(Boolean));
   }
   const tl = timeline(points, select);
-  view(vm, tl, table(["created", "kind", "size", "stored", "boot check", ""], rows, { id: "points" }), detail);
+  const vnote = v ? `Verify: run #${v.run} of job ${v.job}, ${when(v.ended)}: ${v.ok ? "every chunk intact" : v.damaged_points.length + " point(s) damaged"}.`
+    : "No verify job has run yet: the points' chunks are checked by a job of kind verify.";
+  view(vm, tl, h("p", { class: "muted", id: "verify-note" }, vnote),
+    table(["created", "kind", "size", "stored", "verify", "boot check", ""], rows, { id: "points" }), detail);
   if (tl) for (const dot of tl.children) dot.style.left = dot.dataset.left + "%";
   if (points.length) await select(points[points.length - 1].id);
 }

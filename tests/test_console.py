@@ -34,6 +34,7 @@ from vmrecover.hypervisors import Hypervisor, Registry
 from vmrecover.service import auth, tls
 
 MiB = 1 << 20
+MANY = 1500  # files in one folder of the data VM's second point (the console's windowed table)
 OUTPUT = Path(os.environ.get("VMRECOVER_TEST_OUTPUT") or Path(__file__).parents[1] / "test-output")
 OUTPUT /= "console"
 PASSWORDS = {"alice": "alice-correct-horse", "bob": "bob-battery-staple"}
@@ -88,6 +89,9 @@ def console(tmp_path_factory: pytest.TempPathFactory, guest_image: Path) -> Iter
     cli.run("backup", data, "--vm", "data", "--format", "raw")
     tree = data.with_suffix(".tree")
     (tree / "data" / "a.txt").write_bytes(b"alpha, second version\n")
+    (tree / "many").mkdir()
+    for i in range(MANY):
+        (tree / "many" / f"f{i:04d}.txt").write_bytes(b"%d\n" % i)
     data.unlink()
     cli.run("backup", fs_image_from(tree, data), "--vm", "data", "--format", "raw")
     cli.run("backup", guest_image, "--vm", "g", "--format", "raw")
@@ -295,14 +299,14 @@ def test_sign_in_and_follow_a_job_run_live(console: Console, browser: Browser) -
         time.sleep(0.05)
     assert seen[-1] == "succeeded", seen
     assert "running" in seen, seen  # updated on the page while it ran (server-sent events)
-    assert "bytes" in browser.wait("#run-figures").text or "MiB" in browser.wait("#run-figures").text
+    assert "read 96.0 MiB" in browser.wait("#run-figures").text, browser.wait("#run-figures").text
     browser.wait("#run-log", text="jobvm")
     browser.shot("03-job-run")
     # one EventSource stream carried it: the page did not reload
     kinds = browser.js("return performance.getEntriesByType('resource').map(e => e.name)")
     assert sum("/events" in k for k in kinds) >= 1, kinds
     browser.go(console.url + "/#/dashboard")
-    row = browser.wait("#dashboard-jobs tbody tr")
+    row = browser.wait('#dashboard-jobs tr[data-job="nightly"]')
     assert "succeeded" in row.text and "96.0 MiB" in row.text, row.text
 
 
@@ -368,16 +372,31 @@ def test_browse_search_history_and_download_files(console: Console, browser: Bro
     z = zipfile.ZipFile(io.BytesIO(browser.downloaded(next_name(browser, ".zip")).read_bytes()))
     assert z.testzip() is None
     assert z.read("sub/b.bin") == hashlib.sha256(b"b").digest() * 4096, z.namelist()
+    # a big folder: the table holds the rows in sight, scrolls the rest in, and filters by name
+    browser.go(console.url + "/#/files/data/latest?path=/many")
+    browser.wait("#files-status", text=f"{MANY} entries")
+    drawn = browser.all("#entries tbody tr[data-name]")
+    assert 10 <= len(drawn) < 200 and drawn[0].get_attribute("data-name") == "f0000.txt"
+    browser.js("const s = document.getElementById('entries-scroll'); s.scrollTop = s.scrollHeight")
+    browser.wait(f'#entries tr[data-name="f{MANY - 1:04d}.txt"]')
+    assert not browser.all('#entries tr[data-name="f0000.txt"]')
+    browser.shot("07-big-folder")
+    browser.wait("#entries-filter").send_keys("f1234")
+    browser.wait('#entries tr[data-name="f1234.txt"]')
+    kept = [r.get_attribute("data-name") for r in browser.all("#entries tbody tr[data-name]")]
+    assert kept == ["f1234.txt"], kept
+    browser.go(console.url + "/#/files/data/latest?path=/data")
+    browser.wait("#entries")
     # search by name in every point, then one file's history across points
     browser.wait("#find-pattern").send_keys("a.txt\n")
     browser.wait("#found", timeout=300)
     assert len(browser.all("#found tbody tr")) == 2
-    browser.shot("07-find")
+    browser.shot("08-find")
     browser.wait("#found tbody tr a").click()
     browser.wait("#history", timeout=300)
     changes = [r.find_elements("css selector", "td")[1].text for r in browser.all("#history tbody tr")]
     assert changes[0] == "present" and changes[1].startswith("changed: size"), changes
-    browser.shot("08-history")
+    browser.shot("09-history")
 
 
 def next_name(browser: Browser, suffix: str, timeout: float = 120) -> str:

@@ -231,7 +231,7 @@ async function showDashboard() {
       jobs.map((j) => {
         const r = j.last_run;
         const f = runFigures(r);
-        return h("tr", { class: r && r.state === "failed" ? "failed" : "" },
+        return h("tr", { class: r && r.state === "failed" ? "failed" : "", dataset: { job: j.name } },
           h("td", {}, h("a", { href: "#/jobs/" + enc(j.name) }, j.name)), h("td", {}, j.kind),
           h("td", {}, badge(j.state)),
           h("td", {}, r ? [badge(r.state), " ", when(r.started)] : "never"),
@@ -364,8 +364,7 @@ async function showFiles(vm, point, params) {
   for (const e of d.entries) e.name = baseName(e.path);
   const entries = d.entries.slice().sort((a, b) =>
     (a.kind === "dir" ? 0 : 1) - (b.kind === "dir" ? 0 : 1) || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-  const frag = document.createDocumentFragment();
-  for (const e of entries) {
+  function row(e) {
     const full = (d.path === "/" ? "" : d.path) + "/" + e.name;
     const name = e.kind === "dir"
       ? h("a", { href: `#/files/${enc(vm)}/${enc(point)}?path=${enc(full)}` }, e.name + "/")
@@ -376,12 +375,17 @@ async function showFiles(vm, point, params) {
     const hist = e.kind === "file" ? h("a", { href: `#/history/${enc(vm)}?path=${enc(full)}` }, "history") : null;
     const into = e.kind !== "symlink" && vmware.length && isAdmin()
       ? h("a", { href: "#", class: "into-vm", onclick: (ev) => { ev.preventDefault(); intoVm(vm, point, full, vmware); } }, "into a VM…") : null;
-    frag.append(h("tr", { dataset: { name: e.name } }, h("td", {}, name), h("td", {}, e.kind === "file" ? bytes(e.size) : ""),
+    return h("tr", { dataset: { name: e.name } }, h("td", { title: e.name }, name), h("td", {}, e.kind === "file" ? bytes(e.size) : ""),
       h("td", { class: "mono" }, modeString(e.mode, e.kind)), h("td", { class: "mono" }, e.uid + ":" + e.gid),
-      h("td", {}, when(e.mtime)), h("td", {}, e.kind === "symlink" ? "→ " + e.target : [get, " ", hist, " ", into])));
+      h("td", {}, when(e.mtime)), h("td", {}, e.kind === "symlink" ? "→ " + e.target : [get, " ", hist, " ", into]));
   }
-  const tbl = table(["name", "size", "mode", "owner", "modified", ""], [], { id: "entries" });
-  tbl.tBodies[0].append(frag);
+  const tbl = table(["name", "size", "mode", "owner", "modified", ""], [], { id: "entries", class: "fixed" });
+  const rows = windowed(tbl, entries, row);
+  const filter = h("input", { type: "search", id: "entries-filter", placeholder: `filter these ${entries.length} names` });
+  filter.addEventListener("input", () => {
+    const q = filter.value.toLowerCase();
+    rows.show(q ? entries.filter((e) => e.name.toLowerCase().includes(q)) : entries);
+  });
   const search = h("input", { type: "search", id: "find-pattern", placeholder: "find a file by name in every point (*.conf)" });
   const searchForm = h("form", { class: "inline", onsubmit: (ev) => {
     ev.preventDefault();
@@ -391,7 +395,42 @@ async function showFiles(vm, point, params) {
   document.getElementById("main").append(
     h("p", { class: "actions" }, "This folder: ", h("a", { href: download(d.path, "tar"), download: "" }, "download as tar"), " ",
       h("a", { href: download(d.path, "zip"), download: "" }, "as zip")),
-    searchForm, tbl);
+    searchForm, filter, rows.scroller);
+  rows.show(entries);
+}
+
+// A table of many rows (a folder of 100,000 entries) in a scrolling box: only the rows in sight (and a
+// margin) are in the page, between two spacer rows as tall as the rest; rows have one fixed height.
+const ROW_PX = 31;
+function windowed(tbl, all, makeRow) {
+  const scroller = h("div", { class: "scroller", id: tbl.id + "-scroll" }, tbl);
+  const body = tbl.tBodies[0];
+  const columns = tbl.tHead.rows[0].cells.length;
+  let items = all, painted = "", rowPx = ROW_PX;
+  const spacer = (n) => {
+    const tr = h("tr", { class: "spacer", "aria-hidden": "true" }, h("td", { colspan: columns }));
+    tr.style.height = n * rowPx + "px";
+    return tr;
+  };
+  function paint() {
+    const height = scroller.clientHeight || window.innerHeight;
+    const first = Math.max(0, Math.floor(scroller.scrollTop / rowPx) - 30);
+    const last = Math.min(items.length, Math.ceil((scroller.scrollTop + height) / rowPx) + 30);
+    if (painted === first + ":" + last) return;
+    painted = first + ":" + last;
+    const out = [];
+    if (first > 0) out.push(spacer(first));
+    for (let i = first; i < last; i++) out.push(makeRow(items[i]));
+    if (last < items.length) out.push(spacer(items.length - last));
+    body.replaceChildren(...out);
+    const one = body.querySelector("tr:not(.spacer)");
+    if (one && one.offsetHeight && one.offsetHeight !== rowPx) { rowPx = one.offsetHeight; painted = ""; paint(); }
+  }
+  let queued = false;
+  scroller.addEventListener("scroll", () => {
+    if (!queued) { queued = true; requestAnimationFrame(() => { queued = false; paint(); }); }
+  });
+  return { scroller, show(list) { items = list; painted = ""; scroller.scrollTop = 0; paint(); } };
 }
 
 function intoVm(vm, point, path, hypervisors) {

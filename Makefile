@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.  Both run `make setup`
 # first, which installs what is missing (apt packages, .venv/) and is a no-op when all is there.
-.PHONY: setup demo test lint bench bench-fuse bench-nfs bench-files bench-vmware bench-xen bench-service bench-healthcheck appliance appliance-boot-test
+.PHONY: setup demo test lint bench bench-fuse bench-nfs bench-files bench-vmware bench-xen bench-service bench-healthcheck bench-console appliance appliance-boot-test
 
 setup:
 	@scripts/setup.sh
@@ -42,6 +42,9 @@ bench-service: setup
 
 bench-healthcheck: setup
 	.venv/bin/python bench/healthcheck_bench.py
+
+bench-console: setup  # chromium and its driver come with setup (the console's tests use them too)
+	.venv/bin/python bench/console_bench.py
 
 # The appliance image (appliance/README.md): dist/vmrecover-appliance-<version>.qcow2.  As root.  Its host
 # tools (mmdebstrap, GRUB's images, OVMF, genisoimage...) come with setup: the tests build it too.

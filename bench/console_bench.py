@@ -97,6 +97,7 @@ from bench.common import (
     tail,
     verdict,
 )
+from tests.testkit import browser as browser_kit
 from vmrecover.repo.catalog import Disk, Point
 from vmrecover.repo.repository import Repository
 from vmrecover.service import auth, tls
@@ -111,7 +112,6 @@ READY_TIMEOUT_S = 120.0  # vmrecover serve says READY=1 within this
 APPLIANCE_TIMEOUT_S = 600.0  # the first listing of a point starts its libguestfs appliance (TCG: slow)
 PAGE_TIMEOUT_S = 120.0  # a page shows its content within this (else the run failed)
 POLL_S = 0.01
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 # Run in the page by each poll (execute_async_script): the time of the poll; once the content is there,
 # also the time of the next frame (rAF runs before that frame's style, layout and
@@ -347,44 +347,21 @@ class Browser:
     """Headless chromium through chromedriver (as tests/test_console.py drives it)."""
 
     def __init__(self, logs: Path) -> None:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--window-size=1280,900", "--disable-extensions", "--no-first-run",
-                    "--enable-precise-memory-info"):  # fmt: skip
-            options.add_argument(arg)
-        options.set_capability("acceptInsecureCerts", True)  # the service's certificate is self-signed
-        service = Service(CHROMEDRIVER, log_output=str(logs / "chromedriver.log"))
-        self.driver = webdriver.Chrome(options=options, service=service)
-        self.driver.set_page_load_timeout(PAGE_TIMEOUT_S)
-        self.driver.set_script_timeout(PAGE_TIMEOUT_S)
-        self.pid = service.process.pid if service.process else None  # chromedriver: chromium's parent
+        extra = ("--enable-precise-memory-info",)
+        self.driver = browser_kit.chromium(log=logs / "chromedriver.log", extra=extra, timeout=PAGE_TIMEOUT_S)
+        self.pid = self.driver.service.process.pid  # chromedriver: chromium's parent
 
     def quit(self) -> None:
         self.driver.quit()
 
     def text(self) -> str:
-        from selenium.webdriver.common.by import By
-
-        return str(self.driver.find_element(By.TAG_NAME, "body").text)[-1500:]
+        return browser_kit.page_text(self.driver, 1500)
 
     def wait(self, css: str, text: str | None = None, timeout: float = PAGE_TIMEOUT_S) -> Any:
-        from selenium.common.exceptions import TimeoutException
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support import expected_conditions as ec
-        from selenium.webdriver.support.ui import WebDriverWait
-
-        wait = WebDriverWait(self.driver, timeout, poll_frequency=0.1)
         try:
-            if text is not None:
-                wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, css), text))
-            return wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, css)))
-        except TimeoutException:
-            raise BenchError(f"{css!r} (text {text!r}) not shown in {timeout:g} s; the page says:\n"
-                             f"{self.text()}") from None  # fmt: skip
+            return browser_kit.wait_for(self.driver, css, text=text, timeout=timeout)
+        except browser_kit.PageTimeout as exc:
+            raise BenchError(str(exc)) from None
 
     def sign_in(self, base: str, password: str) -> None:
         self.driver.get(base + "/#/dashboard")
@@ -714,7 +691,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    tools = {"mkfs.ext4": "e2fsprogs", CHROMIUM: "chromium", CHROMEDRIVER: "chromium-driver"}
+    tools = {
+        "mkfs.ext4": "e2fsprogs",
+        browser_kit.CHROMIUM: "chromium",
+        browser_kit.CHROMEDRIVER: "chromium-driver",
+    }
     return bench_main(args, Context, measure, print_report, prefix="vmrecover-console-bench-", memory_ok=True,
                       tools=tools)  # fmt: skip
 

@@ -30,6 +30,7 @@ import urllib3
 from tests.conftest import Cli, force_unmount, needs_fuse, random_image
 from tests.test_service import Served
 from tests.test_service_api import fs_image
+from tests.testkit import browser as browser_kit
 from vmrecover.hypervisors import Hypervisor, Registry
 from vmrecover.service import auth, tls
 
@@ -38,7 +39,6 @@ MANY = 1500  # files in one folder of the data VM's second point (the console's 
 OUTPUT = Path(os.environ.get("VMRECOVER_TEST_OUTPUT") or Path(__file__).parents[1] / "test-output")
 OUTPUT /= "console"
 PASSWORDS = {"alice": "alice-correct-horse", "bob": "bob-battery-staple"}
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 pytestmark = [needs_fuse]
 
@@ -145,44 +145,19 @@ def fs_image_from(tree: Path, path: Path) -> Path:
 # ------------------------------------------------------------------------------------------ the browser
 class Browser:
     def __init__(self, downloads: Path) -> None:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-
         self.downloads = downloads
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--window-size=1280,900", "--disable-extensions", "--no-first-run"):  # fmt: skip
-            options.add_argument(arg)
-        # the service's certificate is self-signed (the tests check it by its file elsewhere)
-        options.set_capability("acceptInsecureCerts", True)
-        options.add_experimental_option("prefs", {
-            "download.default_directory": str(downloads), "download.prompt_for_download": False,
-            "safebrowsing.enabled": False,
-        })  # fmt: skip
-        self.driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-        self.driver.set_page_load_timeout(60)
+        self.driver = browser_kit.chromium(downloads=downloads)
 
     def go(self, url: str) -> None:
         self.driver.get(url)
 
     def wait(self, css: str, timeout: float = 60, text: str | None = None) -> Any:
-        from selenium.common.exceptions import TimeoutException
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support import expected_conditions as ec
-        from selenium.webdriver.support.ui import WebDriverWait
-
-        wait = WebDriverWait(self.driver, timeout, poll_frequency=0.1)
         try:
-            if text is not None:
-                wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, css), text))
-            return wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, css)))
-        except TimeoutException:
+            return browser_kit.wait_for(self.driver, css, text=text, timeout=timeout)
+        except browser_kit.PageTimeout as exc:
             OUTPUT.mkdir(parents=True, exist_ok=True)
             self.driver.save_screenshot(str(OUTPUT / "failed.png"))
-            page = self.driver.find_element(By.TAG_NAME, "body").text
-            shown = f"{css!r} (text {text!r}) not shown in {timeout} s"
-            raise AssertionError(f"{shown}; the page says:\n{page}") from None
+            raise AssertionError(str(exc)) from None
 
     def until_js(self, script: str, timeout: float) -> Any:
         """Poll *script* (a function body) until it returns something true."""

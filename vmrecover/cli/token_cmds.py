@@ -61,9 +61,14 @@ def cmd_new(args: argparse.Namespace) -> int:
         emit_json({"name": name, "role": args.role, "token": token, "sha256": sha256, "config": block})
         return ExitCode.OK
     stdout.print(f"token {name} ({args.role}), shown only now: {token}", markup=False)
+    return _paste(block, "clients send 'Authorization: Bearer TOKEN'")
+
+
+def _paste(block: str, then: str) -> int:
+    """Tell where *block* goes, then print it (on stdout: ``> file`` keeps only what to paste)."""
     stderr.print(
         f"Add these lines to the service's configuration ({DEFAULT_PATH}), then reload it "
-        "(systemctl reload vmrecover); clients send 'Authorization: Bearer TOKEN':",
+        f"(systemctl reload vmrecover); {then}:",
         markup=False,
     )
     stdout.print(f"\n{block}", markup=False, end="")
@@ -88,10 +93,4 @@ def cmd_user_new(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"name": name, "role": args.role, "password_hash": password_hash, "config": block})
         return ExitCode.OK
-    stderr.print(
-        f"Add these lines to the service's configuration ({DEFAULT_PATH}), then reload it "
-        "(systemctl reload vmrecover); the user signs in to the web console with this password:",
-        markup=False,
-    )
-    stdout.print(f"\n{block}", markup=False, end="")
-    return ExitCode.OK
+    return _paste(block, "the user signs in to the web console with this password")

@@ -68,6 +68,7 @@ from .auth import (
     AuthMiddleware,
     FailureLimiter,
     Message,
+    OnResponseStart,
     Receive,
     Scope,
     Send,
@@ -423,23 +424,11 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
-class _Count:
+class _Count(OnResponseStart):
     """Counts answered requests (metrics.api_requests), refusals included."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Any]) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def watch(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                metrics.api_requests.labels(scope["method"], str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, watch)
+    def started(self, scope: Scope, message: Message) -> None:
+        metrics.api_requests.labels(scope["method"], str(message["status"])).inc()
 
 
 def _handlers(app: FastAPI) -> None:
@@ -632,6 +621,13 @@ def _boot_check_routes(app: FastAPI, st: ApiState) -> None:
         return _json(await st.blocking(run), 201)
 
 
+def _under_qemu(repo: Repository, name: str) -> qemu_run.Published:
+    target = qemu_run.published(repo, repo.catalog.session(name))
+    if target is None:
+        raise NotFound(f"session {name} does not run under qemu here", hint="start it with run: qemu")
+    return target
+
+
 def _session_routes(app: FastAPI, st: ApiState) -> None:
     @app.get(f"{API}/sessions", tags=["recovery sessions"])
     async def list_sessions() -> Response:
@@ -704,10 +700,7 @@ def _session_routes(app: FastAPI, st: ApiState) -> None:
         check_name("session", name)
 
         def run(repo: Repository) -> bytes:
-            target = qemu_run.published(repo, repo.catalog.session(name))
-            if target is None:
-                raise NotFound(f"session {name} does not run under qemu here", hint="start it with run: qemu")
-            with open(target.console, "rb") as f:
+            with open(_under_qemu(repo, name).console, "rb") as f:
                 f.seek(max(0, os.fstat(f.fileno()).st_size - CONSOLE_TAIL))
                 return f.read()
 
@@ -719,14 +712,8 @@ def _session_routes(app: FastAPI, st: ApiState) -> None:
         from ..recovery.healthcheck import session_screenshot
 
         check_name("session", name)
-
-        def run(repo: Repository) -> bytes:
-            target = qemu_run.published(repo, repo.catalog.session(name))
-            if target is None:
-                raise NotFound(f"session {name} does not run under qemu here", hint="start it with run: qemu")
-            return session_screenshot(target)
-
-        return Response(await st.blocking(run), media_type="image/png")
+        png = await st.blocking(lambda repo: session_screenshot(_under_qemu(repo, name)))
+        return Response(png, media_type="image/png")
 
     @app.post(f"{API}/nfs/allow", tags=["recovery sessions"])
     async def nfs_allow(body: NfsAllow) -> Response:

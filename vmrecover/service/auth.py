@@ -321,6 +321,29 @@ async def send_json(send: Send, status: int, doc: Any, headers: Sequence[tuple[b
     await send({"type": "http.response.body", "body": body})
 
 
+class OnResponseStart:
+    """ASGI middleware that calls :meth:`started` with each HTTP answer's start message as it goes out
+    (to count it, or to add headers)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    def started(self, scope: Scope, message: Message) -> None:
+        raise NotImplementedError
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.started(scope, message)
+            await send(message)
+
+        await self.app(scope, receive, watch)
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for k, v in scope.get("headers") or ():
         if k.lower() == name:

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from ..errors import ExitCode
 from . import auth
-from .auth import Message, Receive, Scope, Send
+from .auth import Message, Scope
 
 if TYPE_CHECKING:
     from ..repo.repository import Repository
@@ -71,27 +71,14 @@ class SignIn(BaseModel):
         return self
 
 
-class SecurityHeaders:
+class SecurityHeaders(auth.OnResponseStart):
     """Every HTTP answer of the app gets the headers a browser needs to keep the console safe
     (no sniffing, no framing, this origin only); API answers are not cached."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Any]) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        api = scope["path"].startswith(API)
-
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *HEADERS]
-                if api:
-                    message["headers"].append((b"cache-control", b"no-store"))
-            await send(message)
-
-        await self.app(scope, receive, with_headers)
+    def started(self, scope: Scope, message: Message) -> None:
+        message["headers"] = [*message.get("headers", []), *HEADERS]
+        if scope["path"].startswith(API):
+            message["headers"].append((b"cache-control", b"no-store"))
 
 
 def _asset(name: str) -> bytes:

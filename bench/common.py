@@ -728,13 +728,17 @@ class Context:
             raise BenchError(f"vmrecover {name} printed no JSON: {out[-500:]!r}") from None
 
     @contextlib.contextmanager
-    def phase(self, name: str, pid: int | None = None) -> Iterator[None]:
-        """Time a phase; remember how much CPU the rest of the machine used meanwhile."""
-        busy, mine, daemon = machine_busy_s(), own_cpu_s(), proc_cpu_s(pid)
+    def phase(
+        self, name: str, pid: int | None = None, cpu: Callable[[], float] | None = None
+    ) -> Iterator[None]:
+        """Time a phase; remember how much CPU the rest of the machine used meanwhile.  The measured
+        process's CPU: *pid*'s, or what *cpu* says (several processes, say)."""
+        measured = cpu if cpu is not None else (lambda: proc_cpu_s(pid))
+        busy, mine, daemon = machine_busy_s(), own_cpu_s(), measured()
         start = time.monotonic()
         yield
         wall = time.monotonic() - start
-        daemon = proc_cpu_s(pid) - daemon
+        daemon = measured() - daemon
         other = machine_busy_s() - busy - (own_cpu_s() - mine) - daemon
         self.phases.append(Phase(name, wall, daemon, max(0.0, other)))
 

@@ -81,14 +81,11 @@ from bench.common import (
     BenchError,
     Context,
     MiB,
-    Phase,
     arg_parser,
     bench_main,
     environment,
     log,
-    machine_busy_s,
     median,
-    own_cpu_s,
     parse_args,
     print_host,
     print_results,
@@ -437,19 +434,6 @@ def tree_cpu_s(roots: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-@contextlib.contextmanager
-def phase(ctx: Context, name: str, measured: list[int]) -> Iterator[None]:
-    """A timed phase: the CPU of the processes measured (the service and what it started, the browser)
-    apart from what the rest of the machine used meanwhile (warned about when it is a lot)."""
-    busy, mine, theirs = machine_busy_s(), own_cpu_s(), tree_cpu_s(measured)
-    started = time.monotonic()
-    yield
-    wall = time.monotonic() - started
-    theirs = tree_cpu_s(measured) - theirs
-    other = machine_busy_s() - busy - (own_cpu_s() - mine) - theirs
-    ctx.phases.append(Phase(name, wall, theirs, max(0.0, other)))
-
-
 # --- the measurements ------------------------------------------------------------------------------
 
 
@@ -615,18 +599,18 @@ def _measure(ctx: Context) -> dict[str, Any]:
         measured = [served.proc.pid, *([browser.pid] if browser.pid else [])]
 
         log(f"dashboard: {args.runs} runs through the API")
-        with phase(ctx, "dashboard, API", measured):
+        with ctx.phase("dashboard, API", cpu=lambda: tree_cpu_s(measured)):
             dash_api, dash_size = api_runs(api, dashboard_path, args.runs, dashboard_ok)
         log(f"dashboard: {args.runs} runs in the browser")
-        with phase(ctx, "dashboard, browser", measured):
+        with ctx.phase("dashboard, browser", cpu=lambda: tree_cpu_s(measured)):
             dash_web = browser_runs(browser, (f"{base}/?r={n}#/dashboard" for n in loads), args.runs,
                                     "dashboard", str(total_vms), dashboard_path)  # fmt: skip
         log(f"folder: {args.runs} runs through the API")
-        with phase(ctx, "folder, API", measured):
+        with ctx.phase("folder, API", cpu=lambda: tree_cpu_s(measured)):
             folder_api, folder_size = api_runs(api, folder_path, args.runs, folder_ok)
         log(f"folder: {args.runs} runs in the browser")
         route = f"#/files/{FOLDER_VM}/latest?path={urllib.parse.quote(FOLDER, safe='')}"
-        with phase(ctx, "folder, browser", measured):
+        with ctx.phase("folder, browser", cpu=lambda: tree_cpu_s(measured)):
             folder_web = browser_runs(browser, (f"{base}/?r={n}{route}" for n in loads), args.runs,
                                       "folder", str(args.entries), "/files?path=")  # fmt: skip
 

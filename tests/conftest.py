@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from vmrecover.repo.blob import ChunkCodec
+
 MiB = 1 << 20
 
 
@@ -152,7 +154,6 @@ def guest_sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- damaged repositories
 CHUNK = 64 * 1024  # the `cli` fixture's repository chunk size
 HEADER = 16  # size of a chunk file's envelope header (vmrecover/repo/blob.py); the payload follows
-FLAG_ZSTD = 1
 
 
 def chunky_image(path: Path, nchunks: int) -> bytes:
@@ -172,18 +173,25 @@ def chunky_image(path: Path, nchunks: int) -> bytes:
     return data
 
 
-def corrupt_chunk(repo: Path, plain: bytes) -> tuple[str, int]:
-    """Flip bytes in the payload of the chunk file holding *plain*; return (digest hex, envelope flags)."""
-    digest = hashlib.sha256(plain).hexdigest()
+def chunk_digest(plain: bytes) -> str:
+    """The name of the chunk holding *plain* in an unencrypted repository of the current format."""
+    return ChunkCodec(keys=None).digest(plain).hex()
+
+
+def corrupt_chunk(repo: Path, plain: bytes) -> tuple[str, bool]:
+    """Flip bytes in the stored piece of the chunk file holding *plain* (one piece: 64 KiB chunks);
+    return (digest hex, whether that piece is a zstd frame)."""
+    digest = chunk_digest(plain)
     path = repo / "chunks" / digest[:2] / digest
     blob = bytearray(path.read_bytes())
-    payload = len(blob) - HEADER
-    assert payload > 8, f"chunk {digest} has a payload of {payload} bytes"
-    for pos in (HEADER + 3, HEADER + payload // 2, len(blob) - 5):
+    layout = ChunkCodec(keys=None).layout(bytes.fromhex(digest), bytes(blob), len(blob))
+    start, n = layout.offsets[0], layout.lengths[0]
+    assert n > 8, f"chunk {digest} has a piece of {n} bytes"
+    for pos in (start + 3, start + n // 2, start + n - 5):
         blob[pos] ^= 0xA5
     os.chmod(path, 0o644)
     path.write_bytes(bytes(blob))
-    return digest, blob[5]
+    return digest, layout.zstd[0]
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import random
@@ -30,11 +29,11 @@ import pytest
 
 from .conftest import (
     CHUNK,
-    FLAG_ZSTD,
     Cli,
     MiB,
     Mounted,
     assert_clean_error,
+    chunk_digest,
     chunky_image,
     corrupt_chunk,
     force_unmount,
@@ -196,7 +195,7 @@ def test_corrupt_chunk_reads_eio_never_wrong_bytes(cli: Cli, mounted: Mounted, t
     point = backup(cli, tmp_path / "disk0.raw", "v")
     bad = {100, 150}
     corrupted = [corrupt_chunk(cli.repo, data[i * CHUNK : (i + 1) * CHUNK]) for i in sorted(bad)]
-    assert [flags & FLAG_ZSTD for _, flags in corrupted] == [FLAG_ZSTD, 0], "want both decode paths"
+    assert [zstd for _, zstd in corrupted] == [True, False], "want both decode paths"
     pid = mounted.daemon_pid()
 
     pdir = mounted.point_dir("v", point)
@@ -308,7 +307,7 @@ def test_chunk_file_holding_another_chunk_never_serves_its_bytes(
     data = chunky_image(tmp_path / "disk0.raw", 256)
     point = backup(cli, tmp_path / "disk0.raw", "w")
     bad, donor = 150, 130  # both random chunks, stored as is: same envelope size
-    digest = {i: hashlib.sha256(data[i * CHUNK : (i + 1) * CHUNK]).hexdigest() for i in (bad, donor)}
+    digest = {i: chunk_digest(data[i * CHUNK : (i + 1) * CHUNK]) for i in (bad, donor)}
     paths = {i: cli.repo / "chunks" / d[:2] / d for i, d in digest.items()}
     os.chmod(paths[bad], 0o644)
     paths[bad].write_bytes(paths[donor].read_bytes())

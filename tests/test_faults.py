@@ -31,6 +31,7 @@ from .conftest import (
     Cli,
     MiB,
     assert_clean_error,
+    chunk_digest,
     make_sparse_image,
     message,
     random_image,
@@ -277,7 +278,7 @@ def test_damaged_chunk_is_reported_everywhere_it_is_used(
     b1 = cli.json("backup", img1, img2, "--vm", "b", "--disk-name", "d1", "--disk-name", "d2")["point"]
     c1 = cli.json("backup", img2, "--vm", "c")["point"]
 
-    digest = hashlib.sha256(shared).hexdigest()  # unencrypted repository: digest = sha256(plaintext)
+    digest = chunk_digest(shared)
     path = cli.repo / "chunks" / digest[:2] / digest
     assert path.is_file()
     damage(path, how)

@@ -21,10 +21,16 @@ from vmrecover.repo.keys import Keys
 from vmrecover.repo.prune import Policy, select
 from vmrecover.repo.repository import parse_size
 
-CODECS = [ChunkCodec(keys=None), ChunkCodec(keys=Keys(os.urandom(32), os.urandom(32)))]
+_KEYS = Keys(os.urandom(32), os.urandom(32))
+CODECS = [
+    ChunkCodec(keys=None),
+    ChunkCodec(keys=_KEYS),
+    ChunkCodec(keys=None, version=1),
+    ChunkCodec(keys=_KEYS, version=1),
+]
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=["plain", "aes-gcm"])
+@pytest.mark.parametrize("codec", CODECS, ids=["plain", "aes-gcm", "v1-plain", "v1-aes-gcm"])
 @given(data=st.binary(min_size=1, max_size=70_000))
 @settings(max_examples=60, deadline=None)
 def test_envelope_round_trip(codec: ChunkCodec, data: bytes) -> None:
@@ -32,7 +38,7 @@ def test_envelope_round_trip(codec: ChunkCodec, data: bytes) -> None:
     assert codec.decode(d, codec.encode(d, data)) == data
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=["plain", "aes-gcm"])
+@pytest.mark.parametrize("codec", CODECS, ids=["plain", "aes-gcm", "v1-plain", "v1-aes-gcm"])
 def test_envelope_never_returns_wrong_bytes_after_a_bit_flip(codec: ChunkCodec) -> None:
     data = (b"some text " * 5000) + os.urandom(1000)
     d = codec.digest(data)
@@ -53,7 +59,7 @@ def test_envelope_never_returns_wrong_bytes_after_a_bit_flip(codec: ChunkCodec) 
 
 
 def test_encrypted_digest_is_keyed_and_payload_hides_plaintext() -> None:
-    plain, enc = CODECS
+    plain, enc = CODECS[:2]
     data = b"secret payload " * 1000
     assert plain.digest(data) != enc.digest(data)
     assert b"secret payload" not in enc.encode(enc.digest(data), data)
@@ -64,10 +70,13 @@ def test_encrypted_digest_is_keyed_and_payload_hides_plaintext() -> None:
 
 
 def test_incompressible_chunks_are_stored_raw() -> None:
-    codec = CODECS[0]
+    v2, v1 = CODECS[0], CODECS[2]
     data = os.urandom(65536)
-    blob = codec.encode(codec.digest(data), data)
+    blob = v1.encode(v1.digest(data), data)
     assert blob[5] & 1 == 0 and len(blob) == HEADER.size + len(data)
+    ident = v2.identify(data + b"a" * 65536)  # a random piece stored raw, a compressible one as zstd
+    layout = v2.layout(ident.digest, blob := v2.encode(ident, data + b"a" * 65536), len(blob))
+    assert layout.zstd == (False, True) and layout.lengths[0] == 65536 and layout.lengths[1] < 100
 
 
 def test_index_round_trip_and_damage(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
-"""The shared chunk cache: hits, LRU eviction, one fetch for concurrent readers, errors never cached."""
+"""The shared chunk cache: hits, LRU eviction, one fetch for concurrent readers, errors never cached,
+and v2 chunks read piece by piece, each piece proven (a damaged piece costs only its own range)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -9,47 +11,62 @@ from pathlib import Path
 import pytest
 
 from vmrecover.errors import CorruptChunk
-from vmrecover.repo.blob import ChunkCodec
+from vmrecover.repo.blob import PIECE_SIZE, ChunkCodec, Identity, Layout
 from vmrecover.repo.chunkstore import ChunkStore
+from vmrecover.repo.keys import Keys
 from vmrecover.vfs.cache import ChunkCache
+
+MiB = 1 << 20
 
 
 class CountingStore(ChunkStore):
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, version: int = 2, keys: Keys | None = None) -> None:
         ChunkStore.create_layout(root)
-        super().__init__(root, ChunkCodec(keys=None))
-        self.reads = 0
+        super().__init__(root, ChunkCodec(keys=keys, version=version))
+        self.reads: list[tuple[int, int]] = []
         self.lock = threading.Lock()
+        self.delay = 0.0
 
-    def read_raw(self, digest: bytes) -> bytes:
+    def read_pieces(
+        self, digest: bytes, first: int, last: int, layout: Layout | None = None
+    ) -> tuple[Layout, list[bytes]]:
         with self.lock:
-            self.reads += 1
-        time.sleep(0.05)  # a slow disk, so that concurrent readers overlap
-        return super().read_raw(digest)
+            self.reads.append((first, last))
+        time.sleep(self.delay)  # a slow disk, so that concurrent readers overlap
+        return super().read_pieces(digest, first, last, layout)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> CountingStore:
-    return CountingStore(tmp_path)
+STORES = ["v1", "v2", "v2-encrypted"]
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> CountingStore:
+    keys = Keys(os.urandom(32), os.urandom(32)) if "encrypted" in request.param else None
+    return CountingStore(tmp_path / "chunks", version=1 if request.param == "v1" else 2, keys=keys)
 
 
 def _put(store: ChunkStore, data: bytes) -> bytes:
-    d = store.codec.digest(data)
-    store.put(d, data)
-    return d
+    ident = store.codec.identify(data)
+    store.put(ident, data)
+    return ident.digest
+
+
+def _text(n: int) -> bytes:
+    return b"".join(b"line %d %s\n" % (i, os.urandom(6).hex().encode()) for i in range(n // 20))[:n]
 
 
 def test_concurrent_readers_share_one_fetch_and_hits_are_cached(store: CountingStore) -> None:
     d = _put(store, b"a" * 5000)
-    cache = ChunkCache(store, 1 << 20)
+    store.delay = 0.05
+    cache = ChunkCache(store, MiB)
     results: list[bytes] = []
     threads = [threading.Thread(target=lambda: results.append(cache.get(d))) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results == [b"a" * 5000] * 8 and store.reads == 1
-    assert cache.lookup(d) == b"a" * 5000 and store.reads == 1
+    assert results == [b"a" * 5000] * 8 and len(store.reads) == 1
+    assert cache.lookup(d, 0, 5000) == b"a" * 5000 and len(store.reads) == 1
     cache.close()
 
 
@@ -61,109 +78,128 @@ def test_lru_eviction_by_bytes(store: CountingStore) -> None:
     cache.get(ds[0])  # touch: ds[1] is now least recently used
     cache.get(ds[2])
     assert cache.size <= 10_000
-    assert cache.lookup(ds[1]) is None and cache.lookup(ds[0]) is not None
+    assert cache.lookup(ds[1], 0, 10) is None and cache.lookup(ds[0], 0, 10) is not None
     cache.close()
 
 
-def test_corrupt_chunk_raises_for_every_waiter_and_is_not_cached(store: CountingStore) -> None:
-    d = _put(store, b"z" * 3000)
+def test_random_read_decodes_only_its_piece(store: CountingStore) -> None:
+    data = _text(MiB)
+    d = _put(store, data)
+    cache = ChunkCache(store, 8 * MiB)
+    a = 5 * PIECE_SIZE + 100
+    assert cache.read(d, a, a + 4096) == data[a : a + 4096]
+    if store.codec.version == 1:
+        assert cache.lookup(d, 0, MiB) == data  # a v1 chunk is one piece: the whole was decoded
+    else:
+        assert store.reads == [(5, 5)]
+        assert cache.lookup(d, 0, 10) is None, "a random read decoded more than its piece"
+        # across a piece boundary: the next piece alone is fetched (the table is not read again)
+        b = 6 * PIECE_SIZE - 10
+        assert cache.read(d, b, b + 20) == data[b : b + 20] and store.reads == [(5, 5), (6, 6)]
+    assert cache.read(d, 0, MiB, whole=True) == data
+    assert cache.get(d) == data
+    cache.close()
+
+
+def _flip(store: ChunkStore, d: bytes, at: int) -> None:
     path = store.path(d)
     raw = bytearray(path.read_bytes())
-    raw[-1] ^= 1
+    raw[at] ^= 0x10
     path.write_bytes(bytes(raw))
-    cache = ChunkCache(store, 1 << 20)
-    errors: list[BaseException] = []
-
-    def read() -> None:
-        try:
-            cache.get(d)
-        except CorruptChunk as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=read) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(errors) == 4 and cache.lookup(d) is None
-    cache.prefetch([d])  # swallowed in the background; the next reader still sees the error
-    with pytest.raises(CorruptChunk):
-        cache.get(d)
-    cache.close()
 
 
-def _wait_cached(cache: ChunkCache, d: bytes) -> bytes | None:
-    deadline = time.monotonic() + 5
-    while cache.lookup(d) is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return cache.lookup(d)
-
-
-@pytest.fixture
-def encrypted_store(tmp_path: Path) -> CountingStore:
-    from vmrecover.repo.keys import new_keys
-
-    s = CountingStore(tmp_path)
-    s.codec = ChunkCodec(keys=new_keys("pw", "rid")[0])
-    return s
-
-
-def test_partial_read_returns_the_range_then_caches_the_verified_chunk(
-    encrypted_store: CountingStore,
-) -> None:
-    """Encrypted (GCM binds bytes to digest): the range comes back before the whole chunk is decoded."""
-    import os
-
-    store = encrypted_store
-    data = b"".join(b"line %d %s\n" % (i, os.urandom(8).hex().encode()) for i in range(30000))
+def test_a_bit_flip_in_any_piece_fails_that_range_only(store: CountingStore) -> None:
+    data = _text(MiB - 1000)  # the last piece is short
     d = _put(store, data)
-    cache = ChunkCache(store, 8 << 20)
-    assert cache.read(d, 1000, 5096) == data[1000:5096]
-    assert _wait_cached(cache, d) == data  # finished in the background, digest checked
-    assert cache.read(d, 10, 20) == data[10:20] and store.reads == 1
-    cache.close()
-
-
-@pytest.mark.parametrize("kind", ["plain", "encrypted"])
-def test_partial_read_of_a_damaged_chunk_is_an_error_and_nothing_is_cached(
-    kind: str, store: CountingStore, encrypted_store: CountingStore
-) -> None:
-    store = encrypted_store if kind == "encrypted" else store
-    data = b"abcdefgh" * 20000
-    d = _put(store, data)
-    path = store.path(d)
-    blob = bytearray(path.read_bytes())
-    blob[-20] ^= 0x40  # bit rot in the payload: the crc32 catches it before any byte is returned
-    path.write_bytes(bytes(blob))
-    cache = ChunkCache(store, 8 << 20)
-    for _ in range(2):
+    layout, _ = ChunkStore.read_pieces(store, d, 0, 0)
+    for i in range(layout.count):
+        _flip(store, d, layout.offsets[i] + layout.lengths[i] // 2)
+        cache = ChunkCache(store, 8 * MiB)
+        a = layout.piece_extent(i)[0] if layout.version == 2 else 0
+        for _ in range(2):  # never cached: the second reader sees the error too
+            with pytest.raises(CorruptChunk):
+                cache.read(d, a + 10, a + 20)
         with pytest.raises(CorruptChunk):
-            cache.read(d, 0, 100)
-    assert cache.lookup(d) is None
-    cache.close()
+            cache.get(d)  # the whole chunk holds the damaged piece
+        for j in range(layout.count):  # every other piece still reads, and right
+            if j != i:
+                c, e = layout.piece_extent(j)
+                assert cache.read(d, c, e) == data[c:e]
+        cache.close()
+        _flip(store, d, layout.offsets[i] + layout.lengths[i] // 2)  # undo
 
 
-def test_small_read_of_a_chunk_stored_under_a_wrong_name_fails(store: CountingStore) -> None:
-    """Unencrypted, a well-formed envelope holding another chunk's bytes passes the crc32: the small
-    read path must check the digest before returning anything."""
-    good, other = b"g" * 50000, b"o" * 50000
-    d = _put(store, good)
-    store.path(d).write_bytes(store.codec.encode(d, other))
-    cache = ChunkCache(store, 8 << 20)
-    for _ in range(2):
-        with pytest.raises(CorruptChunk, match="digest"):
+def test_damaged_piece_table_or_header_fails_every_read(store: CountingStore) -> None:
+    data = _text(MiB)
+    d = _put(store, data)
+    # flags, a later table entry's hash (v1: the payload), v2: the first entry's length (v1: a zstd
+    # frame header bit that changes nothing decoded, so not a damage to report)
+    for at in (5, 300) if store.codec.version == 1 else (5, 300, 17):
+        _flip(store, d, at)
+        cache = ChunkCache(store, 8 * MiB)
+        with pytest.raises(CorruptChunk):
             cache.read(d, 0, 10)
-    assert cache.lookup(d) is None
+        cache.close()
+        _flip(store, d, at)
+    cache = ChunkCache(store, 8 * MiB)
+    assert cache.read(d, 0, 10) == data[:10]
     cache.close()
 
 
-def test_prefetch_queued_before_a_partial_read_does_not_deadlock_the_pool(store: CountingStore) -> None:
-    """Readahead of a chunk that a random read then claims: the pool task must not wait for the
-    partial read's completion, which is queued behind it in the same (one-worker) pool."""
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_piece_swapped_in_from_another_chunk_is_caught(encrypted: bool, tmp_path: Path) -> None:
+    store = CountingStore(tmp_path, keys=Keys(os.urandom(32), os.urandom(32)) if encrypted else None)
+    one, two = _text(MiB), _text(MiB)
+    d1, d2 = _put(store, one), _put(store, two)
+    l1, _ = ChunkStore.read_pieces(store, d1, 0, 0)
+    l2, _ = ChunkStore.read_pieces(store, d2, 0, 0)
+    raw1, raw2 = bytearray(store.path(d1).read_bytes()), store.path(d2).read_bytes()
+    # piece 3 of chunk 2 in place of piece 3 of chunk 1, the table entry's length fixed to match
+    # where the lengths agree (else the table no longer matches the file): compressed text of the same
+    # shape is close; pad or cut to the slot
+    slot = slice(l1.offsets[3], l1.offsets[3] + l1.lengths[3])
+    donor = raw2[l2.offsets[3] : l2.offsets[3] + l2.lengths[3]]
+    raw1[slot] = donor[: l1.lengths[3]].ljust(l1.lengths[3], b"\0")
+    store.path(d1).write_bytes(bytes(raw1))
+    cache = ChunkCache(store, 8 * MiB)
+    a, b = l1.piece_extent(3)
+    with pytest.raises(CorruptChunk):
+        cache.read(d1, a, b)
+    c, e = l1.piece_extent(2)
+    assert cache.read(d1, c, e) == one[c:e]
+    cache.close()
+    # the whole file of another chunk under this name: its table does not match the digest
+    store.path(d1).write_bytes(raw2)
+    cache = ChunkCache(store, 8 * MiB)
+    with pytest.raises(CorruptChunk, match=r"digest|another name"):
+        cache.read(d1, 0, 10)
+    cache.close()
+
+
+def test_a_v1_envelope_cannot_pass_as_a_v2_chunk_or_back(tmp_path: Path) -> None:
+    """Both kinds share one repository and the file's version byte picks the check: each check is a
+    different hash function, so a v1 file under a v2 name (or the reverse) fails."""
+    for keys in (None, Keys(os.urandom(32), os.urandom(32))):
+        v1 = ChunkCodec(keys=keys, version=1)
+        v2 = ChunkCodec(keys=keys, version=2)
+        data = _text(300_000)
+        i1, i2 = v1.identify(data), v2.identify(data)
+        assert i1.digest != i2.digest
+        with pytest.raises(CorruptChunk):  # a v1 envelope of the data under the v2 name
+            v2.decode(i2.digest, v1.encode(Identity(i2.digest), data))
+        with pytest.raises(CorruptChunk):  # a v2 envelope (pieces, table) under the v1 name
+            v1.decode(i1.digest, v2.encode(Identity(i1.digest, i2.pieces), data))
+        assert v2.decode(i1.digest, v1.encode(i1, data)) == data  # either codec reads either kind
+        assert v1.decode(i2.digest, v2.encode(i2, data)) == data
+
+
+def test_prefetch_queued_before_a_read_does_not_deadlock_the_pool(store: CountingStore) -> None:
+    """Readahead of a chunk that a reader then claims: pool tasks never wait for other fetches."""
     slow, d = _put(store, b"s" * 70000), _put(store, b"d" * 70000)
-    cache = ChunkCache(store, 8 << 20, readahead_workers=1)
+    store.delay = 0.05
+    cache = ChunkCache(store, 8 * MiB, workers=1)
     cache.prefetch([slow, d])  # the worker is busy with `slow`; d's prefetch waits in the queue
-    assert cache.read(d, 5, 10) == b"d" * 5  # claims d, queues its completion behind the prefetch
+    assert cache.read(d, 5, 10) == b"d" * 5
     got: list[bytes] = []
     t = threading.Thread(target=lambda: got.append(cache.get(d)), daemon=True)
     t.start()

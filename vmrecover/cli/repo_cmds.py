@@ -13,7 +13,7 @@ from ..fsutil import write_file
 from ..repo.gc import gc
 from ..repo.keys import ask_passphrase
 from ..repo.prune import Policy, prune
-from ..repo.repository import DEFAULT_COMPRESSION_LEVEL, Repository, parse_size
+from ..repo.repository import DEFAULT_COMPRESSION_LEVEL, FORMAT_VERSION, FORMATS, Repository, parse_size
 from ..repo.verify import verify
 from .common import open_repo, repo_path
 from .output import emit_json, human_bytes, progress, stderr, stdout, table
@@ -29,7 +29,18 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
         help=f"zstd level of new chunks, 1 (fastest) to 22 (default {DEFAULT_COMPRESSION_LEVEL})",
     )  # fmt: skip
+    p.add_argument(
+        "--format", type=int, default=FORMAT_VERSION, choices=FORMATS,
+        help="repository format: 2 (default) stores chunks in 64 KiB pieces each readable alone; 1 is "
+        "what vmrecover wrote before, for a repository older releases must still open",
+    )  # fmt: skip
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser(
+        "upgrade", parents=[common],
+        help="make a format 1 repository format 2 (new chunks in pieces; old ones stay and stay readable)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("list", parents=[common], help="list VMs, or the restore points of one VM")
     p.add_argument("vm", nargs="?", metavar="VM")
@@ -68,10 +79,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         encryption=args.encryption,
         passphrase=lambda: ask_passphrase(str(path), confirm=True),
         compression_level=args.compression_level,
+        format=args.format,
     )
     doc = {
         "repo": str(path),
         "id": repo.config.id,
+        "format": repo.config.format,
         "chunk_size": repo.config.chunk_size,
         "encryption": args.encryption,
         "compression": f"zstd,{repo.config.compression_level}",
@@ -84,6 +97,25 @@ def cmd_init(args: argparse.Namespace) -> int:
             f"created repository {path} (chunk size {human_bytes(doc['chunk_size'])}, "
             f"encryption {args.encryption})",
             markup=False,
+        )
+    return ExitCode.OK
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        changed = repo.upgrade()
+        doc = {"repo": str(repo.root), "format": repo.config.format, "upgraded": changed}
+    if args.json:
+        emit_json(doc)
+    elif changed:
+        stdout.print(
+            f"repository {doc['repo']} is now format {doc['format']}: new chunks are stored in pieces; "
+            "the chunks already there are read as they are",
+            markup=False,
+        )
+    else:
+        stdout.print(
+            f"repository {doc['repo']} is format {doc['format']} already: nothing to do", markup=False
         )
     return ExitCode.OK
 

@@ -34,7 +34,7 @@ from typing import Any
 from .. import faults
 from ..errors import BadInput
 from ..fsutil import TMP_MARK, fsync_dir, syncfs
-from ..repo.blob import ZERO_DIGEST
+from ..repo.blob import ZERO_DIGEST, Identity
 from ..repo.catalog import Disk, Point, check_name, now_iso
 from ..repo.index import FixedIndex
 from ..repo.repository import Repository
@@ -95,14 +95,24 @@ def plan_chunks(
 
 def _store(shared: _Shared, stats: DiskStats, data: bytes | bytearray) -> bytes:
     repo = shared.repo
-    digest = repo.codec.digest(data)
+    ident = None
+    if repo.config.legacy_chunks and repo.codec.version != 1:
+        # an upgraded repository: data already stored as a v1 chunk is referenced as it is
+        legacy = repo.codec.digest_v1(data)
+        with shared.lock:
+            known = legacy in shared.claimed
+        if known or repo.chunks.has(legacy):
+            ident = Identity(legacy)
+    if ident is None:
+        ident = repo.codec.identify(data)
+    digest = ident.digest
     with shared.lock:
         fresh = digest not in shared.claimed
         shared.claimed.add(digest)
     stored = 0
     if fresh and not repo.chunks.has(digest):
         try:
-            stored = repo.chunks.put(digest, bytes(data))
+            stored = repo.chunks.put(ident, bytes(data))
         except BaseException:
             with shared.lock:
                 shared.claimed.discard(digest)

@@ -1,26 +1,42 @@
 """Chunk digests and the chunk envelope: the one place that knows how chunk bytes are stored.
 
-Envelope v1 (every stored chunk file is exactly this, little endian)::
+Every stored chunk file starts with the same 16-byte header (little endian)::
 
     offset size  field
     0      4     magic  b"VMRC"
-    4      1     version = 1
-    5      1     flags: bit 0 = payload zstd-compressed, bit 1 = payload AES-256-GCM encrypted
-    6      2     reserved, 0
+    4      1     envelope version: 1 or 2
+    5      1     flags: bit 0 = payload zstd-compressed (v1 only), bit 1 = AES-256-GCM encrypted
+    6      2     v1: reserved, 0; v2: log2 of the piece size (16: 64 KiB pieces)
     8      4     raw_len: length of the plaintext chunk
     12     4     crc32 of bytes 16.. (detects bit rot without the key; cheap)
-    16     ...   payload; if encrypted: 12-byte nonce + ciphertext with 16-byte tag,
-                 associated data = the chunk's digest (a chunk file renamed to another digest fails)
 
-Reads check the plaintext against the digest (always) and the crc32 (verify, and the datastore's
-small random reads in encrypted repositories, which see a chunk's first bytes before its digest is
-checked: PartialDecode).
-The digest is SHA-256 of the plaintext, or HMAC-SHA256(id_key, plaintext) in an encrypted repository.
-Payloads that zstd does not shrink (random data) are stored uncompressed: restoring them costs nothing.
-The all-zero digest is reserved for "hole": all-zero chunks are never stored.
+**Envelope v1** (repository format 1): bytes 16.. are the payload, the whole chunk as one zstd frame
+(or raw when zstd does not shrink it); if encrypted, 12-byte nonce + ciphertext + 16-byte tag, the
+associated data being the chunk's digest.  Its digest is SHA-256 of the plaintext, or
+HMAC-SHA256(id_key, plaintext) in an encrypted repository.  Reading any byte means decoding the whole.
+
+**Envelope v2** (repository format 2): the chunk is cut into pieces of 64 KiB (the last may be
+shorter), each stored alone so that one piece can be decoded and proven without touching the others:
+
+    16     ...   piece table: per piece, u32 stored length (bit 31 set: the piece is a zstd frame)
+                 and the SHA-256 of its plaintext (36 bytes each).  Encrypted: 12-byte nonce +
+                 AES-GCM(table) + 16-byte tag, associated data b"T" + digest
+    ...    ...   the pieces' stored bytes, in order.  Encrypted: each AES-GCM with the nonce
+                 ``table nonce + i + 1`` (counter in the last 4 bytes) and associated data
+                 digest + u32 i, so a piece moved to another place or chunk fails its tag
+
+The digest is the root of a two-level hash tree: BLAKE2b-256 (person ``vmrc-chunk-v2``, keyed with
+id_key in an encrypted repository) of u64 raw_len, u32 piece size and the pieces' SHA-256s.  A reader
+of piece i checks the table against the digest (one small hash) and the piece against the table:
+nothing unproven is returned.  The root is a different function from v1's digest, so a v1 chunk can
+never pass as a v2 chunk of the same name or the other way round (a chunk file's own version byte
+may choose the check): both kinds live in one repository (see developer-notes/repository.md).
+
+Payloads (or pieces) that zstd does not shrink are stored uncompressed.  The all-zero digest is
+reserved for "hole": all-zero chunks are never stored.
 
 Thread safety: zstd (de)compressor objects are not thread-safe, so each thread gets its own
-(``threading.local``); hashlib, hmac, zlib and AES-GCM release the GIL on large buffers.
+(``threading.local``); hashlib, hmac, zlib, zstd and AES-GCM release the GIL on large buffers.
 """
 
 from __future__ import annotations
@@ -31,6 +47,7 @@ import os
 import struct
 import threading
 import zlib
+from dataclasses import dataclass
 
 import zstandard
 
@@ -38,18 +55,65 @@ from ..errors import CorruptChunk
 from .keys import Keys
 
 MAGIC = b"VMRC"
-VERSION = 1
+V1, V2 = 1, 2
 FLAG_ZSTD = 1
 FLAG_AESGCM = 2
 HEADER = struct.Struct("<4sBBHII")
 DIGEST_SIZE = 32
 ZERO_DIGEST = bytes(DIGEST_SIZE)
+PIECE_SHIFT = 16
+PIECE_SIZE = 1 << PIECE_SHIFT
+ENTRY = struct.Struct("<I32s")  # a v2 piece-table entry
+ZFRAME = 1 << 31  # in an entry's length: the piece is a zstd frame
+NONCE, TAG = 12, 16
+TREE_PERSON = b"vmrc-chunk-v2"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A chunk's digest, and for v2 the SHA-256 of each piece (computed once, stored in the table)."""
+
+    digest: bytes
+    pieces: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where a chunk's pieces are in its file, proven against its digest (v1: one piece, the whole)."""
+
+    version: int
+    raw_len: int
+    piece_size: int
+    offsets: tuple[int, ...]  # file offset of each piece's stored bytes (v1: of the payload)
+    lengths: tuple[int, ...]  # stored length of each piece (v1: of the payload)
+    zstd: tuple[bool, ...]
+    hashes: tuple[bytes, ...]  # v2: SHA-256 of each piece's plaintext
+    nonce: bytes = b""  # v2 encrypted: the table's nonce (pieces count on from it)
+
+    @property
+    def count(self) -> int:
+        return len(self.offsets)
+
+    def span(self, first: int, last: int) -> tuple[int, int]:
+        """(file offset, length) of the stored bytes of pieces first..last."""
+        return self.offsets[first], self.offsets[last] + self.lengths[last] - self.offsets[first]
+
+    def piece_extent(self, i: int) -> tuple[int, int]:
+        """(start, end) of piece i within the plaintext."""
+        a = i * self.piece_size
+        return a, min(a + self.piece_size, self.raw_len)
+
+
+def piece_nonce(nonce: bytes, i: int) -> bytes:
+    n = (int.from_bytes(nonce[8:], "little") + i + 1) & 0xFFFFFFFF
+    return nonce[:8] + n.to_bytes(4, "little")
 
 
 class ChunkCodec:
-    def __init__(self, *, keys: Keys | None, level: int = 3) -> None:
+    def __init__(self, *, keys: Keys | None, level: int = 3, version: int = V2) -> None:
         self._keys = keys
         self._level = level
+        self.version = version
         self._local = threading.local()
         self._aes = None
         if keys is not None:
@@ -62,18 +126,45 @@ class ChunkCodec:
         return self._keys is not None
 
     @property
+    def keys(self) -> Keys | None:
+        return self._keys
+
+    @property
     def level(self) -> int:
         return self._level
 
     def at_level(self, level: int) -> ChunkCodec:
         """The same keys compressing new chunks at zstd *level*: a chunk's digest and what reads it do
         not depend on the level, so chunks of any level mix in one repository."""
-        return self if level == self._level else ChunkCodec(keys=self._keys, level=level)
+        if level == self._level:
+            return self
+        return ChunkCodec(keys=self._keys, level=level, version=self.version)
 
-    def digest(self, data: bytes | memoryview) -> bytes:
+    # --- identity ------------------------------------------------------------------------------
+    def digest_v1(self, data: bytes | bytearray | memoryview) -> bytes:
         if self._keys is None:
             return hashlib.sha256(data).digest()
         return hmac.digest(self._keys.id_key, data, "sha256")
+
+    def tree_root(self, raw_len: int, hashes: tuple[bytes, ...] | list[bytes]) -> bytes:
+        key = b"" if self._keys is None else self._keys.id_key
+        h = hashlib.blake2b(digest_size=DIGEST_SIZE, key=key, person=TREE_PERSON)
+        h.update(struct.pack("<QI", raw_len, PIECE_SIZE))
+        h.update(b"".join(hashes))
+        return h.digest()
+
+    def identify(self, data: bytes | bytearray | memoryview) -> Identity:
+        """The digest new chunks get in this repository's format (v2: with the pieces' hashes)."""
+        if self.version == V1:
+            return Identity(self.digest_v1(data))
+        view = memoryview(data)
+        hashes = tuple(
+            hashlib.sha256(view[a : a + PIECE_SIZE]).digest() for a in range(0, len(view), PIECE_SIZE)
+        )
+        return Identity(self.tree_root(len(view), hashes), hashes)
+
+    def digest(self, data: bytes | bytearray | memoryview) -> bytes:
+        return self.identify(data).digest
 
     def _ctx(self) -> threading.local:
         local = self._local
@@ -82,7 +173,35 @@ class ChunkCodec:
             local.d = zstandard.ZstdDecompressor()
         return local
 
-    def encode(self, digest: bytes, data: bytes) -> bytes:
+    # --- writing -------------------------------------------------------------------------------
+    def encode(self, ident: Identity | bytes, data: bytes) -> bytes:
+        if isinstance(ident, bytes):  # a digest alone: v1, or v2 hashed again
+            ident = Identity(ident) if self.version == V1 else self.identify(data)
+        if not ident.pieces:
+            return self._encode_v1(ident.digest, data)
+        digest, c = ident.digest, self._ctx().c
+        view = memoryview(data)
+        table, stored = [], []
+        nonce = os.urandom(NONCE) if self._aes is not None else b""
+        for i, h in enumerate(ident.pieces):
+            piece = view[i * PIECE_SIZE : (i + 1) * PIECE_SIZE]
+            z = c.compress(piece)
+            flag = ZFRAME
+            if len(z) >= len(piece):
+                z, flag = bytes(piece), 0
+            if self._aes is not None:
+                z = self._aes.encrypt(piece_nonce(nonce, i), z, digest + i.to_bytes(4, "little"))
+            table.append(ENTRY.pack(len(z) | flag, h))
+            stored.append(z)
+        tbl = b"".join(table)
+        flags = 0
+        if self._aes is not None:
+            tbl = nonce + self._aes.encrypt(nonce, tbl, b"T" + digest)
+            flags = FLAG_AESGCM
+        body = tbl + b"".join(stored)
+        return HEADER.pack(MAGIC, V2, flags, PIECE_SHIFT, len(data), zlib.crc32(body)) + body
+
+    def _encode_v1(self, digest: bytes, data: bytes) -> bytes:
         flags = 0
         payload = self._ctx().c.compress(data)
         if len(payload) < len(data):
@@ -90,106 +209,130 @@ class ChunkCodec:
         else:
             payload = data
         if self._aes is not None:
-            nonce = os.urandom(12)
+            nonce = os.urandom(NONCE)
             payload = nonce + self._aes.encrypt(nonce, payload, digest)
             flags |= FLAG_AESGCM
-        return HEADER.pack(MAGIC, VERSION, flags, 0, len(data), zlib.crc32(payload)) + payload
+        return HEADER.pack(MAGIC, V1, flags, 0, len(data), zlib.crc32(payload)) + payload
 
-    def _open(self, digest: bytes, blob: bytes, *, check_crc: bool) -> tuple[int, int, memoryview]:
-        """Check the envelope (and the crc32 if asked), decrypt; return (flags, raw_len, payload)."""
+    # --- reading -------------------------------------------------------------------------------
+    def head_size(self, digest: bytes, head: bytes | memoryview) -> int:
+        """How many bytes from the file's start :meth:`layout` needs (header and piece table)."""
+        version, flags, shift, raw_len = self._header(digest, head)
+        if version == V1:
+            return HEADER.size
+        n = -(-raw_len // (1 << shift))
+        return HEADER.size + n * ENTRY.size + (NONCE + TAG if flags & FLAG_AESGCM else 0)
+
+    def _header(self, digest: bytes, blob: bytes | memoryview) -> tuple[int, int, int, int]:
         if len(blob) < HEADER.size:
             raise CorruptChunk(digest, f"file is {len(blob)} bytes, shorter than the envelope header")
-        magic, version, flags, reserved, raw_len, crc = HEADER.unpack_from(blob)
+        magic, version, flags, field, raw_len, _ = HEADER.unpack_from(blob)
         if magic != MAGIC:
             raise CorruptChunk(digest, "bad magic")
-        if version != VERSION:
+        if version == V1:
+            if field or flags & ~(FLAG_ZSTD | FLAG_AESGCM):
+                raise CorruptChunk(digest, "unknown flags set in the envelope header")
+        elif version == V2:
+            if field != PIECE_SHIFT or flags & ~FLAG_AESGCM:
+                raise CorruptChunk(
+                    digest, f"unknown flags or piece size in the envelope header ({flags}, {field})"
+                )
+        else:
             raise CorruptChunk(digest, f"envelope version {version} is unknown")
-        if reserved or flags & ~(FLAG_ZSTD | FLAG_AESGCM):
-            raise CorruptChunk(digest, "unknown flags set in the envelope header")
-        payload = memoryview(blob)[HEADER.size :]
-        if check_crc and zlib.crc32(payload) != crc:
-            raise CorruptChunk(digest, "crc32 mismatch (bit rot or truncation)")
-        if flags & FLAG_AESGCM:
+        if bool(flags & FLAG_AESGCM) != (self._aes is not None):
             if self._aes is None:
                 raise CorruptChunk(digest, "chunk is encrypted but the repository has no key")
-            from cryptography.exceptions import InvalidTag
-
-            try:
-                # bytes(): cryptography < 40 (Debian 12 ships 38) accepts no memoryview here
-                payload = memoryview(self._aes.decrypt(bytes(payload[:12]), bytes(payload[12:]), digest))
-            except InvalidTag:
-                reason = "authentication failed (tampered, or stored under another name)"
-                raise CorruptChunk(digest, reason) from None
-        elif self._aes is not None:
             raise CorruptChunk(digest, "chunk is not encrypted in an encrypted repository")
-        return flags, raw_len, payload
+        return version, flags, field, raw_len
+
+    def layout(self, digest: bytes, head: bytes | memoryview, file_size: int) -> Layout:
+        """The chunk's layout from the first :meth:`head_size` bytes of its file, its piece table
+        authenticated (encrypted) and proven against *digest* (CorruptChunk otherwise)."""
+        version, flags, _, raw_len = self._header(digest, head)
+        if version == V1:
+            n = file_size - HEADER.size
+            return Layout(V1, raw_len, raw_len, (HEADER.size,), (n,), (bool(flags & FLAG_ZSTD),), ())
+        end = self.head_size(digest, head)
+        if len(head) < end:
+            raise CorruptChunk(digest, f"file is {len(head)} bytes, shorter than its piece table")
+        tbl = memoryview(head)[HEADER.size : end]
+        nonce = b""
+        if self._aes is not None:
+            nonce = bytes(tbl[:NONCE])
+            tbl = memoryview(self._decrypt(digest, nonce, tbl[NONCE:], b"T" + digest, "piece table"))
+        offsets, lengths, zstd, hashes = [], [], [], []
+        pos = end
+        for i in range(0, len(tbl), ENTRY.size):
+            word, h = ENTRY.unpack_from(tbl, i)
+            offsets.append(pos)
+            lengths.append(word & ~ZFRAME)
+            zstd.append(bool(word & ZFRAME))
+            hashes.append(h)
+            pos += word & ~ZFRAME
+        if self.tree_root(raw_len, hashes) != digest:
+            raise CorruptChunk(digest, "piece table does not match the digest")
+        if pos != file_size:
+            raise CorruptChunk(digest, f"file is {file_size} bytes, its piece table says {pos}")
+        return Layout(
+            V2, raw_len, PIECE_SIZE, tuple(offsets), tuple(lengths), tuple(zstd), tuple(hashes), nonce
+        )
+
+    def _decrypt(self, digest: bytes, nonce: bytes, data: bytes | memoryview, ad: bytes, what: str) -> bytes:
+        from cryptography.exceptions import InvalidTag
+
+        assert self._aes is not None
+        try:
+            # bytes(): cryptography < 40 (Debian 12 ships 38) accepts no memoryview here
+            return self._aes.decrypt(nonce, bytes(data), ad)
+        except InvalidTag:
+            reason = f"{what}: authentication failed (tampered, moved, or stored under another name)"
+            raise CorruptChunk(digest, reason) from None
+
+    def _inflate(self, digest: bytes, data: bytes | memoryview, size: int) -> bytes:
+        try:
+            out = self._ctx().d.decompress(data, max_output_size=size)
+        except zstandard.ZstdError as exc:
+            raise CorruptChunk(digest, f"zstd: {exc}") from None
+        return out
+
+    def decode_piece(self, digest: bytes, layout: Layout, i: int, stored: bytes | memoryview) -> bytes:
+        """Piece i's plaintext from its stored bytes, proven against the (proven) table."""
+        if layout.version == V1:
+            return self._decode_v1(digest, layout, stored)
+        a, b = layout.piece_extent(i)
+        if self._aes is not None:
+            stored = self._decrypt(
+                digest, piece_nonce(layout.nonce, i), stored, digest + i.to_bytes(4, "little"), f"piece {i}"
+            )
+        data = self._inflate(digest, stored, b - a) if layout.zstd[i] else bytes(stored)
+        if len(data) != b - a or hashlib.sha256(data).digest() != layout.hashes[i]:
+            raise CorruptChunk(digest, f"piece {i} (bytes {a}-{b}) does not match its hash")
+        return data
+
+    def _decode_v1(self, digest: bytes, layout: Layout, payload: bytes | memoryview) -> bytes:
+        if self._aes is not None:
+            payload = self._decrypt(digest, bytes(payload[:NONCE]), payload[NONCE:], digest, "chunk")
+        data = self._inflate(digest, payload, layout.raw_len) if layout.zstd[0] else bytes(payload)
+        if len(data) != layout.raw_len:
+            raise CorruptChunk(digest, f"decoded {len(data)} bytes, envelope says {layout.raw_len}")
+        if self.digest_v1(data) != digest:
+            raise CorruptChunk(digest, "content does not match its digest")
+        return data
 
     def decode(self, digest: bytes, blob: bytes, *, check_crc: bool = False) -> bytes:
         """Return the chunk's plaintext, or raise CorruptChunk saying what is wrong.
 
         The plaintext is always checked against its digest, which catches every corruption; the crc32
-        (40% more CPU on the read path) is checked only when asked, to tell bit rot apart in reports.
+        (more CPU on the read path) is checked only when asked, to tell bit rot apart in reports.
         """
-        flags, raw_len, payload = self._open(digest, blob, check_crc=check_crc)
-        if flags & FLAG_ZSTD:
-            try:
-                data = self._ctx().d.decompress(payload, max_output_size=raw_len)
-            except zstandard.ZstdError as exc:
-                raise CorruptChunk(digest, f"zstd: {exc}") from None
-        else:
-            data = bytes(payload)
-        return self._checked(digest, data, raw_len)
-
-    def _checked(self, digest: bytes, data: bytes, raw_len: int) -> bytes:
-        if len(data) != raw_len:
-            raise CorruptChunk(digest, f"decoded {len(data)} bytes, envelope says {raw_len}")
-        if self.digest(data) != digest:
-            raise CorruptChunk(digest, "content does not match its digest")
-        return data
-
-    def decode_partial(self, digest: bytes, blob: bytes) -> PartialDecode:
-        """Start decoding a chunk for a reader that needs only its beginning (see PartialDecode)."""
-        flags, raw_len, payload = self._open(digest, blob, check_crc=True)
-        return PartialDecode(self, digest, flags, raw_len, payload)
-
-
-class PartialDecode:
-    """A chunk decoded only as far as a reader needs, for the latency of small random reads.
-
-    The bytes a reader gets from :meth:`upto` have passed the envelope's crc32 and, in an encrypted
-    repository, the AES-GCM tag, which binds them to their digest: only then may they be served before
-    :meth:`finish` decodes the rest and checks the digest (only a finished chunk may be cached).
-    Without encryption the crc32 catches bit rot but not a whole chunk stored under the wrong name,
-    so unencrypted readers (see ChunkCache.read) do not serve partial bytes.
-    """
-
-    def __init__(
-        self, codec: ChunkCodec, digest: bytes, flags: int, raw_len: int, payload: memoryview
-    ) -> None:
-        self.codec = codec
-        self.digest = digest
-        self.raw_len = raw_len
-        self._buf = bytearray()
-        self._reader = None
-        if flags & FLAG_ZSTD:
-            self._reader = zstandard.ZstdDecompressor().stream_reader(payload)
-        else:
-            self._buf[:] = payload
-
-    def upto(self, end: int) -> bytes | bytearray:
-        """At least the first *end* bytes of the plaintext (fewer only at its end)."""
-        try:
-            while self._reader is not None and len(self._buf) < end:
-                more = self._reader.read(end - len(self._buf))
-                if not more:
-                    self._reader = None
-                    break
-                self._buf += more
-        except zstandard.ZstdError as exc:
-            raise CorruptChunk(self.digest, f"zstd: {exc}") from None
-        return self._buf
-
-    def finish(self) -> bytes:
-        """The whole plaintext, checked against the digest (CorruptChunk otherwise)."""
-        self.upto(self.raw_len + 1)
-        return self.codec._checked(self.digest, bytes(self._buf), self.raw_len)
+        view = memoryview(blob)
+        if check_crc:
+            self._header(digest, blob)
+            if zlib.crc32(view[HEADER.size :]) != HEADER.unpack_from(blob)[5]:
+                raise CorruptChunk(digest, "crc32 mismatch (bit rot or truncation)")
+        layout = self.layout(digest, blob, len(blob))
+        parts = [
+            self.decode_piece(digest, layout, i, view[o : o + n])
+            for i, (o, n) in enumerate(zip(layout.offsets, layout.lengths, strict=True))
+        ]
+        return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -13,9 +13,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import MissingChunk
+from ..errors import CorruptChunk, MissingChunk
 from ..fsutil import TMP_MARK, write_file
-from .blob import HEADER, ChunkCodec
+from .blob import HEADER, ChunkCodec, Identity, Layout
+
+HEAD_READ = 4096  # the first read of a chunk file: header and piece table (v2: 604 bytes for 1 MiB)
 
 
 class ChunkStore:
@@ -40,9 +42,10 @@ class ChunkStore:
         except FileNotFoundError:
             return False
 
-    def put(self, digest: bytes, data: bytes) -> int:
-        """Store *data* under *digest*; return the stored (envelope) size."""
-        blob = self.codec.encode(digest, data)
+    def put(self, ident: Identity | bytes, data: bytes) -> int:
+        """Store *data* under its identity (ChunkCodec.identify); return the stored (envelope) size."""
+        blob = self.codec.encode(ident, data)
+        digest = ident if isinstance(ident, bytes) else ident.digest
         write_file(self.path(digest), blob, durable=False, what=f"chunk {digest.hex()}")
         return len(blob)
 
@@ -56,6 +59,39 @@ class ChunkStore:
     def get(self, digest: bytes, *, check_crc: bool = False) -> bytes:
         """The chunk's plaintext, verified against its digest (CorruptChunk/MissingChunk otherwise)."""
         return self.codec.decode(digest, self.read_raw(digest), check_crc=check_crc)
+
+    def read_pieces(
+        self, digest: bytes, first: int, last: int, layout: Layout | None = None
+    ) -> tuple[Layout, list[bytes]]:
+        """Pieces first..last of a chunk (clamped to its count), each proven against the digest, and the
+        chunk's layout (pass a cached one to skip reading the piece table again).  A v1 chunk has one
+        piece, the whole.  Two reads at most: the head, then the pieces' bytes."""
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MissingChunk(digest) from None
+        try:
+            if layout is None:
+                size = os.fstat(fd).st_size
+                head = os.pread(fd, HEAD_READ, 0)
+                need = self.codec.head_size(digest, head)
+                if need > len(head) and len(head) == HEAD_READ:
+                    head += os.pread(fd, need - len(head), len(head))
+                layout = self.codec.layout(digest, head, size)
+            if layout.count == 1:
+                first = 0
+            last = min(last, layout.count - 1)
+            off, n = layout.span(first, last)
+            buf = memoryview(os.pread(fd, n, off))
+        finally:
+            os.close(fd)
+        if len(buf) != n:
+            raise CorruptChunk(digest, f"file ends within piece {first}-{last} (truncated)")
+        out = []
+        for i in range(first, last + 1):
+            a = layout.offsets[i] - off
+            out.append(self.codec.decode_piece(digest, layout, i, buf[a : a + layout.lengths[i]]))
+        return layout, out
 
     def walk(self) -> Iterator[tuple[str, Path, os.stat_result]]:
         """Every file under chunks/: (name, path, stat); temp files included (name contains TMP_MARK)."""

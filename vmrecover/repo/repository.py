@@ -1,4 +1,4 @@
-"""Open, create and lay out a repository (format v1, described in developer-notes/repository.md)::
+"""Open, create and lay out a repository (formats 1 and 2, described in developer-notes/repository.md)::
 
 REPO/
   repo.toml                 format version, id, chunk size, compression, wrapped keys
@@ -12,6 +12,7 @@ REPO/
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Any
 
 import tomli_w
 
+from .. import faults
 from ..errors import BadInput, Incompatible, IntegrityError, NotFound, PointPruned
 from ..fsutil import write_file
 from . import lock
@@ -33,7 +35,8 @@ from .chunkstore import ChunkStore
 from .index import FixedIndex
 from .keys import Keys, new_keys, unwrap_keys
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # new repositories; format 1 ones are read and written as they are until upgraded
+FORMATS = (1, 2)
 PRIVATE_DIR = 0o700  # the repository is private: folders 0700, files 0600 (fsutil.write_file)
 REPO_ENV = "VMRECOVER_REPO"
 log = logging.getLogger("vmrecover.repo")
@@ -75,28 +78,33 @@ class Config:
     compression_level: int
     created: str
     encryption: dict[str, Any]
+    upgraded: str = ""  # when a format 1 repository became format 2 (its v1 chunks stay: see upgrade)
+
+    @property
+    def legacy_chunks(self) -> bool:
+        """May the repository hold v1 chunks?  Then backups look data up by its v1 digest as well, so
+        deduplication against them stays exact."""
+        return self.format == 1 or bool(self.upgraded)
 
     def to_toml(self) -> bytes:
-        return tomli_w.dumps(
-            {
-                "repository": {
-                    "format": self.format,
-                    "id": self.id,
-                    "created": self.created,
-                    "chunk_size": self.chunk_size,
-                    "compression": self.compression,
-                    "compression_level": self.compression_level,
-                },
-                "encryption": self.encryption,
-            }
-        ).encode()
+        table: dict[str, Any] = {
+            "format": self.format,
+            "id": self.id,
+            "created": self.created,
+            "chunk_size": self.chunk_size,
+            "compression": self.compression,
+            "compression_level": self.compression_level,
+        }
+        if self.upgraded:
+            table["upgraded"] = self.upgraded
+        return tomli_w.dumps({"repository": table, "encryption": self.encryption}).encode()
 
 
 class Repository:
     def __init__(self, root: Path, config: Config, keys: Keys | None) -> None:
         self.root = Path(os.path.abspath(root))  # daemons and records outlive the caller's cwd
         self.config = config
-        self.codec = ChunkCodec(keys=keys, level=config.compression_level)
+        self.codec = ChunkCodec(keys=keys, level=config.compression_level, version=config.format)
         self.chunks = ChunkStore(root / "chunks", self.codec)
         self.catalog = Catalog(root / "catalog.sqlite")
         self._backup_fd: int | None = None  # the writer lock of the backup this process runs
@@ -111,6 +119,7 @@ class Repository:
         encryption: str = "none",
         passphrase: Callable[[], str] | None = None,
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        format: int = FORMAT_VERSION,  # noqa: A002 (the repository's word)
     ) -> Repository:
         if encryption not in ENCRYPTION_MODES:
             raise BadInput(
@@ -127,7 +136,9 @@ class Repository:
         if encryption != "none":
             assert passphrase is not None
             keys, enc = new_keys(passphrase(), rid)
-        config = Config(rid, FORMAT_VERSION, chunk_size, "zstd", compression_level, now_iso(), enc)
+        if format not in FORMATS:
+            raise BadInput(f"unknown repository format {format}", hint="choose 1 or 2")
+        config = Config(rid, format, chunk_size, "zstd", compression_level, now_iso(), enc)
         root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
         os.chmod(root, PRIVATE_DIR)  # also an empty folder the user made: repo.toml holds wrapped keys
         for sub in ("indexes", "locks", "sessions"):
@@ -152,9 +163,9 @@ class Repository:
             raise Incompatible(f"{root} is not a vmrecover repository (no repo.toml)") from None
         except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError) as exc:
             raise Incompatible(f"{cfg_path} is damaged: {exc}") from None
-        if fmt != FORMAT_VERSION:
+        if fmt not in FORMATS:
             raise Incompatible(
-                f"repository {root} has format version {fmt}; this vmrecover reads version {FORMAT_VERSION}",
+                f"repository {root} has format version {fmt}; this vmrecover reads versions 1 and 2",
                 hint="use a vmrecover release that supports that format",
             )
         config = Config(
@@ -165,6 +176,7 @@ class Repository:
             int(r["compression_level"]),
             r["created"],
             raw.get("encryption", {"mode": "none"}),
+            str(r.get("upgraded", "")),
         )
         keys = None
         if config.encryption.get("mode", "none") != "none":
@@ -181,6 +193,25 @@ class Repository:
 
     def close(self) -> None:
         self.catalog.close()
+
+    def upgrade(self) -> bool:
+        """Make a format 1 repository format 2: new chunks are then written as v2 envelopes (pieces
+        readable alone).  Nothing else is rewritten: the v1 chunks stay as they are, read as v1 (their
+        envelope says so) and found by later backups by their v1 digest, until prune and gc retire them.
+        The only write is repo.toml's atomic replacement, under the exclusive writer lock, so a killed
+        upgrade leaves the repository either wholly format 1 or wholly format 2.  False if it was
+        format 2 already."""
+        with self.writer("upgrade"):
+            if self.config.format == FORMAT_VERSION:
+                return False
+            new = dataclasses.replace(self.config, format=FORMAT_VERSION, upgraded=now_iso())
+            faults.moment("upgrade.before-write")
+            write_file(self.root / "repo.toml", new.to_toml(), what="repo.toml")
+            faults.moment("upgrade.after-write")
+            self.config = new
+            self.codec = ChunkCodec(keys=self.codec.keys, level=self.codec.level, version=new.format)
+            self.chunks = ChunkStore(self.root / "chunks", self.codec)
+            return True
 
     def _keep_private(self) -> None:
         """A repository made by an older vmrecover (or copied with a loose umask) is closed to other

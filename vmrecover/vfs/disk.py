@@ -62,27 +62,25 @@ class BackupDisk:
             if digest == ZERO_DIGEST:
                 parts.append(bytes(b - a))
                 continue
-            data = self.cache.lookup(digest)
+            data = self.cache.lookup(digest, a, b)
             if data is None:
                 return None
-            parts.append(data[a:b])
+            parts.append(data)
         self._readahead(off, size)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def read(self, off: int, size: int) -> bytes:
         """The bytes, fetching chunks as needed (worker threads).  CorruptChunk if one cannot be read.
 
-        Sequential reads fetch whole chunks and read ahead; a random read decodes only what it needs
-        first (ChunkCache.read)."""
+        Sequential reads take whole chunks, decoded ahead on every core; a random read decodes only
+        the pieces it touches (ChunkCache.read)."""
         sequential = self._readahead(off, size)
         parts = []
         for digest, a, b in self._pieces(off, size):
             if digest == ZERO_DIGEST:
                 parts.append(bytes(b - a))
-            elif sequential:
-                parts.append(self.cache.get(digest)[a:b])
             else:
-                parts.append(self.cache.read(digest, a, b))
+                parts.append(self.cache.read(digest, a, b, whole=sequential))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _readahead(self, off: int, size: int) -> bool:

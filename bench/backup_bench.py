@@ -76,6 +76,7 @@ INCR_FRACTION_MAX = 0.25  # incremental time / full time
 GROWTH_RATIO_MAX = 1.2  # repository growth / changed bytes
 RESTORE_MBPS_MIN = 400.0  # restore rate over the data (non-hole) bytes
 RSS_MB_MAX = 300.0  # peak RSS of one vmrecover process
+FORMAT_TIME_MAX = 1.1  # full backup into a format 2 repository / the same into a format 1 one
 
 CHANGED_SHARE = 0.05  # of the image modified for the incremental backup
 
@@ -119,7 +120,7 @@ class Row:
 
 # --- the benchmark ---------------------------------------------------------------------------------
 
-STEPS = ("vm_full", "borg_full", "vm_incr", "borg_incr", "vm_restore", "borg_extract")
+STEPS = ("vm_full", "vm_full_v1", "borg_full", "vm_incr", "borg_incr", "vm_restore", "borg_extract")
 
 
 @dataclass
@@ -178,6 +179,14 @@ def measure(ctx: BackupContext, args: argparse.Namespace, wd: Path) -> Measureme
     run = timed(ctx, m, "vm_full", "vmrecover full backup", lambda: vm(ctx, full, "vmrecover-full"))
     m.docs["vm_full"] = run.json()
     m.repo_bytes["vm_full"] = du_bytes(vm_repo)
+    # the same into a format 1 repository: what a full backup cost before chunks were stored in pieces
+    v1_repo = wd / "vmrecover-repo-v1"
+    ctx.vmr(["init", "--compression-level", "3", "--format", "1"], "init-v1", repo=v1_repo)
+    full_v1: list[str | Path] = ["backup", image, "--vm", "bench", "--repo", v1_repo]
+    label = "vmrecover full backup, format 1 repository"
+    timed(ctx, m, "vm_full_v1", label, lambda: vm(ctx, full_v1, "vmrecover-full-v1"))
+    m.repo_bytes["vm_full_v1"] = du_bytes(v1_repo)
+    shutil.rmtree(v1_repo)
     if borg:
 
         def borg_full() -> None:
@@ -292,6 +301,25 @@ def make_rows(m: Measurements, size: int) -> list[Row]:
         )
     )
     pair("full backup rate over disk size (MB/s)", ratio(mb(size), vf), ratio(mb(size), bf), ".0f")
+    v1 = wall(r("vm_full_v1"))
+    q = ratio(vf, v1)
+    rows.append(
+        Row(
+            f"full backup time, format 2 / format 1 repository ({fmt(vf)} s / {fmt(v1)} s)",
+            fmt(q, ".2f", "x"),
+            target=f"<= {FORMAT_TIME_MAX:g}x",
+            result=verdict(None if q is None else q <= FORMAT_TIME_MAX),
+            values={"vmrecover": vf, "format_1": v1, "ratio": q},
+        )
+    )
+    v2b, v1b = m.repo_bytes.get("vm_full"), m.repo_bytes.get("vm_full_v1")
+    rows.append(
+        Row(
+            "repository size after full backup, format 2 / format 1",
+            f"{human(v2b)} / {human(v1b)}" if v2b and v1b else "n/a",
+            values={"vmrecover": v2b, "format_1": v1b},
+        )
+    )
     cpu("full backup CPU time, user+sys (s)", r("vm_full"), r("borg_full"))
     vm_repo, borg_repo = m.repo_bytes.get("vm_full"), m.repo_bytes.get("borg_full")
     rows.append(

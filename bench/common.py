@@ -857,7 +857,7 @@ def prepare_backups(ctx: Context, image: Path, size: int, *, guest: bool) -> Pre
     log(f"  {info.holes} hole, {info.text} text, {info.random} random regions in {info.build_s:.1f} s")
     image_sha = sha256_file(image)
     log(f"  sha256 {image_sha}")
-    ctx.vmr(["init", "--chunk-size", "1M"], "init")
+    ctx.vmr(["init", "--chunk-size", "1M", "--format", str(ctx.args.repo_format)], "init")
     log("vmrecover backup of the image")
     doc = ctx.vmr(["backup", "--vm", "bench", image, "--format", "raw"], "backup")
     log(f"  point {doc['point']}, {doc['duration_s']} s")
@@ -870,6 +870,28 @@ def prepare_backups(ctx: Context, image: Path, size: int, *, guest: bool) -> Pre
         s.guest_point, s.guest_disk = gdoc["point"], gdoc["disks"][0]["name"]
         log(f"test guest {disk} backed up as guest@{s.guest_point}")
     return s
+
+
+def decode_limit(ctx: Context, point: str, disk: str) -> tuple[float, int]:
+    """This machine's decode-and-verify limit for a point's disk: the chunk file of every non-hole
+    chunk of the disk read into memory first, then each decoded and proven (ChunkCodec.decode:
+    decompress, hash, check) on all CPUs, no I/O.  Returns (seconds, plaintext bytes decoded); the
+    disk's size over those seconds is the fastest any reader of the whole disk could go here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vmrecover.repo.blob import ZERO_DIGEST
+    from vmrecover.repo.repository import Repository
+
+    with Repository.open(ctx.repo) as repo:
+        index = repo.read_index(point, disk)
+        digests = [d for d in map(index.digest, range(index.count)) if d != ZERO_DIGEST]
+        files = {d: repo.chunks.read_raw(d) for d in set(digests)}
+        blobs = [(d, files[d]) for d in digests]
+        codec = repo.codec
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        began = time.perf_counter()
+        total = sum(pool.map(lambda db: len(codec.decode(db[0], db[1])), blobs, chunksize=4))
+        return time.perf_counter() - began, total
 
 
 def boot_checked(what: str, **kw: Any) -> BootResult:
@@ -998,6 +1020,10 @@ def arg_parser(
     p.add_argument(
         "--vmrecover", type=Path, default=VMRECOVER, help="vmrecover command (default: the venv's)"
     )
+    p.add_argument(
+        "--repo-format", type=int, choices=(1, 2), default=2,
+        help="repository format of the repositories it makes (default 2; 1 to measure the old one)",
+    )  # fmt: skip
     if serves:
         p.add_argument(
             "--cache-size",

@@ -108,6 +108,9 @@ def sattr3(u: Unpacker) -> SetAttrs:
     return s
 
 
+_READ_COUNTS = struct.Struct(">III")  # READ3resok after the attributes: count, eof, data length
+
+
 def _nfstime(p: Packer, ns: int) -> None:
     ns = max(ns, 0)
     p.u32(min(ns // 1_000_000_000, 0xFFFFFFFF))
@@ -142,6 +145,7 @@ class Nfs3:
         self.verifier = write_verifier
         self.rtmax, self.wtmax = rtmax, wtmax
         self._immutable: dict[tuple[int, int], FileAttributes] = {}  # (ino, generation) -> attributes
+        self._read_heads: dict[tuple[int, int], bytes] = {}  # the same -> READ's status + attributes, packed
 
     async def watch_changes(self, *, interval: float = 0.5) -> None:
         """Forget the kept attributes of immutable objects whenever the filesystem says some may have
@@ -152,7 +156,7 @@ class Nfs3:
             await trio.sleep(interval)
             now = await trio.to_thread.run_sync(self.fs.changes, limiter=self.limiter)
             if now != seen:
-                self._immutable.clear()
+                self._forget_immutable()
                 seen = now
 
     # ----------------------------------------------------------------- handles and attributes
@@ -188,9 +192,13 @@ class Nfs3:
             raise NfsError(STALE, f"inode {ino} generation {gen} (now {attr.generation})")
         if attr.immutable:
             if len(self._immutable) > 65536:
-                self._immutable.clear()
+                self._forget_immutable()
             self._immutable[(ino, gen)] = attr
         return attr
+
+    def _forget_immutable(self) -> None:
+        self._immutable.clear()
+        self._read_heads.clear()
 
     def fattr3(self, p: Packer, a: FileAttributes) -> None:
         p.u32(_FTYPE.get(stat.S_IFMT(a.mode), 1))
@@ -343,13 +351,22 @@ class Nfs3:
         return await self._run(1, work)
 
     def _read_reply(self, a: FileAttributes, off: int, data: bytes) -> Result:
+        """READ's OK reply: the status and attributes (packed once per immutable file: a backup's
+        views never change), count, eof, the data's length; the data itself is sent as it is."""
+        key = (a.ino, a.generation)
+        head = self._read_heads.get(key) if a.immutable else None
+        if head is None:
+            p = Packer()
+            p.u32(OK)
+            self.post_op_attr(p, a)
+            head = bytes(p.buf)
+            if a.immutable and key in self._immutable:
+                self._read_heads[key] = head
+        n = len(data)
         p = Packer()
-        p.u32(OK)
-        self.post_op_attr(p, a)
-        p.u32(len(data))
-        p.bool(off + len(data) >= a.size)
-        p.u32(len(data))
-        return p, [data, b"\0" * (-len(data) % 4)]
+        p.buf += head
+        p.buf += _READ_COUNTS.pack(n, off + n >= a.size, n)
+        return p, ([data] if n % 4 == 0 else [data, b"\0" * (-n % 4)])
 
     async def read(self, call: Call) -> Result:
         u = call.args

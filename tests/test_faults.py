@@ -438,18 +438,18 @@ def test_bad_input_error_as_json(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_other_format_version_is_refused_untouched(cli: Cli, tmp_path: Path) -> None:
-    """A repository written by a future vmrecover (format 2).
+    """A repository written by a future vmrecover (format 3).
 
     Must survive: every byte of the repository (no command may write to it, not even a lock or a
-    catalog journal); every command exits 7 naming both versions; set back to format 1, it verifies and
+    catalog journal); every command exits 7 naming the versions; set back to format 2, it verifies and
     restores as before.
     """
     img = random_image(tmp_path / "d.raw", 4 * MiB, seed=4)
     cli.run("backup", img, "--vm", "v")
     toml = cli.repo / "repo.toml"
     text = toml.read_text()
-    assert "format = 1\n" in text
-    toml.write_text(text.replace("format = 1\n", "format = 2\n"))
+    assert "format = 2\n" in text
+    toml.write_text(text.replace("format = 2\n", "format = 3\n"))
     before = tree_digest(cli.repo)
     out = tmp_path / "out.raw"
 
@@ -467,10 +467,10 @@ def test_other_format_version_is_refused_untouched(cli: Cli, tmp_path: Path) -> 
     ]
     for args in commands:
         res = cli.run(*args, check=False)
-        assert_clean_error(res, INCOMPATIBLE, "format version 2", "version 1")
+        assert_clean_error(res, INCOMPATIBLE, "format version 3", "versions 1 and 2")
     res = cli.run("list", "--json", check=False)
     assert res.returncode == INCOMPATIBLE and res.json()["exit_code"] == INCOMPATIBLE
-    assert "version 2" in res.json()["message"]
+    assert "version 3" in res.json()["message"]
     # init refuses to overwrite it
     assert_clean_error(cli.run("init", "--chunk-size", "64K", check=False), INCOMPATIBLE, "already exists")
 

@@ -119,7 +119,7 @@ class Repository:
         encryption: str = "none",
         passphrase: Callable[[], str] | None = None,
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
-        format: int = FORMAT_VERSION,  # noqa: A002 (the repository's word)
+        format: int = FORMAT_VERSION,
     ) -> Repository:
         if encryption not in ENCRYPTION_MODES:
             raise BadInput(

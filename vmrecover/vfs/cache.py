@@ -51,12 +51,21 @@ class _Pending:
 
 
 class _Entry:
-    __slots__ = ("layout", "nbytes", "pieces")
+    """A cached chunk: its layout, and either the whole plaintext (one buffer: a read of the whole
+    chunk is served without a copy) or those of its pieces that were read."""
+
+    __slots__ = ("layout", "nbytes", "pieces", "whole")
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
+        self.whole: bytes | None = None
         self.pieces: list[bytes | None] = [None] * layout.count
         self.nbytes = 0
+
+    def slice(self, start: int, end: int) -> bytes | None:
+        if self.whole is not None:
+            return self.whole[start:end]
+        return _slices(self.pieces, self.layout.piece_size, start, min(end, self.layout.raw_len))
 
 
 def _slices(pieces: list[bytes | None], ps: int, start: int, end: int) -> bytes | None:
@@ -97,7 +106,7 @@ class ChunkCache:
             e = self._lru.get(digest)
             if e is None:
                 return None
-            data = _slices(e.pieces, e.layout.piece_size, start, min(end, e.layout.raw_len))
+            data = e.slice(start, end)
             if data is not None:
                 self._lru.move_to_end(digest)
                 self.hits += 1
@@ -173,7 +182,9 @@ class ChunkCache:
             except CorruptChunk:
                 pass  # a damaged piece elsewhere in the chunk must not cost this range: piece by piece
             else:
-                data = _slices(list(parts), lay.piece_size, start, min(end, lay.raw_len))
+                data = self.lookup(digest, start, end)  # the joined chunk: no copy for a whole read
+                if data is None:  # evicted already (a cache smaller than the readers' window)
+                    data = _slices(list(parts), lay.piece_size, start, min(end, lay.raw_len))
                 assert data is not None
                 return data
         ps = PIECE_SIZE if layout is None else layout.piece_size
@@ -181,7 +192,7 @@ class ChunkCache:
         for i in range(start // ps, (end - 1) // ps + 1):
             with self._lock:
                 e = self._lru.get(digest)
-                have = None if e is None or i >= len(e.pieces) else e.pieces[i]
+                have = None if e is None or i >= len(e.pieces) else e.pieces[i]  # (whole: a hit above)
             if have is None:
                 lay, first, parts = self._fetch((digest, i))
                 if lay.count == 1:  # a v1 chunk: its one piece is the whole
@@ -206,11 +217,17 @@ class ChunkCache:
         e = self._lru.get(digest)
         if e is None:
             e = self._lru[digest] = _Entry(layout)
-        for k, p in enumerate(parts):
-            if e.pieces[first + k] is None:
-                e.pieces[first + k] = p
-                e.nbytes += len(p)
-                self._size += len(p)
+        if e.whole is None:
+            if first == 0 and len(parts) == layout.count:
+                whole = parts[0] if len(parts) == 1 else b"".join(parts)
+                self._size += len(whole) - e.nbytes
+                e.whole, e.nbytes, e.pieces = whole, len(whole), []
+            else:
+                for k, p in enumerate(parts):
+                    if e.pieces[first + k] is None:
+                        e.pieces[first + k] = p
+                        e.nbytes += len(p)
+                        self._size += len(p)
         self._lru.move_to_end(digest)
         while self._size > self.capacity and self._lru:
             _, old = self._lru.popitem(last=False)
@@ -220,7 +237,7 @@ class ChunkCache:
         for d in digests:
             with self._lock:
                 e = self._lru.get(d)
-                if (e is not None and None not in e.pieces) or (d, WHOLE) in self._pending:
+                if (e is not None and e.whole is not None) or (d, WHOLE) in self._pending:
                     continue
             self._pool.submit(self._prefetch_one, d)
 

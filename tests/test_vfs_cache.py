@@ -26,13 +26,14 @@ class CountingStore(ChunkStore):
         self.reads: list[tuple[int, int]] = []
         self.lock = threading.Lock()
         self.delay = 0.0
+        self.whole_delay = 0.0
 
     def read_pieces(
         self, digest: bytes, first: int, last: int, layout: Layout | None = None
     ) -> tuple[Layout, list[bytes]]:
         with self.lock:
             self.reads.append((first, last))
-        time.sleep(self.delay)  # a slow disk, so that concurrent readers overlap
+        time.sleep(self.delay if first == last else self.whole_delay)  # a slow disk: readers overlap
         return super().read_pieces(digest, first, last, layout)
 
 
@@ -82,23 +83,45 @@ def test_lru_eviction_by_bytes(store: CountingStore) -> None:
     cache.close()
 
 
-def test_random_read_decodes_only_its_piece(store: CountingStore) -> None:
+def test_random_read_gets_its_piece_first_and_the_rest_later(store: CountingStore) -> None:
     data = _text(MiB)
     d = _put(store, data)
+    store.whole_delay = 0.5  # decoding the whole chunk is slow: the pieces must not wait for it
     cache = ChunkCache(store, 8 * MiB)
-    a = 5 * PIECE_SIZE + 100
+    a, b = 5 * PIECE_SIZE + 100, 9 * PIECE_SIZE
+    began = time.monotonic()
     assert cache.read(d, a, a + 4096) == data[a : a + 4096]
     if store.codec.version == 1:
         assert cache.lookup(d, 0, MiB) == data  # a v1 chunk is one piece: the whole was decoded
     else:
-        assert store.reads == [(5, 5)]
-        assert cache.lookup(d, 0, 10) is None, "a random read decoded more than its piece"
-        # across a piece boundary: the next piece alone is fetched (the table is not read again)
-        b = 6 * PIECE_SIZE - 10
-        assert cache.read(d, b, b + 20) == data[b : b + 20] and store.reads == [(5, 5), (6, 6)]
-    assert cache.read(d, 0, MiB, whole=True) == data
-    assert cache.get(d) == data
+        assert store.reads == [(5, 5)] and cache.lookup(d, 0, 10) is None  # its piece, nothing more
+        assert cache.read(d, b, b + 512) == data[b : b + 512]  # a second piece: a reader that stays
+        assert time.monotonic() - began < 0.4 and store.reads[:2] == [(5, 5), (9, 9)]
+        assert cache.lookup(d, 0, 10) is None, "a piece waited for the rest of the chunk"
+        deadline = time.monotonic() + 5  # the rest of the chunk comes later, in the background
+        while cache.lookup(d, 0, MiB) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cache.lookup(d, 0, MiB) == data and store.reads[2] == (0, 1 << 30)
+    reads = len(store.reads)
+    c = 6 * PIECE_SIZE - 10  # now a hit, across a piece boundary
+    assert cache.read(d, c, c + 20) == data[c : c + 20] and cache.get(d) == data and len(store.reads) == reads
     cache.close()
+
+
+def test_random_reads_never_queue_behind_many_background_decodes(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path)
+    chunks = [_text(MiB) for _ in range(8)]
+    ds = [_put(store, c) for c in chunks]
+    store.whole_delay = 0.3
+    cache = ChunkCache(store, 64 * MiB)
+    began = time.monotonic()
+    for d, c in zip(ds, chunks, strict=True):
+        assert cache.read(d, 100, 200) == c[100:200]
+        assert cache.read(d, 3 * PIECE_SIZE, 3 * PIECE_SIZE + 100) == c[3 * PIECE_SIZE : 3 * PIECE_SIZE + 100]
+    assert time.monotonic() - began < 0.3, "random reads waited for background decodes"
+    cache.close()  # waits for the background work
+    wholes = [r for r in store.reads if r[0] != r[1]]
+    assert 1 <= len(wholes) <= 3, wholes  # at most LATER_MAX queued (+1 running): the rest dropped
 
 
 def _flip(store: ChunkStore, d: bytes, at: int) -> None:

@@ -17,6 +17,7 @@ from ..errors import CorruptChunk, MissingChunk
 from ..fsutil import TMP_MARK, write_file
 from .blob import HEADER, ChunkCodec, Identity, Layout
 
+WHOLE_CHUNK = 1 << 30  # read_pieces(d, 0, WHOLE_CHUNK): every piece
 HEAD_READ = 4096  # the first read of a chunk file: header and piece table (v2: 604 bytes for 1 MiB)
 
 
@@ -56,21 +57,27 @@ class ChunkStore:
         except FileNotFoundError:
             raise MissingChunk(digest) from None
 
-    def get(self, digest: bytes, *, check_crc: bool = False) -> bytes:
+    def get(self, digest: bytes, *, check_crc: bool = False) -> bytes | bytearray:
         """The chunk's plaintext, verified against its digest (CorruptChunk/MissingChunk otherwise)."""
         return self.codec.decode(digest, self.read_raw(digest), check_crc=check_crc)
 
     def read_pieces(
         self, digest: bytes, first: int, last: int, layout: Layout | None = None
-    ) -> tuple[Layout, list[bytes]]:
-        """Pieces first..last of a chunk (clamped to its count), each proven against the digest, and the
-        chunk's layout (pass a cached one to skip reading the piece table again).  A v1 chunk has one
-        piece, the whole.  Two reads at most: the head, then the pieces' bytes."""
+    ) -> tuple[Layout, bytes | bytearray]:
+        """The plaintext of pieces first..last of a chunk (clamped to its pieces; a v1 chunk has one,
+        the whole), each proven against the digest, and the chunk's layout (pass a cached one to skip
+        reading the piece table again).  Two reads at most: the head, then the pieces' bytes."""
         try:
             fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise MissingChunk(digest) from None
         try:
+            if layout is None and first == 0 and last >= WHOLE_CHUNK:  # the whole file: one read
+                size = os.fstat(fd).st_size
+                buf = os.pread(fd, size, 0)
+                layout = self.codec.layout(digest, buf, len(buf))
+                last = layout.count - 1
+                return layout, self.codec.decode_pieces(digest, layout, 0, last, buf, 0)
             if layout is None:
                 size = os.fstat(fd).st_size
                 head = os.pread(fd, HEAD_READ, 0)
@@ -82,16 +89,12 @@ class ChunkStore:
                 first = 0
             last = min(last, layout.count - 1)
             off, n = layout.span(first, last)
-            buf = memoryview(os.pread(fd, n, off))
+            buf = os.pread(fd, n, off)
         finally:
             os.close(fd)
         if len(buf) != n:
-            raise CorruptChunk(digest, f"file ends within piece {first}-{last} (truncated)")
-        out = []
-        for i in range(first, last + 1):
-            a = layout.offsets[i] - off
-            out.append(self.codec.decode_piece(digest, layout, i, buf[a : a + layout.lengths[i]]))
-        return layout, out
+            raise CorruptChunk(digest, f"file ends within pieces {first}-{last} (truncated)")
+        return layout, self.codec.decode_pieces(digest, layout, first, last, buf, off)
 
     def walk(self) -> Iterator[tuple[str, Path, os.stat_result]]:
         """Every file under chunks/: (name, path, stat); temp files included (name contains TMP_MARK)."""

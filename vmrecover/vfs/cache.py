@@ -34,11 +34,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import CorruptChunk
 from ..repo.blob import PIECE_SIZE, Layout
-from ..repo.chunkstore import ChunkStore
+from ..repo.chunkstore import WHOLE_CHUNK, ChunkStore
 
 log = logging.getLogger("vmrecover.cache")
 WHOLE = -1  # the pending-fetch key of a whole chunk
-Fetched = tuple[Layout, int, list[bytes]]  # layout, first piece, the pieces from there
+LATER_MAX = 2  # chunks waiting to be decoded whole after random reads of their pieces
+Buffer = bytes | bytearray | memoryview  # what reads return: a slice of a cached chunk may be a view
+Fetched = tuple[Layout, int, Buffer]  # layout, first piece, the plaintext of the pieces from there
 
 
 class _Pending:
@@ -50,25 +52,28 @@ class _Pending:
         self.error: BaseException | None = None
 
 
+_NO_PENDING = _Pending()
+
+
 class _Entry:
-    """A cached chunk: its layout, and either the whole plaintext (one buffer: a read of the whole
-    chunk is served without a copy) or those of its pieces that were read."""
+    """A cached chunk: its layout, and either the whole plaintext (a read-only view of one buffer:
+    reads are served from it without a copy) or those of its pieces that were read."""
 
     __slots__ = ("layout", "nbytes", "pieces", "whole")
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self.whole: bytes | None = None
-        self.pieces: list[bytes | None] = [None] * layout.count
+        self.whole: memoryview | None = None
+        self.pieces: list[Buffer | None] = [None] * layout.count
         self.nbytes = 0
 
-    def slice(self, start: int, end: int) -> bytes | None:
+    def slice(self, start: int, end: int) -> Buffer | None:
         if self.whole is not None:
             return self.whole[start:end]
         return _slices(self.pieces, self.layout.piece_size, start, min(end, self.layout.raw_len))
 
 
-def _slices(pieces: list[bytes | None], ps: int, start: int, end: int) -> bytes | None:
+def _slices(pieces: list[Buffer | None], ps: int, start: int, end: int) -> Buffer | None:
     """Bytes [start, end) of a chunk from its pieces of size *ps*, or None if one is missing."""
     first, last = start // ps, (end - 1) // ps
     if first == last:
@@ -92,15 +97,19 @@ class ChunkCache:
         self._lru: OrderedDict[bytes, _Entry] = OrderedDict()
         self._size = 0
         self._pending: dict[tuple[bytes, int], _Pending] = {}
+        self._queued: set[bytes] = set()  # digests handed to the pool, not started yet
         self._pool = ThreadPoolExecutor(workers or os.cpu_count() or 2, thread_name_prefix="decode")
+        self._later_pool = ThreadPoolExecutor(1, thread_name_prefix="decode-later")
+        self._later_queued: set[bytes] = set()
         self.hits = self.misses = 0
 
     def close(self) -> None:
         # Queued tasks still run: a cancelled fetch would leave its waiters waiting forever.
         self._pool.shutdown(wait=True)
+        self._later_pool.shutdown(wait=True)
 
     # --- the hit path ----------------------------------------------------------------------------
-    def lookup(self, digest: bytes, start: int, end: int) -> bytes | None:
+    def lookup(self, digest: bytes, start: int, end: int) -> Buffer | None:
         """Bytes [start, end) of the chunk if its pieces are cached, else None.  Never blocks long."""
         with self._lock:
             e = self._lru.get(digest)
@@ -113,15 +122,28 @@ class ChunkCache:
             return data
 
     # --- fetching --------------------------------------------------------------------------------
-    def _claim(self, key: tuple[bytes, int]) -> tuple[_Pending, bool]:
-        """The pending fetch of *key*, and whether this caller must do it."""
+    def _claim(self, key: tuple[bytes, int]) -> tuple[Fetched | None, _Pending, bool]:
+        """What is cached for *key* already, else its pending fetch and whether this caller must do
+        it (a fetch queued before an identical one completed must not decode the chunk again)."""
+        digest, i = key
         with self._lock:
+            e = self._lru.get(digest)
+            if e is not None:
+                cached: Fetched | None = None
+                if e.whole is not None:
+                    cached = (e.layout, 0, e.whole)
+                elif i != WHOLE and i < len(e.pieces) and (p := e.pieces[i]) is not None:
+                    cached = (e.layout, i, p)
+                if cached is not None:
+                    self._lru.move_to_end(digest)
+                    self.hits += 1
+                    return cached, _NO_PENDING, False
             pending = self._pending.get(key)
             if pending is not None:
-                return pending, False
+                return None, pending, False
             pending = self._pending[key] = _Pending()
             self.misses += 1
-            return pending, True
+            return None, pending, True
 
     @staticmethod
     def _wait(pending: _Pending) -> Fetched:
@@ -132,7 +154,7 @@ class ChunkCache:
         return pending.data
 
     def _settle(self, key: tuple[bytes, int], pending: _Pending, fetch: Callable[[], Fetched]) -> Fetched:
-        """Run the fetch, cache its pieces (never an error) and wake the waiters."""
+        """Run the fetch, cache its result (never an error) and wake the waiters."""
         try:
             got = fetch()
         except BaseException as exc:
@@ -141,16 +163,18 @@ class ChunkCache:
                 del self._pending[key]
             pending.event.set()
             raise
-        pending.data = got
         with self._lock:
             del self._pending[key]
-            self._insert(key[0], got)
+            got = self._insert(key[0], got)
+        pending.data = got
         pending.event.set()
         return got
 
     def _fetch(self, key: tuple[bytes, int]) -> Fetched:
         """Fetch (or wait for) a piece, or the whole chunk if key[1] is WHOLE."""
-        pending, fetcher = self._claim(key)
+        cached, pending, fetcher = self._claim(key)
+        if cached is not None:
+            return cached
         return self._do(key, pending) if fetcher else self._wait(pending)
 
     def _do(self, key: tuple[bytes, int], pending: _Pending) -> Fetched:
@@ -158,15 +182,15 @@ class ChunkCache:
         with self._lock:
             e = self._lru.get(digest)
             layout = None if e is None else e.layout  # known: the piece table is not read again
-        first, last = (0, 1 << 30) if i == WHOLE else (i, i)
+        first, last = (0, WHOLE_CHUNK) if i == WHOLE else (i, i)
 
         def fetch() -> Fetched:
-            lay, parts = self.store.read_pieces(digest, first, last, layout)
-            return lay, (0 if lay.count == 1 else first), parts
+            lay, data = self.store.read_pieces(digest, first, last, layout)
+            return lay, (0 if lay.count == 1 else first), data
 
         return self._settle(key, pending, fetch)
 
-    def read(self, digest: bytes, start: int, end: int, *, whole: bool = False) -> bytes:
+    def read(self, digest: bytes, start: int, end: int, *, whole: bool = False) -> Buffer:
         """Bytes [start, end) of the chunk, fetched as needed (worker threads).  CorruptChunk or
         MissingChunk if they cannot be read.  *whole*: take the whole chunk (sequential readers)."""
         data = self.lookup(digest, start, end)
@@ -175,75 +199,100 @@ class ChunkCache:
         with self._lock:
             e = self._lru.get(digest)
             layout = None if e is None else e.layout
-            pending_whole = self._pending.get((digest, WHOLE))
-        if whole or pending_whole is not None:
+            # the whole chunk is on its way (decoded ahead, or queued for it), or most of it is asked
+            whole = (
+                whole
+                or (digest, WHOLE) in self._pending
+                or digest in self._queued
+                or end - start > 2 * PIECE_SIZE
+            )
+        if whole:
             try:
-                lay, first, parts = self._fetch((digest, WHOLE))
+                lay, _, got = self._fetch((digest, WHOLE))
             except CorruptChunk:
                 pass  # a damaged piece elsewhere in the chunk must not cost this range: piece by piece
             else:
-                data = self.lookup(digest, start, end)  # the joined chunk: no copy for a whole read
-                if data is None:  # evicted already (a cache smaller than the readers' window)
-                    data = _slices(list(parts), lay.piece_size, start, min(end, lay.raw_len))
-                assert data is not None
-                return data
+                return got[start : min(end, lay.raw_len)]
         ps = PIECE_SIZE if layout is None else layout.piece_size
-        got: dict[int, bytes] = {}
+        parts: list[Buffer] = []
         for i in range(start // ps, (end - 1) // ps + 1):
-            with self._lock:
-                e = self._lru.get(digest)
-                have = None if e is None or i >= len(e.pieces) else e.pieces[i]  # (whole: a hit above)
-            if have is None:
-                lay, first, parts = self._fetch((digest, i))
-                if lay.count == 1:  # a v1 chunk: its one piece is the whole
-                    ps, got = lay.piece_size, {0: parts[0]}
-                    break
-                have = parts[i - first]
-            got[i] = have
-        pieces: list[bytes | None] = [None] * (max(got) + 1)
-        for i, p in got.items():
-            pieces[i] = p
-        out = _slices(pieces, ps, start, min(end, ps * len(pieces)))
-        assert out is not None
-        return out
-
-    def get(self, digest: bytes) -> bytes:
-        """The whole chunk."""
-        _, _, parts = self._fetch((digest, WHOLE))
+            lay, first, got = self._fetch((digest, i))
+            if lay.count == 1 or (first == 0 and len(got) == lay.raw_len):  # the whole chunk
+                return got[start : min(end, lay.raw_len)]
+            base = i * ps
+            parts.append(got[max(start, base) - base : min(end, base + ps) - base])
+        with self._lock:
+            e = self._lru.get(digest)
+            local = e is not None and e.nbytes > ps  # a second piece of this chunk: the reader stays near
+        if local:
+            self._later(digest)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _insert(self, digest: bytes, got: Fetched) -> None:
-        layout, first, parts = got
+    def _later(self, digest: bytes) -> None:
+        """After a random read got a second piece of a chunk (a reader that stays near, as a booting
+        guest does): decode the rest of the chunk in the background, so its next reads hit.  On one
+        thread and only while few wait, else not at all.  Not after the first piece: on 2 CPUs a
+        background decode per random read doubled the next reads' latency (bench/fuse_bench.py)."""
+        with self._lock:
+            if len(self._later_queued) >= LATER_MAX or digest in self._later_queued:
+                return
+            self._later_queued.add(digest)
+        self._later_pool.submit(self._later_one, digest)
+
+    def _later_one(self, digest: bytes) -> None:
+        try:
+            _, pending, fetcher = self._claim((digest, WHOLE))
+            if fetcher:
+                with contextlib.suppress(CorruptChunk):  # a damaged piece: reads of it say so
+                    self._do((digest, WHOLE), pending)
+        finally:
+            with self._lock:
+                self._later_queued.discard(digest)
+
+    def get(self, digest: bytes) -> Buffer:
+        """The whole chunk."""
+        return self._fetch((digest, WHOLE))[2]
+
+    def _insert(self, digest: bytes, got: Fetched) -> Fetched:
+        """Cache a fetch's result (lock held); return it as cached (a whole chunk: its read-only view)."""
+        layout, first, data = got
         e = self._lru.get(digest)
         if e is None:
             e = self._lru[digest] = _Entry(layout)
         if e.whole is None:
-            if first == 0 and len(parts) == layout.count:
-                whole = parts[0] if len(parts) == 1 else b"".join(parts)
-                self._size += len(whole) - e.nbytes
-                e.whole, e.nbytes, e.pieces = whole, len(whole), []
-            else:
-                for k, p in enumerate(parts):
-                    if e.pieces[first + k] is None:
-                        e.pieces[first + k] = p
-                        e.nbytes += len(p)
-                        self._size += len(p)
+            if first == 0 and len(data) == layout.raw_len:
+                view = memoryview(data).toreadonly()
+                self._size += len(view) - e.nbytes
+                e.whole, e.nbytes, e.pieces = view, len(view), []
+                got = (layout, 0, view)
+            elif e.pieces[first] is None:
+                e.pieces[first] = data
+                e.nbytes += len(data)
+                self._size += len(data)
         self._lru.move_to_end(digest)
         while self._size > self.capacity and self._lru:
             _, old = self._lru.popitem(last=False)
             self._size -= old.nbytes
+        return got
 
     def prefetch(self, digests: Iterable[bytes]) -> None:
         for d in digests:
             with self._lock:
                 e = self._lru.get(d)
-                if (e is not None and e.whole is not None) or (d, WHOLE) in self._pending:
+                if (
+                    (e is not None and e.whole is not None)
+                    or (d, WHOLE) in self._pending
+                    or d in self._queued
+                ):
                     continue
+                self._queued.add(d)
             self._pool.submit(self._prefetch_one, d)
 
     def _prefetch_one(self, digest: bytes) -> None:
         # Never wait in the pool: a fetch pending elsewhere may be queued behind this very task.
-        pending, fetcher = self._claim((digest, WHOLE))
+        _, pending, fetcher = self._claim((digest, WHOLE))
+        with self._lock:
+            self._queued.discard(digest)
         if fetcher:
             with contextlib.suppress(CorruptChunk):  # the reader that needs it gets the error itself
                 self._do((digest, WHOLE), pending)
@@ -254,7 +303,16 @@ class ChunkCache:
 
 
 def limit_malloc_arenas() -> None:
-    """glibc gives each thread its own malloc arena; chunk-sized buffers freed in other threads then
-    fragment them (peak RSS 1 GB with a 512 MB cache).  Two arenas keep RSS near the cache size."""
+    """Tune glibc's malloc for a process that keeps a cache of chunk-sized buffers.
+
+    - Two arenas: glibc gives each thread its own, and chunk-sized buffers freed in other threads then
+      fragment them (peak RSS 1 GB with a 512 MB cache).
+    - Buffers up to 8 MiB from the heap, and freed heap memory kept (up to 64 MiB at its top): by
+      default every decoded chunk and every chunk file read is a fresh mmap, and its first touch
+      costs one page fault per 4 KiB (250 per chunk: a third of a cold sequential read's CPU here).
+      Reused heap memory is already mapped."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        libc.mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD

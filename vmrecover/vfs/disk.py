@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..repo.blob import ZERO_DIGEST
 from ..repo.index import FixedIndex
-from .cache import ChunkCache
+from .cache import Buffer, ChunkCache
 from .formats import flat_vmdk_name, vhd_footer, vmdk_descriptor
 
 READAHEAD_CHUNKS = 8
@@ -55,9 +55,9 @@ class BackupDisk:
             out.append((self.index.digest(i), max(off, base) - base, min(end, base + cs) - base))
         return out
 
-    def read_cached(self, off: int, size: int) -> bytes | None:
+    def read_cached(self, off: int, size: int) -> Buffer | None:
         """The bytes if every chunk they need is cached (or a hole), else None.  Never blocks."""
-        parts = []
+        parts: list[Buffer] = []
         for digest, a, b in self._pieces(off, size):
             if digest == ZERO_DIGEST:
                 parts.append(bytes(b - a))
@@ -69,13 +69,13 @@ class BackupDisk:
         self._readahead(off, size)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def read(self, off: int, size: int) -> bytes:
+    def read(self, off: int, size: int) -> Buffer:
         """The bytes, fetching chunks as needed (worker threads).  CorruptChunk if one cannot be read.
 
         Sequential reads take whole chunks, decoded ahead on every core; a random read decodes only
         the pieces it touches (ChunkCache.read)."""
         sequential = self._readahead(off, size)
-        parts = []
+        parts: list[Buffer] = []
         for digest, a, b in self._pieces(off, size):
             if digest == ZERO_DIGEST:
                 parts.append(bytes(b - a))
@@ -170,11 +170,11 @@ class SessionDisk:
         with self._use() as fd:
             os.utime(fd, ns=ns)
 
-    def read(self, off: int, size: int) -> bytes:
+    def read(self, off: int, size: int) -> Buffer:
         with self._use() as fd:
             return self._read(fd, off, size)
 
-    def _read(self, fd: int, off: int, size: int) -> bytes:
+    def _read(self, fd: int, off: int, size: int) -> Buffer:
         end = min(off + size, self.size)
         if off >= end:
             return b""
@@ -318,18 +318,18 @@ class View:
         a = max(off - self.data_size, 0)
         return self.trailer[a : max(off + size - self.data_size, 0)]
 
-    def read_cached(self, off: int, size: int) -> bytes | None:
+    def read_cached(self, off: int, size: int) -> Buffer | None:
         if off >= self.data_size:
             return self._trailer(off, size)
         if isinstance(self.disk, BackupDisk) and off + size <= self.data_size:
             return self.disk.read_cached(off, size)
         return None
 
-    def read(self, off: int, size: int) -> bytes:
+    def read(self, off: int, size: int) -> Buffer:
         if off >= self.size:
             return b""
         head = self.disk.read(off, min(size, self.data_size - off)) if off < self.data_size else b""
-        return head + self._trailer(off, size) if off + size > self.data_size else head
+        return b"".join((head, self._trailer(off, size))) if off + size > self.data_size else head
 
     def write(self, off: int, data: bytes | memoryview) -> int:
         if not isinstance(self.disk, SessionDisk):

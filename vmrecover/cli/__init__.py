@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.umask(0o077)  # what vmrecover creates is private (repository, logs, restores), as borg does
     setup_logging(args.log_level)
+    from ..vfs.cache import tune_malloc
+
+    tune_malloc()  # every command moves chunk-sized buffers: backup, restore, the daemons
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)

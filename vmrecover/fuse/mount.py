@@ -238,9 +238,9 @@ def serve(
     """Mount and serve in this process until unmounted or SIGTERM/SIGINT."""
     import signal
 
-    from ..vfs.cache import ChunkCache, limit_malloc_arenas
+    from ..vfs.cache import ChunkCache, tune_malloc
 
-    limit_malloc_arenas()
+    tune_malloc()
     cache = ChunkCache(repo.chunks, cache_size)
     vfs = Vfs(repo, cache)
 

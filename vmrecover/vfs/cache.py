@@ -240,14 +240,7 @@ class ChunkCache:
         self._later_pool.submit(self._later_one, digest)
 
     def _later_one(self, digest: bytes) -> None:
-        try:
-            _, pending, fetcher = self._claim((digest, WHOLE))
-            if fetcher:
-                with contextlib.suppress(CorruptChunk):  # a damaged piece: reads of it say so
-                    self._do((digest, WHOLE), pending)
-        finally:
-            with self._lock:
-                self._later_queued.discard(digest)
+        self._whole_in_background(digest, self._later_queued)
 
     def get(self, digest: bytes) -> Buffer:
         """The whole chunk."""
@@ -289,12 +282,19 @@ class ChunkCache:
             self._pool.submit(self._prefetch_one, d)
 
     def _prefetch_one(self, digest: bytes) -> None:
-        # Never wait in the pool: a fetch pending elsewhere may be queued behind this very task.
-        _, pending, fetcher = self._claim((digest, WHOLE))
-        with self._lock:
-            self._queued.discard(digest)
+        self._whole_in_background(digest, self._queued)
+
+    def _whole_in_background(self, digest: bytes, queued: set[bytes]) -> None:
+        """A pool task: decode a whole chunk into the cache.  It never waits for another fetch (that
+        fetch's completion may be queued behind it); a damaged chunk is left to the reader that needs
+        it to report.  *queued*: the set that kept it from being submitted twice."""
+        try:
+            _, pending, fetcher = self._claim((digest, WHOLE))
+        finally:
+            with self._lock:
+                queued.discard(digest)
         if fetcher:
-            with contextlib.suppress(CorruptChunk):  # the reader that needs it gets the error itself
+            with contextlib.suppress(CorruptChunk):
                 self._do((digest, WHOLE), pending)
 
     @property

@@ -247,3 +247,19 @@ def test_lru_map_bounds_count_and_weight_and_reports_evictions() -> None:
     m.put("big", b"x" * 100)  # the newest is kept even alone over the budget
     assert list(m) == ["big"] and m.weight == 100
     assert m.pop("big") == b"x" * 100 and m.weight == 0 and m.get("big") is None
+
+
+def test_decode_ahead_queued_twice_decodes_each_chunk_once(tmp_path: Path) -> None:
+    """Readers moving on call prefetch again and again for the same next chunks while the pool is
+    busy: a chunk already queued (or already decoded when its task starts) is not decoded again."""
+    store = CountingStore(tmp_path)
+    chunks = [_text(MiB) for _ in range(6)]
+    ds = [_put(store, c) for c in chunks]
+    store.whole_delay = 0.05
+    cache = ChunkCache(store, 64 * MiB, workers=1)
+    for _ in range(5):
+        cache.prefetch(ds)
+    for d, c in zip(ds, chunks, strict=True):
+        assert cache.read(d, 0, MiB, whole=True) == c
+    cache.close()
+    assert len(store.reads) == len(ds), store.reads

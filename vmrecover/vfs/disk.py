@@ -33,6 +33,16 @@ from .cache import Buffer, ChunkCache
 from .formats import flat_vmdk_name, vhd_footer, vmdk_descriptor
 
 READAHEAD_CHUNKS = 8
+_zeros = bytes(1 << 20)
+
+
+def zeros(n: int) -> Buffer:
+    """*n* zero bytes as a view of one shared read-only buffer: holes are read as often as data, and a
+    fresh ``bytes(n)`` per read was a memset and page faults for every MiB of every hole."""
+    global _zeros
+    if n > len(_zeros):
+        _zeros = bytes(n)  # a larger chunk size: grown once (a racing reader keeps its own buffer)
+    return memoryview(_zeros)[:n]
 
 
 class BackupDisk:
@@ -60,7 +70,7 @@ class BackupDisk:
         parts: list[Buffer] = []
         for digest, a, b in self._pieces(off, size):
             if digest == ZERO_DIGEST:
-                parts.append(bytes(b - a))
+                parts.append(zeros(b - a))
                 continue
             data = self.cache.lookup(digest, a, b)
             if data is None:
@@ -78,7 +88,7 @@ class BackupDisk:
         parts: list[Buffer] = []
         for digest, a, b in self._pieces(off, size):
             if digest == ZERO_DIGEST:
-                parts.append(bytes(b - a))
+                parts.append(zeros(b - a))
             else:
                 parts.append(self.cache.read(digest, a, b, whole=sequential))
         return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -23,16 +23,19 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..errors import ExitCode, NotFound
 from ..repo.repository import Repository
-from ..service import config as configuration
-from ..service.client import ServiceClient
-from ..service.core import JobScheduler
+from ..service import DEFAULT_PATH
 from .output import emit_json, human_bytes, progress, stderr, stdout, table
+
+if TYPE_CHECKING:  # the service's modules (pydantic) load only when a job command runs
+    from ..service import config as configuration
+    from ..service.client import ServiceClient
+    from ..service.core import JobScheduler
 
 FOLLOW = 0.2  # seconds between looks at a running job
 
@@ -40,8 +43,8 @@ FOLLOW = 0.2  # seconds between looks at a running job
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     opts = argparse.ArgumentParser(add_help=False)
     opts.add_argument(
-        "--config", type=Path, default=configuration.DEFAULT_PATH,
-        help=f"the service's configuration (default {configuration.DEFAULT_PATH})",
+        "--config", type=Path, default=DEFAULT_PATH,
+        help=f"the service's configuration (default {DEFAULT_PATH})",
     )  # fmt: skip
     opts.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     opts.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -66,6 +69,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 async def connect(args: argparse.Namespace) -> AsyncIterator[JobScheduler]:
     """What the commands ask: the scheduler of the service running on the configuration's repository
     (a client of its local socket), else :func:`local_scheduler`."""
+    from ..service import config as configuration
+
     cfg = configuration.load(args.config)
     client = service_client(cfg)
     if client is not None:
@@ -78,6 +83,7 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[JobScheduler]:
 def service_client(cfg: configuration.Config) -> ServiceClient | None:
     """A client of the service running on *cfg*'s repository, or None if none runs (or one that
     predates the local socket: the CLI ran its own scheduler beside those)."""
+    from ..service.client import ServiceClient
     from ..service.daemon import RECORD, running
 
     root = cfg.repository.path

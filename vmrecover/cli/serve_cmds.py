@@ -31,7 +31,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def config_path(args: argparse.Namespace) -> Path:
-    from ..service.config import DEFAULT_PATH
+    from ..service import DEFAULT_PATH
 
     return args.config or Path(os.environ.get("VMRECOVER_CONFIG") or DEFAULT_PATH)
 

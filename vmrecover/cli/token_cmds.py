@@ -16,8 +16,7 @@ from typing import Any
 
 from ..errors import AuthError, ExitCode
 from ..repo.catalog import check_name
-from ..service import auth
-from ..service.config import DEFAULT_PATH
+from ..service import DEFAULT_PATH
 from .common import read_secret
 from .output import emit_json, stderr, stdout
 
@@ -53,6 +52,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
+    from ..service import auth  # (the service's modules load only for the commands that need them)
+
     name = check_name("token", args.name)
     token = auth.new_token()
     sha256 = auth.digest(token)
@@ -76,6 +77,8 @@ def _paste(block: str, then: str) -> int:
 
 
 def cmd_user_new(args: argparse.Namespace) -> int:
+    from ..service import auth
+
     name = check_name("user", args.name)
     what = f"user {name}"
     password = read_secret(f"Password for {name}: ", from_stdin=args.password_stdin, env=None, what=what,

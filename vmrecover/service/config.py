@@ -27,7 +27,6 @@ from ..fsutil import write_file
 from ..repo.catalog import check_name
 from ..repo.repository import parse_size
 
-DEFAULT_PATH = Path("/etc/vmrecover/vmrecover.toml")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 

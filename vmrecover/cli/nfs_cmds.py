@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from nfs_export.server import ExportConfig, serve
 
-    from ..vfs.cache import ChunkCache, tune_malloc
+    from ..vfs.cache import ChunkCache
     from ..vfs.tree import Vfs
 
     config = ExportConfig(
@@ -111,7 +111,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout, max_connections_per_client=args.max_client_connections,
     )  # fmt: skip
     cache_size = parse_size(args.cache_size)
-    tune_malloc()
     with open_repo(args) as repo:
         cache = ChunkCache(repo.chunks, cache_size)
         vfs = Vfs(repo, cache)

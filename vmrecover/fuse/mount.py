@@ -238,9 +238,8 @@ def serve(
     """Mount and serve in this process until unmounted or SIGTERM/SIGINT."""
     import signal
 
-    from ..vfs.cache import ChunkCache, tune_malloc
+    from ..vfs.cache import ChunkCache
 
-    tune_malloc()
     cache = ChunkCache(repo.chunks, cache_size)
     vfs = Vfs(repo, cache)
 

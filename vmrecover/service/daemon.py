@@ -44,7 +44,7 @@ from ..errors import AuthError
 from ..fsutil import write_file
 from ..recovery import exports
 from ..repo.repository import Repository, parse_size
-from ..vfs.cache import ChunkCache, tune_malloc
+from ..vfs.cache import ChunkCache
 from ..vfs.tree import Vfs
 from . import config as configuration
 from . import metrics
@@ -82,7 +82,6 @@ def open_service(config_path: Path) -> Service:
     cfg = configuration.load(config_path)
     passphrase = read_passphrase(cfg)
     repo = Repository.open(cfg.repository.path, passphrase=(lambda: passphrase) if passphrase else None)
-    tune_malloc()
     cache = ChunkCache(repo.chunks, parse_size(cfg.repository.cache_size))
     vfs = Vfs(repo, cache)
     return Service(repo, cfg, config_path, cache, vfs, started=time.time(), passphrase=passphrase)

@@ -9,15 +9,14 @@ may go (prune, gc) while it is checked; the report lists it as pruned instead.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CorruptChunk, IntegrityError
 from .catalog import Point
 from .index import FixedIndex
+from .reader import read_pool
 from .repository import Repository
 
 
@@ -75,7 +74,7 @@ def verify(
         except CorruptChunk as exc:
             return d, 0, exc.reason
 
-    with ThreadPoolExecutor(workers or max(2, os.cpu_count() or 2), thread_name_prefix="verify") as pool:
+    with read_pool("verify", workers) as pool:
         for d, n, err in pool.map(check, digests, chunksize=16):
             report.bytes += n
             if err is not None:

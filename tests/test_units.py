@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -247,6 +248,13 @@ def test_kvm_is_used_only_where_a_qemu_with_kvm_really_starts(
     assert qemu.accelerator() == "tcg" and qemu.accelerator("kvm") == "kvm"
     with pytest.raises(BadInput, match="unknown qemu accelerator 'hax'"):
         qemu.accelerator("hax")
+
+    # one that does not answer within the probe's time: TCG, and the reason names the time
+    monkeypatch.setattr(qemu, "KVM_PROBE_TIMEOUT_S", 0.5)
+    _fake_qemu(tmp_path / "hangs", monkeypatch, "exec sleep 30\n", kvm_device=True)
+    t = time.monotonic()
+    assert qemu.kvm_works() == (False, "a qemu with KVM did not start within 0.5 s")
+    assert time.monotonic() - t < 10
 
 
 def test_no_kvm_device_means_tcg_without_starting_qemu(

@@ -491,3 +491,31 @@ def test_stop_running_ends_the_service_asked_or_not(cli: Cli) -> None:
     t = time.monotonic()
     assert stop_running(cli.repo, grace=1) == pid
     assert time.monotonic() - t < 15 and not Path(f"/proc/{pid}").exists()
+
+
+def test_a_start_that_fails_says_what_the_console_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A libguestfs start is watched: while it lasts, a line every LAUNCH_REPORT_S (log and progress);
+    when it fails, the error and the log carry the appliance's console (here: its hypervisor's own
+    message), not only libguestfs' 'see earlier error messages'."""
+    from vmrecover.files import guest as guest_mod
+
+    hv = tmp_path / "hv"
+    hv.write_text(  # answers libguestfs' capability questions as qemu does, then fails to start
+        '#!/bin/sh\ncase "$1" in -help|-version|-machine|-display) exec qemu-system-x86_64 "$@";; esac\n'
+        "sleep 2\necho 'the hypervisor refuses: no such CPU model' >&2\nexit 1\n"
+    )
+    hv.chmod(0o755)
+    monkeypatch.setenv("LIBGUESTFS_HV", str(hv))
+    monkeypatch.setattr(guest_mod, "LAUNCH_REPORT_S", 0.5)
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(1 << 20))
+    said: list[str] = []
+    with caplog.at_level("INFO", logger="vmrecover.files"), pytest.raises(guest_mod.GuestfsError) as err:
+        guest_mod.GuestImage([disk], what="vm@point", progress=said.append)
+    assert "cannot open vm@point with libguestfs" in str(err.value)
+    assert "the hypervisor refuses: no such CPU model" in str(err.value), err.value
+    assert any(m.startswith("still starting the libguestfs appliance for vm@point (") for m in said), said
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("failed to start" in m and "no such CPU model" in m for m in logged), logged

@@ -31,6 +31,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ from ..qemu import accelerator, kvm_works
 log = logging.getLogger("vmrecover.files")
 
 BATCH = 1000
+CONSOLE_LINES = 40  # of a starting appliance's console, kept for a failure's report
+LAUNCH_REPORT_S = 60.0  # a start that takes longer says so this often
 SKIP_TYPES = {"swap", "unknown", ""}
 ENCRYPTED_TYPES = {"crypto_LUKS", "BitLocker"}
 Extents = tuple[Path, list[tuple[int, int, int]]]  # a disk image, and (file offset, disk offset, length)
@@ -172,6 +175,58 @@ def _xfs_log_dirty(logprint: str) -> bool | None:
     return m.group(3) == "DIRTY" or m.group(1) != m.group(2)
 
 
+class _LaunchWatch:
+    """A libguestfs start, watched: the appliance's console is kept (its last :data:`CONSOLE_LINES`
+    lines, from libguestfs' appliance events, so no verbose mode and no console on stderr), and while
+    the start lasts, every :data:`LAUNCH_REPORT_S` seconds the log and the caller's progress say how
+    long it has taken and what the console said last.  A start that fails logs the kept lines.  Under
+    TCG, or with nested virtualization, a start takes minutes; this is how a slow one is told from a
+    stuck one, and where it stopped."""
+
+    def __init__(self, guestfs: Any, g: Any, what: str, progress: Callable[[str], None]) -> None:
+        self.g, self.what, self.progress = g, what, progress
+        self.lines: deque[str] = deque(maxlen=CONSOLE_LINES)
+        self._partial = ""
+        self._done = threading.Event()
+        self._handle = g.set_event_callback(self._on_event, guestfs.EVENT_APPLIANCE | guestfs.EVENT_WARNING)
+        self.started = time.monotonic()
+        self.seconds = 0.0
+        self.failed = False
+
+    def _on_event(self, event: int, handle: int, buf: bytes | str, array: Any) -> None:
+        text = buf.decode("utf-8", "replace") if isinstance(buf, bytes) else str(buf)
+        *whole, self._partial = (self._partial + text).split("\n")
+        for line in whole:
+            line = "".join(c for c in line if c.isprintable()).strip()
+            if line:
+                self.lines.append(line)
+
+    def tail(self, n: int) -> list[str]:
+        return list(self.lines)[-n:]
+
+    def _report(self) -> None:
+        while not self._done.wait(LAUNCH_REPORT_S):
+            took = time.monotonic() - self.started
+            last = self.lines[-1] if self.lines else "(nothing yet)"
+            log.warning("the libguestfs appliance for %s is still starting after %.0f s; its console's "
+                        "last line: %s", self.what, took, last[:200])  # fmt: skip
+            self.progress(f"still starting the libguestfs appliance for {self.what} ({took:.0f} s)")
+
+    def __enter__(self) -> _LaunchWatch:
+        threading.Thread(target=self._report, name=f"launch {self.what}", daemon=True).start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        self._done.set()
+        self.seconds = time.monotonic() - self.started
+        self.failed = kind is not None
+        with contextlib.suppress(RuntimeError):
+            self.g.delete_event_callback(self._handle)
+        if self.failed:
+            log.warning("the libguestfs appliance for %s failed to start after %.0f s; its console's last "
+                        "lines:\n%s", self.what, self.seconds, "\n".join(self.lines))  # fmt: skip
+
+
 class GuestImage:
     """A read-only appliance over *disks* (raw files, e.g. the datastore's ``.raw`` views)."""
 
@@ -181,19 +236,24 @@ class GuestImage:
         self.disks = [Path(d) for d in disks]
         self._lock = threading.Lock()
         self.g = guestfs.GuestFS(python_return_dict=True)
+        watch = None
         try:
             for i, d in enumerate(disks):
                 self.g.add_drive_opts(str(d), readonly=True, format="raw", label=_drive_label(i))
             progress(f"starting a libguestfs appliance for {what} (about 20 s under TCG)")
-            started = time.monotonic()
-            self.g.launch()
-            self.launch_seconds = time.monotonic() - started
+            with _LaunchWatch(guestfs, self.g, what, progress) as watch:
+                self.g.launch()
+            self.launch_seconds = watch.seconds
+            log.info("the libguestfs appliance for %s started in %.1f s", what, self.launch_seconds)
             progress(f"inspecting {what}")
             self.os, self.filesystems = self._mount()
         except RuntimeError as exc:
             self.g.close()
             hint = "run 'libguestfs-test-tool' to see why the appliance fails here"
-            raise GuestfsError(f"cannot open {what} with libguestfs: {exc}", hint=hint) from None
+            tail = ""
+            if watch is not None and watch.failed:
+                tail = f"; its console's last lines: {' | '.join(watch.tail(5))}"
+            raise GuestfsError(f"cannot open {what} with libguestfs: {exc}{tail}", hint=hint) from None
         except BaseException:
             self.g.close()
             raise

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -80,6 +81,9 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Buffer = bytes | bytearray | memoryview
 
 
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one sendmsg takes (1024 on Linux)
+
+
 async def send_record(stream: trio.SocketStream, buffers: Sequence[Buffer]) -> None:
     """Send one reply as a single-fragment record (RFC 5531 record marking), gathered: one ``sendmsg``
     each time the socket takes data, no joined copy of the buffers."""
@@ -89,7 +93,7 @@ async def send_record(stream: trio.SocketStream, buffers: Sequence[Buffer]) -> N
     views.insert(0, memoryview(struct.pack(">I", LAST_FRAGMENT | sum(len(v) for v in views))))
     first = 0
     while first < len(views):
-        sent = await stream.socket.sendmsg(views[first:])
+        sent = await stream.socket.sendmsg(views[first : first + IOV_MAX])  # EMSGSIZE past IOV_MAX
         while first < len(views) and sent >= len(views[first]):
             sent -= len(views[first])
             first += 1

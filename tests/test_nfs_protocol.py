@@ -841,7 +841,8 @@ def test_record_reader_resumes_after_cancellation() -> None:
 def test_replies_are_sent_whole_and_in_order_through_partial_sends() -> None:
     # A reply is sent gathered (sendmsg of the record mark and every buffer): through a socket whose
     # buffer takes a few KiB at a time, every partial send must resume at the right byte of the right
-    # buffer, whatever kind of buffer it is; and a client that goes away is an error, not a hang.
+    # buffer, whatever kind of buffer it is, however many there are; and a client that goes away is an
+    # error, not a hang.
     parts: list[rpc.Buffer] = [
         b"head",
         bytearray(os.urandom(70_001)),
@@ -849,6 +850,7 @@ def test_replies_are_sent_whole_and_in_order_through_partial_sends() -> None:
         b"",
         memoryview(os.urandom(200_000))[3:150_003],
         os.urandom(1),
+        *(bytes([i % 251]) * 7 for i in range(rpc.IOV_MAX + 500)),  # more than one sendmsg takes
     ]
     expect = struct.pack(">I", 0x80000000 | sum(memoryview(b).nbytes for b in parts)) + b"".join(
         memoryview(b).cast("B") for b in parts

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from vmrecover.repo.index import FixedIndex
+
 from .conftest import Cli, MiB, convert, guest_sha256, make_sparse_image, random_image, sha256_file
 
 CHUNK = 64 * 1024
@@ -282,3 +284,111 @@ def test_catalog_of_schema_2_is_upgraded_in_place(cli: Cli, tmp_path: Path) -> N
     )
     db.close()
     assert len(cli.json("list", "v")["points"]) == 2
+
+
+# --- raw restores: O_DIRECT for aligned chunks, the page cache for the rest -------------------------
+
+_K64 = 64 * 1024
+
+
+def _odd_disk() -> tuple[FixedIndex, list[tuple[int, int, bytes | None]]]:
+    """Four 64 KiB chunks' worth of disk, the last one 1536 bytes (a disk size no 4 KiB multiple):
+    data, a hole, data, and the unaligned tail."""
+    rng = random.Random(16)
+    size = 3 * _K64 + 1536
+    index = FixedIndex.empty(size, _K64)
+    data = [rng.randbytes(_K64), None, rng.randbytes(_K64), rng.randbytes(1536)]
+    return index, [(i, i * _K64, d) for i, d in enumerate(data)]
+
+
+def _expected(chunks: list[tuple[int, int, bytes | None]]) -> bytes:
+    return b"".join(bytes(_K64) if d is None else d for _, _, d in chunks)
+
+
+def _spy_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """(offset, through an O_DIRECT descriptor) of every write the raw writer makes."""
+    import fcntl
+
+    from vmrecover import restore
+
+    seen: list[tuple[int, bool]] = []
+    real = restore._pwrite_all
+
+    def spy(fd: int, view: memoryview, offset: int) -> None:
+        seen.append((offset, bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)))
+        real(fd, view, offset)
+
+    monkeypatch.setattr(restore, "_pwrite_all", spy)
+    return seen
+
+
+def test_raw_restore_writes_aligned_chunks_direct_and_the_tail_through_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmrecover import restore
+
+    seen = _spy_writes(monkeypatch)
+    index, chunks = _odd_disk()
+    dest = tmp_path / "out.raw"
+    written = restore.write_image(iter(chunks), index, dest, fmt="raw", overwrite=False, what="t")
+    assert written == 2 * _K64 + 1536
+    assert dest.read_bytes() == _expected(chunks)
+    assert sorted(seen) == [(0, True), (2 * _K64, True), (3 * _K64, False)]
+    assert os.stat(dest).st_blocks * 512 < index.disk_size  # the hole stays a hole
+
+
+def test_raw_restore_without_o_direct_goes_through_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that refuses O_DIRECT at open, or one that opens it and then refuses its writes
+    (EINVAL): the same bytes, through the page cache."""
+    import errno
+    import fcntl
+
+    from vmrecover import restore
+
+    index, chunks = _odd_disk()
+    seen = _spy_writes(monkeypatch)
+    with monkeypatch.context() as m:
+        m.setattr(restore, "_open_direct", lambda fd: None)
+        restore.write_image(iter(chunks), index, tmp_path / "a.raw", fmt="raw", overwrite=False, what="t")
+    assert (tmp_path / "a.raw").read_bytes() == _expected(chunks)
+    assert [direct for _, direct in seen] == [False, False, False]
+
+    seen.clear()
+    spy = restore._pwrite_all
+
+    def refuses_direct(fd: int, view: memoryview, offset: int) -> None:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        spy(fd, view, offset)
+
+    monkeypatch.setattr(restore, "_pwrite_all", refuses_direct)
+    restore.write_image(iter(chunks), index, tmp_path / "b.raw", fmt="raw", overwrite=False, what="t")
+    assert (tmp_path / "b.raw").read_bytes() == _expected(chunks)
+    assert sorted(seen) == [(0, False), (2 * _K64, False), (3 * _K64, False)]  # each, once, cached
+
+
+def test_a_failed_direct_write_fails_the_restore_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO in a writer thread: the restore fails with it (from the next write or from finish), no
+    output and no partial folder are left."""
+    import errno
+
+    from vmrecover import restore
+
+    _spy_writes(monkeypatch)
+    spy = restore._pwrite_all
+
+    def fails(fd: int, view: memoryview, offset: int) -> None:
+        spy(fd, view, offset)
+        if offset == 2 * _K64:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(restore, "_pwrite_all", fails)
+    index, chunks = _odd_disk()
+    dest = tmp_path / "out.raw"
+    with pytest.raises(OSError, match="Input/output error"):
+        restore.write_image(iter(chunks), index, dest, fmt="raw", overwrite=False, what="t")
+    assert list(tmp_path.iterdir()) == []

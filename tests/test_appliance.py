@@ -304,6 +304,9 @@ def test_an_administrators_day_on_the_appliance(booted: Session, guest_image: Pa
     ):
         if m := re.search(pattern, files_log):
             s.timings[what] = float(m.group(1))
+    # and what its console showed meanwhile, a line a minute (how the start's time was spent)
+    watched = re.findall(r"still starting after (\d+ s); its console's last line: ([^\"]{0,90})", files_log)
+    MEASURED["appliance: libguestfs' start, watched"] = [f"{t:>6}  {line}" for t, line in watched]
     # libguestfs ran with KVM (the appliance's vCPU has AMD-V), and the point's disk is still open in
     # it: a second file comes from the running appliance
     vcpus = s.ssh("ls -l /proc/$(pgrep -o -f 'qemu-system.*serial=vmra')/fd | grep -c kvm-vcpu", check=False)

@@ -482,6 +482,19 @@ def xapi(xapi_session: Any) -> Iterator[Any]:
 MEASURED: dict[str, list[str]] = {}  # a section's title -> its lines, printed at the end of the run
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: the items that will run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The appliance tier runs last, its image built in the background meanwhile (4-5 minutes, much of
+    it downloads and disk work, that the other tests' time then hides)."""
+    tier = [item for item in items if item.nodeid.startswith("tests/test_appliance.py::")]
+    if tier:
+        items[:] = [item for item in items if item not in tier] + tier
+        if not config.option.collectonly:
+            from tests.testkit import appliance_build
+
+            appliance_build.start()
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """What slow tests measured (tests/test_appliance.py's timings), whatever the capture mode."""
     for title, lines in MEASURED.items():

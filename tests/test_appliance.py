@@ -1,8 +1,9 @@
 """The appliance, end to end (the slow tier): the image this checkout builds boots under qemu (TCG) and
 does a backup administrator's day from the host, through its API, its NFS export and SSH.
 
-The image is appliance/build.sh's (built here once per commit, ~3 min; re-used from dist/ when its
-``.source`` stamp names this clean HEAD, or taken from $VMRECOVER_APPLIANCE_IMAGE).  It boots with a
+The image is appliance/build.sh's (built once per commit, 4-5 min, in the background from the start
+of the run: the tier runs last; re-used from dist/ when its ``.source`` stamp names this clean HEAD,
+or taken from $VMRECOVER_APPLIANCE_IMAGE; tests/testkit/appliance_build.py).  It boots with a
 cloud-init NoCloud seed (root's SSH key, the admin token's SHA-256), a blank repository disk and user
 networking: the API on a free host port, SSH on another, and host ports 111 and 2049 on the
 appliance's portmapper and NFS server (qemu's nfs:// driver asks the portmapper on 111; the port111
@@ -49,7 +50,7 @@ import pytest
 
 from appliance import boot_test
 from tests.conftest import MEASURED, PORTMAP_LOCK, random_image
-from tests.testkit import guest
+from tests.testkit import appliance_build, guest
 from vmrecover.ingest import push
 
 TOP = Path(__file__).resolve().parent.parent
@@ -66,31 +67,13 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the appliance build a
 # --------------------------------------------------------------------------------------------- image
 
 
-def _source_stamp() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=TOP, capture_output=True, text=True, check=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=TOP,
-                           capture_output=True, text=True, check=True).stdout  # fmt: skip
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
 @pytest.fixture(scope="session")
-def appliance_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The appliance's qcow2 of this checkout: built by appliance/build.sh unless dist/ has it."""
-    given = os.environ.get("VMRECOVER_APPLIANCE_IMAGE")
-    if given:
-        return Path(given).resolve()
-    image = boot_test.default_image()
-    stamp = image.with_name(image.name + ".source")
-    wanted = _source_stamp()
-    if image.exists() and stamp.exists() and stamp.read_text().strip() == wanted and "-dirty" not in wanted:
-        return image
-    log = tmp_path_factory.mktemp("appliance-build") / "build.log"
-    with open(log, "wb") as out:
-        proc = subprocess.run([str(TOP / "appliance" / "build.sh")], cwd=TOP, stdout=out,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=1800)  # fmt: skip
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-    assert proc.returncode == 0, f"appliance/build.sh failed (exit {proc.returncode}); log {log}:\n{tail}"
-    print(f"\nappliance build:\n{tail}", file=sys.stderr)
+def appliance_image() -> Path:
+    """The appliance's qcow2 of this checkout (tests.testkit.appliance_build: built in the background
+    while the other tests ran, unless dist/ has it)."""
+    image, build_log = appliance_build.image()
+    if build_log:
+        print(f"\nappliance build:\n{build_log}", file=sys.stderr)
     return image
 
 

@@ -105,7 +105,6 @@ class _FileWriter:
         self.buffered = self.direct is None
         self._error: BaseException | None = None
         self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
-        self._buffers: list[mmap.mmap] = []
         self._writers: ThreadPoolExecutor | None = None
         if self.direct is not None:
             self._writers = ThreadPoolExecutor(DIRECT_DEPTH, thread_name_prefix="restore-write")

@@ -57,9 +57,10 @@ TOP = Path(__file__).resolve().parent.parent
 API_BOOT_TARGET_S = 90
 # The first file restore builds libguestfs' supermin appliance (about 90 s here) and starts it with
 # KVM inside the appliance (about 30 s; 236-300 s in all beside the other work); TCG inside TCG took
-# over 20 minutes.  The wait outlasts libguestfs' own limit for an appliance to start (20 minutes), so
-# a start that never ends fails with libguestfs' error and its console, not with this side's time-out.
-FILE_RESTORE_WAIT_S = 1320
+# over 20 minutes.  The wait outlasts supermin's build (about 150 s here) plus libguestfs' own limit for
+# its appliance to come up (APPLIANCE_TIMEOUT, 20 minutes), so a start that never ends fails with
+# libguestfs' error and its console, not with this side's time-out.
+FILE_RESTORE_WAIT_S = 1500
 MiB = 1 << 20
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the appliance build and boot need root")
 

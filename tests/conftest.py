@@ -495,6 +495,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             appliance_build.start()
 
 
+def pytest_sessionfinish() -> None:
+    """A background appliance build still running (the run was interrupted) ends with the run."""
+    if "tests.testkit.appliance_build" in sys.modules:
+        sys.modules["tests.testkit.appliance_build"].stop()
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """What slow tests measured (tests/test_appliance.py's timings), whatever the capture mode."""
     for title, lines in MEASURED.items():

@@ -9,7 +9,9 @@ it is, and ``$VMRECOVER_APPLIANCE_IMAGE`` names one to use instead of building.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -49,7 +51,22 @@ def start() -> None:
     _log = Path(tempfile.mkdtemp(prefix="vmrecover-appliance-build-")) / "build.log"
     with open(_log, "wb") as out:
         _build = subprocess.Popen(["nice", "-n", "19", str(TOP / "appliance" / "build.sh")], cwd=TOP,
-                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  start_new_session=True)  # fmt: skip
+
+
+def stop() -> None:
+    """End a build still running when the run ends (interrupted, or the tier was never reached): its
+    whole process group, mmdebstrap and apt included; build.sh leaves its work folder for the next."""
+    if _build is not None and _build.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(_build.pid, signal.SIGTERM)
+        try:
+            _build.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(_build.pid, signal.SIGKILL)
+            _build.wait()
 
 
 def image() -> tuple[Path, str]:

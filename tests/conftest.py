@@ -6,7 +6,6 @@ real qemu tools; nothing is mocked.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import ctypes
 import fcntl
@@ -19,7 +18,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,34 +331,13 @@ def nfs_server(cli: Cli):
 
 
 # --------------------------------------------------------------------------- guest filesystem images
-_FSIMAGES: dict[str, concurrent.futures.Future[Any]] = {}
-_FSIMAGES_LOCK = threading.Lock()
-
-
-def shared_fsimage(tmp_path_factory: pytest.TempPathFactory, kind: str) -> Any:
-    """tests.testkit.fsimages' image *kind* (default size), built once per test run by whichever
-    fixture or thread asks first (test_files' fixtures, test_fsimages' parallel jobs), the others
-    waiting for it: a build is a libguestfs appliance's 25-50 s of one CPU.  Read-only: copy it to
-    change it."""
+def _fsimage(tmp_path_factory: pytest.TempPathFactory, kind: str, n: int = 1) -> Any:
+    """An image built by tests.testkit.fsimages (libguestfs), once per test run; read-only."""
+    pytest.importorskip("guestfs", reason="needs libguestfs (make setup)")
     from tests.testkit import fsimages
 
-    with _FSIMAGES_LOCK:
-        future = _FSIMAGES.get(kind)
-        builder = future is None
-        if future is None:
-            future = _FSIMAGES[kind] = concurrent.futures.Future()
-    if builder:
-        try:
-            d = tmp_path_factory.mktemp(kind)
-            future.set_result(fsimages.build(kind, [d / f"disk{i}.raw" for i in range(fsimages.DISKS[kind])]))
-        except BaseException as exc:
-            future.set_exception(exc)
-    return future.result()
-
-
-def _fsimage(tmp_path_factory: pytest.TempPathFactory, kind: str) -> Any:
-    pytest.importorskip("guestfs", reason="needs libguestfs (make setup)")
-    return shared_fsimage(tmp_path_factory, kind)
+    d = tmp_path_factory.mktemp(kind)
+    return fsimages.build(kind, [d / f"disk{i}.raw" for i in range(n)])
 
 
 @pytest.fixture(scope="session")
@@ -376,7 +353,7 @@ def ntfs_image(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture(scope="session")
 def two_disk_image(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return _fsimage(tmp_path_factory, "two_disk_linux")
+    return _fsimage(tmp_path_factory, "two_disk_linux", 2)
 
 
 @pytest.fixture(scope="session")

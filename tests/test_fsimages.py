@@ -27,7 +27,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import shared_fsimage
 from tests.testkit import fsimages
 from tests.testkit.fsimages import NOT_A_FILESYSTEM, ImageInfo
 from vmrecover.errors import BadInput, ExitCode, NotFound
@@ -235,11 +234,8 @@ class Jobs:
 
     GROUPS = (("lvm", "two", "bare", "ntfs"), ("gpt", "big", "unknown", "changed"))
 
-    def __init__(
-        self, wanted: set[str], factory: pytest.TempPathFactory, pool: concurrent.futures.ThreadPoolExecutor
-    ) -> None:
-        self.factory = factory
-        self.d = factory.mktemp("fsimages")
+    def __init__(self, wanted: set[str], d: Path, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        self.d = d
         self.builds: dict[str, concurrent.futures.Future[Any]] = {}
         self.readbacks: dict[str, concurrent.futures.Future[Any]] = {}
         if "changed" in wanted:
@@ -259,8 +255,6 @@ class Jobs:
                 self.readbacks |= dict.fromkeys(names, fut)
 
     def _build(self, kind: str, **kwargs: Any) -> ImageInfo:
-        if not kwargs:  # the default image: the one test_files' fixtures use, if they built it already
-            return shared_fsimage(self.factory, kind)
         return fsimages.build(
             kind, [self.d / f"{kind}-{i}.raw" for i in range(fsimages.DISKS[kind])], **kwargs
         )
@@ -316,7 +310,7 @@ def jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     }
     workers = max(2, min(4, os.cpu_count() or 2))  # each appliance keeps one CPU busy
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsimages") as pool:
-        jobs = Jobs(wanted, tmp_path_factory, pool)
+        jobs = Jobs(wanted, tmp_path_factory.mktemp("fsimages"), pool)
         yield jobs
         for f in [*jobs.builds.values(), *jobs.readbacks.values()]:
             f.cancel()

@@ -88,20 +88,23 @@ def test_random_read_gets_its_piece_first_and_the_rest_later(store: CountingStor
     d = _put(store, data)
     store.whole_delay = 0.5  # decoding the whole chunk is slow: the pieces must not wait for it
     cache = ChunkCache(store, 8 * MiB)
-    a, b = 5 * PIECE_SIZE + 100, 9 * PIECE_SIZE
+    a, b, n = 5 * PIECE_SIZE + 100, 9 * PIECE_SIZE, 6 * PIECE_SIZE + 8192
     began = time.monotonic()
     assert cache.read(d, a, a + 4096) == data[a : a + 4096]
     if store.codec.version == 1:
         assert cache.lookup(d, 0, MiB) == data  # a v1 chunk is one piece: the whole was decoded
     else:
         assert store.reads == [(5, 5)] and cache.lookup(d, 0, 10) is None  # its piece, nothing more
-        assert cache.read(d, b, b + 512) == data[b : b + 512]  # a second piece: a reader that stays
-        assert time.monotonic() - began < 0.4 and store.reads[:2] == [(5, 5), (9, 9)]
+        assert cache.read(d, b, b + 512) == data[b : b + 512]  # a second piece, far from the first:
+        time.sleep(0.1)  # a random reader, whose next reads the rest of the chunk would only delay
+        assert store.reads == [(5, 5), (9, 9)], "a far second piece started a background decode"
+        assert cache.read(d, n, n + 512) == data[n : n + 512]  # next to the first: a reader that stays
+        assert time.monotonic() - began < 0.6 and store.reads[:3] == [(5, 5), (9, 9), (6, 6)]
         assert cache.lookup(d, 0, 10) is None, "a piece waited for the rest of the chunk"
         deadline = time.monotonic() + 5  # the rest of the chunk comes later, in the background
         while cache.lookup(d, 0, MiB) is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert cache.lookup(d, 0, MiB) == data and store.reads[2] == (0, 1 << 30)
+        assert cache.lookup(d, 0, MiB) == data and store.reads[3] == (0, 1 << 30)
     reads = len(store.reads)
     c = 6 * PIECE_SIZE - 10  # now a hit, across a piece boundary
     assert cache.read(d, c, c + 20) == data[c : c + 20] and cache.get(d) == data and len(store.reads) == reads
@@ -117,7 +120,7 @@ def test_random_reads_never_queue_behind_many_background_decodes(tmp_path: Path)
     began = time.monotonic()
     for d, c in zip(ds, chunks, strict=True):
         assert cache.read(d, 100, 200) == c[100:200]
-        assert cache.read(d, 3 * PIECE_SIZE, 3 * PIECE_SIZE + 100) == c[3 * PIECE_SIZE : 3 * PIECE_SIZE + 100]
+        assert cache.read(d, PIECE_SIZE, PIECE_SIZE + 100) == c[PIECE_SIZE : PIECE_SIZE + 100]  # a neighbour
     assert time.monotonic() - began < 0.3, "random reads waited for background decodes"
     cache.close()  # waits for the background work
     wholes = [r for r in store.reads if r[0] != r[1]]

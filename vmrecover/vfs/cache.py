@@ -74,6 +74,11 @@ class _Entry:
         return _slices(self.pieces, self.layout.piece_size, start, min(end, self.layout.raw_len))
 
 
+def _near(pieces: list[Buffer | None], first: int, last: int) -> bool:
+    """Does a read of pieces first..last touch or adjoin another piece already cached?"""
+    return last > first or any(0 <= j < len(pieces) and pieces[j] is not None for j in (first - 1, last + 1))
+
+
 def _slices(pieces: list[Buffer | None], ps: int, start: int, end: int) -> Buffer | None:
     """Bytes [start, end) of a chunk from its pieces of size *ps*, or None if one is missing."""
     first, last = start // ps, (end - 1) // ps
@@ -216,7 +221,8 @@ class ChunkCache:
                 return got[start : min(end, lay.raw_len)]
         ps = PIECE_SIZE if layout is None else layout.piece_size
         parts: list[Buffer] = []
-        for i in range(start // ps, (end - 1) // ps + 1):
+        first_i, last_i = start // ps, (end - 1) // ps
+        for i in range(first_i, last_i + 1):
             lay, first, got = self._fetch((digest, i))
             if lay.count == 1 or (first == 0 and len(got) == lay.raw_len):  # the whole chunk
                 return got[start : min(end, lay.raw_len)]
@@ -224,16 +230,18 @@ class ChunkCache:
             parts.append(got[max(start, base) - base : min(end, base + ps) - base])
         with self._lock:
             e = self._lru.get(digest)
-            local = e is not None and e.nbytes > ps  # a second piece of this chunk: the reader stays near
-        if local:
+            near = e is not None and e.whole is None and _near(e.pieces, first_i, last_i)
+        if near:  # the reader stays near: it read a neighbour of these pieces already
             self._later(digest)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _later(self, digest: bytes) -> None:
-        """After a random read got a second piece of a chunk (a reader that stays near, as a booting
-        guest does): decode the rest of the chunk in the background, so its next reads hit.  On one
-        thread and only while few wait, else not at all.  Not after the first piece: on 2 CPUs a
-        background decode per random read doubled the next reads' latency (bench/fuse_bench.py)."""
+        """After a random read got a piece next to one read before (a reader that stays near, as a
+        booting guest does): decode the rest of the chunk in the background, so its next reads hit.
+        On one thread and only while few wait, else not at all.  Not after the first piece, nor after
+        a second one elsewhere in the chunk (which a truly random reader gets once in four reads of the
+        benchmark): on 2 CPUs each background decode delays the reads that come while it runs (pure
+        random p99 2.4 ms with it after any second piece, 1.0 ms without; bench/fuse_bench.py)."""
         with self._lock:
             if len(self._later_queued) >= LATER_MAX or digest in self._later_queued:
                 return

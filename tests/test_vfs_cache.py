@@ -4,6 +4,7 @@ and v2 chunks read piece by piece, each piece proven (a damaged piece costs only
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from pathlib import Path
@@ -153,6 +154,39 @@ def test_a_bit_flip_in_any_piece_fails_that_range_only(store: CountingStore) -> 
                 assert cache.read(d, c, e) == data[c:e]
         cache.close()
         _flip(store, d, layout.offsets[i] + layout.lengths[i] // 2)  # undo
+
+
+def _zstd_frame_claiming(size: int, length: int) -> bytes:
+    """A zstd frame of *length* bytes whose header says it decodes to *size* bytes (one raw block)."""
+    body = b"x" * (length - 16)
+    head = b"\x28\xb5\x2f\xfd\xe0" + struct.pack("<Q", size)  # single segment, 8-byte content size
+    return head + ((len(body) << 3) | 1).to_bytes(3, "little") + body  # the last block, raw
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_zstd_frame_claiming_a_huge_size_is_damage_not_an_allocation(version: int, tmp_path: Path) -> None:
+    """python-zstandard allocates what a frame's header says it holds (1 TiB: MemoryError, 8 GiB:
+    mapped, then a zstd error): a chunk must be caught as damaged before that."""
+    store = CountingStore(tmp_path, version=version)
+    data = _text(MiB)
+    d = _put(store, data)
+    layout, _ = ChunkStore.read_pieces(store, d, 0, 0)
+    i = 3 if version == 2 else 0
+    assert layout.zstd[i]
+    raw = bytearray(store.path(d).read_bytes())
+    raw[layout.offsets[i] : layout.offsets[i] + layout.lengths[i]] = _zstd_frame_claiming(
+        1 << 40, layout.lengths[i]
+    )
+    store.path(d).write_bytes(bytes(raw))
+    cache = ChunkCache(store, 8 * MiB)
+    a, b = layout.piece_extent(i)
+    with pytest.raises(CorruptChunk, match=f"zstd frame says {1 << 40} bytes, the envelope {b - a}"):
+        cache.read(d, a + 10, a + 20)
+    with pytest.raises(CorruptChunk):
+        cache.get(d)
+    if version == 2:
+        assert cache.read(d, 0, 100) == data[:100]  # the other pieces still read
+    cache.close()
 
 
 def test_damaged_piece_table_or_header_fails_every_read(store: CountingStore) -> None:

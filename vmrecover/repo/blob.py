@@ -288,11 +288,17 @@ class ChunkCodec:
             reason = f"{what}: authentication failed (tampered, moved, or stored under another name)"
             raise CorruptChunk(digest, reason) from None
 
-    def _inflate(self, digest: bytes, data: bytes | memoryview, size: int) -> bytes:
+    def _inflate(self, digest: bytes, data: bytes | memoryview, size: int, what: str = "") -> bytes:
+        """One zstd frame that must decode to *size* bytes.  A frame that names its size (ours all
+        do) is checked before anything is allocated: python-zstandard allocates what the frame says,
+        whatever ``max_output_size`` says, so a damaged or hostile size could ask for gigabytes."""
         try:
+            named = zstandard.frame_content_size(data)
+            if named not in (-1, size):
+                raise CorruptChunk(digest, f"{what}zstd frame says {named} bytes, the envelope {size}")
             out = self._ctx().d.decompress(data, max_output_size=size)
         except zstandard.ZstdError as exc:
-            raise CorruptChunk(digest, f"zstd: {exc}") from None
+            raise CorruptChunk(digest, f"{what}zstd: {exc}") from None
         return out
 
     def decode_pieces(
@@ -306,6 +312,9 @@ class ChunkCodec:
         if layout.version == V1:
             o = layout.offsets[0] - at
             return self._decode_v1(digest, layout, view[o : o + layout.lengths[0]])
+        if first == last:  # a random reader's piece: zstd's own buffer, no zeroed bytearray to fill
+            o = layout.offsets[first] - at
+            return self._decode_piece(digest, layout, first, view[o : o + layout.lengths[first]])
         base = first * layout.piece_size
         out = bytearray(layout.piece_extent(last)[1] - base)
         target = memoryview(out)
@@ -315,12 +324,33 @@ class ChunkCodec:
             self._decode_into(digest, layout, i, view[o : o + layout.lengths[i]], target[a - base : b - base])
         return out
 
+    def _open_piece(
+        self, digest: bytes, layout: Layout, i: int, stored: bytes | memoryview
+    ) -> bytes | memoryview:
+        """Piece i's stored bytes, authenticated and decrypted in an encrypted repository."""
+        if self._aes is None:
+            return stored
+        ad = digest + i.to_bytes(4, "little")
+        return self._decrypt(digest, piece_nonce(layout.nonce, i), stored, ad, f"piece {i}")
+
+    def _check_piece(
+        self, digest: bytes, layout: Layout, i: int, ok: bool, plain: bytes | memoryview
+    ) -> None:
+        if not ok or hashlib.sha256(plain).digest() != layout.hashes[i]:
+            a, b = layout.piece_extent(i)
+            raise CorruptChunk(digest, f"piece {i} (bytes {a}-{b}) does not match its hash")
+
+    def _decode_piece(self, digest: bytes, layout: Layout, i: int, stored: bytes | memoryview) -> bytes:
+        stored = self._open_piece(digest, layout, i, stored)
+        a, b = layout.piece_extent(i)
+        plain = self._inflate(digest, stored, b - a, f"piece {i}: ") if layout.zstd[i] else bytes(stored)
+        self._check_piece(digest, layout, i, len(plain) == b - a, plain)
+        return plain
+
     def _decode_into(
         self, digest: bytes, layout: Layout, i: int, stored: bytes | memoryview, out: memoryview
     ) -> None:
-        if self._aes is not None:
-            ad = digest + i.to_bytes(4, "little")
-            stored = self._decrypt(digest, piece_nonce(layout.nonce, i), stored, ad, f"piece {i}")
+        stored = self._open_piece(digest, layout, i, stored)
         n = len(out)
         if not layout.zstd[i]:
             ok = len(stored) == n
@@ -335,9 +365,7 @@ class ChunkCodec:
                 ok = got == n and not reader.read(1)
             except zstandard.ZstdError as exc:
                 raise CorruptChunk(digest, f"piece {i}: zstd: {exc}") from None
-        if not ok or hashlib.sha256(out).digest() != layout.hashes[i]:
-            a, b = layout.piece_extent(i)
-            raise CorruptChunk(digest, f"piece {i} (bytes {a}-{b}) does not match its hash")
+        self._check_piece(digest, layout, i, ok, out)
 
     def _decode_v1(self, digest: bytes, layout: Layout, payload: bytes | memoryview) -> bytes:
         if self._aes is not None:

@@ -20,6 +20,9 @@ removed at the end unless ``--keep``):
    and from a fresh recovery session (``vmrecover recover start``) over ``nfs://127.0.0.1/vmrecover/
    recover/<session>/guest.raw`` (qemu's libnfs driver, which asks the portmapper: the server runs with
    ``--portmapper``); same qemu command line, caches dropped and a fresh server before every boot;
+   The same boot over ``nfs://`` from Ganesha, serving a fresh plain copy of the guest's disk from a
+   second, writable export (the peer: what NFS and qemu's libnfs driver cost against a local file,
+   before any backup is read);
 5. **server peak RSS**: VmHWM (/proc/PID/status) of every ``nfs serve`` process just before it is
    stopped; the largest is reported (Ganesha's for comparison).
 
@@ -66,6 +69,7 @@ from bench.common import (
     bench_main,
     boot_checked,
     boot_local_copy,
+    build_guest_disk,
     cold_text,
     decode_limit,
     dpkg_version,
@@ -111,7 +115,8 @@ RPCBIND_STATE = (Path("/run/rpcbind/rpcbind.xdr"), Path("/run/rpcbind/portmap.xd
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 GANESHA_CONF = """\
-# Written by bench/nfs_bench.py: NFSv3 over TCP only, on loopback, one read-only VFS export.
+# Written by bench/nfs_bench.py: NFSv3 over TCP only, on loopback: the plain image read-only, and a
+# writable folder for the guest's boots.
 NFS_CORE_PARAM {{
     Bind_addr = 127.0.0.1;
     NFS_Port = {nfs_port};
@@ -138,6 +143,18 @@ EXPORT {{
     Protocols = 3;
     Transports = TCP;
     Access_Type = RO;
+    Squash = No_Root_Squash;
+    FSAL {{
+        Name = VFS;
+    }}
+}}
+EXPORT {{
+    Export_Id = 2;
+    Path = {boot_path};
+    Pseudo = /ganesha-boot;
+    Protocols = 3;
+    Transports = TCP;
+    Access_Type = RW;
     Squash = No_Root_Squash;
     FSAL {{
         Name = VFS;
@@ -254,8 +271,9 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str, log_file
 
 
 @contextlib.contextmanager
-def ganesha_server(ctx: Context, export_dir: Path) -> Iterator[NfsServer]:
-    """rpcbind and a fresh ``ganesha.nfsd -F`` exporting *export_dir*; both stopped afterwards."""
+def ganesha_server(ctx: Context, s: Setup) -> Iterator[NfsServer]:
+    """rpcbind and a fresh ``ganesha.nfsd -F`` exporting the plain image's folder (and the writable
+    boot folder); both stopped afterwards."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(port111(ctx))
         base = ctx.log_base("ganesha")
@@ -283,7 +301,11 @@ def ganesha_server(ctx: Context, export_dir: Path) -> Iterator[NfsServer]:
         conf = ctx.workdir / "ganesha.conf"
         conf.write_text(
             GANESHA_CONF.format(
-                nfs_port=nfs_port, mount_port=mount_port, workdir=ctx.workdir, path=export_dir
+                nfs_port=nfs_port,
+                mount_port=mount_port,
+                workdir=ctx.workdir,
+                path=s.export_dir,
+                boot_path=s.boot_dir,
             )
         )
         glog = Path(f"{base}.log")
@@ -295,7 +317,7 @@ def ganesha_server(ctx: Context, export_dir: Path) -> Iterator[NfsServer]:
         stack.callback(stop_process, proc, "ganesha.nfsd", ctx.notes)
         wait_listening(proc, nfs_port, "ganesha.nfsd", glog)
         wait_listening(proc, mount_port, "ganesha.nfsd", glog)
-        yield NfsServer("ganesha", proc, nfs_port, mount_port, str(export_dir), glog)
+        yield NfsServer("ganesha", proc, nfs_port, mount_port, str(s.export_dir), glog)
 
 
 # --- measurements ----------------------------------------------------------------------------------
@@ -304,14 +326,17 @@ def ganesha_server(ctx: Context, export_dir: Path) -> Iterator[NfsServer]:
 @dataclass
 class Setup(Prepared):
     export_dir: Path = Path()  # holds the image: what Ganesha exports
+    boot_dir: Path = Path()  # Ganesha's writable export: a fresh copy of the guest's disk per boot
     decode_s: list[float] = field(default_factory=list)  # decode_limit's seconds, one per round
 
 
 def prepare(ctx: Context) -> Setup:
     export_dir = ctx.workdir / "plain"
     export_dir.mkdir()
+    boot_dir = ctx.workdir / "ganesha-boot"
+    boot_dir.mkdir()
     p = prepare_backups(ctx, export_dir / "disk.raw", ctx.args.size, guest=not ctx.args.no_boot)
-    return Setup(**vars(p), export_dir=export_dir)
+    return Setup(**vars(p), export_dir=export_dir, boot_dir=boot_dir)
 
 
 @contextlib.contextmanager
@@ -408,7 +433,7 @@ def measure_read(ctx: Context, s: Setup, tool: str, rnd: int, runs: list[Run]) -
             server_cm = vmrecover_server(ctx)
             path = f"vms/bench/{s.point}/{s.disk}.raw"
         else:
-            server_cm = ganesha_server(ctx, s.export_dir)
+            server_cm = ganesha_server(ctx, s)
             path = s.image.name
         with server_cm as server:
             ctx.run(["nfs-ls", server.url(str(Path(path).parent))], f"{tool}-nfs-ls", timeout=120)
@@ -427,25 +452,37 @@ def measure_boot(ctx: Context, s: Setup, tool: str, rnd: int, runs: list[Run]) -
     def local() -> None:
         run.seconds = boot_local_copy(ctx, rnd)
 
-    def over_nfs() -> None:
+    def boot_over(server: NfsServer, url: str) -> None:
+        """The timed boot from *url* (qemu's nfs:// driver asks the portmapper for the ports)."""
+        ctx.cold()
+        with ctx.phase(f"{tool} boot {rnd}", server.pid):
+            cpu0 = proc_cpu_s(server.pid)
+            res = boot_checked(
+                f"boot over nfs:// from {tool}", disk=None, drive_args=qemu_boot.drive(url),
+                serial_log=ctx.logs / f"boot-nfs-{tool}-{rnd}.serial", timeout=ctx.args.boot_timeout,
+            )  # fmt: skip
+            run.server_cpu_s = proc_cpu_s(server.pid) - cpu0
+        run.seconds = res.seconds
+        run.server_hwm = proc_status(server.pid, "VmHWM")
+        log(f"  {tool}, {url}: {res.seconds:.2f} s (server CPU {run.server_cpu_s:.2f} s)")
+
+    def over_vmrecover() -> None:
         with (
             recovery_session(ctx, f"guest@{s.guest_point}", f"nfs-bench-{rnd}") as name,
             vmrecover_server(ctx, portmapper=True) as server,
         ):
-            url = f"nfs://127.0.0.1{NFS_EXPORT}/recover/{name}/{s.guest_disk}.raw"
-            ctx.cold()
-            with ctx.phase(f"vmrecover boot {rnd}", server.pid):
-                cpu0 = proc_cpu_s(server.pid)
-                res = boot_checked(
-                    "boot over nfs://", disk=None, drive_args=qemu_boot.drive(url),
-                    serial_log=ctx.logs / f"boot-nfs-{rnd}.serial", timeout=ctx.args.boot_timeout,
-                )  # fmt: skip
-                run.server_cpu_s = proc_cpu_s(server.pid) - cpu0
-            run.seconds = res.seconds
-            run.server_hwm = proc_status(server.pid, "VmHWM")
-            log(f"  session over {url}: {res.seconds:.2f} s (server CPU {run.server_cpu_s:.2f} s)")
+            boot_over(server, f"nfs://127.0.0.1{NFS_EXPORT}/recover/{name}/{s.guest_disk}.raw")
 
-    attempt(ctx, run, local if tool == "local" else over_nfs)
+    def over_ganesha() -> None:
+        disk = build_guest_disk(s.boot_dir / f"guest-{rnd}.raw", cache_dir=ctx.workdir / "guest-cache")
+        try:
+            with ganesha_server(ctx, s) as server:
+                boot_over(server, f"nfs://127.0.0.1{s.boot_dir}/{disk.name}")
+        finally:
+            if not ctx.args.keep:
+                disk.unlink(missing_ok=True)
+
+    attempt(ctx, run, {"local": local, "vmrecover": over_vmrecover, "ganesha": over_ganesha}[tool])
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -536,8 +573,19 @@ def make_rows(ctx: Context, s: Setup, runs: list[Run]) -> list[Row]:
             target=f"<= {BOOT_RATIO_MAX:g}x", ok=lambda q: q <= BOOT_RATIO_MAX,
             fail=failed("boot", "vmrecover"),
         )  # fmt: skip
-        cpu = values("boot", "vmrecover", lambda r: r.server_cpu_s)
-        rows.append(Row("server CPU during the boot over nfs:// (s)", fmt(cpu), values={"vmrecover": cpu}))
+        row(
+            f"guest boot over nfs://: from a vmrecover session vs from Ganesha serving a plain copy "
+            f"({of}, s)",
+            values("boot", "vmrecover", secs), values("boot", other, secs),
+        )  # fmt: skip
+        row(
+            f"guest boot over nfs:// from Ganesha (a plain copy) vs local raw ({of}, s); vmrecover "
+            "column: Ganesha's",
+            values("boot", other, secs), values("boot", "local", secs),
+        )  # fmt: skip
+        boot_cpu: Callable[[Run], float | None] = lambda r: r.server_cpu_s  # noqa: E731
+        row("server CPU during the boot over nfs:// (s)", values("boot", "vmrecover", boot_cpu),
+            values("boot", other, boot_cpu), show_ratio=False)  # fmt: skip
 
     def hwm(tool: str) -> tuple[float | None, int]:
         seen = [r.server_hwm for r in runs if r.tool == tool and r.server_hwm is not None]
@@ -615,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_boot:
             for rnd in range(1, args.runs + 1):
                 log(f"boot of the test guest, cold (round {rnd})")
-                for tool in ("local", "vmrecover") if rnd % 2 else ("vmrecover", "local"):
+                tools = ("local", "vmrecover", "ganesha")  # a different one first every round
+                for tool in tools[rnd % 3 :] + tools[: rnd % 3]:
                     measure_boot(ctx, setup, tool, rnd, runs)
         return report(ctx, setup, runs)
 

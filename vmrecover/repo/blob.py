@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import os
 import struct
 import threading
@@ -260,22 +261,17 @@ class ChunkCodec:
         if self._aes is not None:
             nonce = bytes(tbl[:NONCE])
             tbl = memoryview(self._decrypt(digest, nonce, tbl[NONCE:], b"T" + digest, "piece table"))
-        offsets, lengths, zstd, hashes = [], [], [], []
-        pos = end
-        for i in range(0, len(tbl), ENTRY.size):
-            word, h = ENTRY.unpack_from(tbl, i)
-            offsets.append(pos)
-            lengths.append(word & ~ZFRAME)
-            zstd.append(bool(word & ZFRAME))
-            hashes.append(h)
-            pos += word & ~ZFRAME
+        entries = list(ENTRY.iter_unpack(tbl))  # (in C: this runs for every cold random read)
+        hashes = tuple(h for _, h in entries)
         if self.tree_root(raw_len, hashes) != digest:
             raise CorruptChunk(digest, "piece table does not match the digest")
+        lengths = tuple(w & ~ZFRAME for w, _ in entries)
+        offsets = tuple(itertools.accumulate(lengths[:-1], initial=end))
+        pos = end + sum(lengths)
         if pos != file_size:
             raise CorruptChunk(digest, f"file is {file_size} bytes, its piece table says {pos}")
-        return Layout(
-            V2, raw_len, PIECE_SIZE, tuple(offsets), tuple(lengths), tuple(zstd), tuple(hashes), nonce
-        )
+        zstd = tuple(bool(w & ZFRAME) for w, _ in entries)
+        return Layout(V2, raw_len, PIECE_SIZE, offsets, lengths, zstd, hashes, nonce)
 
     def _decrypt(self, digest: bytes, nonce: bytes, data: bytes | memoryview, ad: bytes, what: str) -> bytes:
         from cryptography.exceptions import InvalidTag

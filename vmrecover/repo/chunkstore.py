@@ -24,6 +24,7 @@ HEAD_READ = 4096  # the first read of a chunk file: header and piece table (v2: 
 class ChunkStore:
     def __init__(self, root: Path, codec: ChunkCodec) -> None:
         self.root = root
+        self._root = os.fspath(root)
         self.codec = codec
 
     @staticmethod
@@ -32,8 +33,12 @@ class ChunkStore:
             (root / f"{i:02x}").mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def path(self, digest: bytes) -> Path:
+        return Path(self.fspath(digest))
+
+    def fspath(self, digest: bytes) -> str:
+        """The chunk file's path as a string: what the read paths open (a Path costs 2.5 us more)."""
         h = digest.hex()
-        return self.root / h[:2] / h
+        return f"{self._root}/{h[:2]}/{h}"
 
     def has(self, digest: bytes) -> bool:
         """Is the chunk stored?  A file shorter than an envelope header (left empty by a power loss
@@ -52,7 +57,7 @@ class ChunkStore:
 
     def read_raw(self, digest: bytes) -> bytes:
         try:
-            with open(self.path(digest), "rb") as f:
+            with open(self.fspath(digest), "rb") as f:
                 return f.read()
         except FileNotFoundError:
             raise MissingChunk(digest) from None
@@ -68,7 +73,7 @@ class ChunkStore:
         the whole), each proven against the digest, and the chunk's layout (pass a cached one to skip
         reading the piece table again).  Two reads at most: the head, then the pieces' bytes."""
         try:
-            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.fspath(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise MissingChunk(digest) from None
         try:

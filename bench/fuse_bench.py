@@ -12,8 +12,13 @@ removed at the end unless ``--keep``):
    repository;
 3. **sequential read**: a fresh mount (empty daemon cache), ``sync; echo 3 > /proc/sys/vm/drop_caches``,
    then the whole ``vms/<vm>/<point>/disk.raw`` (or the borg mount's file) read with 1 MiB ``readinto``
-   calls; MB/s over the disk size (open included).  The view's sha256 is then compared with the image's
-   (a second, untimed read);
+   calls; MB/s over the disk size (open included).  The target is judged on the median of each run's
+   vmrecover/local pair: a "cold" read here is served partly by the host's cache, whose state drifts
+   between runs (a local read 455-896 MB/s in three consecutive runs on the project's machine).  The
+   order stays the same in every run (vmrecover, borg, local), so that the data of every timed read
+   was last read two or three reads before, never just before: the local file read first in a run,
+   right after the previous run's, went at 2,100-2,600 MB/s, its host-cache speed.  The
+   view's sha256 is then compared with the image's (a second, untimed read);
 4. **random reads**: a fresh mount, caches dropped, a freshly opened fd (``POSIX_FADV_RANDOM``), 2000
    ``os.pread`` of 4 KiB at 4 KiB-aligned offsets from a fixed seed, one at a time (queue depth 1), each
    timed with ``perf_counter``; p50/p90/p99/max pooled over the runs, plus the reads that fall in data
@@ -166,6 +171,7 @@ class ToolResult:
     """What one reader (vmrecover's mount, borg's mount, the local file) gave over all runs."""
 
     seq_s: list[float] = field(default_factory=list)
+    seq_at: dict[int, float] = field(default_factory=dict)  # the same seconds by run number
     seq_cpu_s: list[float] = field(default_factory=list)  # the mount daemon's CPU time during the read
     sha_ok: bool | None = None
     random_s: list[float] = field(default_factory=list)  # every 4 KiB read of every run
@@ -473,6 +479,7 @@ def measure_sequential(ctx: FuseContext, s: Setup, results: dict[str, ToolResult
         if n != size:
             raise BenchError(f"{tool}: read {n} bytes of a {size}-byte disk")
         res.seq_s.append(seconds)
+        res.seq_at[run] = seconds
         res.seq_cpu_s.append(cpu)
         log(f"  {tool}: {mb(size) / seconds:.0f} MB/s ({seconds:.2f} s, daemon CPU {cpu:.2f} s)")
         if pid is not None and res.sha_ok is None:  # once per tool, untimed (mostly from the page cache)
@@ -495,7 +502,7 @@ def measure_sequential(ctx: FuseContext, s: Setup, results: dict[str, ToolResult
             ctx, "borg", results, f"sequential read {run}", timeout,
             lambda m: one("borg", m.path / borg_path, m.pid),
         )  # fmt: skip
-    one("local", s.image, None)
+    one("local", s.image, None)  # always last: see the module's docstring
 
 
 def measure_random(ctx: FuseContext, s: Setup, results: dict[str, ToolResult], run: int) -> None:
@@ -902,17 +909,27 @@ def make_rows(
     n = ctx.args.runs
     of = f"median of {n}" if n > 1 else "1 run"
     if "sequential" in cases:
-        local_rate = seq_rate(local)
+        # The target is judged on each run's pair (the local file read right before or after the
+        # mount's, first every other run): how fast a "cold" local read is here depends on the
+        # host's cache, which drifts more between runs than between a run's two reads.
+        pairs = [ratio(local.seq_at[r], vm.seq_at[r]) for r in sorted(vm.seq_at) if r in local.seq_at]
+        q = median([x for x in pairs if x is not None])
         row(
             f"sequential read, cold, 1 MiB reads (MB/s over {human(size)}; {of})",
             {t: seq_rate(results[t]) for t in TOOLS},
             ".0f",
             f">= {SEQ_RATIO_MIN:g}x local",
-            lambda x: local_rate is not None and x >= SEQ_RATIO_MIN * local_rate,
+            lambda x: q is not None and q >= SEQ_RATIO_MIN,
             "sequential",
         )
-        q = ratio(seq_rate(vm), local_rate)
-        rows.append(Row("sequential read rate / local file's", fmt(q, ".2f", "x"), values={"vmrecover": q}))
+        each = ", ".join(fmt(x, ".2f", "x") for x in pairs)
+        rows.append(
+            Row(
+                f"sequential read rate / local file's, median of each run's pair ({each})",
+                fmt(q, ".2f", "x"),
+                values={"vmrecover": q, "runs": pairs},
+            )
+        )
         row("sequential read time (s)", {t: median(results[t].seq_s) for t in TOOLS})
         row(
             "mount daemon CPU during the sequential read (s)",

@@ -279,7 +279,7 @@ def test_an_administrators_day_on_the_appliance(booted: Session, guest_image: Pa
         except Exception as exc:  # a time-out: what the appliance was doing says why
             raise AssertionError(f"file restore: {exc!r}\n{_file_restore_state(s)}") from exc
         if not (fstatus == 200 and content == guest.INIT_SCRIPT.encode()):
-            raise AssertionError(f"file restore: {fstatus} {str(content)[:600]}\n{_file_restore_state(s)}")
+            raise AssertionError(f"file restore: {fstatus} {str(content)[:4000]}\n{_file_restore_state(s)}")
     # where the first restore's time went, from the file-restore service's log
     files_log = s.ssh('cat "$VMRECOVER_REPO/run/files/files.log"', check=False).stdout
     for what, pattern in (
@@ -291,6 +291,11 @@ def test_an_administrators_day_on_the_appliance(booted: Session, guest_image: Pa
     # and what its console showed meanwhile, a line a minute (how the start's time was spent)
     watched = re.findall(r"still starting after (\d+ s); its console's last line: ([^\"]{0,90})", files_log)
     MEASURED["appliance: libguestfs' start, watched"] = [f"{t:>6}  {line}" for t, line in watched]
+    # a start that failed and was tried once more (GuestImage._launch): printed whole, the second start
+    # being what the restore used
+    retried = [line for line in files_log.splitlines() if "failed to start after" in line]
+    if retried:
+        MEASURED["appliance: libguestfs starts that failed, then tried again"] = retried
     # libguestfs ran with KVM (the appliance's vCPU has AMD-V), and the point's disk is still open in
     # it: a second file comes from the running appliance
     vcpus = s.ssh("ls -l /proc/$(pgrep -o -f 'qemu-system.*serial=vmra')/fd | grep -c kvm-vcpu", check=False)
@@ -333,10 +338,13 @@ def test_an_administrators_day_on_the_appliance(booted: Session, guest_image: Pa
 
 def _file_restore_state(s: Session) -> str:
     """What the appliance shows of a file restore gone wrong: the service's and the file-restore
-    service's logs (libguestfs' start, watched: its console's last lines), its processes and load."""
+    service's logs (libguestfs' start, watched: its console's last lines, whole: a failed start's record
+    holds them all), the kernel's last words (an OOM kill, a KVM error), memory, processes and load."""
     script = (
         "journalctl -q --no-pager -u vmrecover | tail -30 | cut -c1-400; echo '-- files.log';"
-        ' tail -40 "$VMRECOVER_REPO/run/files/files.log" | cut -c1-400; echo "-- load: $(cat /proc/loadavg)";'
+        ' tail -40 "$VMRECOVER_REPO/run/files/files.log" | cut -c1-40000; echo "-- kernel";'
+        " journalctl -k -q --no-pager | tail -25 | cut -c1-300; echo '-- memory'; free -m;"
+        ' echo "-- load: $(cat /proc/loadavg)";'
         " ps -eo pid,etimes,times,pcpu,rss,args --sort=-pcpu | head -15 | cut -c1-220"
     )
     return s.ssh(script, check=False, timeout=120).stdout

@@ -498,7 +498,8 @@ def test_a_start_that_fails_says_what_the_console_said(
 ) -> None:
     """A libguestfs start is watched: while it lasts, a line every LAUNCH_REPORT_S (log and progress);
     when it fails, the error and the log carry the appliance's console (here: its hypervisor's own
-    message), not only libguestfs' 'see earlier error messages'."""
+    message), not only libguestfs' 'see earlier error messages'.  A failed start is tried once more, in
+    verbose mode, so the log of a second failure holds libguestfs' own steps as well."""
     from vmrecover.files import guest as guest_mod
 
     hv = tmp_path / "hv"
@@ -517,5 +518,10 @@ def test_a_start_that_fails_says_what_the_console_said(
     assert "cannot open vm@point with libguestfs" in str(err.value)
     assert "the hypervisor refuses: no such CPU model" in str(err.value), err.value
     assert any(m.startswith("still starting the libguestfs appliance for vm@point (") for m in said), said
+    assert "the libguestfs appliance for vm@point failed to start; starting it once more" in said, said
     logged = [r.getMessage() for r in caplog.records]
-    assert any("failed to start" in m and "no such CPU model" in m for m in logged), logged
+    failures = [m for m in logged if "failed to start after" in m]
+    assert len(failures) == 2 and all("no such CPU model" in m for m in failures), logged
+    assert any(m.startswith("starting the libguestfs appliance for vm@point once more") for m in logged)
+    # the second start was verbose: its kept lines hold libguestfs' own messages, the first's do not
+    assert str(hv) not in failures[0] and str(hv) in failures[1], failures

@@ -44,7 +44,9 @@ log = logging.getLogger("vmrecover.files")
 
 BATCH = 1000
 CONSOLE_LINES = 40  # of a starting appliance's console, kept for a failure's report
+VERBOSE_CONSOLE_LINES = 400  # the same, for a second start in verbose mode (the kernel's whole boot)
 LAUNCH_REPORT_S = 60.0  # a start that takes longer says so this often
+LAUNCH_TRIES = 2  # a start that fails is tried once more, verbosely
 SKIP_TYPES = {"swap", "unknown", ""}
 ENCRYPTED_TYPES = {"crypto_LUKS", "BitLocker"}
 Extents = tuple[Path, list[tuple[int, int, int]]]  # a disk image, and (file offset, disk offset, length)
@@ -185,10 +187,13 @@ class _LaunchWatch:
 
     def __init__(self, guestfs: Any, g: Any, what: str, progress: Callable[[str], None]) -> None:
         self.g, self.what, self.progress = g, what, progress
-        self.lines: deque[str] = deque(maxlen=CONSOLE_LINES)
+        self.lines: deque[str] = deque(maxlen=VERBOSE_CONSOLE_LINES if g.get_verbose() else CONSOLE_LINES)
         self._partial = ""
         self._done = threading.Event()
-        self._handle = g.set_event_callback(self._on_event, guestfs.EVENT_APPLIANCE | guestfs.EVENT_WARNING)
+        # library messages come only in verbose mode (qemu's command line, supermin's steps); with a
+        # callback registered, libguestfs prints none of these on stderr
+        events = guestfs.EVENT_APPLIANCE | guestfs.EVENT_WARNING | guestfs.EVENT_LIBRARY
+        self._handle = g.set_event_callback(self._on_event, events)
         self.started = time.monotonic()
         self.seconds = 0.0
         self.failed = False
@@ -235,30 +240,58 @@ class GuestImage:
         self.what = what
         self.disks = [Path(d) for d in disks]
         self._lock = threading.Lock()
-        self.g = guestfs.GuestFS(python_return_dict=True)
-        watch = None
+        self.launch_tries = 0
+        self.g = self._launch(guestfs, progress)
         try:
-            for i, d in enumerate(disks):
-                self.g.add_drive_opts(str(d), readonly=True, format="raw", label=_drive_label(i))
-            progress(f"starting a libguestfs appliance for {what} (about 20 s under TCG)")
-            with _LaunchWatch(guestfs, self.g, what, progress) as watch:
-                self.g.launch()
-            self.launch_seconds = watch.seconds
-            log.info("the libguestfs appliance for %s started in %.1f s", what, self.launch_seconds)
             progress(f"inspecting {what}")
             self.os, self.filesystems = self._mount()
         except RuntimeError as exc:
             self.g.close()
-            hint = "run 'libguestfs-test-tool' to see why the appliance fails here"
-            tail = ""
-            if watch is not None and watch.failed:
-                tail = f"; its console's last lines: {' | '.join(watch.tail(5))}"
-            raise GuestfsError(f"cannot open {what} with libguestfs: {exc}{tail}", hint=hint) from None
+            raise GuestfsError(f"cannot open {what} with libguestfs: {exc}") from None
         except BaseException:
             self.g.close()
             raise
         self.ntfs = any(f.type == "ntfs" and f.mountpoint for f in self.filesystems)
         self.last_used = time.monotonic()
+
+    def _launch(self, guestfs: Any, progress: Callable[[str], None]) -> Any:
+        """A started handle over the disks.  A start that fails is tried once more with a new handle in
+        verbose mode: a nested hypervisor (KVM on an emulated AMD-V, TCG inside a VM) now and then loses
+        a start that the next one survives, and if the second fails too, its log holds the kernel's
+        whole boot rather than a quiet console."""
+        what = self.what
+        while True:
+            self.launch_tries += 1
+            g = guestfs.GuestFS(python_return_dict=True)
+            watch = None
+            try:
+                g.set_verbose(self.launch_tries > 1)
+                for i, d in enumerate(self.disks):
+                    g.add_drive_opts(str(d), readonly=True, format="raw", label=_drive_label(i))
+                progress(f"starting a libguestfs appliance for {what} (about 20 s under TCG)")
+                with _LaunchWatch(guestfs, g, what, progress) as watch:
+                    g.launch()
+            except RuntimeError as exc:
+                g.close()
+                tail = ""
+                if watch is not None and watch.failed:
+                    tail = f"; its console's last lines: {' | '.join(watch.tail(5))}"
+                if watch is not None and watch.failed and self.launch_tries < LAUNCH_TRIES:
+                    log.warning("starting the libguestfs appliance for %s once more, in verbose mode, after: "
+                                "%s%s", what, exc, tail)  # fmt: skip
+                    progress(f"the libguestfs appliance for {what} failed to start; starting it once more")
+                    continue
+                hint = "run 'libguestfs-test-tool' to see why the appliance fails here"
+                raise GuestfsError(f"cannot open {what} with libguestfs: {exc}{tail}", hint=hint) from None
+            except BaseException:
+                g.close()
+                raise
+            self.launch_seconds = watch.seconds
+            log.info("the libguestfs appliance for %s started in %.1f s (try %d)", what, watch.seconds,
+                     self.launch_tries)  # fmt: skip
+            if self.launch_tries > 1:
+                g.set_verbose(False)  # what it does from now on needs no debug messages
+            return g
 
     def close(self) -> None:
         with self._lock:

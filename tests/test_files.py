@@ -525,3 +525,37 @@ def test_a_start_that_fails_says_what_the_console_said(
     assert any(m.startswith("starting the libguestfs appliance for vm@point once more") for m in logged)
     # the second start was verbose: its kept lines hold libguestfs' own messages, the first's do not
     assert str(hv) not in failures[0] and str(hv) in failures[1], failures
+
+
+def test_a_start_that_fails_once_is_tried_again_and_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The second start (verbose) gives a handle that works like any other, quiet again once started:
+    the filesystem on the disk is mounted and read."""
+    from vmrecover.files import guest as guest_mod
+
+    content = b"hello from the second start\n"
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "hello.txt").write_bytes(content)
+    disk = tmp_path / "disk.raw"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", tmp_path / "root", disk, "16M"], check=True)
+    marker = tmp_path / "failed-once"
+    hv = tmp_path / "hv"
+    hv.write_text(  # the first start fails as a lost nested start does; the next ones are qemu's
+        '#!/bin/sh\ncase "$1" in -help|-version|-machine|-display) exec qemu-system-x86_64 "$@";; esac\n'
+        f'if [ ! -e {marker} ]; then touch {marker}; echo "KVM: entry failed" >&2; exit 1; fi\n'
+        'exec qemu-system-x86_64 "$@"\n'
+    )
+    hv.chmod(0o755)
+    monkeypatch.setenv("LIBGUESTFS_HV", str(hv))
+    with caplog.at_level("INFO", logger="vmrecover.files"):
+        img = guest_mod.GuestImage([disk], what="vm@point")
+    try:
+        assert img.launch_tries == 2 and marker.exists()
+        assert not img.g.get_verbose()
+        assert img.sha256("/hello.txt") == hashlib.sha256(content).hexdigest()
+    finally:
+        img.close()
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("failed to start after" in m and "KVM: entry failed" in m for m in logged), logged
+    assert any("started in" in m and "(try 2)" in m for m in logged), logged

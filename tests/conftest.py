@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -470,12 +471,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             from tests.testkit import appliance_build
 
             appliance_build.start()
+    if len(items) > 20 and not config.option.collectonly:
+        # The KVM probe boots a kernel: 1-5 s, or its whole time limit on a host whose KVM starts VMs
+        # but never runs them.  Asked now, in the background, its verdict (kept for the host's boot)
+        # is ready before the first test that starts a guest, whose own time limit it would eat.
+        global _KVM_PROBE
+        _KVM_PROBE = subprocess.Popen(
+            [sys.executable, "-c", "from vmrecover import qemu; qemu.kvm_works()"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+_KVM_PROBE: subprocess.Popen[bytes] | None = None
 
 
 def pytest_sessionfinish() -> None:
-    """A background appliance build still running (the run was interrupted) ends with the run."""
+    """A background appliance build or KVM probe still running (the run was interrupted) ends with
+    the run."""
     if "tests.testkit.appliance_build" in sys.modules:
         sys.modules["tests.testkit.appliance_build"].stop()
+    if _KVM_PROBE is not None and _KVM_PROBE.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(_KVM_PROBE.pid, signal.SIGKILL)  # its qemu too
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

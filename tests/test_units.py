@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -220,6 +221,7 @@ def _fake_qemu(bin_dir: Path, monkeypatch: pytest.MonkeyPatch, script: str, *, k
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setattr(qemu, "_kvm_verdict", None)
+    monkeypatch.setattr(qemu, "KVM_VERDICT_FILE", bin_dir / "verdict" / "kvm-verdict.json")
     monkeypatch.delenv("VMRECOVER_ACCEL", raising=False)
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, m: kvm_device if p == "/dev/kvm" else real_access(p, m))
@@ -237,11 +239,18 @@ def test_kvm_is_used_only_where_a_qemu_with_kvm_really_starts(
     assert qemu.accelerator() == "tcg"
     ok, why = qemu.kvm_works()
     assert not ok and "exit 134" in why and "kvm_buf_set_msrs" in why
-    assert "-accel kvm -cpu host" in args.read_text() and "-S" in args.read_text().split()
+    argv = args.read_text().split()
+    assert "-accel kvm -cpu host" in args.read_text() and "-no-reboot" in argv
+    kernel = qemu._probe_kernel()
+    assert kernel is not None, "the test machine has a kernel in /boot (linux-image-amd64, make setup)"
+    assert argv[argv.index("-kernel") + 1] == str(kernel) and "panic=-1" in argv  # a guest really runs
     args.unlink()
     assert qemu.accelerator() == "tcg" and not args.exists()  # asked once per process
+    monkeypatch.setattr(qemu, "_kvm_verdict", None)
+    assert qemu.kvm_works() == (ok, why) and not args.exists()  # and once per boot: another process
+    assert (tmp_path / "aborts" / "verdict" / "kvm-verdict.json").exists()
 
-    # one that starts and quits: KVM; an explicit choice or VMRECOVER_ACCEL wins over the probe
+    # one whose guest boots and ends: KVM; an explicit choice or VMRECOVER_ACCEL wins over the probe
     _fake_qemu(tmp_path / "starts", monkeypatch, "cat >/dev/null\nexit 0\n", kvm_device=True)
     assert qemu.accelerator() == "kvm" and qemu.accelerator("tcg") == "tcg"
     monkeypatch.setenv("VMRECOVER_ACCEL", "tcg")
@@ -253,8 +262,38 @@ def test_kvm_is_used_only_where_a_qemu_with_kvm_really_starts(
     monkeypatch.setattr(qemu, "KVM_PROBE_TIMEOUT_S", 0.5)
     _fake_qemu(tmp_path / "hangs", monkeypatch, "exec sleep 30\n", kvm_device=True)
     t = time.monotonic()
-    assert qemu.kvm_works() == (False, "a qemu with KVM did not start within 0.5 s")
+    assert qemu.kvm_works() == (
+        False,
+        f"a qemu with KVM did not boot {kernel.name} to its panic within 0.5 s",
+    )
     assert time.monotonic() - t < 10
+
+    # without a kernel to boot, qemu starting with its vCPU and quitting is the answer
+    _fake_qemu(
+        tmp_path / "nokernel", monkeypatch, f'echo "$@" > {args}\ncat >/dev/null\nexit 0\n', kvm_device=True
+    )
+    monkeypatch.setattr(qemu, "_probe_kernel", lambda: None)
+    assert qemu.kvm_works() == (True, "qemu runs with KVM")
+    assert "-S" in args.read_text().split() and "-kernel" not in args.read_text().split()
+
+
+def test_the_accelerator_chosen_here_really_runs_a_guest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On this machine, for real: the accelerator the probe picks boots the host's kernel to its
+    panic.  (A probe that only started qemu picked KVM on a kvm-pvm host, where every guest then
+    hung: libguestfs, recover boot and the console's file browser with it.)"""
+    from vmrecover import qemu
+
+    monkeypatch.setattr(qemu, "_kvm_verdict", None)
+    monkeypatch.delenv("VMRECOVER_ACCEL", raising=False)
+    accel, kernel = qemu.accelerator(), qemu._probe_kernel()
+    assert kernel is not None
+    argv = ["qemu-system-x86_64", "-accel", accel, "-machine", "q35", "-m", "128", "-display", "none",
+            "-nodefaults", "-no-user-config", "-no-reboot", "-kernel", str(kernel),
+            "-append", "panic=-1"]  # fmt: skip
+    if accel == "kvm":
+        argv[3:3] = ["-cpu", "host"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=qemu.KVM_PROBE_TIMEOUT_S, check=False)
+    assert proc.returncode == 0, (accel, qemu.kvm_works(), proc.stderr[-2000:])
 
 
 def test_no_kvm_device_means_tcg_without_starting_qemu(

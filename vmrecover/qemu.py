@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -209,40 +210,107 @@ def create_image(path: str, fmt: str, size: int) -> None:
 
 # ------------------------------------------------------------------------------------------ accelerator
 ACCELS = ("auto", "kvm", "tcg")
-_KVM_PROBE = '{"execute": "qmp_capabilities"} {"execute": "quit"}\n'
+_KVM_PROBE_QMP = '{"execute": "qmp_capabilities"} {"execute": "quit"}\n'
 _kvm_verdict: tuple[bool, str] | None = None
-# How long the probe's qemu may take to start and quit.  It takes 0.1 s on hardware, but a busy
-# appliance under emulation (TCG, as in the test tier) was seen to need tens of seconds; a probe cut
-# short there would send libguestfs to TCG inside TCG: twenty minutes instead of thirty seconds.
-KVM_PROBE_TIMEOUT_S = 180
+_KILLED = "the probe's qemu was killed"
+# How long the probe's guest may take to boot a kernel to its panic.  About 1 s on hardware and 4.5 s
+# under TCG here; nested under emulation (the appliance tier: KVM on TCG's emulated AMD-V) it is
+# slower still, and a probe cut short there would send libguestfs to TCG inside TCG: twenty minutes
+# instead of thirty seconds.  A host whose KVM starts VMs but never runs them costs this once per boot.
+KVM_PROBE_TIMEOUT_S = 120
+# The verdict, kept for the host's boot (processes share it: each would otherwise wait out a hang).
+KVM_VERDICT_FILE = Path("/run/vmrecover/kvm-verdict.json")
 
 
 def kvm_works() -> tuple[bool, str]:
-    """Whether qemu runs a VM with KVM here, and why not: /dev/kvm must be readable and writable,
-    and a qemu with ``-accel kvm -cpu host`` must create its vCPU and quit cleanly (on some hosts
-    /dev/kvm opens and qemu then aborts setting the vCPU's MSRs).  Asked once per process (a qemu
-    start, about 0.1 s); libguestfs and ``recover boot`` take their accelerator from it."""
+    """Whether qemu runs a VM with KVM here, and why not.
+
+    /dev/kvm must be readable and writable, and a guest must really run: qemu with ``-accel kvm
+    -cpu host`` boots the host's kernel without a root file system, and the kernel's panic must end
+    qemu (``-no-reboot``) within :data:`KVM_PROBE_TIMEOUT_S`.  Starting qemu is not enough: on some
+    hosts qemu aborts setting the vCPU's MSRs, on others (a nested KVM such as kvm-pvm) it starts and
+    the guest never gets past its real-mode start.  Without a kernel in /boot, qemu starting and
+    quitting with the vCPU created is taken as the answer.  Asked once per process, and once per boot
+    of the host where :data:`KVM_VERDICT_FILE` can be written; libguestfs and ``recover boot`` take
+    their accelerator from it."""
     global _kvm_verdict
     if _kvm_verdict is None:
         started = time.monotonic()
-        _kvm_verdict = _probe_kvm()
-        log.info("KVM probe: %s (%.1f s)", _kvm_verdict[1], time.monotonic() - started)
+        _kvm_verdict, cached = _shared_verdict()
+        how = "kept from an earlier probe this boot" if cached else f"{time.monotonic() - started:.1f} s"
+        log.info("KVM probe: %s (%s)", _kvm_verdict[1], how)
     return _kvm_verdict
 
 
-def _probe_kvm() -> tuple[bool, str]:
+def _probe_key(qemu: str, kernel: Path | None) -> str:
+    st = os.stat(qemu)
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "?"
+    return f"{boot} {qemu} {st.st_ino} {st.st_mtime_ns} {kernel} {KVM_PROBE_TIMEOUT_S}"
+
+
+def _shared_verdict() -> tuple[tuple[bool, str], bool]:
+    """The probe's verdict, and whether it came from :data:`KVM_VERDICT_FILE` (taken under a lock, so
+    processes that ask at once wait for one probe)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False, "/dev/kvm is missing or not accessible (no hardware or nested virtualization)"
+        return (False, "/dev/kvm is missing or not accessible (no hardware or nested virtualization)"), False
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
-        return False, "qemu-system-x86_64 is not installed"
-    argv = [qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "64", "-display", "none",
-            "-nodefaults", "-no-user-config", "-S", "-qmp", "stdio"]  # fmt: skip
+        return (False, "qemu-system-x86_64 is not installed"), False
+    kernel = _probe_kernel()
+    key = _probe_key(qemu, kernel)
     try:
-        proc = subprocess.run(argv, input=_KVM_PROBE, capture_output=True, text=True,
-                              timeout=KVM_PROBE_TIMEOUT_S, check=False)  # fmt: skip
+        KVM_VERDICT_FILE.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        lock = os.open(KVM_VERDICT_FILE.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return _probe_kvm(qemu, kernel), False
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            ok, why = json.loads(KVM_VERDICT_FILE.read_text())[key]
+            return (bool(ok), str(why)), True
+        verdict = _probe_kvm(qemu, kernel)
+        if verdict[1].startswith(_KILLED):
+            return verdict, False  # not this host's answer: the next process asks again
+        with contextlib.suppress(OSError, ValueError):
+            try:
+                known = json.loads(KVM_VERDICT_FILE.read_text())
+                known = known if isinstance(known, dict) else {}
+            except (OSError, ValueError):
+                known = {}
+            known[key] = list(verdict)
+            tmp = KVM_VERDICT_FILE.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, KVM_VERDICT_FILE)
+        return verdict, False
+    finally:
+        os.close(lock)
+
+
+def _probe_kernel() -> Path | None:
+    """The newest kernel in /boot (what libguestfs' appliance boots), if one is readable."""
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return next((k for k in kernels if os.access(k, os.R_OK)), None)
+
+
+def _probe_kvm(qemu: str, kernel: Path | None) -> tuple[bool, str]:
+    argv = [qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "128", "-display", "none",
+            "-nodefaults", "-no-user-config", "-no-reboot"]  # fmt: skip
+    if kernel is not None:  # no root file system: the kernel panics, and panic=-1 ends qemu
+        argv += ["-kernel", str(kernel), "-append", "panic=-1 quiet loglevel=0", "-serial", "none"]
+        what = f"boot {kernel.name} to its panic"
+    else:
+        argv += ["-S", "-qmp", "stdio"]
+        what = "start"
+    try:
+        proc = subprocess.run(argv, input=_KVM_PROBE_QMP if kernel is None else "", capture_output=True,
+                              text=True, timeout=KVM_PROBE_TIMEOUT_S, check=False)  # fmt: skip
     except subprocess.TimeoutExpired:
-        return False, f"a qemu with KVM did not start within {KVM_PROBE_TIMEOUT_S} s"
+        return False, f"a qemu with KVM did not {what} within {KVM_PROBE_TIMEOUT_S} s"
+    if proc.returncode in (-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT):
+        return False, f"{_KILLED} (signal {-proc.returncode})"
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         return False, f"qemu with KVM failed (exit {proc.returncode}): {lines[-1] if lines else 'no message'}"

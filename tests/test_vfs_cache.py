@@ -30,12 +30,12 @@ class CountingStore(ChunkStore):
         self.whole_delay = 0.0
 
     def read_pieces(
-        self, digest: bytes, first: int, last: int, layout: Layout | None = None
-    ) -> tuple[Layout, list[bytes]]:
+        self, digest: bytes, first: int, last: int, layout: Layout | None = None, *, head: bytes | None = None
+    ) -> tuple[Layout, bytes | bytearray]:
         with self.lock:
             self.reads.append((first, last))
         time.sleep(self.delay if first == last else self.whole_delay)  # a slow disk: readers overlap
-        return super().read_pieces(digest, first, last, layout)
+        return super().read_pieces(digest, first, last, layout, head=head)
 
 
 STORES = ["v1", "v2", "v2-encrypted"]

@@ -7,7 +7,8 @@ hashlib, zstd, AES-GCM and file writes release the GIL, so the pool uses every c
 
 Commit protocol (crash-safe at any instant; see developer-notes/repository.md):
  1. chunks are written (temp + rename, no fsync each);
- 2. indexes are written durably into ``indexes/<point>.tmp-…``;
+ 2. indexes are written durably into ``indexes/<point>.tmp-…``, each with its piece tables (a read
+    hint, repo/tables.py: made durable by step 3);
  3. ``syncfs`` makes every chunk durable;
  4. the index directory is renamed to ``indexes/<point>`` and ``indexes/`` fsynced;
  5. the catalog rows are committed in one transaction: only now does the point exist.
@@ -38,6 +39,7 @@ from ..repo.blob import ZERO_DIGEST, Identity
 from ..repo.catalog import Disk, Point, check_name, now_iso
 from ..repo.index import FixedIndex
 from ..repo.repository import Repository
+from ..repo.tables import TableWriter, record_size, tables_name
 from .extents import Extents, check_within, chunks_touching
 from .sources import DiskSource
 
@@ -93,7 +95,8 @@ def plan_chunks(
     return index, chunks_touching(job.source.data_extents(), chunk_size, index.count), "full"
 
 
-def _store(shared: _Shared, stats: DiskStats, data: bytes | bytearray) -> bytes:
+def _store(shared: _Shared, stats: DiskStats, data: bytes | bytearray) -> tuple[bytes, bytes]:
+    """Store one chunk (unless stored already); its digest and its file's head (b"": not known)."""
     repo = shared.repo
     ident = None
     if repo.config.legacy_chunks and repo.codec.version != 1:
@@ -109,10 +112,10 @@ def _store(shared: _Shared, stats: DiskStats, data: bytes | bytearray) -> bytes:
     with shared.lock:
         fresh = digest not in shared.claimed
         shared.claimed.add(digest)
-    stored = 0
+    stored, head = 0, b""
     if fresh and not repo.chunks.has(digest):
         try:
-            stored = repo.chunks.put(ident, bytes(data))
+            stored, head = repo.chunks.put(ident, bytes(data))
         except BaseException:
             with shared.lock:
                 shared.claimed.discard(digest)
@@ -125,7 +128,9 @@ def _store(shared: _Shared, stats: DiskStats, data: bytes | bytearray) -> bytes:
             stats.stored_bytes += stored
         else:
             stats.dedup_chunks += 1
-    return digest
+    if not stored and ident.pieces:  # a dedup hit on a v2 chunk: its head, from its file
+        head = repo.chunks.read_head(digest)
+    return digest, head
 
 
 def backup_disk(
@@ -135,19 +140,23 @@ def backup_disk(
     job: DiskJob,
     plan: tuple[FixedIndex, list[int], str],
     progress: Progress,
+    tables: TableWriter | None = None,
 ) -> tuple[FixedIndex, DiskStats]:
     cs = shared.repo.config.chunk_size
     index, todo, mode = plan
     stats = DiskStats(job.name, job.source.size, mode)
     began = time.monotonic()
     zero = bytes(cs)
-    pending: deque[tuple[int, Future[bytes]]] = deque()
+    pending: deque[tuple[int, Future[tuple[bytes, bytes]]]] = deque()
     limit = 2 * workers + 2
 
     def drain(keep: int) -> None:
         while len(pending) > keep:
             i, fut = pending.popleft()
-            index.set(i, fut.result())
+            digest, head = fut.result()
+            index.set(i, digest)
+            if tables is not None:
+                tables.set(i, head)
 
     try:
         for i in todo:
@@ -156,6 +165,8 @@ def backup_disk(
             stats.bytes_read += length
             if data == (zero if length == cs else bytes(length)):
                 index.set(i, ZERO_DIGEST)
+                if tables is not None:
+                    tables.set(i, b"")
                 stats.zero_chunks += 1
             else:
                 pending.append((i, pool.submit(_store, shared, stats, data)))
@@ -215,7 +226,12 @@ class PointWriter:
     ) -> DiskStats:  # fmt: skip
         """Read and store disk *job* (as *plan* says, else as :meth:`plan` says) into the point."""
         plan = plan or self.plan(job)
-        index, stats = backup_disk(self._shared, self._pool, self.workers, job, plan, progress)
+        tables = self._tables(job.name, plan)
+        try:
+            index, stats = backup_disk(self._shared, self._pool, self.workers, job, plan, progress, tables)
+        finally:
+            if tables is not None:
+                tables.close()
         sha = index.write(self._tmpdir / f"{job.name}.fidx")
         src = job.source
         self.disks.append(Disk(self.point_id, job.name, len(self.disks), src.size, index.chunk_size, src.path,
@@ -223,6 +239,17 @@ class PointWriter:
         self.stats.append(stats)
         self.files_read[job.name] = list(src.files_read)
         return stats
+
+    def _tables(self, name: str, plan: tuple[FixedIndex, list[int], str]) -> TableWriter | None:
+        """The disk's piece tables (format 2 repositories), started from the parent's records when
+        the new index starts from the parent's."""
+        repo = self.repo
+        if repo.codec.version == 1:
+            return None
+        index, _, mode = plan
+        parent = repo.tables_path(self.parent.id, name) if mode == "incremental" and self.parent else None
+        rec = record_size(index.chunk_size, repo.encrypted)
+        return TableWriter(self._tmpdir / tables_name(name), index.count, rec, parent)
 
     def commit(
         self, *, config: dict[str, Any] | None = None, precommit: Callable[[], None] = lambda: None

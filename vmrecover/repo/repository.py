@@ -5,6 +5,7 @@ REPO/
   catalog.sqlite            VMs, restore points, disks (see catalog.py)
   chunks/ab/<digest-hex>    chunk envelopes (see blob.py)
   indexes/<point>/<disk>.fidx  fixed indexes (see index.py)
+  indexes/<point>/<disk>.ptab  their piece tables, a read hint (see tables.py)
   locks/writer, locks/sessions  (see lock.py)
   sessions/                 recovery overlays (later), never inside chunks/ or indexes/
 """
@@ -34,6 +35,7 @@ from .catalog import SCHEMA_VERSION, Catalog, Point, now_iso
 from .chunkstore import ChunkStore
 from .index import FixedIndex
 from .keys import Keys, new_keys, unwrap_keys
+from .tables import PieceTables, tables_name
 
 FORMAT_VERSION = 2  # new repositories; format 1 ones are read and written as they are until upgraded
 FORMATS = (1, 2)
@@ -255,6 +257,13 @@ class Repository:
 
     def read_index(self, point: str, disk: str) -> FixedIndex:
         return FixedIndex.read(self.index_path(point, disk))
+
+    def tables_path(self, point: str, disk: str) -> Path:
+        return self.index_dir(point) / tables_name(disk)
+
+    def read_tables(self, point: str, disk: str, index: FixedIndex) -> PieceTables | None:
+        """The disk's piece tables, a read hint (None: each chunk's head is read from its file)."""
+        return PieceTables.open(self.tables_path(point, disk), index.count)
 
     @contextlib.contextmanager
     def reading(self, point: Point, *, outcome: str = "") -> Iterator[None]:

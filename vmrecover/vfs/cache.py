@@ -176,14 +176,14 @@ class ChunkCache:
         pending.event.set()
         return got
 
-    def _fetch(self, key: tuple[bytes, int]) -> Fetched:
+    def _fetch(self, key: tuple[bytes, int], head: bytes | None = None) -> Fetched:
         """Fetch (or wait for) a piece, or the whole chunk if key[1] is WHOLE."""
         cached, pending, fetcher = self._claim(key)
         if cached is not None:
             return cached
-        return self._do(key, pending) if fetcher else self._wait(pending)
+        return self._do(key, pending, head) if fetcher else self._wait(pending)
 
-    def _do(self, key: tuple[bytes, int], pending: _Pending) -> Fetched:
+    def _do(self, key: tuple[bytes, int], pending: _Pending, head: bytes | None = None) -> Fetched:
         digest, i = key
         with self._lock:
             e = self._lru.get(digest)
@@ -191,14 +191,17 @@ class ChunkCache:
         first, last = (0, WHOLE_CHUNK) if i == WHOLE else (i, i)
 
         def fetch() -> Fetched:
-            lay, data = self.store.read_pieces(digest, first, last, layout)
+            lay, data = self.store.read_pieces(digest, first, last, layout, head=head)
             return lay, (0 if lay.count == 1 else first), data
 
         return self._settle(key, pending, fetch)
 
-    def read(self, digest: bytes, start: int, end: int, *, whole: bool = False) -> Buffer:
+    def read(
+        self, digest: bytes, start: int, end: int, *, whole: bool = False, head: bytes | None = None
+    ) -> Buffer:
         """Bytes [start, end) of the chunk, fetched as needed (worker threads).  CorruptChunk or
-        MissingChunk if they cannot be read.  *whole*: take the whole chunk (sequential readers)."""
+        MissingChunk if they cannot be read.  *whole*: take the whole chunk (sequential readers).
+        *head*: the chunk file's head from the point's piece tables, a hint (ChunkStore.read_pieces)."""
         data = self.lookup(digest, start, end)
         if data is not None:
             return data
@@ -223,7 +226,7 @@ class ChunkCache:
         parts: list[Buffer] = []
         first_i, last_i = start // ps, (end - 1) // ps
         for i in range(first_i, last_i + 1):
-            lay, first, got = self._fetch((digest, i))
+            lay, first, got = self._fetch((digest, i), head)
             if lay.count == 1 or (first == 0 and len(got) == lay.raw_len):  # the whole chunk
                 return got[start : min(end, lay.raw_len)]
             base = i * ps

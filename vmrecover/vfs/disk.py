@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..repo.blob import ZERO_DIGEST
 from ..repo.index import FixedIndex
+from ..repo.tables import PieceTables
 from .cache import Buffer, ChunkCache
 from .formats import flat_vmdk_name, vhd_footer, vmdk_descriptor
 
@@ -48,27 +49,28 @@ def zeros(n: int) -> Buffer:
 class BackupDisk:
     """One disk of one restore point, read through the shared chunk cache with sequential readahead."""
 
-    def __init__(self, index: FixedIndex, cache: ChunkCache) -> None:
+    def __init__(self, index: FixedIndex, cache: ChunkCache, tables: PieceTables | None = None) -> None:
         self.index = index
         self.cache = cache
+        self.tables = tables  # the chunks' heads: a cold random read then reads only its piece's bytes
         self.size = index.disk_size
         self.chunk_size = index.chunk_size
         self._last_chunk = -1  # the last chunk a read reached: readahead starts when reads move on
 
-    def _pieces(self, off: int, size: int) -> list[tuple[bytes, int, int]]:
-        """(digest, start, end within the chunk) for each chunk the range touches."""
+    def _pieces(self, off: int, size: int) -> list[tuple[int, bytes, int, int]]:
+        """(chunk number, digest, start, end within the chunk) for each chunk the range touches."""
         end = min(off + size, self.size)
         cs = self.chunk_size
         out = []
         for i in range(off // cs, (end - 1) // cs + 1 if end > off else off // cs):
             base = i * cs
-            out.append((self.index.digest(i), max(off, base) - base, min(end, base + cs) - base))
+            out.append((i, self.index.digest(i), max(off, base) - base, min(end, base + cs) - base))
         return out
 
     def read_cached(self, off: int, size: int) -> Buffer | None:
         """The bytes if every chunk they need is cached (or a hole), else None.  Never blocks."""
         parts: list[Buffer] = []
-        for digest, a, b in self._pieces(off, size):
+        for _, digest, a, b in self._pieces(off, size):
             if digest == ZERO_DIGEST:
                 parts.append(zeros(b - a))
                 continue
@@ -86,11 +88,13 @@ class BackupDisk:
         the pieces it touches (ChunkCache.read)."""
         sequential = self._readahead(off, size)
         parts: list[Buffer] = []
-        for digest, a, b in self._pieces(off, size):
+        tables = None if sequential else self.tables
+        for i, digest, a, b in self._pieces(off, size):
             if digest == ZERO_DIGEST:
                 parts.append(zeros(b - a))
             else:
-                parts.append(self.cache.read(digest, a, b, whole=sequential))
+                head = None if tables is None else tables.head(i)
+                parts.append(self.cache.read(digest, a, b, whole=sequential, head=head))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _readahead(self, off: int, size: int) -> bool:

@@ -300,7 +300,8 @@ class Vfs:
                 if self.repo.catalog.point(point_id) is None:
                     raise self._pruned(point_id) from None
                 raise
-            d = self._backup_disks.put(key, BackupDisk(index, self.cache))
+            tables = self.repo.read_tables(point_id, disk, index)
+            d = self._backup_disks.put(key, BackupDisk(index, self.cache, tables))
         return d
 
     def session_disk(self, session: Session, disk: str) -> SessionDisk:

@@ -36,6 +36,7 @@ import os
 import struct
 from pathlib import Path
 
+from ..fsutil import raise_if_no_space
 from .blob import ENTRY, HEADER, MAGIC, NONCE, PIECE_SIZE, TAG
 
 log = logging.getLogger("vmrecover.repo")
@@ -65,11 +66,18 @@ class TableWriter:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(self._fd, FILE_HEADER.size + count * rec)
-            os.pwrite(self._fd, FILE_HEADER.pack(FILE_MAGIC, VERSION, rec, count), 0)
+            self._write(FILE_HEADER.pack(FILE_MAGIC, VERSION, rec, count), 0)
             if parent is not None:
                 self._inherit(parent)
         except BaseException:
             os.close(self._fd)
+            raise
+
+    def _write(self, data: bytes, pos: int) -> None:
+        try:
+            os.pwrite(self._fd, data, pos)
+        except OSError as exc:
+            raise_if_no_space(exc, self.path, f"piece tables {self.path.name}")
             raise
 
     def _inherit(self, parent: Path) -> None:
@@ -92,7 +100,7 @@ class TableWriter:
                 if not block:
                     break
                 if block.count(0) != len(block):  # holes stay holes
-                    os.pwrite(self._fd, block, pos)
+                    self._write(block, pos)
                 pos += len(block)
         finally:
             os.close(src)
@@ -101,7 +109,7 @@ class TableWriter:
         """Chunk *i*'s head (b"": unknown, as for a hole or a v1 chunk)."""
         if len(head) > self.rec:
             head = b""  # not a head of this chunk size: leave it unknown
-        os.pwrite(self._fd, head.ljust(self.rec, b"\0"), FILE_HEADER.size + i * self.rec)
+        self._write(head.ljust(self.rec, b"\0"), FILE_HEADER.size + i * self.rec)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -281,3 +281,35 @@ def test_an_unusable_tables_file_is_not_used(backed_up: tuple[Cli, Path, dict[st
         tables = repo.read_tables(nxt, disk, index)
         assert tables is not None  # a file, its inherited records unknown: heads come from chunk files
         assert all(tables.head(i) is None for i in range(index.count))
+
+
+def test_a_full_backup_of_unchanged_data_takes_heads_from_its_parent(
+    backed_up: tuple[Cli, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full backup of the same data (an image backed up again without a changed-extent list) finds
+    every chunk stored already: each head comes from the parent's tables, no chunk file is read."""
+    from vmrecover.ingest.pipeline import DiskJob, run_backup
+    from vmrecover.ingest.sources import open_image
+    from vmrecover.repo.chunkstore import ChunkStore
+
+    cli, img, _ = backed_up
+
+    def no_read(self: ChunkStore, digest: bytes) -> bytes:
+        raise AssertionError(f"the head of chunk {digest.hex()} was read from its file")
+
+    with _open(cli) as repo:
+        disk = _disk(repo, repo.catalog.latest_point("vm").id)  # type: ignore[union-attr]
+        monkeypatch.setattr(ChunkStore, "read_head", no_read)
+        with repo.backing_up("vm"):
+            point, stats = run_backup(repo, "vm", [DiskJob(disk, open_image(img, "raw", trusted=True))])
+        monkeypatch.undo()
+        assert stats[0].mode == "full" and stats[0].new_chunks == 0, stats
+        index = repo.read_index(point.id, disk)
+        tables = repo.read_tables(point.id, disk, index)
+        assert tables is not None
+        for i in range(index.count):
+            d = index.digest(i)
+            head = tables.head(i)
+            assert (
+                (head is None) if d == ZERO_DIGEST else (head or b"").startswith(repo.chunks.read_head(d))
+            ), i

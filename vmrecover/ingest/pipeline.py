@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import faults
-from ..errors import BadInput
+from ..errors import BadInput, IntegrityError
 from ..fsutil import TMP_MARK, fsync_dir, syncfs
 from ..repo.blob import ZERO_DIGEST, Identity
 from ..repo.catalog import Disk, Point, check_name, now_iso
 from ..repo.index import FixedIndex
 from ..repo.repository import Repository
-from ..repo.tables import TableWriter, record_size, tables_name
+from ..repo.tables import PieceTables, TableWriter, record_size, tables_name
 from .extents import Extents, check_within, chunks_touching
 from .sources import DiskSource
 
@@ -95,8 +95,11 @@ def plan_chunks(
     return index, chunks_touching(job.source.data_extents(), chunk_size, index.count), "full"
 
 
-def _store(shared: _Shared, stats: DiskStats, data: bytes | bytearray) -> tuple[bytes, bytes]:
-    """Store one chunk (unless stored already); its digest and its file's head (b"": not known)."""
+def _store(
+    shared: _Shared, stats: DiskStats, data: bytes | bytearray, before: tuple[bytes, bytes | None] | None
+) -> tuple[bytes, bytes]:
+    """Store one chunk (unless stored already); its digest and its file's head (b"": not known).
+    *before*: the parent point's digest and head for this chunk number, if it has one."""
     repo = shared.repo
     ident = None
     if repo.config.legacy_chunks and repo.codec.version != 1:
@@ -128,8 +131,9 @@ def _store(shared: _Shared, stats: DiskStats, data: bytes | bytearray) -> tuple[
             stats.stored_bytes += stored
         else:
             stats.dedup_chunks += 1
-    if not stored and ident.pieces:  # a dedup hit on a v2 chunk: its head, from its file
-        head = repo.chunks.read_head(digest)
+    if not stored and ident.pieces:  # a dedup hit on a v2 chunk: the parent's record, else its file's
+        head = before[1] if before is not None and before[0] == digest and before[1] else b""
+        head = head or repo.chunks.read_head(digest)
     return digest, head
 
 
@@ -141,7 +145,11 @@ def backup_disk(
     plan: tuple[FixedIndex, list[int], str],
     progress: Progress,
     tables: TableWriter | None = None,
+    parent: tuple[FixedIndex, PieceTables] | None = None,
 ) -> tuple[FixedIndex, DiskStats]:
+    """Read and store the chunks *plan* names.  *tables* receives each chunk's head; *parent* (the
+    same disk's index and tables in the VM's latest point) spares a dedup hit the read of its head
+    when the chunk is where it was (a full backup of unchanged data)."""
     cs = shared.repo.config.chunk_size
     index, todo, mode = plan
     stats = DiskStats(job.name, job.source.size, mode)
@@ -169,7 +177,10 @@ def backup_disk(
                     tables.set(i, b"")
                 stats.zero_chunks += 1
             else:
-                pending.append((i, pool.submit(_store, shared, stats, data)))
+                before = None
+                if parent is not None and i < parent[0].count:
+                    before = parent[0].digest(i), parent[1].head(i)
+                pending.append((i, pool.submit(_store, shared, stats, data, before)))
                 drain(limit)
             progress(length)
         drain(0)
@@ -227,8 +238,11 @@ class PointWriter:
         """Read and store disk *job* (as *plan* says, else as :meth:`plan` says) into the point."""
         plan = plan or self.plan(job)
         tables = self._tables(job.name, plan)
+        parent = self._parent_tables(job.name) if tables is not None else None
         try:
-            index, stats = backup_disk(self._shared, self._pool, self.workers, job, plan, progress, tables)
+            index, stats = backup_disk(
+                self._shared, self._pool, self.workers, job, plan, progress, tables, parent
+            )
         finally:
             if tables is not None:
                 tables.close()
@@ -250,6 +264,17 @@ class PointWriter:
         parent = repo.tables_path(self.parent.id, name) if mode == "incremental" and self.parent else None
         rec = record_size(index.chunk_size, repo.encrypted)
         return TableWriter(self._tmpdir / tables_name(name), index.count, rec, parent)
+
+    def _parent_tables(self, name: str) -> tuple[FixedIndex, PieceTables] | None:
+        """The same disk's index and piece tables in the VM's latest point, if both can be read."""
+        if self.parent is None or name not in self._parent_disks:
+            return None
+        try:
+            index = self.repo.read_index(self.parent.id, name)
+        except IntegrityError:
+            return None
+        tables = self.repo.read_tables(self.parent.id, name, index)
+        return None if tables is None else (index, tables)
 
     def commit(
         self, *, config: dict[str, Any] | None = None, precommit: Callable[[], None] = lambda: None

@@ -456,6 +456,13 @@ def xapi(xapi_session: Any) -> Iterator[Any]:
     assert not new, f"the XAPI simulator failed (a harness bug): {new}"
 
 
+# A run started in the background by a non-interactive shell (`make test &`) inherits SIGINT ignored,
+# and so would every vmrecover it starts; the interrupt tests deliver ^C and need it to arrive as it
+# does for a user at a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 # --------------------------------------------------------------------------- measured figures
 MEASURED: dict[str, list[str]] = {}  # a section's title -> its lines, printed at the end of the run
 

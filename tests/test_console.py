@@ -439,8 +439,18 @@ def test_create_edit_and_delete_a_job(console: Console, browser: Browser) -> Non
     browser.driver.execute_script("window.confirm = () => true")
     browser.wait("#job-delete").click()
     browser.wait("#jobs")
+
+    def listed() -> list[str]:
+        return [j["name"] for j in console.call("GET", "/api/v1/jobs", headers=ops).json()]
+
+    # the click's DELETE answers once the service took the configuration again: until then the job is
+    # still listed (the file is gone first); the page tells when it answered by dropping the row
+    deadline = time.monotonic() + 60
+    while browser.driver.find_elements("css selector", '#jobs tr[data-job="web-job"]'):
+        assert time.monotonic() < deadline, "the deleted job's row stays in the page"
+        time.sleep(0.2)
     assert not (jobs_d / "web-job.toml").exists()
-    assert "web-job" not in [j["name"] for j in console.call("GET", "/api/v1/jobs", headers=ops).json()]
+    assert "web-job" not in listed()
     assert console.config.read_text() == main_text
 
 

@@ -206,6 +206,7 @@ class PointWriter:
         self.workers = workers or max(2, os.cpu_count() or 2)
         self.parent = repo.catalog.latest_point(vm)
         self._parent_disks = {d.name: d for d in repo.catalog.disks(self.parent.id)} if self.parent else {}
+        self._parent_indexes: dict[str, FixedIndex] = {}  # read by plan(), kept until add() is done with it
         self.point_id = secrets.token_hex(6)
         self._tmpdir = repo.root / "indexes" / f"{self.point_id}{TMP_MARK}{os.getpid()}"
         self._final = repo.index_dir(self.point_id)
@@ -226,7 +227,7 @@ class PointWriter:
             raise BadInput(f"two disks of this backup have the same name: {name}", hint="use --disk-name")
         parent = None
         if job.changed is not None and job.name in self._parent_disks:
-            parent = self.repo.read_index(self.parent.id, job.name)  # type: ignore[union-attr]
+            parent = self._parent_index(job.name)
         elif job.changed is not None:
             log.warning("disk %s of VM %s has no parent point: reading it whole", job.name, self.vm)
         return plan_chunks(job, parent, self.repo.config.chunk_size)
@@ -270,11 +271,21 @@ class PointWriter:
         if self.parent is None or name not in self._parent_disks:
             return None
         try:
-            index = self.repo.read_index(self.parent.id, name)
+            index = self._parent_index(name)
         except IntegrityError:
             return None
+        finally:
+            self._parent_indexes.pop(name, None)  # (a 2 TiB disk's is 64 MiB)
         tables = self.repo.read_tables(self.parent.id, name, index)
         return None if tables is None else (index, tables)
+
+    def _parent_index(self, name: str) -> FixedIndex:
+        """The same disk's index in the VM's latest point, read once for the plan and the tables."""
+        assert self.parent is not None
+        index = self._parent_indexes.get(name)
+        if index is None:
+            index = self._parent_indexes[name] = self.repo.read_index(self.parent.id, name)
+        return index
 
     def commit(
         self, *, config: dict[str, Any] | None = None, precommit: Callable[[], None] = lambda: None

@@ -149,7 +149,28 @@ class Browser:
         self.driver = browser_kit.chromium(downloads=downloads)
 
     def go(self, url: str) -> None:
-        self.driver.get(url)
+        """Open *url* and wait until its page is drawn.
+
+        A change of the hash alone does not load the page again: the console draws the new route into the
+        same `#main`. Until it has, the old page's elements still answer a CSS wait and go stale under the
+        caller, so the old page's heading is marked and the new one awaited.
+        """
+        current = self.driver.current_url
+        same_document = current.split("#", 1)[0] == url.split("#", 1)[0] and "#" in url
+        marked = same_document and self.js(
+            "const h = document.querySelector('#main > :first-child');"
+            " if (!h) return false; h.dataset.leaving = '1'; return true;"
+        )
+        if marked and current == url:
+            self.driver.refresh()  # (the same hash fires no hashchange)
+        else:
+            self.driver.get(url)
+        if marked:
+            self.until_js(
+                "const h = document.querySelector('#main > :first-child');"
+                " return h !== null && h.dataset.leaving === undefined;",
+                timeout=60,
+            )
 
     def wait(self, css: str, timeout: float = 60, text: str | None = None) -> Any:
         try:

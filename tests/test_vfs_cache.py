@@ -72,7 +72,7 @@ def test_concurrent_readers_share_one_fetch_and_hits_are_cached(store: CountingS
     cache.close()
 
 
-def test_lru_eviction_by_bytes(store: CountingStore) -> None:
+def test_eviction_by_bytes(store: CountingStore) -> None:
     ds = [_put(store, bytes([i]) * 4000) for i in range(1, 5)]
     cache = ChunkCache(store, 10_000)
     for d in ds[:2]:
@@ -82,6 +82,72 @@ def test_lru_eviction_by_bytes(store: CountingStore) -> None:
     assert cache.size <= 10_000
     assert cache.lookup(ds[1], 0, 10) is None and cache.lookup(ds[0], 0, 10) is not None
     cache.close()
+
+
+def _chunks(store: ChunkStore, tag: str, n: int) -> list[bytes]:
+    return [_put(store, (b"%s %d " % (tag.encode(), i)).ljust(4000, b".")) for i in range(n)]
+
+
+def _pass(cache: ChunkCache, store: CountingStore, ds: list[bytes]) -> int:
+    """Read every chunk of *ds* whole, in order; how many had to be read from the store."""
+    before = len(store.reads)
+    for d in ds:
+        cache.get(d)
+    return len(store.reads) - before
+
+
+def test_a_scan_larger_than_the_cache_finds_what_stayed_on_its_next_pass(store: CountingStore) -> None:
+    """LRU would evict each chunk before the next pass wants it (every pass would read 60): the
+    chunks that entered the main part stay, the rest do not displace them."""
+    ds = _chunks(store, "loop", 60)
+    cache = ChunkCache(store, 160_000)  # 40 chunks: a window of 20, a main part of 20
+    assert _pass(cache, store, ds) == 60
+    for _ in range(3):
+        assert _pass(cache, store, ds) == 40
+        assert cache.size <= 160_000
+    cache.close()
+
+
+def test_a_scan_keeps_what_a_reader_wants_again_and_again(store: CountingStore) -> None:
+    """A running VM's hot chunks survive a hypervisor copying a whole disk (a migration's scan)."""
+    hot, filler, scan = _chunks(store, "hot", 5), _chunks(store, "filler", 60), _chunks(store, "scan", 200)
+    cache = ChunkCache(store, 160_000, window=20_000)
+    for i in range(3):  # wanted three times, with other reads between (three visits)
+        _pass(cache, store, hot)
+        _pass(cache, store, filler[i * 20 : i * 20 + 20])
+    assert _pass(cache, store, scan) == 200
+    assert _pass(cache, store, hot) == 0
+    cache.close()
+
+
+def test_what_is_wanted_again_replaces_what_was_wanted_once(store: CountingStore) -> None:
+    """The filter does not freeze the cache: chunks read once long ago give way to a set read again."""
+    old, now = _chunks(store, "old", 50), _chunks(store, "now", 20)  # now: more than the window holds
+    cache = ChunkCache(store, 160_000, window=20_000)
+    _pass(cache, store, old)
+    assert _pass(cache, store, now) == 20
+    _pass(cache, store, now)
+    assert _pass(cache, store, now) == 0
+    cache.close()
+
+
+def test_the_admission_filter_counts_visits_and_ages() -> None:
+    from vmrecover.vfs.admission import VISIT_TICKS, Frequency
+    from vmrecover.vfs.disk import READAHEAD_CHUNKS
+
+    assert VISIT_TICKS >= 2 * READAHEAD_CHUNKS  # two readers' decode-ahead is one visit of each chunk
+    f = Frequency(sample=100)
+    f.wanted(b"a", fetched=True)
+    for _ in range(8):  # a sequential reader's requests into the chunk it just fetched: one visit
+        f.wanted(b"a", fetched=False)
+    assert f.of(b"a") == 1
+    for i in range(VISIT_TICKS + 1):  # other chunks fetched meanwhile
+        f.wanted(b"x%d" % i, fetched=True)
+    f.wanted(b"a", fetched=False)
+    assert f.of(b"a") == 2 and f.admit(b"a", b"x0") and not f.admit(b"x0", b"x1")
+    for i in range(100):  # the sample is full: every count halves, ones are forgotten
+        f.wanted(b"y%d" % i, fetched=True)
+    assert f.of(b"a") == 1 and f.of(b"x0") == 0 and len(f) < 100
 
 
 def test_random_read_gets_its_piece_first_and_the_rest_later(store: CountingStore) -> None:

@@ -1,4 +1,4 @@
-"""A shared LRU cache of decoded chunk pieces, with de-duplicated concurrent fetches and decode-ahead.
+"""A shared cache of decoded chunk pieces, with de-duplicated concurrent fetches and decode-ahead.
 
 What it holds: per chunk digest, the chunk's proven layout (blob.Layout) and those of its pieces that
 were read (a v2 chunk has 64 KiB pieces, a v1 chunk one piece: the whole).  Every piece in it was
@@ -19,7 +19,12 @@ Concurrency protocol (every reader, FUSE, NFS or a session's disk, goes through 
   ``read_pool``: a decode waits on its chunk file's read part of the time) and returns at once:
   sequential readers decode ahead on every core, within the window the caller bounds (disk.py's
   READAHEAD_CHUNKS).  Pool tasks never wait for another fetch (it may be queued behind them).
-- Capacity is in bytes of plaintext; eviction drops the least recently used chunks' pieces.
+- Capacity is in bytes of plaintext, in two parts (W-TinyLFU's layout, vfs/admission.py says why):
+  a *window*, an LRU that every new chunk enters and that holds the decode-ahead of the readers
+  (``window_size``), and the *main* part, an LRU that a chunk leaving the window enters if there is
+  room or if it was wanted more often lately than the main part's least recently used chunk (which it
+  then evicts), else it is dropped.  A scan larger than the cache thus leaves the rest of the cache as
+  it was.
 """
 
 from __future__ import annotations
@@ -36,10 +41,13 @@ from ..errors import CorruptChunk
 from ..repo.blob import PIECE_SIZE, Layout
 from ..repo.chunkstore import WHOLE_CHUNK, ChunkStore
 from ..repo.reader import read_pool
+from .admission import SAMPLE_PER_CHUNK, Frequency
 
 log = logging.getLogger("vmrecover.cache")
 WHOLE = -1  # the pending-fetch key of a whole chunk
 LATER_MAX = 2  # chunks waiting to be decoded whole after random reads of their pieces
+WINDOW_MIN = 32 << 20  # the window holds what four sequential readers decode ahead (disk.py: 8 MiB each)
+WINDOW_SHARE = 32  # else 1/32 of the cache (W-TinyLFU's 1% would not hold the decode-ahead)
 Buffer = bytes | bytearray | memoryview  # what reads return: a slice of a cached chunk may be a view
 Fetched = tuple[Layout, int, Buffer]  # layout, first piece, the plaintext of the pieces from there
 
@@ -60,10 +68,11 @@ class _Entry:
     """A cached chunk: its layout, and either the whole plaintext (a read-only view of one buffer:
     reads are served from it without a copy) or those of its pieces that were read."""
 
-    __slots__ = ("layout", "nbytes", "pieces", "whole")
+    __slots__ = ("in_main", "layout", "nbytes", "pieces", "whole")
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
+        self.in_main = False  # in the window until it is admitted to the main part
         self.whole: memoryview | None = None
         self.pieces: list[Buffer | None] = [None] * layout.count
         self.nbytes = 0
@@ -96,12 +105,19 @@ def _slices(pieces: list[Buffer | None], ps: int, start: int, end: int) -> Buffe
 
 
 class ChunkCache:
-    def __init__(self, store: ChunkStore, capacity: int, *, workers: int | None = None) -> None:
+    def __init__(
+        self, store: ChunkStore, capacity: int, *, workers: int | None = None, window: int | None = None
+    ) -> None:
         self.store = store
         self.capacity = capacity
+        if window is None:
+            window = min(capacity // 2, max(capacity // WINDOW_SHARE, WINDOW_MIN))
+        self.window_size = window
         self._lock = threading.Lock()
-        self._lru: OrderedDict[bytes, _Entry] = OrderedDict()
-        self._size = 0
+        self._window: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU: every new chunk enters here
+        self._main: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU of the chunks admitted
+        self._window_bytes = self._size = 0
+        self._wanted = Frequency(0)  # its sample grows with the number of chunks held (_evict)
         self._pending: dict[tuple[bytes, int], _Pending] = {}
         self._queued: set[bytes] = set()  # digests handed to the pool, not started yet
         self._pool = read_pool("decode", workers)
@@ -115,16 +131,24 @@ class ChunkCache:
         self._later_pool.shutdown(wait=True)
 
     # --- the hit path ----------------------------------------------------------------------------
+    def _get(self, digest: bytes) -> _Entry | None:
+        e = self._window.get(digest)
+        return self._main.get(digest) if e is None else e
+
+    def _hit(self, digest: bytes, e: _Entry) -> None:
+        (self._main if e.in_main else self._window).move_to_end(digest)
+        self._wanted.wanted(digest, fetched=False)
+        self.hits += 1
+
     def lookup(self, digest: bytes, start: int, end: int) -> Buffer | None:
         """Bytes [start, end) of the chunk if its pieces are cached, else None.  Never blocks long."""
         with self._lock:
-            e = self._lru.get(digest)
+            e = self._get(digest)
             if e is None:
                 return None
             data = e.slice(start, end)
             if data is not None:
-                self._lru.move_to_end(digest)
-                self.hits += 1
+                self._hit(digest, e)
             return data
 
     # --- fetching --------------------------------------------------------------------------------
@@ -133,7 +157,7 @@ class ChunkCache:
         it (a fetch queued before an identical one completed must not decode the chunk again)."""
         digest, i = key
         with self._lock:
-            e = self._lru.get(digest)
+            e = self._get(digest)
             if e is not None:
                 cached: Fetched | None = None
                 if e.whole is not None:
@@ -141,13 +165,13 @@ class ChunkCache:
                 elif i != WHOLE and i < len(e.pieces) and (p := e.pieces[i]) is not None:
                     cached = (e.layout, i, p)
                 if cached is not None:
-                    self._lru.move_to_end(digest)
-                    self.hits += 1
+                    self._hit(digest, e)
                     return cached, _NO_PENDING, False
             pending = self._pending.get(key)
             if pending is not None:
                 return None, pending, False
             pending = self._pending[key] = _Pending()
+            self._wanted.wanted(digest, fetched=True)
             self.misses += 1
             return None, pending, True
 
@@ -186,7 +210,7 @@ class ChunkCache:
     def _do(self, key: tuple[bytes, int], pending: _Pending, head: bytes | None = None) -> Fetched:
         digest, i = key
         with self._lock:
-            e = self._lru.get(digest)
+            e = self._get(digest)
             layout = None if e is None else e.layout  # known: the piece table is not read again
         first, last = (0, WHOLE_CHUNK) if i == WHOLE else (i, i)
 
@@ -206,7 +230,7 @@ class ChunkCache:
         if data is not None:
             return data
         with self._lock:
-            e = self._lru.get(digest)
+            e = self._get(digest)
             layout = None if e is None else e.layout
             # the whole chunk is on its way (decoded ahead, or queued for it), or most of it is asked
             whole = (
@@ -232,7 +256,7 @@ class ChunkCache:
             base = i * ps
             parts.append(got[max(start, base) - base : min(end, base + ps) - base])
         with self._lock:
-            e = self._lru.get(digest)
+            e = self._get(digest)
             near = e is not None and e.whole is None and _near(e.pieces, first_i, last_i)
         if near:  # the reader stays near: it read a neighbour of these pieces already
             self._later(digest)
@@ -261,29 +285,62 @@ class ChunkCache:
     def _insert(self, digest: bytes, got: Fetched) -> Fetched:
         """Cache a fetch's result (lock held); return it as cached (a whole chunk: its read-only view)."""
         layout, first, data = got
-        e = self._lru.get(digest)
+        e = self._get(digest)
         if e is None:
-            e = self._lru[digest] = _Entry(layout)
+            e = self._window[digest] = _Entry(layout)
+        grown = 0
         if e.whole is None:
             if first == 0 and len(data) == layout.raw_len:
                 view = memoryview(data).toreadonly()
-                self._size += len(view) - e.nbytes
+                grown = len(view) - e.nbytes
                 e.whole, e.nbytes, e.pieces = view, len(view), []
                 got = (layout, 0, view)
             elif e.pieces[first] is None:
                 e.pieces[first] = data
                 e.nbytes += len(data)
-                self._size += len(data)
-        self._lru.move_to_end(digest)
-        while self._size > self.capacity and self._lru:
-            _, old = self._lru.popitem(last=False)
-            self._size -= old.nbytes
+                grown = len(data)
+        self._size += grown
+        if e.in_main:
+            self._main.move_to_end(digest)
+        else:
+            self._window_bytes += grown
+            self._window.move_to_end(digest)
+        self._evict()
         return got
+
+    def _evict(self) -> None:
+        """Bring both parts within their sizes (lock held): the window's least recently used chunks go
+        to the main part where they are admitted, else they are dropped."""
+        held = len(self._window) + len(self._main)
+        if held * SAMPLE_PER_CHUNK > self._wanted.sample:
+            self._wanted.sample = held * SAMPLE_PER_CHUNK
+        while self._window_bytes > self.window_size and len(self._window) > 1:
+            digest, e = self._window.popitem(last=False)
+            self._window_bytes -= e.nbytes
+            if self._admit(digest, e):
+                e.in_main = True
+                self._main[digest] = e
+            else:
+                self._size -= e.nbytes
+        while self._size > self.capacity and (self._main or self._window):
+            _, old = (self._main or self._window).popitem(last=False)
+            self._size -= old.nbytes
+            if not old.in_main:
+                self._window_bytes -= old.nbytes
+
+    def _admit(self, digest: bytes, e: _Entry) -> bool:
+        """Make room in the main part for *e*, evicting only chunks wanted less often than it."""
+        while self._size - self._window_bytes > self.capacity - self.window_size and self._main:
+            victim = next(iter(self._main))
+            if not self._wanted.admit(digest, victim):
+                return False
+            self._size -= self._main.pop(victim).nbytes
+        return True
 
     def prefetch(self, digests: Iterable[bytes]) -> None:
         for d in digests:
             with self._lock:
-                e = self._lru.get(d)
+                e = self._get(d)
                 if (
                     (e is not None and e.whole is not None)
                     or (d, WHOLE) in self._pending

@@ -6,7 +6,7 @@ proven against its digest when decoded (ChunkStore.read_pieces): nothing unprove
 returned.
 
 Concurrency protocol (every reader, FUSE, NFS or a session's disk, goes through here):
-- ``lookup(digest, start, end)`` is the hit path: a dict lookup, the LRU touch and the slices, under
+- ``lookup(digest, start, end)`` is the hit path: a dict lookup, the recency touch and the slices, under
   one lock, nothing else.  Async front ends call it on their event loop thread; only on a miss do
   they go to a worker thread.
 - ``read(digest, start, end)`` runs in worker threads.  A *random* read fetches only the pieces the

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -313,3 +314,28 @@ def test_a_full_backup_of_unchanged_data_takes_heads_from_its_parent(
             assert (
                 (head is None) if d == ZERO_DIGEST else (head or b"").startswith(repo.chunks.read_head(d))
             ), i
+
+
+def test_upgrade_writes_the_tables_of_points_written_before_them(
+    backed_up: tuple[Cli, Path, dict[str, str]],
+) -> None:
+    """`vmrecover upgrade` gives every point without piece tables the file a backup writes today, byte
+    for byte; killed before its rename, it leaves none half written, and the next run completes."""
+    cli, _, points = backed_up
+    with _open(cli) as repo:
+        paths = [repo.tables_path(p, _disk(repo, p)) for p in points.values()]
+    written = {path: path.read_bytes() for path in paths}
+    for path in paths:
+        path.unlink()  # as points written before piece tables existed
+    env = {**cli.env, "VMRECOVER_FAULT": "tables.before-rename=SIGKILL"}
+    res = Cli(cli.repo, env=env).run("upgrade", check=False)
+    assert res.returncode == -signal.SIGKILL
+    assert not any(path.exists() for path in paths)  # nothing where a reader looks
+    doc = cli.json("upgrade")
+    assert doc["piece_tables"] == 3 and doc["upgraded"] is False, doc
+    for path in paths:
+        assert path.read_bytes() == written[path], path
+        assert (path.stat().st_mode & 0o777) == 0o600
+    assert not list((cli.repo / "run").glob("*.ptab.tmp"))
+    assert cli.json("upgrade")["piece_tables"] == 0
+    assert cli.json("verify")["ok"] is True

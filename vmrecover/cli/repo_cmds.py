@@ -38,7 +38,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser(
         "upgrade", parents=[common],
-        help="make a format 1 repository format 2 (new chunks in pieces; old ones stay and stay readable)",
+        help="make a format 1 repository format 2 (new chunks in pieces; old ones stay and stay readable), "
+        "and write the piece tables of restore points written without them",
     )  # fmt: skip
     p.set_defaults(func=cmd_upgrade)
 
@@ -104,18 +105,27 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_upgrade(args: argparse.Namespace) -> int:
     with open_repo(args) as repo:
         changed = repo.upgrade()
-        doc = {"repo": str(repo.root), "format": repo.config.format, "upgraded": changed}
+        with progress("writing piece tables", enabled=not args.json, unit="chunks") as (total, advance):
+            tables = repo.add_piece_tables(progress_total=total, progress=advance)
+        doc = {
+            "repo": str(repo.root), "format": repo.config.format, "upgraded": changed, "piece_tables": tables,
+        }  # fmt: skip
     if args.json:
         emit_json(doc)
-    elif changed:
+        return ExitCode.OK
+    if changed:
         stdout.print(
             f"repository {doc['repo']} is now format {doc['format']}: new chunks are stored in pieces; "
             "the chunks already there are read as they are",
             markup=False,
         )
     else:
+        stdout.print(f"repository {doc['repo']} is format {doc['format']} already", markup=False)
+    if tables:
         stdout.print(
-            f"repository {doc['repo']} is format {doc['format']} already: nothing to do", markup=False
+            f"piece tables written for {tables} disks of earlier restore points: their cold random reads "
+            "now read one part of a chunk file, not two",
+            markup=False,
         )
     return ExitCode.OK
 

@@ -20,6 +20,7 @@ import os
 import tomllib
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,14 @@ import tomli_w
 
 from .. import faults
 from ..errors import BadInput, Incompatible, IntegrityError, NotFound, PointPruned
-from ..fsutil import write_file
+from ..fsutil import fsync_dir, write_file
 from . import lock
 from .blob import ChunkCodec
 from .catalog import SCHEMA_VERSION, Catalog, Point, now_iso
 from .chunkstore import ChunkStore
 from .index import FixedIndex
 from .keys import Keys, new_keys, unwrap_keys
-from .tables import PieceTables, tables_name
+from .tables import PieceTables, TableWriter, record_size, tables_name
 
 FORMAT_VERSION = 2  # new repositories; format 1 ones are read and written as they are until upgraded
 FORMATS = (1, 2)
@@ -214,6 +215,56 @@ class Repository:
             self.codec = ChunkCodec(keys=self.codec.keys, level=self.codec.level, version=new.format)
             self.chunks = ChunkStore(self.root / "chunks", self.codec)
             return True
+
+    def add_piece_tables(
+        self,
+        *,
+        progress_total: Callable[[int], None] = lambda n: None,
+        progress: Callable[[int], None] = lambda n: None,
+    ) -> int:
+        """Write the piece tables (tables.py) of every disk of a point written before they existed, so
+        that its cold random reads read one part of a chunk file, not two.  Format 2 only (a format 1
+        repository has no heads to keep).  Each file is written in run/, synced, then renamed into the
+        point's index folder: a killed run leaves no partial table where a reader looks (a table is a
+        hint anyway) and the next run writes the rest.  Under the exclusive writer lock, so prune
+        cannot remove a point meanwhile.  Returns how many files were written."""
+        if self.codec.version == 1:
+            return 0
+        from .reader import read_pool
+
+        with self.writer("upgrade"):
+            todo: list[tuple[str, str, FixedIndex]] = []
+            for p in self.catalog.points():
+                for d in self.catalog.disks(p.id):
+                    if not os.path.lexists(self.tables_path(p.id, d.name)):
+                        todo.append((p.id, d.name, self.read_index(p.id, d.name)))
+            progress_total(sum(idx.count for _, _, idx in todo))
+            with read_pool("tables") as pool:
+                for point, disk, index in todo:
+                    self._add_tables(point, disk, index, pool, progress)
+        return len(todo)
+
+    def _add_tables(
+        self, point: str, disk: str, index: FixedIndex, pool: Executor, progress: Callable[[int], None]
+    ) -> None:
+        tmp = self.run_dir() / f"{point}-{tables_name(disk)}.tmp"
+        tmp.unlink(missing_ok=True)  # left by a killed run
+        w = TableWriter(tmp, index.count, record_size(index.chunk_size, self.encrypted))
+        try:
+            known = w.fill(index, self.chunks.read_head, pool, progress)
+            w.sync()
+        except BaseException:
+            w.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        w.close()
+        faults.moment("tables.before-rename")
+        path = self.tables_path(point, disk)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+        log.info(
+            "piece tables of %s disk %s written: %d of %d chunk heads known", point, disk, known, index.count
+        )
 
     def _keep_private(self) -> None:
         """A repository made by an older vmrecover (or copied with a loose umask) is closed to other

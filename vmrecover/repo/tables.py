@@ -22,6 +22,9 @@ Format v1, little endian, never edited once the point is committed::
                  file where the disk has holes) when unknown: a hole in the disk, a v1 chunk (its head
                  tells nothing a whole-chunk read does not), a chunk whose head could not be read
 
+Points written before this file existed get one from ``vmrecover repo upgrade``
+(``Repository.add_piece_tables``: one head read per chunk, written aside and renamed into place).
+
 Cost: R is 620 bytes for 1 MiB chunks (16 pieces; 592 unencrypted), so 0.06% of the disk's size per
 point, the disk's holes excluded (the file is sparse there).  An incremental copies its parent's
 records (sparse) and rewrites those of the chunks it read; a dedup hit reads the stored chunk's head.
@@ -34,10 +37,13 @@ import logging
 import mmap
 import os
 import struct
+from collections.abc import Callable
+from concurrent.futures import Executor
 from pathlib import Path
 
 from ..fsutil import raise_if_no_space
-from .blob import ENTRY, HEADER, MAGIC, NONCE, PIECE_SIZE, TAG
+from .blob import ENTRY, HEADER, MAGIC, NONCE, PIECE_SIZE, TAG, ZERO_DIGEST
+from .index import FixedIndex
 
 log = logging.getLogger("vmrecover.repo")
 
@@ -110,6 +116,28 @@ class TableWriter:
         if len(head) > self.rec:
             head = b""  # not a head of this chunk size: leave it unknown
         self._write(head.ljust(self.rec, b"\0"), FILE_HEADER.size + i * self.rec)
+
+    def fill(
+        self,
+        index: FixedIndex,
+        read_head: Callable[[bytes], bytes],
+        pool: Executor,
+        progress: Callable[[int], None] = lambda n: None,
+    ) -> int:
+        """Write every chunk's head read from its file (*read_head*, on *pool*): the tables of a point
+        written before this file existed.  Returns how many heads are known."""
+        todo = [(i, d) for i in range(index.count) if (d := index.digest(i)) != ZERO_DIGEST]
+        progress(index.count - len(todo))  # holes: nothing to read
+        known = 0
+        for (i, _), head in zip(todo, pool.map(read_head, [d for _, d in todo], chunksize=16), strict=True):
+            if head:
+                self.set(i, head)
+                known += 1
+            progress(1)
+        return known
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -34,7 +34,7 @@ from . import lock
 from .blob import ChunkCodec
 from .catalog import SCHEMA_VERSION, Catalog, Point, now_iso
 from .chunkstore import ChunkStore
-from .index import FixedIndex
+from .index import FixedIndex, chunk_count
 from .keys import Keys, new_keys, unwrap_keys
 from .tables import PieceTables, TableWriter, record_size, tables_name
 
@@ -233,15 +233,16 @@ class Repository:
         from .reader import read_pool
 
         with self.writer("upgrade"):
-            todo: list[tuple[str, str, FixedIndex]] = []
-            for p in self.catalog.points():
-                for d in self.catalog.disks(p.id):
-                    if not os.path.lexists(self.tables_path(p.id, d.name)):
-                        todo.append((p.id, d.name, self.read_index(p.id, d.name)))
-            progress_total(sum(idx.count for _, _, idx in todo))
+            todo = [
+                d
+                for p in self.catalog.points()
+                for d in self.catalog.disks(p.id)
+                if not os.path.lexists(self.tables_path(p.id, d.name))
+            ]
+            progress_total(sum(chunk_count(d.size, d.chunk_size) for d in todo))
             with read_pool("tables") as pool:
-                for point, disk, index in todo:
-                    self._add_tables(point, disk, index, pool, progress)
+                for d in todo:  # one index in memory at a time
+                    self._add_tables(d.point, d.name, self.read_index(d.point, d.name), pool, progress)
         return len(todo)
 
     def _add_tables(

@@ -339,3 +339,19 @@ def test_upgrade_writes_the_tables_of_points_written_before_them(
     assert not list((cli.repo / "run").glob("*.ptab.tmp"))
     assert cli.json("upgrade")["piece_tables"] == 0
     assert cli.json("verify")["ok"] is True
+
+
+def test_tables_written_in_batches_equal_the_backups(
+    backed_up: tuple[Cli, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heads are read a batch at a time (a large disk's reads are not all queued at once): batches
+    smaller than the disk give the same file."""
+    monkeypatch.setattr("vmrecover.repo.tables._FILL_BATCH", 3)
+    cli, _, points = backed_up
+    with _open(cli) as repo:
+        paths = [repo.tables_path(p, _disk(repo, p)) for p in points.values()]
+        written = {path: path.read_bytes() for path in paths}
+        for path in paths:
+            path.unlink()
+        assert repo.add_piece_tables() == 3
+    assert {path: path.read_bytes() for path in paths} == written

@@ -36,6 +36,7 @@ from .catalog import SCHEMA_VERSION, Catalog, Point, now_iso
 from .chunkstore import ChunkStore
 from .index import FixedIndex, chunk_count
 from .keys import Keys, new_keys, unwrap_keys
+from .reader import read_pool
 from .tables import PieceTables, TableWriter, record_size, tables_name
 
 FORMAT_VERSION = 2  # new repositories; format 1 ones are read and written as they are until upgraded
@@ -230,8 +231,6 @@ class Repository:
         cannot remove a point meanwhile.  Returns how many files were written."""
         if self.codec.version == 1:
             return 0
-        from .reader import read_pool
-
         with self.writer("upgrade"):
             todo = [
                 d

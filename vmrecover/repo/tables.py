@@ -22,7 +22,7 @@ Format v1, little endian, never edited once the point is committed::
                  file where the disk has holes) when unknown: a hole in the disk, a v1 chunk (its head
                  tells nothing a whole-chunk read does not), a chunk whose head could not be read
 
-Points written before this file existed get one from ``vmrecover repo upgrade``
+Points written before this file existed get one from ``vmrecover upgrade``
 (``Repository.add_piece_tables``: one head read per chunk, written aside and renamed into place).
 
 Cost: R is 620 bytes for 1 MiB chunks (16 pieces; 592 unencrypted), so 0.06% of the disk's size per
@@ -52,6 +52,7 @@ VERSION = 1
 FILE_HEADER = struct.Struct("<8sIIQ8x")
 RESIDENT_MAX = 64 << 20
 _COPY_BLOCK = 1 << 20
+_FILL_BATCH = 1024  # chunk heads read in one go by TableWriter.fill
 
 
 def tables_name(disk: str) -> str:
@@ -126,14 +127,19 @@ class TableWriter:
     ) -> int:
         """Write every chunk's head read from its file (*read_head*, on *pool*): the tables of a point
         written before this file existed.  Returns how many heads are known."""
-        todo = [(i, d) for i in range(index.count) if (d := index.digest(i)) != ZERO_DIGEST]
-        progress(index.count - len(todo))  # holes: nothing to read
         known = 0
-        for (i, _), head in zip(todo, pool.map(read_head, [d for _, d in todo], chunksize=16), strict=True):
-            if head:
-                self.set(i, head)
-                known += 1
-            progress(1)
+        for start in range(0, index.count, _FILL_BATCH):  # a bounded number of reads queued at a time
+            todo = []
+            for i in range(start, min(start + _FILL_BATCH, index.count)):
+                if (d := index.digest(i)) != ZERO_DIGEST:
+                    todo.append((i, d))
+                else:
+                    progress(1)  # a hole: nothing to read
+            for (i, _), head in zip(todo, pool.map(read_head, [d for _, d in todo]), strict=True):
+                if head:
+                    self.set(i, head)
+                    known += 1
+                progress(1)
         return known
 
     def sync(self) -> None:

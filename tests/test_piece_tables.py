@@ -341,12 +341,12 @@ def test_upgrade_writes_the_tables_of_points_written_before_them(
     assert cli.json("verify")["ok"] is True
 
 
-def test_tables_written_in_batches_equal_the_backups(
+def test_tables_written_through_a_small_window_equal_the_backups(
     backed_up: tuple[Cli, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The heads are read a batch at a time (a large disk's reads are not all queued at once): batches
-    smaller than the disk give the same file."""
-    monkeypatch.setattr("vmrecover.repo.tables._FILL_BATCH", 3)
+    """The heads are read with a bounded number queued (a large disk's reads are not all queued at
+    once): a window smaller than the disk gives the same file."""
+    monkeypatch.setattr("vmrecover.repo.tables._FILL_WINDOW", 3)
     cli, _, points = backed_up
     with _open(cli) as repo:
         paths = [repo.tables_path(p, _disk(repo, p)) for p in points.values()]

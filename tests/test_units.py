@@ -7,6 +7,7 @@ import itertools
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from vmrecover.repo.catalog import Point, check_name
 from vmrecover.repo.index import FixedIndex
 from vmrecover.repo.keys import Keys
 from vmrecover.repo.prune import Policy, select
+from vmrecover.repo.reader import ordered_map
 from vmrecover.repo.repository import parse_size
 
 _KEYS = Keys(os.urandom(32), os.urandom(32))
@@ -186,6 +188,53 @@ def test_good_names(name: str) -> None:
 def test_bad_names(name: str) -> None:
     with pytest.raises(BadInput):
         check_name("VM", name)
+
+
+class _CountingPool(ThreadPoolExecutor):
+    """A pool that records how many submitted calls were not yet consumed at each submit."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.submitted = 0
+        self.most_ahead = 0
+        self.consumed = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        self.submitted += 1
+        self.most_ahead = max(self.most_ahead, self.submitted - self.consumed)
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_ordered_map_keeps_order_and_a_bounded_number_of_calls_in_flight() -> None:
+    """Results come in the items' order whatever order the calls end in, and no more than *window*
+    calls are submitted ahead of the consumer (Executor.map would have submitted all 200 at once)."""
+    with _CountingPool() as pool:
+        out = []
+        for x in ordered_map(pool, lambda i: (time.sleep(0.001 * (i % 3)), i * i)[1], range(200), window=5):
+            pool.consumed += 1
+            out.append(x)
+        assert out == [i * i for i in range(200)]
+        assert pool.submitted == 200 and pool.most_ahead == 5, pool.most_ahead
+
+
+def test_ordered_map_closed_early_cancels_the_rest_and_raises_what_a_call_raised() -> None:
+    started: list[int] = []
+
+    def slow(i: int) -> int:
+        started.append(i)
+        time.sleep(0.02)
+        if i == 3:
+            raise CorruptChunk(bytes(32), "damaged")
+        return i
+
+    with ThreadPoolExecutor(1) as pool:
+        it = ordered_map(pool, slow, range(1000), window=4)
+        assert next(it) == 0
+        it.close()  # the rest of the window: cancelled, or waited for if it started
+        time.sleep(0.1)
+        assert started in ([0], [0, 1]), started  # 2 and 3 were queued: cancelled, never run
+        with pytest.raises(CorruptChunk):
+            list(ordered_map(pool, slow, range(10), window=4))
 
 
 def test_parse_size() -> None:

@@ -44,6 +44,7 @@ from pathlib import Path
 from ..fsutil import raise_if_no_space
 from .blob import ENTRY, HEADER, MAGIC, NONCE, PIECE_SIZE, TAG, ZERO_DIGEST
 from .index import FixedIndex
+from .reader import ordered_map
 
 log = logging.getLogger("vmrecover.repo")
 
@@ -52,7 +53,7 @@ VERSION = 1
 FILE_HEADER = struct.Struct("<8sIIQ8x")
 RESIDENT_MAX = 64 << 20
 _COPY_BLOCK = 1 << 20
-_FILL_BATCH = 1024  # chunk heads read in one go by TableWriter.fill
+_FILL_WINDOW = 64  # chunk heads TableWriter.fill has queued at a time (small reads, mostly cold)
 
 
 def tables_name(disk: str) -> str:
@@ -127,19 +128,17 @@ class TableWriter:
     ) -> int:
         """Write every chunk's head read from its file (*read_head*, on *pool*): the tables of a point
         written before this file existed.  Returns how many heads are known."""
+
+        def head_of(i: int) -> bytes:
+            d = index.digest(i)
+            return b"" if d == ZERO_DIGEST else read_head(d)  # a hole: nothing to read
+
         known = 0
-        for start in range(0, index.count, _FILL_BATCH):  # a bounded number of reads queued at a time
-            todo = []
-            for i in range(start, min(start + _FILL_BATCH, index.count)):
-                if (d := index.digest(i)) != ZERO_DIGEST:
-                    todo.append((i, d))
-                else:
-                    progress(1)  # a hole: nothing to read
-            for (i, _), head in zip(todo, pool.map(read_head, [d for _, d in todo]), strict=True):
-                if head:
-                    self.set(i, head)
-                    known += 1
-                progress(1)
+        for i, head in enumerate(ordered_map(pool, head_of, range(index.count), window=_FILL_WINDOW)):
+            if head:
+                self.set(i, head)
+                known += 1
+            progress(1)
         return known
 
     def sync(self) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import CorruptChunk, IntegrityError
 from .catalog import Point
 from .index import FixedIndex
-from .reader import read_pool
+from .reader import ordered_map, read_pool
 from .repository import Repository
 
 
@@ -75,7 +75,7 @@ def verify(
             return d, 0, exc.reason
 
     with read_pool("verify", workers) as pool:
-        for d, n, err in pool.map(check, digests, chunksize=16):
+        for d, n, err in ordered_map(pool, check, digests):
             report.bytes += n
             if err is not None:
                 bad[d] = err

@@ -141,13 +141,20 @@ def test_the_admission_filter_counts_visits_and_ages() -> None:
     for _ in range(8):  # a sequential reader's requests into the chunk it just fetched: one visit
         f.wanted(b"a", fetched=False)
     assert f.of(b"a") == 1
-    for i in range(VISIT_TICKS + 1):  # other chunks fetched meanwhile
+    for i in range(VISIT_TICKS):  # other chunks fetched meanwhile: as many as two readers decode ahead
         f.wanted(b"x%d" % i, fetched=True)
+    f.wanted(b"a", fetched=False)
+    assert f.of(b"a") == 1  # still the visit that fetched it
+    f.wanted(b"x%d" % VISIT_TICKS, fetched=True)  # one more: the next read of it is a new visit
     f.wanted(b"a", fetched=False)
     assert f.of(b"a") == 2 and f.admit(b"a", b"x0") and not f.admit(b"x0", b"x1")
     for i in range(100):  # the sample is full: every count halves, ones are forgotten
         f.wanted(b"y%d" % i, fetched=True)
     assert f.of(b"a") == 1 and f.of(b"x0") == 0 and len(f) < 100
+    f.holding(5)  # the sample follows the most chunks the cache has held, never fewer
+    assert f.sample == 100
+    f.holding(20)
+    assert f.sample == 200
 
 
 def test_random_read_gets_its_piece_first_and_the_rest_later(store: CountingStore) -> None:

@@ -23,7 +23,8 @@ gives way (the paper's reset).  Not thread-safe: the cache calls it under its lo
 
 from __future__ import annotations
 
-VISIT_TICKS = 16  # > two readers' decode-ahead bursts (vfs/disk.py READAHEAD_CHUNKS, 8)
+VISIT_TICKS = 16  # at least two readers' decode-ahead (2 x vfs/disk.py READAHEAD_CHUNKS): a chunk decoded
+# ahead is claimed at most that many fetches before its reader gets to it, and that is one visit
 SAMPLE_PER_CHUNK = 10  # the paper's sample size: ten times what the cache holds
 
 
@@ -47,6 +48,11 @@ class Frequency:
         self._added += 1
         if self._added >= self.sample:
             self._age()
+
+    def holding(self, entries: int) -> None:
+        """The cache holds *entries* chunks now: the sample (and so the history) grows to ten times the
+        most it has held."""
+        self.sample = max(self.sample, entries * SAMPLE_PER_CHUNK)
 
     def of(self, digest: bytes) -> int:
         return self._count.get(digest, 0)

@@ -41,7 +41,7 @@ from ..errors import CorruptChunk
 from ..repo.blob import PIECE_SIZE, Layout
 from ..repo.chunkstore import WHOLE_CHUNK, ChunkStore
 from ..repo.reader import read_pool
-from .admission import SAMPLE_PER_CHUNK, Frequency
+from .admission import Frequency
 
 log = logging.getLogger("vmrecover.cache")
 WHOLE = -1  # the pending-fetch key of a whole chunk
@@ -311,9 +311,7 @@ class ChunkCache:
     def _evict(self) -> None:
         """Bring both parts within their sizes (lock held): the window's least recently used chunks go
         to the main part where they are admitted, else they are dropped."""
-        held = len(self._window) + len(self._main)
-        if held * SAMPLE_PER_CHUNK > self._wanted.sample:
-            self._wanted.sample = held * SAMPLE_PER_CHUNK
+        self._wanted.holding(len(self._window) + len(self._main))
         while self._window_bytes > self.window_size and len(self._window) > 1:
             digest, e = self._window.popitem(last=False)
             self._window_bytes -= e.nbytes

@@ -2,8 +2,9 @@
 
 Objects are named by 64-bit inode numbers that must stay the same across server restarts (file
 handles carry them); ``generation`` tells a reused number from the object it used to name.  Every
-method may block and is called from a worker thread, except :meth:`Filesystem.read_cached`, which
-must not block (it is called on the event loop and answers None when it would have to).  Failures
+method may block and is called from a worker thread, except :meth:`Filesystem.read_cached` and
+:meth:`Filesystem.getattr_cached`, which must not block (they are called on the event loop and answer
+None when they would have to).  Failures
 are ``OSError`` with an errno; anything else is answered NFS3ERR_IO and logged.  Names are single
 path components: the server rejects '/', NUL, '.' and '..' before calling, and resolves '.' and
 '..' itself with :meth:`Filesystem.parent`.
@@ -50,6 +51,7 @@ class Filesystem(Protocol):
     def readdir(self, ino: int) -> list[tuple[str, int]]: ...
     def readlink(self, ino: int) -> str: ...
     def read_cached(self, ino: int, off: int, size: int) -> bytes | None: ...
+    def getattr_cached(self, ino: int) -> FileAttributes | None: ...  # a mutable file's, if at hand
     def read(self, ino: int, off: int, size: int) -> bytes: ...
     def check_writable(self, ino: int) -> None: ...
     def write(self, ino: int, off: int, data: bytes | memoryview) -> int: ...

@@ -373,8 +373,8 @@ class Nfs3:
         fh, off, count = u.opaque(FHSIZE3), u.u64(), min(u.u32(), self.rtmax)
         h = self.decode_handle(fh)
         if h is not None and h[0] == self.fs.fsid:  # the hit path, on the event loop: no thread
-            a = self._immutable.get((h[1], h[2]))
-            if a is not None and stat.S_ISREG(a.mode):
+            a = self._immutable.get((h[1], h[2])) or self.fs.getattr_cached(h[1])  # (a session's disk)
+            if a is not None and a.generation == h[2] and stat.S_ISREG(a.mode):
                 data = self.fs.read_cached(a.ino, off, count)
                 if data is not None:
                     return self._read_reply(a, off, data)

@@ -8,6 +8,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from tests.conftest import Cli, random_image
 from vmrecover.recovery import sessions
 from vmrecover.repo.repository import Repository
 from vmrecover.vfs.cache import ChunkCache
+from vmrecover.vfs.disk import SessionDisk
 from vmrecover.vfs.tree import RECOVER_INO, Vfs
 
 MiB = 1 << 20
@@ -54,6 +56,45 @@ def test_stopped_session_descriptor_is_never_reused_under_a_held_view(
         finally:
             os.close(fd)
         assert other.read_bytes() == b"o" * 8192
+    finally:
+        vfs.close()
+        cache.close()
+        repo.close()
+
+
+def test_unwritten_cached_ranges_of_a_session_are_read_on_the_event_loop(
+    session_repo: Cli, tmp_path: Path
+) -> None:
+    """A session's disk has a hit path too (NFS and FUSE answer it without a worker thread): a range
+    the session did not write, whose chunks are cached.  A range it wrote, a write of this process
+    under way (lseek would wait for its inode lock), a catalog not looked at for 0.5 s (a worker would
+    look: the session may have been stopped) and a stopped session all go to a worker."""
+    repo = Repository.open(session_repo.repo)
+    cache = ChunkCache(repo.chunks, 8 * MiB)
+    vfs = Vfs(repo, cache)
+    image = (tmp_path / "disk.raw").read_bytes()
+    try:
+        ino = vfs.lookup(vfs.lookup(RECOVER_INO, "s1").ino, "disk.raw").ino
+        assert vfs.read_cached(ino, 4096, 8192) is None  # nothing cached yet
+        assert vfs.read(ino, 0, MiB) == image[:MiB]  # a worker reads it: the chunk is cached
+        assert vfs.read_cached(ino, 4096, 8192) == image[4096:12288]
+        assert vfs.getattr_cached(ino) == vfs.getattr(ino)
+        vfs.write(ino, 8192, b"W" * 4096)
+        assert vfs.read_cached(ino, 4096, 8192) is None  # half of it written: a worker merges it
+        assert vfs.read(ino, 4096, 8192) == image[4096:8192] + b"W" * 4096
+        assert vfs.read_cached(ino, 16384, 4096) == image[16384:20480]  # beside the write
+        disk = vfs._view(ino).disk
+        assert isinstance(disk, SessionDisk)
+        with disk._writing():
+            assert vfs.read_cached(ino, 16384, 4096) is None
+        seen, _ = vfs._catalog_seen
+        vfs._catalog_seen = (seen, time.monotonic() - 1)  # the catalog last looked at 1 s ago
+        assert vfs.read_cached(ino, 16384, 4096) is None and vfs.getattr_cached(ino) is None
+        vfs.changes()  # what watch_changes does every 0.5 s
+        assert vfs.read_cached(ino, 16384, 4096) == image[16384:20480]
+        sessions.stop(repo, "s1")
+        vfs.sessions(force=True)
+        assert vfs.read_cached(ino, 16384, 4096) is None and vfs.getattr_cached(ino) is None
     finally:
         vfs.close()
         cache.close()

@@ -1,8 +1,8 @@
 """Disk images as byte ranges: a backup disk (read-only), a session disk (backup + delta), and the
 file views (raw, vmdk, flat vmdk, vhd) of either.
 
-All methods are synchronous and thread-safe; front ends call them from worker threads, except
-:meth:`BackupDisk.read_cached`, the hit path, which never blocks and may run on an event loop.
+All methods are synchronous and thread-safe; front ends call them from worker threads, except the
+``read_cached`` hit paths, which do not wait for data and may run on an event loop.
 
 **Session deltas.**  A session disk's writes go to a sparse file of the disk's size,
 ``sessions/<id>/disks/<disk>.delta``.  The delta's own allocation (``SEEK_DATA``/``SEEK_HOLE``) is the
@@ -138,8 +138,9 @@ class SessionDisk:
             )
         self.block = max(4096, st.st_blksize)
         self._rmw = threading.Lock()
-        self._state = threading.Lock()  # guards _users and _closed
+        self._state = threading.Lock()  # guards _users, _writers and _closed
         self._users = 0
+        self._writers = 0  # writes to the delta under way in this process
         self._closed = False
 
     @staticmethod
@@ -161,11 +162,25 @@ class SessionDisk:
         try:
             yield self._fd
         finally:
+            self._done()
+
+    def _done(self) -> None:
+        """A user of the descriptor is done; the last one after ``close()`` closes it."""
+        with self._state:
+            self._users -= 1
+            last = self._closed and self._users == 0
+        if last:
+            os.close(self._fd)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        with self._state:
+            self._writers += 1
+        try:
+            yield
+        finally:
             with self._state:
-                self._users -= 1
-                last = self._closed and self._users == 0
-            if last:
-                os.close(self._fd)
+                self._writers -= 1
 
     def close(self) -> None:
         with self._state:
@@ -187,6 +202,26 @@ class SessionDisk:
     def read(self, off: int, size: int) -> Buffer:
         with self._use() as fd:
             return self._read(fd, off, size)
+
+    def read_cached(self, off: int, size: int) -> Buffer | None:
+        """The bytes if the session wrote none of them and the backup's are cached, else None (read them
+        in a worker thread).  For an event loop: one ``lseek`` on the delta, and none while this
+        process writes to it (a buffered write holds the inode lock that ``lseek`` waits for)."""
+        end = min(off + size, self.size)
+        if off >= end:
+            return b""
+        with self._state:
+            if self._closed or self._writers:
+                return None
+            self._users += 1
+        try:
+            if _data_ranges(self._fd, off, end):
+                return None
+            return self.base.read_cached(off, end - off)
+        except OSError:
+            return None  # a worker reads it again and reports what is wrong
+        finally:
+            self._done()
 
     def _read(self, fd: int, off: int, size: int) -> Buffer:
         end = min(off + size, self.size)
@@ -217,7 +252,7 @@ class SessionDisk:
         a, b = off // g * g, min(-(-(off + n) // g) * g, self.size)
         # A read-modify-write must not undo a concurrent write to the same block: threads sharing the
         # descriptor are kept apart by _rmw, other processes (and other descriptors) by the OFD lock.
-        with self._use() as fd, self._rmw, _ofd_locked(fd, a, b - a):
+        with self._use() as fd, self._writing(), self._rmw, _ofd_locked(fd, a, b - a):
             if a == off and b == off + n:
                 _pwrite_all(fd, data, off)
                 return n
@@ -335,7 +370,7 @@ class View:
     def read_cached(self, off: int, size: int) -> Buffer | None:
         if off >= self.data_size:
             return self._trailer(off, size)
-        if isinstance(self.disk, BackupDisk) and off + size <= self.data_size:
+        if off + size <= self.data_size:
             return self.disk.read_cached(off, size)
         return None
 

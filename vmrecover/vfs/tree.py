@@ -21,7 +21,9 @@ generation) therefore survive a restart, and a pruned point's numbers are never 
 ids are random.
 
 Every method is synchronous and may block (catalog, index, chunk and delta I/O): front ends call them
-from worker threads; only :meth:`read_cached` is safe on an event loop.  Failures are ``OSError`` with
+from worker threads; only :meth:`read_cached` and :meth:`getattr_cached` are safe on an event loop
+(a session's views answer there only while the catalog was looked at within the last 0.5 s, as a
+worker would not look again either: a stopped session is noticed as soon).  Failures are ``OSError`` with
 an errno the front end passes on; corrupt or missing chunks raise ``CorruptChunk``, which front ends
 answer with EIO.  A restore point pruned while it is being read is ESTALE ("stale file handle"), not
 damage: its files are gone, and gc may have freed its chunks.
@@ -405,22 +407,40 @@ class Vfs:
             st = self._beneath(session.id).lstat("")
             return self._dir(ino, st.st_mtime_ns, writable=True)
         if kind is Kind.SVIEW:
-            v = self._view(ino)
-            assert isinstance(v.disk, SessionDisk)
-            st = v.disk.stat()
-            return Attr(
-                ino,
-                stat.S_IFREG | 0o644,
-                v.size,
-                st.st_mtime_ns,
-                1,
-                st.st_ctime_ns,
-                st.st_atime_ns,
-                self.uid,
-                self.gid,
-            )
+            return self._session_view_attr(ino, self._view(ino))
         sid, rel = self._upper_path(ino)
         return self._upper_attr(sid, rel)
+
+    def _session_view_attr(self, ino: int, v: View) -> Attr:
+        assert isinstance(v.disk, SessionDisk)
+        st = v.disk.stat()
+        return Attr(
+            ino, stat.S_IFREG | 0o644, v.size, st.st_mtime_ns, 1, st.st_ctime_ns, st.st_atime_ns, self.uid,
+            self.gid,
+        )  # fmt: skip
+
+    def _fresh(self) -> bool:
+        """Was the catalog looked at within CATALOG_REFRESH_SECONDS?  (``watch_changes`` of the front
+        ends has it looked at every 0.5 s.)"""
+        return time.monotonic() - self._catalog_seen[1] <= CATALOG_REFRESH_SECONDS
+
+    def _loop_view(self, ino: int) -> View | None:
+        """The view of *ino* if it is open and may be used on an event loop now."""
+        v = self._views.get(ino)
+        if v is not None and ino >> KIND_SHIFT == Kind.SVIEW and not self._fresh():
+            return None
+        return v
+
+    def getattr_cached(self, ino: int) -> Attr | None:
+        """A session disk view's attributes if its view is open (one fstat), else None.  Never blocks
+        long: for an event loop."""
+        v = self._loop_view(ino) if ino >> KIND_SHIFT == Kind.SVIEW else None
+        if v is None:
+            return None
+        try:
+            return self._session_view_attr(ino, v)
+        except OSError:
+            return None  # stopped: a worker answers
 
     def _vm_json(self, point: Point, disks: list[Disk]) -> bytes:
         doc = {
@@ -536,7 +556,7 @@ class Vfs:
 
     # ------------------------------------------------------------------ data
     def read_cached(self, ino: int, off: int, size: int) -> bytes | None:
-        v = self._views.get(ino)
+        v = self._loop_view(ino)
         return None if v is None else v.read_cached(off, size)
 
     def read(self, ino: int, off: int, size: int) -> bytes:

@@ -217,6 +217,19 @@ def test_ordered_map_keeps_order_and_a_bounded_number_of_calls_in_flight() -> No
         assert pool.submitted == 200 and pool.most_ahead == 5, pool.most_ahead
 
 
+def test_ordered_map_answers_skipped_items_without_a_call_and_without_waiting() -> None:
+    """A skipped item (a disk's hole) yields None in its place and never reaches the pool, and a
+    skipped item at the head comes out before the window fills: a restore of a sparse disk pays no
+    thread hop per hole and does not hold holes back behind a window's worth of reads."""
+    with _CountingPool() as pool:
+        items = [0, 0, 1, 0, 2, 0, 0, 0, 3] + [0] * 50 + [4]
+        it = ordered_map(pool, lambda x: x * 10, iter(items), window=4, skip=lambda x: x == 0)
+        assert [next(it), next(it)] == [None, None] and pool.submitted == 0  # came out at once
+        out = [None, None, *it]
+        assert out == [None if x == 0 else x * 10 for x in items]
+        assert pool.submitted == 4
+
+
 def test_ordered_map_closed_early_cancels_the_rest_and_raises_what_a_call_raised() -> None:
     started: list[int] = []
 

@@ -13,7 +13,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import TypeVar, overload
 
 from .blob import ZERO_DIGEST
 from .chunkstore import ChunkStore
@@ -33,46 +33,57 @@ def read_pool(name: str, workers: int | None = None) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix=name)
 
 
+@overload
 def ordered_map(
-    pool: Executor, fn: Callable[[T], R], items: Iterable[T], *, window: int = WINDOW
-) -> Iterator[R]:
-    """``fn(item)`` for each item, in order, run on *pool* with at most *window* calls submitted and
-    not yet consumed.  ``Executor.map`` submits every call at once: over a large repository's chunks
-    that is a future per chunk in memory before the first result.  Closing the iterator early
-    cancels the calls not started and waits for the running ones."""
-    pending: deque[Future[R]] = deque()
+    pool: Executor, fn: Callable[[T], R], items: Iterable[T], *, window: int = ..., skip: None = ...
+) -> Iterator[R]: ...
+@overload
+def ordered_map(
+    pool: Executor, fn: Callable[[T], R], items: Iterable[T], *, window: int = ..., skip: Callable[[T], bool]
+) -> Iterator[R | None]: ...
+def ordered_map(
+    pool: Executor,
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    window: int = WINDOW,
+    skip: Callable[[T], bool] | None = None,
+) -> Iterator[R | None]:
+    """``fn(item)`` for each item, in order, run on *pool* with at most *window* items submitted or
+    skipped and not yet consumed.  ``Executor.map`` submits every call at once: over a large
+    repository's chunks that is a future per chunk in memory before the first result.
+
+    An item for which *skip* says True yields None without a call (a hole of a disk: no thread hop
+    per empty chunk of a sparse disk); skipped items at the head come out at once, without waiting
+    for the window to fill.  Closing the iterator early cancels the calls not started and waits for
+    the running ones."""
+    pending: deque[Future[R] | None] = deque()
     try:
         for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= window:
-                yield pending.popleft().result()
+            pending.append(None if skip is not None and skip(item) else pool.submit(fn, item))
+            while len(pending) >= window or (pending and pending[0] is None):
+                fut = pending.popleft()
+                yield None if fut is None else fut.result()
         while pending:
-            yield pending.popleft().result()
+            fut = pending.popleft()
+            yield None if fut is None else fut.result()
     finally:
         for fut in pending:
-            fut.cancel()
+            if fut is not None:
+                fut.cancel()
         for fut in pending:
-            with contextlib.suppress(BaseException):
-                fut.result()
+            if fut is not None:
+                with contextlib.suppress(BaseException):
+                    fut.result()
 
 
 def read_disk(
     store: ChunkStore, index: FixedIndex, pool: ThreadPoolExecutor, *, window: int = WINDOW
 ) -> Iterator[tuple[int, int, bytes | None]]:
-    pending: deque[tuple[int, Future[bytes] | None]] = deque()
+    digests = (index.digest(i) for i in range(index.count))
+    chunks = ordered_map(pool, store.get, digests, window=window, skip=ZERO_DIGEST.__eq__)
     try:
-        for i in range(index.count):
-            d = index.digest(i)
-            pending.append((i, None if d == ZERO_DIGEST else pool.submit(store.get, d)))
-            while len(pending) > window or (pending and pending[0][1] is None):
-                j, fut = pending.popleft()
-                yield j, j * index.chunk_size, None if fut is None else fut.result()
-        while pending:
-            j, fut = pending.popleft()
-            yield j, j * index.chunk_size, None if fut is None else fut.result()
+        for i, data in enumerate(chunks):
+            yield i, i * index.chunk_size, data
     finally:
-        for _, fut in pending:
-            if fut is not None:
-                fut.cancel()
-                with contextlib.suppress(BaseException):
-                    fut.result()
+        chunks.close()

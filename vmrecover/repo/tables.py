@@ -129,12 +129,10 @@ class TableWriter:
         """Write every chunk's head read from its file (*read_head*, on *pool*): the tables of a point
         written before this file existed.  Returns how many heads are known."""
 
-        def head_of(i: int) -> bytes:
-            d = index.digest(i)
-            return b"" if d == ZERO_DIGEST else read_head(d)  # a hole: nothing to read
-
+        digests = (index.digest(i) for i in range(index.count))
+        heads = ordered_map(pool, read_head, digests, window=_FILL_WINDOW, skip=ZERO_DIGEST.__eq__)
         known = 0
-        for i, head in enumerate(ordered_map(pool, head_of, range(index.count), window=_FILL_WINDOW)):
+        for i, head in enumerate(heads):  # a hole's head: None, nothing to read
             if head:
                 self.set(i, head)
                 known += 1

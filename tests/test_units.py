@@ -207,14 +207,15 @@ class _CountingPool(ThreadPoolExecutor):
 
 def test_ordered_map_keeps_order_and_a_bounded_number_of_calls_in_flight() -> None:
     """Results come in the items' order whatever order the calls end in, and no more than *window*
-    calls are submitted ahead of the consumer (Executor.map would have submitted all 200 at once)."""
+    calls are submitted ahead of the one the consumer works on (Executor.map would have submitted all
+    200 at once)."""
     with _CountingPool() as pool:
         out = []
         for x in ordered_map(pool, lambda i: (time.sleep(0.001 * (i % 3)), i * i)[1], range(200), window=5):
             pool.consumed += 1
             out.append(x)
         assert out == [i * i for i in range(200)]
-        assert pool.submitted == 200 and pool.most_ahead == 5, pool.most_ahead
+        assert pool.submitted == 200 and pool.most_ahead == 5 + 1, pool.most_ahead
 
 
 def test_ordered_map_answers_skipped_items_without_a_call_and_without_waiting() -> None:

@@ -226,9 +226,9 @@ class Vfs:
     def _refresh(self, *, force: bool = False) -> None:
         """When another process changed the catalog: re-read sessions, forget pruned points."""
         with self._lock:
-            version, when = self._catalog_seen
+            version = self._catalog_seen[0]
             now = time.monotonic()
-            if force or now - when > CATALOG_REFRESH_SECONDS:
+            if force or not self._fresh(now):
                 dv = self.repo.catalog.data_version()
                 if force or dv != version:
                     self._sessions = {s.name: s for s in self.repo.catalog.sessions()}
@@ -419,10 +419,12 @@ class Vfs:
             self.gid,
         )  # fmt: skip
 
-    def _fresh(self) -> bool:
-        """Was the catalog looked at within CATALOG_REFRESH_SECONDS?  (``watch_changes`` of the front
-        ends has it looked at every 0.5 s.)"""
-        return time.monotonic() - self._catalog_seen[1] <= CATALOG_REFRESH_SECONDS
+    def _fresh(self, now: float | None = None) -> bool:
+        """Was the catalog looked at within CATALOG_REFRESH_SECONDS (of *now*)?  The one rule for both
+        ``_refresh`` (look again when not) and the event loop's session reads (go to a worker when not).
+        ``watch_changes`` of the front ends has it looked at every 0.5 s."""
+        when = self._catalog_seen[1]
+        return (time.monotonic() if now is None else now) - when <= CATALOG_REFRESH_SECONDS
 
     def _loop_view(self, ino: int) -> View | None:
         """The view of *ino* if it is open and may be used on an event loop now."""
